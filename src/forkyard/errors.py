@@ -22,7 +22,9 @@ only ever need to catch this tree::
     │       ├── AgentDisconnected  the channel closed under the call
     │       ├── PayloadTooLarge    request or reply over the protocol limit
     │       └── GuestError         the guest reported a failure (errno, kind)
-    │           └── GuestFileNotFound
+    │           ├── GuestFileNotFound
+    │           ├── CommandTimeout  a command ran past its timeout (killed; .result)
+    │           └── CommandFailed   exec(check=True) saw a non-zero exit (.result)
     ├── CheckpointError
     │   ├── CheckpointNotFound
     │   ├── IncompatibleCheckpoint this host cannot load the saved VM state
@@ -46,6 +48,8 @@ __all__ = [
     "AgentTimeout",
     "CheckpointError",
     "CheckpointNotFound",
+    "CommandFailed",
+    "CommandTimeout",
     "ForkyardError",
     "GuestError",
     "GuestFileNotFound",
@@ -194,6 +198,26 @@ class GuestError(AgentError):
 
 class GuestFileNotFound(GuestError):
     """The path does not exist in the guest."""
+
+
+class CommandTimeout(GuestError):
+    """A command ran past its timeout; the guest killed it.  ``result`` has its output."""
+
+    def __init__(self, command: str, timeout: float, result: object) -> None:
+        self.command = command
+        self.timeout = timeout
+        self.result = result
+        super().__init__("exec", f"{command!r} timed out after {timeout:g}s", kind="timeout")
+
+
+class CommandFailed(GuestError):
+    """``exec(..., check=True)`` and the command exited non-zero.  ``result`` has its output."""
+
+    def __init__(self, command: str, result: object) -> None:
+        self.command = command
+        self.result = result
+        code = getattr(result, "exit_code", "?")
+        super().__init__("exec", f"{command!r} exited with {code}", kind="exit")
 
 
 class CheckpointError(ForkyardError):

@@ -1,0 +1,1154 @@
+/*
+ * forkyard guest agent: PID 1 of every sandbox.
+ *
+ * The initramfs mounts the root filesystem, copies this binary into a tmpfs
+ * and switch_root's to it, so base images never need to contain forkyard
+ * code (their digest depends only on the user's files).
+ *
+ * It speaks the forkyard agent protocol (see forkyard/guest/protocol.py, the
+ * authoritative description) over a virtio-serial port named "agent", which
+ * is flow controlled: unlike a 16550 UART it never drops bytes when the host
+ * writes faster than a TCG guest reads.
+ *
+ * Design notes (why, not what):
+ *  - One thread, one poll() loop.  Commands run as children whose pipes sit in
+ *    the same poll set, so many execs can run at once and a slow command never
+ *    blocks file operations.
+ *  - Every request is ACKed as soon as it has been read completely.  The host
+ *    waits for all ACKs before pausing the VM for a checkpoint, so a snapshot
+ *    never contains half a request in the guest: a fork can start a new
+ *    session on the same port without stale input.
+ *  - The host may disconnect at any time (checkpoint restored elsewhere,
+ *    worker restart).  On POLLHUP we drop buffered input and output; commands
+ *    keep running, their replies are simply not sent to the new session.
+ *  - An exec reply is sent when the command's main process exits.  We do not
+ *    wait for EOF on its pipes: a background child (`sleep 1000 &`) keeps
+ *    them open forever.
+ *  - As PID 1 we must never exit (the kernel would panic) and must reap every
+ *    orphan, so SIGCHLD comes through a signalfd and unknown pids are reaped
+ *    silently.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <limits.h>
+#include <net/if.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define AGENT_VERSION "forkyard-agent 1"
+#define MAGIC 0x31594b46u /* "FKY1" little endian */
+#define HDR_LEN 16
+#define MAX_PAYLOAD (80u * 1024u * 1024u)
+#define MAX_EXECS 256
+#define DEFAULT_MAX_OUTPUT (16u * 1024u * 1024u)
+
+/* ops */
+enum {
+    OP_HELLO = 1, OP_EXEC = 2, OP_WRITE_FILE = 3, OP_READ_FILE = 4, OP_STAT = 5,
+    OP_LIST = 6, OP_REMOVE = 7, OP_MKDIR = 8, OP_SYNC = 9, OP_KILL = 10,
+    OP_POWEROFF = 11, OP_ACK = 0x7fff,
+};
+#define FL_RESPONSE 1u
+#define FL_ERROR 2u
+
+/* tags */
+enum {
+    T_ARGV = 1, T_SHELL = 2, T_ENV = 3, T_CWD = 4, T_TIMEOUT_MS = 5, T_STDIN = 6,
+    T_PATH = 7, T_DATA = 8, T_MODE = 9, T_EXIT_CODE = 10, T_STDOUT = 11, T_STDERR = 12,
+    T_SIGNAL = 13, T_TIMED_OUT = 14, T_ERRNO = 15, T_MESSAGE = 16, T_KIND = 17,
+    T_TIME_NS = 18, T_VERSION = 19, T_FLAGS = 20, T_PID = 21, T_ENTRY = 22, T_SIZE = 23,
+    T_MAX_OUTPUT = 24, T_UPTIME_MS = 25, T_OFFSET = 26, T_LENGTH = 27, T_TRUNCATED = 28,
+    T_NONCE = 29,
+};
+
+/* T_FLAGS bits */
+#define F_EXEC_BACKGROUND 1u
+#define F_WRITE_MKDIRS 1u
+#define F_WRITE_APPEND 2u
+#define F_REMOVE_RECURSIVE 1u
+#define F_MKDIR_PARENTS 1u
+
+/* ------------------------------------------------------------------ */
+/* growable byte buffer                                               */
+
+typedef struct {
+    uint8_t *p;
+    size_t len, cap;
+} buf_t;
+
+static void die_oom(void)
+{
+    /* PID 1 cannot exit; an allocation failure means the guest is unusable. */
+    static const char m[] = "forkyard-agent: out of memory\n";
+    if (write(2, m, sizeof m - 1) < 0) { /* nothing to do */ }
+    for (;;) pause();
+}
+
+static void buf_reserve(buf_t *b, size_t extra)
+{
+    if (b->len + extra <= b->cap) return;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + extra) cap *= 2;
+    uint8_t *p = realloc(b->p, cap);
+    if (!p) die_oom();
+    b->p = p;
+    b->cap = cap;
+}
+
+static void buf_put(buf_t *b, const void *d, size_t n)
+{
+    buf_reserve(b, n);
+    if (n) memcpy(b->p + b->len, d, n);
+    b->len += n;
+}
+
+static void buf_free(buf_t *b)
+{
+    free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+static void put_u16(buf_t *b, uint16_t v) { uint8_t x[2] = {v, v >> 8}; buf_put(b, x, 2); }
+static void put_u32(buf_t *b, uint32_t v)
+{
+    uint8_t x[4] = {v, v >> 8, v >> 16, v >> 24};
+    buf_put(b, x, 4);
+}
+static void put_u64(buf_t *b, uint64_t v)
+{
+    uint8_t x[8];
+    for (int i = 0; i < 8; i++) x[i] = (uint8_t)(v >> (8 * i));
+    buf_put(b, x, 8);
+}
+static uint16_t get_u16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t get_u64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+/* TLV writers */
+static void tlv(buf_t *b, uint16_t tag, const void *d, size_t n)
+{
+    put_u16(b, tag);
+    put_u32(b, (uint32_t)n);
+    buf_put(b, d, n);
+}
+static void tlv_u64(buf_t *b, uint16_t tag, uint64_t v)
+{
+    put_u16(b, tag);
+    put_u32(b, 8);
+    put_u64(b, v);
+}
+static void tlv_str(buf_t *b, uint16_t tag, const char *s) { tlv(b, tag, s, strlen(s)); }
+
+/* ------------------------------------------------------------------ */
+/* request parsing                                                    */
+
+typedef struct {
+    uint16_t tag;
+    uint32_t len;
+    const uint8_t *val;
+} field_t;
+
+typedef struct {
+    field_t *f;
+    size_t n;
+} fields_t;
+
+static int parse_fields(const uint8_t *p, size_t len, fields_t *out)
+{
+    size_t cap = 16, off = 0;
+    out->n = 0;
+    out->f = malloc(cap * sizeof *out->f);
+    if (!out->f) die_oom();
+    while (off < len) {
+        if (len - off < 6) return -1;
+        uint16_t tag = get_u16(p + off);
+        uint32_t flen = get_u32(p + off + 2);
+        off += 6;
+        if (flen > len - off) return -1;
+        if (out->n == cap) {
+            cap *= 2;
+            field_t *nf = realloc(out->f, cap * sizeof *out->f);
+            if (!nf) die_oom();
+            out->f = nf;
+        }
+        out->f[out->n++] = (field_t){tag, flen, p + off};
+        off += flen;
+    }
+    return 0;
+}
+
+static const field_t *field(const fields_t *fs, uint16_t tag)
+{
+    for (size_t i = 0; i < fs->n; i++)
+        if (fs->f[i].tag == tag) return &fs->f[i];
+    return NULL;
+}
+
+/* NUL-terminated copy of a string field (caller frees); NULL if absent or has NUL */
+static char *field_str(const fields_t *fs, uint16_t tag)
+{
+    const field_t *f = field(fs, tag);
+    if (!f || memchr(f->val, 0, f->len)) return NULL;
+    char *s = malloc(f->len + 1);
+    if (!s) die_oom();
+    memcpy(s, f->val, f->len);
+    s[f->len] = 0;
+    return s;
+}
+
+static uint64_t field_u64(const fields_t *fs, uint16_t tag, uint64_t dflt)
+{
+    const field_t *f = field(fs, tag);
+    return (f && f->len == 8) ? get_u64(f->val) : dflt;
+}
+
+/* ------------------------------------------------------------------ */
+/* port + output queue                                                */
+
+static int port_fd = -1;
+static buf_t inbuf;          /* bytes read from the host, not yet parsed */
+static buf_t outbuf;         /* frames waiting to be written             */
+static size_t out_off;       /* how much of outbuf has been written      */
+static uint32_t session = 1; /* bumped on every host disconnect          */
+static int host_up = 1;      /* 0 after POLLHUP until data flows again   */
+
+static void logmsg(const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if ((size_t)n >= sizeof line) n = sizeof line - 1;
+    int fd = open("/dev/kmsg", O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (write(fd, line, (size_t)n) < 0) { /* best effort */ }
+        close(fd);
+    }
+}
+
+static void send_frame(uint16_t op, uint16_t flags, uint32_t id, const buf_t *payload)
+{
+    size_t plen = payload ? payload->len : 0;
+    put_u32(&outbuf, MAGIC);
+    put_u16(&outbuf, op);
+    put_u16(&outbuf, flags);
+    put_u32(&outbuf, id);
+    put_u32(&outbuf, (uint32_t)plen);
+    if (plen) buf_put(&outbuf, payload->p, plen);
+}
+
+static const char *errno_kind(int e)
+{
+    switch (e) {
+    case ENOENT: return "not_found";
+    case EEXIST: return "exists";
+    case EACCES: case EPERM: case EROFS: return "permission";
+    case EISDIR: return "is_directory";
+    case ENOTDIR: return "not_directory";
+    case ENOTEMPTY: return "not_empty";
+    case EFBIG: case E2BIG: return "too_large";
+    case EINVAL: return "bad_request";
+    case ENOSPC: case EDQUOT: return "no_space";
+    default: return "io";
+    }
+}
+
+static void send_error(uint16_t op, uint32_t id, const char *kind, int err, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    buf_t b = {0};
+    tlv_str(&b, T_KIND, kind ? kind : errno_kind(err));
+    tlv_u64(&b, T_ERRNO, (uint64_t)err);
+    tlv_str(&b, T_MESSAGE, msg);
+    send_frame(op, FL_RESPONSE | FL_ERROR, id, &b);
+    buf_free(&b);
+}
+
+static void send_errno(uint16_t op, uint32_t id, const char *what, const char *path)
+{
+    int e = errno;
+    send_error(op, id, NULL, e, "%s %s: %s", what, path ? path : "", strerror(e));
+}
+
+static void drop_session(void)
+{
+    /* The host went away: nothing buffered belongs to the next host. */
+    inbuf.len = 0;
+    buf_free(&outbuf);
+    out_off = 0;
+    session++;
+    host_up = 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* exec                                                               */
+
+typedef struct {
+    int used;
+    pid_t pid;
+    uint32_t id, session;
+    int out_fd, err_fd, in_fd;
+    buf_t out, err, in;
+    size_t in_off;
+    uint64_t max_output;
+    int truncated, timed_out, exited;
+    int status;
+    struct timespec deadline; /* tv_sec == 0: none */
+} exec_t;
+
+static exec_t execs[MAX_EXECS];
+
+/*
+ * Pipes of finished commands that a background child still holds open.
+ * Closing our end would kill that child with SIGPIPE on its next write
+ * (`server &` logging to stdout), so we keep reading and discard.
+ */
+#define MAX_DISCARD 1024
+static int discard_fds[MAX_DISCARD];
+static int n_discard;
+
+static void keep_draining(int fd)
+{
+    if (n_discard < MAX_DISCARD) discard_fds[n_discard++] = fd;
+    else close(fd);
+}
+
+static void set_nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
+
+static struct timespec now_mono(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t;
+}
+
+static long ms_until(struct timespec t)
+{
+    struct timespec n = now_mono();
+    return (t.tv_sec - n.tv_sec) * 1000 + (t.tv_nsec - n.tv_nsec) / 1000000;
+}
+
+static char **collect_strs(const fields_t *fs, uint16_t tag, size_t *count)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < fs->n; i++)
+        if (fs->f[i].tag == tag) n++;
+    char **v = calloc(n + 1, sizeof *v);
+    if (!v) die_oom();
+    size_t k = 0;
+    for (size_t i = 0; i < fs->n; i++) {
+        if (fs->f[i].tag != tag) continue;
+        if (memchr(fs->f[i].val, 0, fs->f[i].len)) continue;
+        v[k] = malloc(fs->f[i].len + 1);
+        if (!v[k]) die_oom();
+        memcpy(v[k], fs->f[i].val, fs->f[i].len);
+        v[k][fs->f[i].len] = 0;
+        k++;
+    }
+    v[k] = NULL;
+    if (count) *count = k;
+    return v;
+}
+
+static void free_strs(char **v)
+{
+    if (!v) return;
+    for (char **p = v; *p; p++) free(*p);
+    free(v);
+}
+
+static const char *default_env[] = {
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME=/root", "LANG=C.UTF-8", "TERM=dumb", "USER=root", "LOGNAME=root", NULL,
+};
+
+/* default env, with user entries overriding by name */
+static char **build_env(char **user)
+{
+    size_t nu = 0, nd = 0;
+    while (user[nu]) nu++;
+    while (default_env[nd]) nd++;
+    char **env = calloc(nu + nd + 1, sizeof *env);
+    if (!env) die_oom();
+    size_t k = 0;
+    for (size_t i = 0; i < nd; i++) {
+        size_t klen = strchr(default_env[i], '=') - default_env[i] + 1;
+        int overridden = 0;
+        for (size_t j = 0; j < nu; j++)
+            if (strncmp(user[j], default_env[i], klen) == 0) overridden = 1;
+        if (!overridden) env[k++] = (char *)default_env[i];
+    }
+    for (size_t j = 0; j < nu; j++) env[k++] = user[j];
+    env[k] = NULL;
+    return env;
+}
+
+static void op_exec(uint32_t id, const fields_t *fs)
+{
+    int slot = -1;
+    for (int i = 0; i < MAX_EXECS; i++)
+        if (!execs[i].used) { slot = i; break; }
+    if (slot < 0) {
+        send_error(OP_EXEC, id, "busy", EAGAIN, "too many running commands (%d)", MAX_EXECS);
+        return;
+    }
+    size_t argc = 0;
+    char **argv = collect_strs(fs, T_ARGV, &argc);
+    char *shell = field_str(fs, T_SHELL);
+    if (shell) {
+        free_strs(argv);
+        argv = calloc(4, sizeof *argv);
+        if (!argv) die_oom();
+        argv[0] = strdup("/bin/sh");
+        argv[1] = strdup("-c");
+        argv[2] = shell;
+        argc = 3;
+    }
+    if (argc == 0) {
+        free_strs(argv);
+        send_error(OP_EXEC, id, "bad_request", EINVAL, "exec needs argv or a shell command");
+        return;
+    }
+    char **uenv = collect_strs(fs, T_ENV, NULL);
+    char **env = build_env(uenv);
+    char *cwd = field_str(fs, T_CWD);
+    uint64_t flags = field_u64(fs, T_FLAGS, 0);
+    int background = (flags & F_EXEC_BACKGROUND) != 0;
+    const field_t *stdin_f = field(fs, T_STDIN);
+
+    int outp[2] = {-1, -1}, errp[2] = {-1, -1}, inp[2] = {-1, -1}, errpipe[2] = {-1, -1};
+    int ok = pipe2(errpipe, O_CLOEXEC) == 0;
+    if (ok && !background) ok = pipe2(outp, O_CLOEXEC) == 0 && pipe2(errp, O_CLOEXEC) == 0;
+    if (ok && stdin_f && !background) ok = pipe2(inp, O_CLOEXEC) == 0;
+    if (!ok) {
+        send_errno(OP_EXEC, id, "pipe", "");
+        goto out;
+    }
+
+    pid_t pid = fork();
+    if (pid < 0) {
+        send_errno(OP_EXEC, id, "fork", "");
+        goto out;
+    }
+    if (pid == 0) {
+        sigset_t all;
+        sigemptyset(&all);
+        sigprocmask(SIG_SETMASK, &all, NULL);
+        for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
+        setsid();
+        int devnull = open("/dev/null", O_RDWR);
+        dup2(inp[0] >= 0 ? inp[0] : devnull, 0);
+        dup2(background ? devnull : outp[1], 1);
+        dup2(background ? devnull : errp[1], 2);
+        int report[2] = {1, 0}; /* stage (1 chdir, 2 exec), errno */
+        if (cwd && chdir(cwd) != 0) {
+            report[1] = errno;
+            if (write(errpipe[1], report, sizeof report) < 0) { /* parent sees EOF */ }
+            _exit(127);
+        }
+        if (!cwd && chdir("/root") != 0 && chdir("/") != 0) { /* stay */ }
+        execvpe(argv[0], argv, env);
+        report[0] = 2;
+        report[1] = errno;
+        if (write(errpipe[1], report, sizeof report) < 0) { /* parent sees EOF */ }
+        _exit(127);
+    }
+    close(errpipe[1]);
+    errpipe[1] = -1;
+    int report[2] = {0, 0};
+    ssize_t r;
+    do r = read(errpipe[0], report, sizeof report);
+    while (r < 0 && errno == EINTR);
+    if (r == (ssize_t)sizeof report) {
+        /* exec (or chdir) failed: a typed error beats a mysterious exit 127 */
+        waitpid(pid, NULL, 0);
+        errno = report[1];
+        if (report[0] == 1) send_errno(OP_EXEC, id, "chdir", cwd);
+        else send_errno(OP_EXEC, id, "exec", argv[0]);
+        goto out;
+    }
+    if (background) {
+        buf_t b = {0};
+        tlv_u64(&b, T_PID, (uint64_t)pid);
+        send_frame(OP_EXEC, FL_RESPONSE, id, &b);
+        buf_free(&b);
+        goto out; /* reaped later as an orphan */
+    }
+    exec_t *x = &execs[slot];
+    memset(x, 0, sizeof *x);
+    x->used = 1;
+    x->pid = pid;
+    x->id = id;
+    x->session = session;
+    x->out_fd = outp[0];
+    x->err_fd = errp[0];
+    x->in_fd = -1;
+    outp[0] = errp[0] = -1;
+    set_nonblock(x->out_fd);
+    set_nonblock(x->err_fd);
+    if (inp[1] >= 0) {
+        x->in_fd = inp[1];
+        inp[1] = -1;
+        set_nonblock(x->in_fd);
+        buf_put(&x->in, stdin_f->val, stdin_f->len);
+    }
+    x->max_output = field_u64(fs, T_MAX_OUTPUT, DEFAULT_MAX_OUTPUT);
+    uint64_t tmo = field_u64(fs, T_TIMEOUT_MS, 0);
+    if (tmo) {
+        x->deadline = now_mono();
+        x->deadline.tv_sec += (time_t)(tmo / 1000);
+        x->deadline.tv_nsec += (long)(tmo % 1000) * 1000000L;
+        if (x->deadline.tv_nsec >= 1000000000L) {
+            x->deadline.tv_sec++;
+            x->deadline.tv_nsec -= 1000000000L;
+        }
+    }
+out:
+    for (int i = 0; i < 2; i++) {
+        if (outp[i] >= 0) close(outp[i]);
+        if (errp[i] >= 0) close(errp[i]);
+        if (inp[i] >= 0) close(inp[i]);
+        if (errpipe[i] >= 0) close(errpipe[i]);
+    }
+    free_strs(argv);
+    free(env); /* entries belong to uenv / default_env */
+    free_strs(uenv);
+    free(cwd);
+}
+
+/* read what is available; returns 1 on EOF/error (fd closed) */
+static int drain_fd(int *fd, buf_t *b, exec_t *x)
+{
+    uint8_t tmp[65536];
+    for (;;) {
+        ssize_t n = read(*fd, tmp, sizeof tmp);
+        if (n > 0) {
+            size_t room = b->len < x->max_output ? x->max_output - b->len : 0;
+            size_t take = (size_t)n < room ? (size_t)n : room;
+            buf_put(b, tmp, take);
+            if (take < (size_t)n) x->truncated = 1;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) return 0;
+        close(*fd);
+        *fd = -1;
+        return 1;
+    }
+}
+
+static void finish_exec(exec_t *x)
+{
+    if (x->out_fd >= 0) drain_fd(&x->out_fd, &x->out, x);
+    if (x->err_fd >= 0) drain_fd(&x->err_fd, &x->err, x);
+    if (x->session == session) {
+        buf_t b = {0};
+        int code = -1;
+        if (WIFEXITED(x->status)) code = WEXITSTATUS(x->status);
+        if (WIFSIGNALED(x->status)) {
+            code = 128 + WTERMSIG(x->status);
+            tlv_u64(&b, T_SIGNAL, (uint64_t)WTERMSIG(x->status));
+        }
+        tlv_u64(&b, T_EXIT_CODE, (uint64_t)(int64_t)code);
+        tlv_u64(&b, T_PID, (uint64_t)x->pid);
+        if (x->timed_out) tlv_u64(&b, T_TIMED_OUT, 1);
+        if (x->truncated) tlv_u64(&b, T_TRUNCATED, 1);
+        tlv(&b, T_STDOUT, x->out.p, x->out.len);
+        tlv(&b, T_STDERR, x->err.p, x->err.len);
+        send_frame(OP_EXEC, FL_RESPONSE, x->id, &b);
+        buf_free(&b);
+    }
+    if (x->out_fd >= 0) keep_draining(x->out_fd);
+    if (x->err_fd >= 0) keep_draining(x->err_fd);
+    if (x->in_fd >= 0) close(x->in_fd);
+    buf_free(&x->out);
+    buf_free(&x->err);
+    buf_free(&x->in);
+    x->used = 0;
+}
+
+static void reap(void)
+{
+    for (;;) {
+        int st;
+        pid_t p = waitpid(-1, &st, WNOHANG);
+        if (p <= 0) return;
+        for (int i = 0; i < MAX_EXECS; i++) {
+            if (execs[i].used && execs[i].pid == p) {
+                execs[i].exited = 1;
+                execs[i].status = st;
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* files                                                              */
+
+static int mkdirs(const char *path, mode_t mode)
+{
+    char tmp[PATH_MAX];
+    if (strlen(path) >= sizeof tmp) { errno = ENAMETOOLONG; return -1; }
+    strcpy(tmp, path);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(tmp, mode) != 0 && errno != EEXIST) return -1;
+        *p = '/';
+    }
+    if (mkdir(tmp, mode) != 0 && errno != EEXIST) return -1;
+    return 0;
+}
+
+static int write_all(int fd, const uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0) return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static void op_write_file(uint32_t id, const fields_t *fs)
+{
+    char *path = field_str(fs, T_PATH);
+    const field_t *data = field(fs, T_DATA);
+    if (!path || path[0] != '/' || !data) {
+        send_error(OP_WRITE_FILE, id, "bad_request", EINVAL, "write_file needs an absolute path and data");
+        free(path);
+        return;
+    }
+    mode_t mode = (mode_t)field_u64(fs, T_MODE, 0644) & 07777;
+    uint64_t flags = field_u64(fs, T_FLAGS, 0);
+    if (flags & F_WRITE_MKDIRS) {
+        char *slash = strrchr(path, '/');
+        if (slash && slash != path) {
+            *slash = 0;
+            int rc = mkdirs(path, 0755);
+            *slash = '/';
+            if (rc != 0) { send_errno(OP_WRITE_FILE, id, "mkdir for", path); free(path); return; }
+        }
+    }
+    int fd;
+    if (flags & F_WRITE_APPEND) {
+        fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, mode);
+        if (fd < 0) { send_errno(OP_WRITE_FILE, id, "open", path); free(path); return; }
+        if (write_all(fd, data->val, data->len) != 0) {
+            send_errno(OP_WRITE_FILE, id, "write", path);
+            close(fd);
+            free(path);
+            return;
+        }
+        close(fd);
+    } else {
+        /* temp + rename: a reader (or a checkpoint) never sees half a file */
+        char tmp[PATH_MAX];
+        if (snprintf(tmp, sizeof tmp, "%s.fy-tmp-%d", path, (int)getpid()) >= (int)sizeof tmp) {
+            errno = ENAMETOOLONG;
+            send_errno(OP_WRITE_FILE, id, "open", path);
+            free(path);
+            return;
+        }
+        fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+        if (fd < 0) { send_errno(OP_WRITE_FILE, id, "open", path); free(path); return; }
+        if (write_all(fd, data->val, data->len) != 0 || fchmod(fd, mode) != 0) {
+            send_errno(OP_WRITE_FILE, id, "write", path);
+            close(fd);
+            unlink(tmp);
+            free(path);
+            return;
+        }
+        close(fd);
+        if (rename(tmp, path) != 0) {
+            send_errno(OP_WRITE_FILE, id, "rename to", path);
+            unlink(tmp);
+            free(path);
+            return;
+        }
+    }
+    buf_t b = {0};
+    tlv_u64(&b, T_SIZE, data->len);
+    send_frame(OP_WRITE_FILE, FL_RESPONSE, id, &b);
+    buf_free(&b);
+    free(path);
+}
+
+static void op_read_file(uint32_t id, const fields_t *fs)
+{
+    char *path = field_str(fs, T_PATH);
+    if (!path) {
+        send_error(OP_READ_FILE, id, "bad_request", EINVAL, "read_file needs a path");
+        return;
+    }
+    uint64_t off = field_u64(fs, T_OFFSET, 0);
+    uint64_t maxlen = field_u64(fs, T_LENGTH, 64u * 1024u * 1024u);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0) { send_errno(OP_READ_FILE, id, "open", path); free(path); return; }
+    if (fstat(fd, &st) != 0) { send_errno(OP_READ_FILE, id, "stat", path); close(fd); free(path); return; }
+    if (S_ISDIR(st.st_mode)) {
+        errno = EISDIR;
+        send_errno(OP_READ_FILE, id, "read", path);
+        close(fd);
+        free(path);
+        return;
+    }
+    buf_t data = {0};
+    uint8_t tmp[65536];
+    if (off && lseek(fd, (off_t)off, SEEK_SET) < 0) {
+        send_errno(OP_READ_FILE, id, "seek", path);
+        close(fd);
+        free(path);
+        return;
+    }
+    int truncated = 0;
+    for (;;) {
+        ssize_t n = read(fd, tmp, sizeof tmp);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+            send_errno(OP_READ_FILE, id, "read", path);
+            close(fd);
+            buf_free(&data);
+            free(path);
+            return;
+        }
+        if (n == 0) break;
+        size_t room = maxlen - data.len;
+        if ((size_t)n > room) { buf_put(&data, tmp, room); truncated = 1; break; }
+        buf_put(&data, tmp, (size_t)n);
+    }
+    close(fd);
+    buf_t b = {0};
+    tlv_u64(&b, T_SIZE, (uint64_t)st.st_size);
+    tlv_u64(&b, T_MODE, (uint64_t)st.st_mode);
+    if (truncated) tlv_u64(&b, T_TRUNCATED, 1);
+    tlv(&b, T_DATA, data.p, data.len);
+    send_frame(OP_READ_FILE, FL_RESPONSE, id, &b);
+    buf_free(&b);
+    buf_free(&data);
+    free(path);
+}
+
+/* entry = u32 mode, u64 size, i64 mtime_ns, name bytes */
+static void put_entry(buf_t *b, const char *name, const struct stat *st)
+{
+    buf_t e = {0};
+    put_u32(&e, (uint32_t)st->st_mode);
+    put_u64(&e, (uint64_t)st->st_size);
+    put_u64(&e, (uint64_t)((int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec));
+    buf_put(&e, name, strlen(name));
+    tlv(b, T_ENTRY, e.p, e.len);
+    buf_free(&e);
+}
+
+static void op_stat(uint32_t id, const fields_t *fs)
+{
+    char *path = field_str(fs, T_PATH);
+    struct stat st;
+    if (!path) { send_error(OP_STAT, id, "bad_request", EINVAL, "stat needs a path"); return; }
+    if (lstat(path, &st) != 0) { send_errno(OP_STAT, id, "stat", path); free(path); return; }
+    buf_t b = {0};
+    put_entry(&b, path, &st);
+    send_frame(OP_STAT, FL_RESPONSE, id, &b);
+    buf_free(&b);
+    free(path);
+}
+
+static void op_list(uint32_t id, const fields_t *fs)
+{
+    char *path = field_str(fs, T_PATH);
+    if (!path) { send_error(OP_LIST, id, "bad_request", EINVAL, "list needs a path"); return; }
+    int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+    if (!d) {
+        send_errno(OP_LIST, id, "list", path);
+        if (dfd >= 0) close(dfd);
+        free(path);
+        return;
+    }
+    buf_t b = {0};
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        struct stat st;
+        if (fstatat(dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+        put_entry(&b, de->d_name, &st);
+    }
+    closedir(d);
+    send_frame(OP_LIST, FL_RESPONSE, id, &b);
+    buf_free(&b);
+    free(path);
+}
+
+static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb; (void)ftw;
+    return (flag == FTW_DP ? rmdir(p) : unlink(p)) == 0 ? 0 : -1;
+}
+
+static void op_remove(uint32_t id, const fields_t *fs)
+{
+    char *path = field_str(fs, T_PATH);
+    if (!path || path[0] != '/' || !strcmp(path, "/")) {
+        send_error(OP_REMOVE, id, "bad_request", EINVAL, "remove needs an absolute path other than /");
+        free(path);
+        return;
+    }
+    uint64_t flags = field_u64(fs, T_FLAGS, 0);
+    struct stat st;
+    int rc;
+    if (lstat(path, &st) != 0) rc = -1;
+    else if (S_ISDIR(st.st_mode) && (flags & F_REMOVE_RECURSIVE))
+        rc = nftw(path, rm_cb, 32, FTW_DEPTH | FTW_PHYS | FTW_MOUNT);
+    else if (S_ISDIR(st.st_mode)) rc = rmdir(path);
+    else rc = unlink(path);
+    if (rc != 0) send_errno(OP_REMOVE, id, "remove", path);
+    else send_frame(OP_REMOVE, FL_RESPONSE, id, NULL);
+    free(path);
+}
+
+static void op_mkdir(uint32_t id, const fields_t *fs)
+{
+    char *path = field_str(fs, T_PATH);
+    if (!path || path[0] != '/') {
+        send_error(OP_MKDIR, id, "bad_request", EINVAL, "mkdir needs an absolute path");
+        free(path);
+        return;
+    }
+    mode_t mode = (mode_t)field_u64(fs, T_MODE, 0755) & 07777;
+    int rc = (field_u64(fs, T_FLAGS, 0) & F_MKDIR_PARENTS) ? mkdirs(path, mode) : mkdir(path, mode);
+    if (rc != 0) send_errno(OP_MKDIR, id, "mkdir", path);
+    else send_frame(OP_MKDIR, FL_RESPONSE, id, NULL);
+    free(path);
+}
+
+static void op_hello(uint32_t id, const fields_t *fs)
+{
+    uint64_t tns = field_u64(fs, T_TIME_NS, 0);
+    if (tns) {
+        /* a fork resumes with the checkpoint's clock; the host knows the real time */
+        struct timespec ts = {(time_t)(tns / 1000000000ULL), (long)(tns % 1000000000ULL)};
+        clock_settime(CLOCK_REALTIME, &ts);
+    }
+    struct timespec up;
+    clock_gettime(CLOCK_BOOTTIME, &up);
+    buf_t b = {0};
+    tlv_str(&b, T_VERSION, AGENT_VERSION);
+    tlv_u64(&b, T_UPTIME_MS, (uint64_t)up.tv_sec * 1000 + (uint64_t)up.tv_nsec / 1000000);
+    const field_t *nonce = field(fs, T_NONCE);
+    if (nonce) tlv(&b, T_NONCE, nonce->val, nonce->len);
+    send_frame(OP_HELLO, FL_RESPONSE, id, &b);
+    buf_free(&b);
+}
+
+static void op_kill(uint32_t id, const fields_t *fs)
+{
+    pid_t pid = (pid_t)field_u64(fs, T_PID, 0);
+    int sig = (int)field_u64(fs, T_SIGNAL, SIGKILL);
+    if (pid <= 1) {
+        send_error(OP_KILL, id, "bad_request", EINVAL, "kill needs a pid > 1");
+        return;
+    }
+    /* commands run in their own session: signal the whole group */
+    if (kill(-pid, sig) != 0 && kill(pid, sig) != 0) send_errno(OP_KILL, id, "kill", "");
+    else send_frame(OP_KILL, FL_RESPONSE, id, NULL);
+}
+
+static void dispatch(uint16_t op, uint32_t id, const uint8_t *payload, size_t len)
+{
+    fields_t fs = {0};
+    if (parse_fields(payload, len, &fs) != 0) {
+        send_error(op, id, "bad_request", EINVAL, "malformed request fields");
+        free(fs.f);
+        return;
+    }
+    switch (op) {
+    case OP_HELLO: op_hello(id, &fs); break;
+    case OP_EXEC: op_exec(id, &fs); break;
+    case OP_WRITE_FILE: op_write_file(id, &fs); break;
+    case OP_READ_FILE: op_read_file(id, &fs); break;
+    case OP_STAT: op_stat(id, &fs); break;
+    case OP_LIST: op_list(id, &fs); break;
+    case OP_REMOVE: op_remove(id, &fs); break;
+    case OP_MKDIR: op_mkdir(id, &fs); break;
+    case OP_SYNC: sync(); send_frame(OP_SYNC, FL_RESPONSE, id, NULL); break;
+    case OP_KILL: op_kill(id, &fs); break;
+    case OP_POWEROFF:
+        sync();
+        reboot(RB_POWER_OFF);
+        send_errno(OP_POWEROFF, id, "poweroff", "");
+        break;
+    default: send_error(op, id, "bad_request", EINVAL, "unknown operation %u", op); break;
+    }
+    free(fs.f);
+}
+
+/* parse complete frames out of inbuf */
+static void process_input(void)
+{
+    size_t off = 0;
+    while (inbuf.len - off >= HDR_LEN) {
+        const uint8_t *h = inbuf.p + off;
+        if (get_u32(h) != MAGIC) {
+            /* resynchronise on the next magic: garbage must not wedge the channel */
+            off++;
+            continue;
+        }
+        uint16_t op = get_u16(h + 4);
+        uint32_t id = get_u32(h + 8);
+        uint32_t len = get_u32(h + 12);
+        if (len > MAX_PAYLOAD) {
+            send_error(op, id, "too_large", EFBIG, "request of %u bytes exceeds %u", len, MAX_PAYLOAD);
+            off += 4; /* skip the magic; resync on what follows */
+            continue;
+        }
+        if (inbuf.len - off - HDR_LEN < len) break;
+        send_frame(OP_ACK, FL_RESPONSE, id, NULL);
+        dispatch(op, id, h + HDR_LEN, len);
+        off += HDR_LEN + len;
+    }
+    if (off) {
+        memmove(inbuf.p, inbuf.p + off, inbuf.len - off);
+        inbuf.len -= off;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* boot                                                               */
+
+static void early_setup(void)
+{
+    mkdir("/proc", 0555);
+    mkdir("/sys", 0555);
+    mkdir("/dev", 0755);
+    mkdir("/tmp", 01777);
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, NULL); /* EBUSY if already there */
+    mkdir("/dev/pts", 0755);
+    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
+    mkdir("/dev/shm", 01777);
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, NULL);
+    symlink("/proc/self/fd", "/dev/fd");
+    symlink("/proc/self/fd/0", "/dev/stdin");
+    symlink("/proc/self/fd/1", "/dev/stdout");
+    symlink("/proc/self/fd/2", "/dev/stderr");
+    sethostname("forkyard", 8);
+    /* loopback up: many programs (and tests of servers) expect 127.0.0.1 */
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s >= 0) {
+        struct ifreq ifr;
+        memset(&ifr, 0, sizeof ifr);
+        strcpy(ifr.ifr_name, "lo");
+        if (ioctl(s, SIOCGIFFLAGS, &ifr) == 0) {
+            ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+            ioctl(s, SIOCSIFFLAGS, &ifr);
+        }
+        close(s);
+    }
+}
+
+/* find /dev/vportNpM whose sysfs name is "agent" */
+static int open_port(void)
+{
+    for (int attempt = 0;; attempt++) {
+        DIR *d = opendir("/sys/class/virtio-ports");
+        if (d) {
+            struct dirent *de;
+            while ((de = readdir(d))) {
+                if (de->d_name[0] == '.') continue;
+                char p[300], name[64] = {0};
+                snprintf(p, sizeof p, "/sys/class/virtio-ports/%s/name", de->d_name);
+                int fd = open(p, O_RDONLY | O_CLOEXEC);
+                if (fd < 0) continue;
+                ssize_t n = read(fd, name, sizeof name - 1);
+                close(fd);
+                if (n > 0 && name[n - 1] == '\n') name[n - 1] = 0;
+                if (strcmp(name, "agent") != 0) continue;
+                snprintf(p, sizeof p, "/dev/%s", de->d_name);
+                int pf = open(p, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+                if (pf >= 0) { closedir(d); return pf; }
+            }
+            closedir(d);
+        }
+        if (attempt % 100 == 0) logmsg("forkyard-agent: waiting for the agent port\n");
+        usleep(20000);
+    }
+}
+
+/* read from the port; returns bytes read, 0 when the host is not connected */
+static ssize_t port_read(void)
+{
+    buf_reserve(&inbuf, 65536);
+    ssize_t r;
+    do r = read(port_fd, inbuf.p + inbuf.len, 65536);
+    while (r < 0 && errno == EINTR);
+    if (r > 0) inbuf.len += (size_t)r;
+    return r;
+}
+
+static void port_flush(void)
+{
+    while (host_up && outbuf.len > out_off) {
+        ssize_t w = write(port_fd, outbuf.p + out_off, outbuf.len - out_off);
+        if (w <= 0) break;
+        out_off += (size_t)w;
+    }
+    if (out_off && out_off == outbuf.len) { outbuf.len = 0; out_off = 0; }
+}
+
+int main(void)
+{
+    if (getpid() == 1) early_setup();
+    signal(SIGPIPE, SIG_IGN);
+    struct rlimit nofile = {4096, 4096};
+    setrlimit(RLIMIT_NOFILE, &nofile);
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+    port_fd = open_port();
+    /*
+     * While the host is away the port polls as HUP|IN forever (level
+     * triggered), so we then wait on an edge-triggered epoll instead: it fires
+     * only when the port's wait queue is woken, e.g. by the host reconnecting.
+     */
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLET};
+    epoll_ctl(ep, EPOLL_CTL_ADD, port_fd, &ev);
+    logmsg("forkyard-agent: ready\n");
+
+    static struct pollfd pfds[2 + 3 * MAX_EXECS + MAX_DISCARD];
+    static int owner[2 + 3 * MAX_EXECS + MAX_DISCARD]; /* exec slot * 3 + stream */
+    for (;;) {
+        int n = 0;
+        if (host_up) {
+            pfds[n] = (struct pollfd){port_fd, POLLIN, 0};
+            if (outbuf.len > out_off) pfds[n].events |= POLLOUT;
+            owner[n++] = -1;
+        } else {
+            pfds[n] = (struct pollfd){ep, POLLIN, 0};
+            owner[n++] = -3;
+        }
+        pfds[n] = (struct pollfd){sfd, POLLIN, 0};
+        owner[n++] = -2;
+        long timeout = -1;
+        for (int i = 0; i < MAX_EXECS; i++) {
+            exec_t *x = &execs[i];
+            if (!x->used) continue;
+            if (x->out_fd >= 0) { pfds[n] = (struct pollfd){x->out_fd, POLLIN, 0}; owner[n++] = i * 3; }
+            if (x->err_fd >= 0) { pfds[n] = (struct pollfd){x->err_fd, POLLIN, 0}; owner[n++] = i * 3 + 1; }
+            if (x->in_fd >= 0) { pfds[n] = (struct pollfd){x->in_fd, POLLOUT, 0}; owner[n++] = i * 3 + 2; }
+            if (x->deadline.tv_sec && !x->timed_out) {
+                long ms = ms_until(x->deadline);
+                if (ms < 0) ms = 0;
+                if (timeout < 0 || ms < timeout) timeout = ms;
+            }
+        }
+        for (int i = 0; i < n_discard; i++) {
+            pfds[n] = (struct pollfd){discard_fds[i], POLLIN, 0};
+            owner[n++] = -100 - i;
+        }
+        int pr = poll(pfds, (nfds_t)n, (int)timeout);
+        if (pr < 0 && errno != EINTR) usleep(10000);
+
+        for (int k = 0; pr > 0 && k < n; k++) {
+            short re = pfds[k].revents;
+            if (!re) continue;
+            if (owner[k] == -1) {
+                if (re & POLLHUP) {
+                    drop_session();
+                    continue;
+                }
+                if ((re & POLLIN) && port_read() == 0) drop_session();
+                if (re & POLLOUT) port_flush();
+            } else if (owner[k] == -3) {
+                struct epoll_event evs[4];
+                while (epoll_wait(ep, evs, 4, 0) > 0) { /* consume the edge */ }
+                ssize_t r = port_read();
+                if (r > 0 || (r < 0 && errno == EAGAIN)) host_up = 1; /* a new session */
+            } else if (owner[k] <= -100) {
+                int *fd = &discard_fds[-100 - owner[k]];
+                char sink[65536];
+                ssize_t r = read(*fd, sink, sizeof sink);
+                if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) {
+                    close(*fd);
+                    *fd = -1;
+                }
+            } else if (owner[k] == -2) {
+                struct signalfd_siginfo si;
+                while (read(sfd, &si, sizeof si) > 0) { /* drain */ }
+                reap();
+            } else {
+                exec_t *x = &execs[owner[k] / 3];
+                int stream = owner[k] % 3;
+                if (!x->used) continue;
+                if (stream == 0 && x->out_fd >= 0) drain_fd(&x->out_fd, &x->out, x);
+                else if (stream == 1 && x->err_fd >= 0) drain_fd(&x->err_fd, &x->err, x);
+                else if (stream == 2 && x->in_fd >= 0) {
+                    ssize_t w = write(x->in_fd, x->in.p + x->in_off, x->in.len - x->in_off);
+                    if (w > 0) x->in_off += (size_t)w;
+                    if ((w < 0 && errno != EAGAIN) || x->in_off >= x->in.len) {
+                        close(x->in_fd);
+                        x->in_fd = -1;
+                    }
+                }
+            }
+        }
+        int kept = 0;
+        for (int i = 0; i < n_discard; i++)
+            if (discard_fds[i] >= 0) discard_fds[kept++] = discard_fds[i];
+        n_discard = kept;
+        if (host_up && inbuf.len) process_input();
+        for (int i = 0; i < MAX_EXECS; i++) {
+            exec_t *x = &execs[i];
+            if (!x->used) continue;
+            if (x->deadline.tv_sec && !x->timed_out && !x->exited && ms_until(x->deadline) <= 0) {
+                x->timed_out = 1;
+                kill(-x->pid, SIGKILL);
+            }
+            if (x->exited) finish_exec(x);
+        }
+        /* write eagerly: most replies fit in the port buffer right away */
+        port_flush();
+    }
+}

@@ -1,0 +1,432 @@
+"""Host side of the guest agent channel.
+
+One :class:`AgentClient` per sandbox connection.  Calls may come from many
+threads at once: each gets a request id, a reader thread routes replies back,
+and every call has a timeout, so a wedged guest produces
+:class:`~forkyard.errors.AgentTimeout` instead of a hung host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import secrets
+import socket
+import stat as stat_mod
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from forkyard.errors import (
+    AgentDisconnected,
+    AgentError,
+    AgentTimeout,
+    CommandFailed,
+    CommandTimeout,
+    GuestError,
+    GuestFileNotFound,
+    PayloadTooLarge,
+)
+from forkyard.guest import protocol as p
+from forkyard.guest.protocol import Fields, Flag, Frame, FrameDecoder, Op, Tag
+
+__all__ = ["MAX_FILE_SIZE", "AgentClient", "EntryInfo", "ExecResult"]
+
+MAX_FILE_SIZE = 64 * 1024 * 1024
+_GRACE = 10.0  # on top of a command's own timeout: reply transfer under TCG
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    exit_code: int
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    pid: int = 0
+    signal: int | None = None
+    timed_out: bool = False
+    truncated: bool = False
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    name: str
+    mode: int
+    size: int
+    mtime_ns: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat_mod.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat_mod.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat_mod.S_ISLNK(self.mode)
+
+
+class _Call:
+    __slots__ = ("acked", "done", "reply")
+
+    def __init__(self) -> None:
+        self.acked = threading.Event()
+        self.done = threading.Event()
+        self.reply: Frame | None = None
+
+
+class AgentClient:
+    """A connection to one guest agent over its virtio-serial unix socket."""
+
+    def __init__(self, sock_path: str | os.PathLike[str], *, name: str = "sandbox") -> None:
+        self._path = os.fspath(sock_path)
+        self._name = name
+        self._sock: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        self._calls: dict[int, _Call] = {}
+        self._lock = threading.Lock()  # guards _calls and _closed
+        self._send_lock = threading.Lock()
+        self._gate = threading.Condition()
+        self._quiesced = False
+        self._closed = True
+        self._ids = itertools.count(secrets.randbelow(1 << 30) + 1)
+        self._decoder = FrameDecoder()
+        self.version = ""
+
+    # ------------------------------------------------------------------
+    # connection
+    def connect(self, *, timeout: float = 60.0, set_time: bool = True) -> None:
+        """Connect and start a session: HELLO with a nonce, resync on its reply."""
+        deadline = time.monotonic() + timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        while True:
+            try:
+                sock.connect(self._path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                if time.monotonic() > deadline:
+                    sock.close()
+                    raise AgentDisconnected(f"{self._name}: agent socket not reachable") from exc
+                time.sleep(0.02)
+        self._sock = sock
+        self._decoder = FrameDecoder()
+        with self._lock:
+            self._closed = False
+        hello_id = self._next_id()
+        self._decoder.sync_on(Op.HELLO, int(Flag.RESPONSE), hello_id)
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"agent-{self._name}", daemon=True
+        )
+        self._reader.start()
+        nonce = secrets.token_bytes(16)
+        fields: list[tuple[Tag, p.FieldValue]] = [(Tag.NONCE, nonce)]
+        if set_time:
+            fields.append((Tag.TIME_NS, time.time_ns()))
+        reply = self._call(
+            Op.HELLO, fields, timeout=max(0.1, deadline - time.monotonic()), request_id=hello_id
+        )
+        if reply.bytes(Tag.NONCE) != nonce:
+            self.close()
+            raise AgentError(f"{self._name}: agent answered HELLO with the wrong nonce")
+        self.version = reply.str(Tag.VERSION)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            calls = list(self._calls.values())
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for call in calls:
+            call.acked.set()
+            call.done.set()
+
+    @property
+    def connected(self) -> bool:
+        return not self._closed
+
+    def _read_loop(self) -> None:
+        sock = self._sock
+        try:
+            while sock is not None:
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                for frame in self._decoder.feed(data):
+                    self._route(frame)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.close()
+
+    def _route(self, frame: Frame) -> None:
+        with self._lock:
+            call = self._calls.get(frame.id)
+        if call is None:
+            return  # a reply to a request of an earlier session (before a restore)
+        if frame.op == Op.ACK:
+            with self._gate:
+                call.acked.set()
+                self._gate.notify_all()
+            return
+        call.reply = frame
+        call.acked.set()
+        call.done.set()
+        with self._gate:
+            self._gate.notify_all()
+
+    # ------------------------------------------------------------------
+    # checkpoint support
+    @contextlib.contextmanager
+    def quiesced(self, timeout: float = 30.0) -> Iterator[None]:
+        """Hold new requests back and wait until the guest has read every request.
+
+        Inside the block the guest has no partial request buffered, so the VM
+        can be captured and a fork can open a fresh session on the channel.
+        """
+        deadline = time.monotonic() + timeout
+        with self._gate:
+            self._quiesced = True
+            try:
+                while not self._all_acked():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise AgentTimeout("quiesce (waiting for request ACKs)", timeout)
+                    self._gate.wait(left)
+            except BaseException:
+                self._quiesced = False
+                self._gate.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._quiesced = False
+                self._gate.notify_all()
+
+    def _all_acked(self) -> bool:
+        with self._lock:
+            return all(c.acked.is_set() for c in self._calls.values())
+
+    # ------------------------------------------------------------------
+    # request/response
+    def _next_id(self) -> int:
+        return next(self._ids) & 0xFFFFFFFF or 1
+
+    def _call(
+        self,
+        op: Op,
+        fields: Sequence[tuple[Tag, p.FieldValue]],
+        *,
+        timeout: float,
+        request_id: int | None = None,
+    ) -> Fields:
+        payload = p.encode_fields(fields)
+        if len(payload) > p.MAX_PAYLOAD:
+            raise PayloadTooLarge(f"{op.name.lower()} request", len(payload), p.MAX_PAYLOAD)
+        rid = request_id if request_id is not None else self._next_id()
+        deadline = time.monotonic() + timeout
+        call = _Call()
+        with self._gate:
+            while self._quiesced:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AgentTimeout(op.name.lower(), timeout)
+                self._gate.wait(left)
+            with self._lock:
+                if self._closed:
+                    raise AgentDisconnected(f"{self._name}: agent is not connected")
+                self._calls[rid] = call
+        try:
+            self._send(p.encode_frame(op, rid, payload))
+            if not call.done.wait(max(0.0, deadline - time.monotonic())):
+                raise AgentTimeout(op.name.lower(), timeout)
+        finally:
+            with self._lock:
+                self._calls.pop(rid, None)
+            with self._gate:
+                self._gate.notify_all()
+        frame = call.reply
+        if frame is None:
+            raise AgentDisconnected(f"{self._name}: agent connection closed during {op.name}")
+        fields_out = Fields.decode(frame.payload)
+        if frame.is_error:
+            raise _guest_error(op, fields_out)
+        return fields_out
+
+    def _send(self, data: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            raise AgentDisconnected(f"{self._name}: agent is not connected")
+        try:
+            with self._send_lock:
+                sock.sendall(data)
+        except OSError as exc:
+            self.close()
+            raise AgentDisconnected(f"{self._name}: sending to the agent failed: {exc}") from exc
+
+    # ------------------------------------------------------------------
+    # operations
+    def exec(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = 60.0,
+        stdin: bytes | None = None,
+        background: bool = False,
+        check: bool = False,
+        max_output: int = 16 * 1024 * 1024,
+    ) -> ExecResult:
+        """Run a command: a string goes through ``/bin/sh -c``, a list is argv."""
+        fields: list[tuple[Tag, p.FieldValue]] = []
+        if isinstance(cmd, str):
+            fields.append((Tag.SHELL, cmd))
+        else:
+            if not cmd:
+                raise ValueError("empty argv")
+            fields.extend((Tag.ARGV, a) for a in cmd)
+        for k, v in (env or {}).items():
+            if "=" in k or not k:
+                raise ValueError(f"bad environment variable name {k!r}")
+            fields.append((Tag.ENV, f"{k}={v}"))
+        if cwd:
+            fields.append((Tag.CWD, cwd))
+        if timeout:
+            fields.append((Tag.TIMEOUT_MS, max(1, int(timeout * 1000))))
+        if stdin is not None:
+            fields.append((Tag.STDIN, stdin))
+        if background:
+            fields.append((Tag.FLAGS, p.EXEC_BACKGROUND))
+        fields.append((Tag.MAX_OUTPUT, max_output))
+        call_timeout = (timeout or 24 * 3600.0) + _GRACE
+        r = self._call(Op.EXEC, fields, timeout=call_timeout)
+        sig = r.raw(Tag.SIGNAL)
+        result = ExecResult(
+            exit_code=r.int(Tag.EXIT_CODE, signed=True),
+            stdout_bytes=r.bytes(Tag.STDOUT),
+            stderr_bytes=r.bytes(Tag.STDERR),
+            pid=r.int(Tag.PID),
+            signal=None if sig is None else r.int(Tag.SIGNAL),
+            timed_out=bool(r.int(Tag.TIMED_OUT)),
+            truncated=bool(r.int(Tag.TRUNCATED)),
+        )
+        if result.timed_out:
+            raise CommandTimeout(_describe(cmd), timeout or 0.0, result)
+        if check and result.exit_code != 0:
+            raise CommandFailed(_describe(cmd), result)
+        return result
+
+    def write_file(
+        self,
+        path: str,
+        data: bytes,
+        *,
+        mode: int = 0o644,
+        make_parents: bool = True,
+        append: bool = False,
+        timeout: float = 120.0,
+    ) -> int:
+        _check_abs(path)
+        if len(data) > MAX_FILE_SIZE:
+            raise PayloadTooLarge(f"file {path}", len(data), MAX_FILE_SIZE)
+        flags = (p.WRITE_MKDIRS if make_parents else 0) | (p.WRITE_APPEND if append else 0)
+        r = self._call(
+            Op.WRITE_FILE,
+            [(Tag.PATH, path), (Tag.MODE, mode), (Tag.FLAGS, flags), (Tag.DATA, data)],
+            timeout=timeout,
+        )
+        return r.int(Tag.SIZE)
+
+    def read_file(self, path: str, *, timeout: float = 120.0) -> bytes:
+        _check_abs(path)
+        r = self._call(
+            Op.READ_FILE, [(Tag.PATH, path), (Tag.LENGTH, MAX_FILE_SIZE)], timeout=timeout
+        )
+        if r.int(Tag.TRUNCATED):
+            raise PayloadTooLarge(f"file {path}", r.int(Tag.SIZE), MAX_FILE_SIZE)
+        return r.bytes(Tag.DATA)
+
+    def stat(self, path: str, *, timeout: float = 30.0) -> EntryInfo:
+        _check_abs(path)
+        r = self._call(Op.STAT, [(Tag.PATH, path)], timeout=timeout)
+        raw = r.raw(Tag.ENTRY)
+        if raw is None:
+            raise AgentError("stat reply without an entry")
+        mode, size, mtime, name = p.decode_entry(raw)
+        return EntryInfo(name, mode, size, mtime)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.stat(path)
+        except GuestFileNotFound:
+            return False
+        return True
+
+    def list(self, path: str, *, timeout: float = 30.0) -> list[EntryInfo]:
+        _check_abs(path)
+        r = self._call(Op.LIST, [(Tag.PATH, path)], timeout=timeout)
+        entries = [EntryInfo(*_reorder(p.decode_entry(e))) for e in r.all(Tag.ENTRY)]
+        return sorted(entries, key=lambda e: e.name)
+
+    def remove(self, path: str, *, recursive: bool = False, timeout: float = 60.0) -> None:
+        _check_abs(path)
+        flags = p.REMOVE_RECURSIVE if recursive else 0
+        self._call(Op.REMOVE, [(Tag.PATH, path), (Tag.FLAGS, flags)], timeout=timeout)
+
+    def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = True) -> None:
+        _check_abs(path)
+        flags = p.MKDIR_PARENTS if parents else 0
+        self._call(
+            Op.MKDIR, [(Tag.PATH, path), (Tag.MODE, mode), (Tag.FLAGS, flags)], timeout=30.0
+        )
+
+    def sync(self, *, timeout: float = 60.0) -> None:
+        self._call(Op.SYNC, [], timeout=timeout)
+
+    def kill(self, pid: int, signal: int = 9) -> None:
+        self._call(Op.KILL, [(Tag.PID, pid), (Tag.SIGNAL, signal)], timeout=10.0)
+
+    def ping(self, *, timeout: float = 10.0) -> str:
+        r = self._call(Op.HELLO, [], timeout=timeout)
+        return r.str(Tag.VERSION)
+
+
+def _reorder(entry: tuple[int, int, int, str]) -> tuple[str, int, int, int]:
+    mode, size, mtime, name = entry
+    return name, mode, size, mtime
+
+
+def _check_abs(path: str) -> None:
+    if not path.startswith("/") or "\0" in path:
+        raise ValueError(f"guest paths must be absolute: {path!r}")
+
+
+def _describe(cmd: str | Sequence[str]) -> str:
+    return cmd if isinstance(cmd, str) else " ".join(cmd)
+
+
+def _guest_error(op: Op, f: Fields) -> GuestError:
+    kind = f.str(Tag.KIND, "io")
+    msg = f.str(Tag.MESSAGE, "unknown error")
+    err = f.int(Tag.ERRNO)
+    cls = GuestFileNotFound if kind == "not_found" else GuestError
+    return cls(op.name.lower(), msg, kind=kind, errno=err)

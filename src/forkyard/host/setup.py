@@ -1,0 +1,217 @@
+"""``forkyard setup``: make a host ready to run sandboxes (idempotent).
+
+Installs missing Debian packages, fetches the cloud kernel, compiles the guest
+agent, builds the initramfs and picks the accelerator.  The result is recorded
+in ``<home>/host/host.json`` with versions and sha256 digests: checkpoints name
+the kernel and initramfs they were made with by digest.
+
+Downloads and compiled artefacts are shared by every home on the machine
+through a cache directory (``$FORKYARD_CACHE``, default ``~/.cache/forkyard``),
+so a cluster of several workers on one machine fetches the kernel once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from forkyard._digest import sha256_bytes, sha256_file
+from forkyard._proc import require_tool, run
+from forkyard.config import Home
+from forkyard.errors import SetupError
+from forkyard.host.accel import detect_accel
+from forkyard.host.agent import build_agent
+from forkyard.host.initramfs import build_initramfs
+from forkyard.host.kernel import fetch_kernel
+from forkyard.tools import apt, mkfs
+
+__all__ = ["PACKAGES", "BootFile", "HostInfo", "cache_dir", "ensure_host", "load_host"]
+
+PACKAGES = [
+    "qemu-system-x86",
+    "qemu-utils",
+    "e2fsprogs",
+    "busybox-static",
+    "zstd",
+    "gcc",
+    "libc6-dev",
+    "mmdebstrap",
+    "util-linux",  # setpriv: QEMU dies with its worker (see vm/_spawn.py)
+]
+
+HOST_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BootFile:
+    path: Path
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostInfo:
+    kernel: BootFile
+    initrd: BootFile
+    kernel_release: str
+    agent_digest: str
+    qemu_version: str
+    machine_type: str  # the concrete versioned type, e.g. pc-q35-7.2
+    accel: str  # "kvm" or "tcg"
+    e2fsprogs: str
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d["format"] = HOST_FORMAT
+        for k in ("kernel", "initrd"):
+            d[k]["path"] = str(d[k]["path"])
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> HostInfo:
+        def boot(v: object) -> BootFile:
+            if not isinstance(v, dict):
+                raise ValueError("bad boot file record")
+            return BootFile(Path(v["path"]), str(v["digest"]), int(v["size"]))
+
+        return cls(
+            kernel=boot(d["kernel"]),
+            initrd=boot(d["initrd"]),
+            kernel_release=str(d["kernel_release"]),
+            agent_digest=str(d["agent_digest"]),
+            qemu_version=str(d["qemu_version"]),
+            machine_type=str(d["machine_type"]),
+            accel=str(d["accel"]),
+            e2fsprogs=str(d["e2fsprogs"]),
+        )
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("FORKYARD_CACHE")
+    base = Path(env) if env else Path.home() / ".cache" / "forkyard"
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_host(home: Home) -> HostInfo | None:
+    """The recorded host info, if set-up ran and its files are still intact."""
+    record = home.host_dir / "host.json"
+    if not record.exists():
+        return None
+    try:
+        data = json.loads(record.read_text())
+        if data.get("format") != HOST_FORMAT:
+            return None
+        info = HostInfo.from_json(data)
+    except (ValueError, KeyError, TypeError):
+        return None
+    for f in (info.kernel, info.initrd):
+        if not f.path.exists() or f.path.stat().st_size != f.size:
+            return None
+    return info
+
+
+def ensure_host(
+    home: Home, *, install: bool = True, log: Callable[[str], None] | None = None
+) -> HostInfo:
+    """Set the host up for ``home`` unless it already is; returns what is in use."""
+    say = log or (lambda _msg: None)
+    home.ensure()
+    with _locked(home.host_dir / ".setup.lock"):
+        info = load_host(home)
+        if info is not None and _current(info):
+            return info
+        if install:
+            apt.ensure_installed(PACKAGES, log=say)
+        for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs", "gcc"):
+            require_tool(tool)
+        shared = cache_dir()
+        with _locked(shared / ".kernel.lock"):
+            say("fetching the guest kernel")
+            kernel = fetch_kernel(shared)
+            say("compiling the guest agent")
+            agent = build_agent(shared)
+        say("building the initramfs")
+        busybox = Path("/bin/busybox")
+        if not busybox.exists():
+            raise SetupError("/bin/busybox missing (package busybox-static)")
+        initrd_bytes = build_initramfs(busybox, kernel.modules_dir, agent)
+        host = home.host_dir
+        kernel_dst = _install_file(kernel.vmlinuz.read_bytes(), host, "vmlinuz")
+        initrd_dst = _install_file(initrd_bytes, host, "initramfs")
+        qemu_version = _qemu_version()
+        kernel_file = BootFile(kernel_dst, sha256_file(kernel_dst), kernel_dst.stat().st_size)
+        say("checking the accelerator")
+        accel = detect_accel(shared, kernel_dst, qemu_version, kernel_file.digest)
+        info = HostInfo(
+            kernel=kernel_file,
+            initrd=BootFile(initrd_dst, sha256_bytes(initrd_bytes), len(initrd_bytes)),
+            kernel_release=kernel.release,
+            agent_digest=sha256_file(agent),
+            qemu_version=qemu_version,
+            machine_type=_q35_machine_type(),
+            accel=accel,
+            e2fsprogs=mkfs.e2fsprogs_version(),
+        )
+        tmp = host / f"host.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
+        tmp.replace(host / "host.json")
+        return info
+
+
+def _current(info: HostInfo) -> bool:
+    """Cheap check that nothing the record depends on changed under it."""
+    try:
+        return info.qemu_version == _qemu_version() and info.agent_digest == _agent_digest()
+    except SetupError:
+        return False
+
+
+def _agent_digest() -> str:
+    return sha256_file(build_agent(cache_dir()))
+
+
+def _install_file(data: bytes, directory: Path, stem: str) -> Path:
+    """Store boot files under their digest so a running VM's file never changes."""
+    digest = sha256_bytes(data)
+    dst = directory / f"{stem}-{digest[:16]}"
+    if not dst.exists() or sha256_file(dst) != digest:
+        tmp = directory / f".{stem}.tmp{os.getpid()}"
+        tmp.write_bytes(data)
+        tmp.chmod(0o444)
+        tmp.replace(dst)
+    return dst
+
+
+def _qemu_version() -> str:
+    out = run(["qemu-system-x86_64", "--version"], timeout=30).text
+    m = re.search(r"version (\d+\.\d+\.\d+)", out)
+    if not m:
+        raise SetupError(f"cannot read the QEMU version from {out!r}")
+    return m.group(1)
+
+
+def _q35_machine_type() -> str:
+    """The concrete machine type ``q35`` stands for: saved state names it exactly."""
+    out = run(["qemu-system-x86_64", "-machine", "help"], timeout=30).text
+    m = re.search(r"^q35\s.*\(alias of (\S+)\)", out, re.MULTILINE)
+    if not m:
+        raise SetupError("this QEMU has no q35 machine type")
+    return m.group(1)

@@ -1,0 +1,289 @@
+"""A local cache of verified blobs, shared by every process of one worker.
+
+Layout: ``<root>/<ab>/<sha256>`` (read-only files holding the *uncompressed*
+content) and ``<root>/.locks/<sha256>.lock``. A file appears under its digest
+only after it was fully written, fsynced and verified, so anything found there
+can be used without re-hashing.
+
+Fetches are single-flight: threads of one process asking for the same digest
+share one download (and its outcome, success or error), and processes
+serialize on a per-digest ``flock`` so they do not download the same blob
+twice either.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import BinaryIO
+
+from forkyard.errors import IntegrityError, StoreError
+from forkyard.store._base import CHUNK_SIZE, ProgressFn
+from forkyard.store.blobs import BlobStore, sha256_file, validate_digest
+
+__all__ = ["BlobCache"]
+
+_ENTRY_MODE = 0o444
+_LOCK_DIR = ".locks"
+# link(2) failures that mean "this filesystem pair cannot share an inode": copy instead.
+_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+class _Flight:
+    """One in-process download that other threads wait on."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._path: Path | None = None
+        self._error: BaseException | None = None
+
+    def resolve(self, path: Path) -> None:
+        self._path = path
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    def wait(self) -> Path:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._path is not None
+        return self._path
+
+
+class BlobCache:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._root = Path(root)
+        self._mu = threading.Lock()
+        self._flights: dict[str, _Flight] = {}
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def path_for(self, digest: str) -> Path:
+        validate_digest(digest)
+        return self._root / digest[:2] / digest
+
+    def path_if_present(self, digest: str) -> Path | None:
+        path = self.path_for(digest)
+        return path if self._present(path, None) else None
+
+    def fetch(
+        self,
+        digest: str,
+        blobs: BlobStore,
+        *,
+        size: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Path:
+        """The cached file for ``digest``, downloading it first if needed.
+
+        Concurrent callers share one download; only the caller that performs
+        it sees ``progress``. If it fails, every waiter gets the error and the
+        cache is left without the entry (a later call tries again).
+        """
+        path = self.path_for(digest)
+        if self._present(path, size):
+            return path
+        flight, leader = self._join(digest)
+        if not leader:
+            flight.wait()
+            self._present(path, size)  # the leader may have been asked for another size
+            return path
+        try:
+            self._download(digest, path, blobs, size, progress)
+        except BaseException as exc:
+            self._land(digest)
+            flight.fail(exc if isinstance(exc, Exception) else _interrupted(digest))
+            raise
+        self._land(digest)
+        flight.resolve(path)
+        return path
+
+    def add_local(
+        self,
+        digest: str,
+        src: str | os.PathLike[str],
+        *,
+        verify: bool = True,
+        link: bool = True,
+    ) -> Path:
+        """Put a locally produced file into the cache under ``digest``.
+
+        With ``link`` the cache entry is a hard link to ``src`` when both are
+        on one filesystem: ``src`` is then made read-only and must never be
+        modified again. Otherwise (or across filesystems) the file is copied.
+        ``verify`` hashes the content first (IntegrityError on a mismatch).
+        """
+        path = self.path_for(digest)
+        if self._present(path, None):
+            return path
+        with self._locked(digest):
+            if self._present(path, None):
+                return path
+            if link and self._link(digest, Path(src), path, verify):
+                return path
+            self._copy_in(digest, Path(src), path, verify)
+        return path
+
+    # --- internals ------------------------------------------------------
+    def _join(self, digest: str) -> tuple[_Flight, bool]:
+        with self._mu:
+            flight = self._flights.get(digest)
+            if flight is not None:
+                return flight, False
+            flight = self._flights[digest] = _Flight()
+            return flight, True
+
+    def _land(self, digest: str) -> None:
+        # Removed before waking the waiters, so a caller arriving after a
+        # failure starts a fresh attempt instead of inheriting the old error.
+        with self._mu:
+            del self._flights[digest]
+
+    def _present(self, path: Path, size: int | None) -> bool:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"blob cache {self._root}: cannot stat {path.name}: {exc}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if size is not None and st.st_size != size:
+            raise IntegrityError(
+                f"cached blob {path}", expected=f"{size} bytes", actual=f"{st.st_size} bytes"
+            )
+        return True
+
+    def _download(
+        self,
+        digest: str,
+        path: Path,
+        blobs: BlobStore,
+        size: int | None,
+        progress: ProgressFn | None,
+    ) -> None:
+        with self._locked(digest):
+            if self._present(path, size):  # another process fetched it while we waited
+                return
+            with self._staged(digest, path) as out:
+                blobs.read_blob_into(digest, out, size=size, progress=progress, sparse=True)
+
+    @contextmanager
+    def _staged(self, digest: str, path: Path) -> Iterator[BinaryIO]:
+        """A temp file beside ``path`` that becomes ``path`` only if the body succeeds."""
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest}.", suffix=".part")
+        except OSError as exc:
+            raise StoreError(f"blob cache {self._root}: cannot create a temp file: {exc}") from exc
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())  # the entry is trusted unverified after a crash
+                os.fchmod(f.fileno(), _ENTRY_MODE)
+            os.replace(tmp, path)  # safe: we hold the digest's lock
+        except OSError as exc:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise StoreError(f"blob cache {self._root}: cannot store {digest}: {exc}") from exc
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _link(self, digest: str, src: Path, path: Path, verify: bool) -> bool:
+        if verify:
+            _check(digest, sha256_file(src)[0], src)
+        try:
+            os.link(src, path)
+            os.chmod(path, _ENTRY_MODE)
+        except OSError as exc:
+            if exc.errno in _NO_LINK:
+                return False
+            raise StoreError(f"blob cache {self._root}: cannot link {src}: {exc}") from exc
+        return True
+
+    def _copy_in(self, digest: str, src: Path, path: Path, verify: bool) -> None:
+        h = hashlib.sha256()
+        try:
+            with open(src, "rb") as f_in, self._staged(digest, path) as out:
+                while chunk := f_in.read(CHUNK_SIZE):
+                    h.update(chunk)
+                    out.write(chunk)
+                if verify:  # checked on the copied bytes, before the entry appears
+                    _check(digest, h.hexdigest(), src)
+        except OSError as exc:
+            raise StoreError(f"blob cache {self._root}: cannot copy {src}: {exc}") from exc
+
+    @contextmanager
+    def _locked(self, digest: str) -> Iterator[None]:
+        """Exclusive per-digest lock, across threads and processes (flock)."""
+        locks = self._root / _LOCK_DIR
+        try:
+            self.path_for(digest).parent.mkdir(parents=True, exist_ok=True)
+            locks.mkdir(parents=True, exist_ok=True)
+            fd = _lock_file(locks / f"{digest}.lock")
+        except OSError as exc:
+            raise StoreError(f"blob cache {self._root}: cannot lock {digest}: {exc}") from exc
+        try:
+            yield
+        finally:
+            self._sweep(digest)
+            with suppress(OSError):
+                os.unlink(locks / f"{digest}.lock")
+            os.close(fd)
+
+    def _sweep(self, digest: str) -> None:
+        """Drop temp files a crashed process left behind (only we write them now)."""
+        for stale in self.path_for(digest).parent.glob(f".{digest}.*.part"):
+            with suppress(OSError):
+                stale.unlink()
+
+
+def _lock_file(path: Path) -> int:
+    """Open and flock ``path``, retrying if its holder unlinked it meanwhile.
+
+    Holders unlink the lock file before closing it (so lock files do not pile
+    up); whoever then gets the lock on the old inode must start over.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _check(digest: str, actual: str, src: Path) -> None:
+    if actual != digest:
+        raise IntegrityError(f"local file {src}", expected=f"sha256 {digest}", actual=actual)
+
+
+def _interrupted(digest: str) -> StoreError:
+    return StoreError(f"the download of blob {digest} was interrupted")

@@ -1,0 +1,530 @@
+"""An object store in an S3 bucket (``s3://bucket/prefix``), via boto3.
+
+Works against AWS and S3-compatible servers (MinIO, Ceph RGW, moto): when an
+endpoint is configured, requests use path-style addressing, and checksums are
+only sent where the API requires them (several compatible servers reject the
+newer CRC trailers; forkyard verifies sha256 end to end in the blob layer).
+
+Write-once is enforced with a conditional ``If-None-Match: *`` on PutObject and
+CompleteMultipartUpload. Servers that reject that header get HEAD-then-PUT,
+which leaves a small race window that is harmless for content-addressed keys
+(two racing writers carry the same bytes).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+from urllib.parse import urlsplit
+
+import boto3
+import urllib3.exceptions
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from forkyard.config import Settings
+from forkyard.errors import ObjectNotFound, StoreError
+from forkyard.store._base import (
+    ObjectStore,
+    ProgressFn,
+    Readable,
+    atomic_write,
+    copy_stream,
+    guarded_reader,
+    is_valid_key,
+    refuse_existing,
+    validate_key,
+    validate_prefix,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+__all__ = ["S3Store", "make_s3_client", "parse_s3_url"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
+DEFAULT_PART_SIZE = 16 * MiB
+MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
+MAX_PARTS = 10_000
+DEFAULT_REGION = "us-east-1"
+
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    BotoCoreError,
+    OSError,
+    urllib3.exceptions.HTTPError,
+)
+_S3_ERRORS: tuple[type[BaseException], ...] = (ClientError, *_TRANSPORT_ERRORS)
+_NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
+_PRECONDITION_FAILED = frozenset({"412", "PreconditionFailed"})
+_CONDITIONAL_CONFLICT = frozenset({"ConditionalRequestConflict"})
+# What servers answer when they do not implement conditional writes.
+_CONDITIONAL_UNSUPPORTED = frozenset({"501", "NotImplemented", "InvalidArgument", "InvalidRequest"})
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")  # what botocore itself accepts
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or parts.query or parts.fragment:
+        raise StoreError(f"not an S3 store URL: {url!r} (expected s3://bucket/prefix)")
+    if not _BUCKET_RE.match(parts.netloc):
+        raise StoreError(f"invalid S3 bucket name in {url!r}")
+    prefix = parts.path.strip("/")
+    if prefix:
+        validate_key(prefix)
+    return parts.netloc, prefix
+
+
+def make_s3_client(
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    max_pool_connections: int = 10,
+) -> S3Client:
+    """A boto3 S3 client; credentials come from the standard AWS chain."""
+    config = Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
+        retries={"mode": "standard", "max_attempts": 5},
+        max_pool_connections=max_pool_connections,
+        connect_timeout=10,
+        read_timeout=120,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    try:
+        session = boto3.session.Session()
+        return session.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region or DEFAULT_REGION,
+            config=config,
+        )
+    except (BotoCoreError, ValueError) as exc:
+        raise StoreError(f"cannot create an S3 client for {endpoint_url or 'AWS'}: {exc}") from exc
+
+
+class S3Store(ObjectStore):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client: S3Client | None = None,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+        part_size: int = DEFAULT_PART_SIZE,
+        max_concurrency: int = 4,
+    ) -> None:
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes")
+        if max_concurrency < 1 or multipart_threshold < 0:
+            raise ValueError("max_concurrency must be >= 1 and multipart_threshold >= 0")
+        prefix = prefix.strip("/")
+        if prefix:
+            validate_key(prefix)
+        self._bucket = bucket
+        self._prefix = prefix
+        self._base = f"{prefix}/" if prefix else ""
+        self._threshold = multipart_threshold
+        self._part_size = part_size
+        self._concurrency = max_concurrency
+        self._conditional = True  # flipped once if the server rejects If-None-Match
+        self._client = client or make_s3_client(
+            endpoint_url=endpoint_url,
+            region=region,
+            max_pool_connections=max(10, 2 * max_concurrency),
+        )
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        settings: Settings | None = None,
+        *,
+        multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+        part_size: int = DEFAULT_PART_SIZE,
+        max_concurrency: int = 4,
+    ) -> S3Store:
+        """Open ``s3://bucket/prefix``; endpoint/region from settings, then env."""
+        bucket, prefix = parse_s3_url(url)
+        endpoint = (
+            (settings.s3_endpoint_url if settings else None)
+            or os.environ.get("FORKYARD_S3_ENDPOINT")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None
+        )
+        region = (
+            (settings.s3_region if settings else None)
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or DEFAULT_REGION
+        )
+        return cls(
+            bucket,
+            prefix,
+            endpoint_url=endpoint,
+            region=region,
+            multipart_threshold=multipart_threshold,
+            part_size=part_size,
+            max_concurrency=max_concurrency,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self._bucket}/{self._prefix}" if self._prefix else f"s3://{self._bucket}"
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    @property
+    def client(self) -> S3Client:
+        return self._client
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- reading --------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        full = self._full(key)
+        with self._boundary("HEAD", key):
+            return self._client.head_object(Bucket=self._bucket, Key=full)["ContentLength"]
+
+    def open_read(self, key: str) -> BinaryIO:
+        reader, _ = self._open(key)
+        return reader
+
+    def get_file(
+        self,
+        key: str,
+        dest: str | os.PathLike[str],
+        *,
+        progress: ProgressFn | None = None,
+    ) -> int:
+        reader, total = self._open(key)
+        with reader, atomic_write(Path(dest)) as out:
+            try:
+                return copy_stream(reader, out, total=total, progress=progress)
+            except OSError as exc:  # the reader raises StoreError, so this is dest
+                raise StoreError(f"writing {os.fspath(dest)!r} failed: {exc}") from exc
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        validate_prefix(prefix)
+        paginator = self._client.get_paginator("list_objects_v2")
+        with self._boundary("LIST", prefix or "/"):
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=self._base + prefix):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(self._base) :]
+                    if is_valid_key(key):
+                        yield key
+
+    # --- writing --------------------------------------------------------
+    def put_stream(
+        self,
+        key: str,
+        fileobj: Readable,
+        *,
+        progress: ProgressFn | None = None,
+        if_absent: bool = True,
+    ) -> bool:
+        return self._put(key, fileobj, None, progress, if_absent)
+
+    def put_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        progress: ProgressFn | None = None,
+        if_absent: bool = True,
+    ) -> bool:
+        try:
+            with open(path, "rb") as src:
+                total = os.fstat(src.fileno()).st_size
+                return self._put(key, src, total, progress, if_absent)
+        except OSError as exc:  # S3 errors are StoreErrors by now; this is the local file
+            raise StoreError(f"cannot read {os.fspath(path)!r}: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        full = self._full(key)
+        with self._boundary("DELETE", key):
+            self._client.delete_object(Bucket=self._bucket, Key=full)
+
+    # --- internals: errors ----------------------------------------------
+    def _full(self, key: str) -> str:
+        return self._base + validate_key(key)
+
+    def _error(self, op: str, key: str, exc: BaseException) -> StoreError:
+        if isinstance(exc, ClientError):
+            code = _code(exc)
+            if code in _NOT_FOUND:
+                return ObjectNotFound(key)
+            message = exc.response.get("Error", {}).get("Message", "")
+            return StoreError(f"S3 {op} {key!r} in {self.url} failed: {code} {message}".rstrip())
+        return StoreError(f"S3 {op} {key!r} in {self.url} failed: {exc}")
+
+    @contextmanager
+    def _boundary(self, op: str, key: str) -> Iterator[None]:
+        try:
+            yield
+        except ClientError as exc:
+            raise self._error(op, key, exc) from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error(op, key, exc) from exc
+
+    def _open(self, key: str) -> tuple[BinaryIO, int]:
+        full = self._full(key)
+        with self._boundary("GET", key):
+            resp = self._client.get_object(Bucket=self._bucket, Key=full)
+        body = resp["Body"]
+        reader = guarded_reader(
+            body.read,
+            body.close,
+            errors=_S3_ERRORS,
+            what=f"{key!r} from {self.url}",
+        )
+        return reader, resp["ContentLength"]
+
+    # --- internals: uploads ---------------------------------------------
+    def _put(
+        self,
+        key: str,
+        src: Readable,
+        total: int | None,
+        progress: ProgressFn | None,
+        if_absent: bool,
+    ) -> bool:
+        full = self._full(key)
+        if self.exists(key):  # saves the upload; the conditional write is the real guard
+            return refuse_existing(key, if_absent)
+        try:
+            return self._upload(key, full, src, total, progress, if_absent)
+        except OSError as exc:  # S3 errors are StoreErrors by now; this is the source
+            raise StoreError(f"reading the data for {key!r} failed: {exc}") from exc
+
+    def _upload(
+        self,
+        key: str,
+        full: str,
+        src: Readable,
+        total: int | None,
+        progress: ProgressFn | None,
+        if_absent: bool,
+    ) -> bool:
+        part_size = self._part_size_for(total)
+        head: deque[bytes] = deque()
+        buffered = 0
+        while buffered <= self._threshold:
+            chunk = _read_full(src, part_size)
+            if chunk:
+                head.append(chunk)
+                buffered += len(chunk)
+            if len(chunk) < part_size:
+                if buffered <= self._threshold:
+                    return self._put_single(key, full, b"".join(head), progress, if_absent)
+                break
+        return self._put_multipart(key, full, head, src, part_size, total, progress, if_absent)
+
+    def _part_size_for(self, total: int | None) -> int:
+        if total is None:
+            return self._part_size
+        needed = -(-total // MAX_PARTS)  # ceil: S3 allows at most 10,000 parts
+        return max(self._part_size, -(-needed // MiB) * MiB)
+
+    def _put_single(
+        self, key: str, full: str, data: bytes, progress: ProgressFn | None, if_absent: bool
+    ) -> bool:
+        def send(conditional: bool) -> None:
+            if conditional:
+                self._client.put_object(Bucket=self._bucket, Key=full, Body=data, IfNoneMatch="*")
+            else:
+                self._client.put_object(Bucket=self._bucket, Key=full, Body=data)
+
+        written = self._write_once(key, "PUT", send, if_absent)
+        if written and progress is not None:
+            progress(len(data), len(data))
+        return written
+
+    def _write_once(self, key: str, op: str, send: Callable[[bool], None], if_absent: bool) -> bool:
+        """Run a final write request so that it never replaces an existing object."""
+        conditional = self._conditional
+        try:
+            send(conditional)
+        except ClientError as exc:
+            code = _code(exc)
+            if conditional and code in _PRECONDITION_FAILED:
+                return refuse_existing(key, if_absent)
+            if conditional and code in _CONDITIONAL_CONFLICT and self.exists(key):
+                return refuse_existing(key, if_absent)
+            if conditional and code in _CONDITIONAL_UNSUPPORTED:
+                return self._write_unconditionally(key, op, send, if_absent, code)
+            raise self._error(op, key, exc) from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error(op, key, exc) from exc
+        return True
+
+    def _write_unconditionally(
+        self, key: str, op: str, send: Callable[[bool], None], if_absent: bool, code: str
+    ) -> bool:
+        if self.exists(key):
+            return refuse_existing(key, if_absent)
+        with self._boundary(op, key):
+            send(False)
+        if self._conditional:
+            log.warning(
+                "%s rejected If-None-Match (%s); falling back to HEAD-then-PUT", self.url, code
+            )
+            self._conditional = False  # only once the plain request proved to work
+        return True
+
+    def _put_multipart(
+        self,
+        key: str,
+        full: str,
+        head: deque[bytes],
+        src: Readable,
+        part_size: int,
+        total: int | None,
+        progress: ProgressFn | None,
+        if_absent: bool,
+    ) -> bool:
+        with self._boundary("CreateMultipartUpload", key):
+            upload_id = self._client.create_multipart_upload(Bucket=self._bucket, Key=full)[
+                "UploadId"
+            ]
+        try:
+            chunks = _chunks(head, src, part_size)
+            parts = self._upload_parts(key, full, upload_id, chunks, total, progress)
+
+            def send(conditional: bool) -> None:
+                self._complete(full, upload_id, parts, conditional)
+
+            written = self._write_once(key, "CompleteMultipartUpload", send, if_absent)
+        except BaseException:
+            self._abort(full, upload_id)
+            raise
+        if not written:
+            self._abort(full, upload_id)  # the parts are useless now; free their space
+        return written
+
+    def _upload_parts(
+        self,
+        key: str,
+        full: str,
+        upload_id: str,
+        chunks: Iterator[bytes],
+        total: int | None,
+        progress: ProgressFn | None,
+    ) -> builtins.list[CompletedPartTypeDef]:
+        """Upload parts with at most ``max_concurrency`` in flight (bounds memory)."""
+        parts: builtins.list[CompletedPartTypeDef] = []
+        pending: deque[tuple[Future[str], int, int]] = deque()
+        done = 0
+
+        def settle() -> None:
+            nonlocal done
+            future, number, size = pending.popleft()
+            with self._boundary("UploadPart", key):
+                parts.append({"ETag": future.result(), "PartNumber": number})
+            done += size
+            if progress is not None:
+                progress(done, total)
+
+        with ThreadPoolExecutor(self._concurrency, thread_name_prefix="forkyard-s3") as pool:
+            try:
+                for number, chunk in enumerate(chunks, start=1):
+                    if number > MAX_PARTS:
+                        raise StoreError(f"{key!r} needs more than {MAX_PARTS} parts")
+                    if len(pending) >= self._concurrency:
+                        settle()
+                    future = pool.submit(self._upload_part, full, upload_id, number, chunk)
+                    pending.append((future, number, len(chunk)))
+                while pending:
+                    settle()
+            except BaseException:
+                for future, _, _ in pending:
+                    future.cancel()
+                raise
+        return parts
+
+    def _upload_part(self, full: str, upload_id: str, number: int, data: bytes) -> str:
+        resp = self._client.upload_part(
+            Bucket=self._bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=data
+        )
+        return resp["ETag"]
+
+    def _complete(
+        self,
+        full: str,
+        upload_id: str,
+        parts: builtins.list[CompletedPartTypeDef],
+        conditional: bool,
+    ) -> None:
+        if conditional:
+            self._client.complete_multipart_upload(
+                Bucket=self._bucket,
+                Key=full,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
+        else:
+            self._client.complete_multipart_upload(
+                Bucket=self._bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+
+    def _abort(self, full: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self._bucket, Key=full, UploadId=upload_id)
+        except _S3_ERRORS as exc:
+            # The original failure matters more; a lifecycle rule can reap the parts.
+            log.warning("could not abort multipart upload of %s in %s: %s", full, self.url, exc)
+
+
+def _code(exc: ClientError) -> str:
+    error = exc.response.get("Error", {})
+    code = error.get("Code") or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+    return str(code)
+
+
+def _read_full(src: Readable, n: int) -> bytes:
+    """Read exactly ``n`` bytes unless EOF comes first (streams may return short reads)."""
+    first = src.read(n)
+    if len(first) >= n or not first:
+        return first
+    buf = bytearray(first)
+    while len(buf) < n and (more := src.read(n - len(buf))):
+        buf += more
+    return bytes(buf)
+
+
+def _chunks(head: deque[bytes], src: Readable, part_size: int) -> Iterator[bytes]:
+    last = len(head[-1]) if head else part_size
+    while head:
+        yield head.popleft()  # popping lets finished parts be freed early
+    if last < part_size:
+        return
+    while chunk := _read_full(src, part_size):
+        yield chunk
+        if len(chunk) < part_size:
+            return

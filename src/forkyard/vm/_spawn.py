@@ -1,0 +1,70 @@
+"""Start QEMU so that it can never outlive the process that owns it.
+
+QEMU runs under ``setpriv --pdeathsig KILL``: the kernel kills it when its
+parent *thread* dies.  So every QEMU is spawned from one dedicated thread that
+lives exactly as long as the process; if the worker is SIGKILLed, its VMs die
+with it instead of lingering as orphans holding disks and memory.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+__all__ = ["spawn"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    argv: list[str]
+    pass_fds: tuple[int, ...]
+    log: Path
+    cwd: Path
+    result: Future[subprocess.Popen[bytes]]
+
+
+_requests: queue.Queue[_Request] = queue.Queue()
+_thread: threading.Thread | None = None
+_lock = threading.Lock()
+
+
+def _serve() -> None:
+    while True:
+        req = _requests.get()
+        try:
+            log: IO[bytes] = open(req.log, "ab")
+            try:
+                proc = subprocess.Popen(
+                    req.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=req.pass_fds,
+                    cwd=req.cwd,
+                    start_new_session=True,  # a Ctrl-C to the worker is not for QEMU
+                )
+            finally:
+                log.close()
+            req.result.set_result(proc)
+        except BaseException as exc:  # delivered to the caller's thread
+            req.result.set_exception(exc)
+
+
+def spawn(
+    argv: Sequence[str], *, pass_fds: Sequence[int] = (), log: Path, cwd: Path
+) -> subprocess.Popen[bytes]:
+    global _thread
+    with _lock:
+        if _thread is None or not _thread.is_alive():
+            _thread = threading.Thread(target=_serve, name="forkyard-spawner", daemon=True)
+            _thread.start()
+    fut: Future[subprocess.Popen[bytes]] = Future()
+    full = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+    _requests.put(_Request(full, tuple(pass_fds), log, cwd, fut))
+    return fut.result(timeout=60)

@@ -1,0 +1,387 @@
+"""One QEMU process: its command line, its lifecycle, and the QMP steps of a checkpoint.
+
+The device set is fixed and versioned (``DEVICE_PROFILE``) because a saved VM
+state only loads into a QEMU with the same devices at the same addresses;
+checkpoints record the profile, the concrete machine type and the memory/CPU
+shape, and a restore builds exactly that machine again.
+
+Disks are a chain given entirely on the command line with ``-blockdev``:
+``raw base (read-only) <- qcow2 layer ... (read-only) <- qcow2 active``.  The
+qcow2 files carry no backing file name in their headers; the chain comes from
+these options.  That is what lets the layers be content-addressed objects
+used in place, never rewritten to point at a local path (a rewrite would
+change their bytes and therefore their digest).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import enum
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forkyard.errors import VMError
+from forkyard.vm._spawn import spawn
+from forkyard.vm.qmp import QMP
+
+__all__ = [
+    "DEVICE_PROFILE",
+    "BootSpec",
+    "DiskChain",
+    "QemuVM",
+    "VMShape",
+    "VMState",
+    "kill_all",
+    "live_vms",
+]
+
+DEVICE_PROFILE = "forkyard-v1"
+_MIGRATION_BANDWIDTH = 64 * 1024**3  # bytes/s: effectively unlimited (default cap is slow)
+
+
+class VMState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class VMShape:
+    """What a saved VM state depends on, besides the disk contents."""
+
+    memory_mb: int
+    cpus: int
+    machine_type: str
+    accel: str
+    cpu_model: str = "qemu64"
+    devices: str = DEVICE_PROFILE
+
+
+@dataclass(frozen=True, slots=True)
+class BootSpec:
+    kernel: Path
+    initrd: Path
+    cmdline: str = "console=ttyS0 quiet panic=-1 tsc=reliable"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskChain:
+    base: Path  # raw ext4 image, read-only
+    layers: tuple[Path, ...]  # qcow2, read-only, bottom first
+    active: Path  # qcow2, writable
+
+    def blockdev(self, top_name: str) -> dict[str, Any]:
+        node: dict[str, Any] = {
+            "driver": "raw",
+            "node-name": "base",
+            "read-only": True,
+            "file": _file_node(self.base, read_only=True),
+        }
+        for i, layer in enumerate(self.layers):
+            node = {
+                "driver": "qcow2",
+                "node-name": f"layer{i}",
+                "read-only": True,
+                "file": _file_node(layer, read_only=True),
+                "backing": node,
+            }
+        return {
+            "driver": "qcow2",
+            "node-name": top_name,
+            "file": _file_node(self.active, read_only=False),
+            "backing": node,
+        }
+
+
+def _file_node(path: Path, *, read_only: bool) -> dict[str, Any]:
+    node: dict[str, Any] = {"driver": "file", "filename": str(path)}
+    if read_only:
+        # Many VMs share read-only layers and bases; the write lock is taken by
+        # whoever writes, readers need no exclusive lock.
+        node["read-only"] = True
+    return node
+
+
+_live: weakref.WeakSet[QemuVM] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def live_vms() -> list[QemuVM]:
+    with _live_lock:
+        return [vm for vm in _live if vm.state not in (VMState.STOPPED, VMState.FAILED)]
+
+
+def kill_all() -> None:
+    for vm in live_vms():
+        vm.kill()
+
+
+@dataclass
+class QemuVM:
+    """A QEMU process; not thread-safe on its own (the sandbox serialises calls)."""
+
+    name: str
+    workdir: Path
+    agent_socket: Path
+    shape: VMShape
+    boot: BootSpec
+    disk: DiskChain
+    state: VMState = VMState.CREATED
+    top_node: str = "top0"
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _qmp: QMP | None = field(default=None, repr=False)
+    _next_node: int = 1
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "qemu.log"
+
+    @property
+    def console_path(self) -> Path:
+        return self.workdir / "console.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    # ------------------------------------------------------------------
+    def argv(self, *, incoming: bool, qmp_fd: int) -> list[str]:
+        s = self.shape
+        accel = "kvm" if s.accel == "kvm" else "tcg,tb-size=256"
+        return [
+            "qemu-system-x86_64",
+            "-name", f"forkyard-{self.name},debug-threads=on",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-machine", s.machine_type,
+            "-accel", accel,
+            "-cpu", s.cpu_model,
+            "-m", str(s.memory_mb),
+            "-smp", str(s.cpus),
+            "-kernel", str(self.boot.kernel),
+            "-initrd", str(self.boot.initrd),
+            "-append", self.boot.cmdline,
+            "-chardev", f"socket,id=qmp,fd={qmp_fd}",
+            "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"file,id=console,path={self.console_path}",
+            "-serial", "chardev:console",
+            "-blockdev", json.dumps(self.disk.blockdev(self.top_node)),
+            "-device", f"virtio-blk-pci,drive={self.top_node},id=disk0,addr=0x4",
+            "-device", "virtio-serial-pci,id=vser0,addr=0x5",
+            "-chardev", f"socket,id=agent,path={self.agent_socket},server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,nr=1,chardev=agent,name=agent,id=agentport",
+            *(["-incoming", "defer"] if incoming else []),
+        ]
+
+    def launch(self, *, incoming_state: Path | None = None, timeout: float = 60.0) -> None:
+        """Start QEMU: boot the kernel, or load ``incoming_state`` and run from there."""
+        if self.state is not VMState.CREATED:
+            raise VMError(f"{self.name}: cannot launch a VM that is {self.state.value}")
+        self.state = VMState.STARTING
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.agent_socket.unlink()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = self.argv(incoming=incoming_state is not None, qmp_fd=theirs.fileno())
+            (self.workdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1))
+            self._proc = spawn(argv, pass_fds=[theirs.fileno()], log=self.log_path,
+                               cwd=self.workdir)
+        except BaseException:
+            ours.close()
+            self.state = VMState.FAILED
+            raise
+        finally:
+            theirs.close()
+        with _live_lock:
+            _live.add(self)
+        try:
+            self._qmp = QMP(ours, self.name)
+            self._qmp.connect(timeout=timeout)
+            self._qmp.execute("migrate-set-parameters",
+                              {"max-bandwidth": _MIGRATION_BANDWIDTH})
+            if incoming_state is not None:
+                self._load_state(incoming_state, timeout=timeout)
+            self.state = VMState.RUNNING
+        except BaseException as exc:
+            self.kill()
+            self.state = VMState.FAILED
+            if isinstance(exc, VMError):
+                raise VMError(str(exc), log_tail=self.log_tail()) from exc
+            raise
+
+    def _load_state(self, state_file: Path, *, timeout: float) -> None:
+        qmp = self._require_qmp()
+        fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            qmp.send_fd(fd, "incoming")
+        finally:
+            os.close(fd)
+        qmp.execute("migrate-incoming", {"uri": "fd:incoming"})
+        self._wait_migration(timeout, what="loading the VM state")
+        # -incoming without -S resumes by itself once the state is in; wait for it
+        deadline = time.monotonic() + timeout
+        while True:
+            status = qmp.execute("query-status")["status"]
+            if status == "running":
+                return
+            if status not in ("inmigrate", "prelaunch", "paused", "restore-vm"):
+                raise VMError(f"{self.name}: VM is {status!r} after loading its state")
+            if status == "paused":
+                qmp.execute("cont")
+            if time.monotonic() > deadline:
+                raise VMError(f"{self.name}: VM did not resume after loading its state")
+            time.sleep(0.01)
+
+    def _wait_migration(self, timeout: float, *, what: str) -> dict[str, Any]:
+        qmp = self._require_qmp()
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            info = qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return dict(info)
+            if status in ("failed", "cancelled"):
+                raise VMError(
+                    f"{self.name}: {what} failed: {info.get('error-desc', status)}",
+                    log_tail=self.log_tail(),
+                )
+            self._check_alive(what)
+            if time.monotonic() > deadline:
+                raise VMError(f"{self.name}: {what} did not finish in {timeout:g}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    # ------------------------------------------------------------------
+    def pause(self) -> None:
+        self._require_qmp().execute("stop")
+        self.state = VMState.PAUSED
+
+    def resume(self) -> None:
+        self._require_qmp().execute("cont")
+        self.state = VMState.RUNNING
+
+    def freeze_disk(self, new_active: Path) -> Path:
+        """Make the current top layer read-only and continue on ``new_active``.
+
+        Returns the frozen file.  Call with the VM paused: QEMU flushed the
+        layer on ``stop``, so its bytes are final from here on.
+        """
+        qmp = self._require_qmp()
+        node = f"top{self._next_node}"
+        qmp.execute("blockdev-add", {
+            "driver": "qcow2",
+            "node-name": node,
+            "file": _file_node(new_active, read_only=False),
+            "backing": None,
+        })
+        qmp.execute("blockdev-snapshot", {"node": self.top_node, "overlay": node})
+        frozen = self.disk.active
+        self.disk = DiskChain(self.disk.base, (*self.disk.layers, frozen), new_active)
+        self.top_node = node
+        self._next_node += 1
+        return frozen
+
+    def save_state(self, dest: Path, *, timeout: float = 300.0) -> int:
+        """Write RAM + device state to ``dest`` (a migration stream); returns its size.
+
+        With the VM paused this captures the same instant as ``freeze_disk``.
+        """
+        qmp = self._require_qmp()
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            qmp.send_fd(fd, "outgoing")
+        finally:
+            os.close(fd)
+        qmp.execute("migrate", {"uri": "fd:outgoing"})
+        self._wait_migration(timeout, what="saving the VM state")
+        return dest.stat().st_size
+
+    def query_block(self) -> list[dict[str, Any]]:
+        out = self._require_qmp().execute("query-named-block-nodes", {"flat": True})
+        return list(out)
+
+    def hmp(self, command_line: str, *, timeout: float = 300.0) -> str:
+        return self._require_qmp().hmp(command_line, timeout=timeout)
+
+    def qmp(self, command: str, args: dict[str, Any] | None = None, *,
+            timeout: float = 60.0) -> Any:
+        return self._require_qmp().execute(command, args, timeout=timeout)
+
+    # ------------------------------------------------------------------
+    def quit(self, timeout: float = 10.0) -> None:
+        """Ask QEMU to exit; kill it if it does not."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._finish()
+            return
+        with contextlib.suppress(VMError):
+            self._require_qmp().execute("quit", timeout=timeout)
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(10)
+        self._finish()
+
+    def kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        if self.state is not VMState.FAILED:
+            self.state = VMState.STOPPED
+        with contextlib.suppress(FileNotFoundError):
+            self.agent_socket.unlink()
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _check_alive(self, what: str) -> None:
+        if not self.alive():
+            code = self._proc.returncode if self._proc else None
+            raise VMError(f"{self.name}: QEMU exited ({code}) while {what}",
+                          log_tail=self.log_tail())
+
+    def _require_qmp(self) -> QMP:
+        if self._qmp is None:
+            raise VMError(f"{self.name}: QEMU is not running")
+        return self._qmp
+
+    def log_tail(self, lines: int = 20) -> str:
+        parts = []
+        for path in (self.log_path, self.console_path):
+            with contextlib.suppress(OSError):
+                text = path.read_bytes()[-8192:].decode("utf-8", "replace")
+                tail = "\n".join(text.splitlines()[-lines:])
+                if tail:
+                    parts.append(f"[{path.name}]\n{tail}")
+        return "\n".join(parts)
+
+
+
+# Interpreter exit: stop our VMs cleanly (the pdeathsig in _spawn covers crashes).
+atexit.register(kill_all)
