@@ -1,1 +1,32 @@
-"""forkyard.checkpoint"""
+"""Checkpoints: frozen manifests naming content-addressed parts.
+
+Checkpoints are *external*: a checkpoint freezes the sandbox's writable qcow2
+layer (QMP ``blockdev-snapshot``; the sandbox continues on a new empty layer)
+and saves RAM + device state as a migration stream, both while the VM is
+paused for the same instant.  We chose this over ``savevm`` internal
+snapshots because:
+
+- a fork is a new empty overlay on the frozen layers plus ``-incoming`` of the
+  state: no disk copy at all, many forks share the same read-only files;
+- the frozen layer holds exactly what the sandbox changed, so it *is* the
+  portable archive part, content-addressed and written once;
+- internal snapshots keep their own L1 tables inside one mutable qcow2, which
+  is what makes ``qemu-img rebase -b ""`` silently lose base data under a
+  snapshot (see docs/portability.md); ``forkyard export`` produces a savevm
+  snapshot only at the end, from a complete disk, so its view is whole.
+"""
+
+from __future__ import annotations
+
+from forkyard.checkpoint.local import Checkpoint, LocalCheckpoints
+from forkyard.checkpoint.manifest import FORMAT, BootRef, Manifest, PartRef, VMInfo
+
+__all__ = [
+    "FORMAT",
+    "BootRef",
+    "Checkpoint",
+    "LocalCheckpoints",
+    "Manifest",
+    "PartRef",
+    "VMInfo",
+]

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 __all__ = ["spawn"]
 
@@ -38,8 +37,7 @@ def _serve() -> None:
     while True:
         req = _requests.get()
         try:
-            log: IO[bytes] = open(req.log, "ab")
-            try:
+            with open(req.log, "ab") as log:
                 proc = subprocess.Popen(
                     req.argv,
                     stdin=subprocess.DEVNULL,
@@ -49,8 +47,6 @@ def _serve() -> None:
                     cwd=req.cwd,
                     start_new_session=True,  # a Ctrl-C to the worker is not for QEMU
                 )
-            finally:
-                log.close()
             req.result.set_result(proc)
         except BaseException as exc:  # delivered to the caller's thread
             req.result.set_exception(exc)

@@ -1,1 +1,18 @@
-"""forkyard.worker"""
+"""The worker library: run sandboxes on this machine, checkpoint and fork them.
+
+    from forkyard.worker import Worker
+
+    with Worker() as w:
+        sb = w.create("minimal")
+        sb.exec("echo hi > /root/x")
+        cp = sb.checkpoint()
+        fork = w.fork(cp)
+"""
+
+from __future__ import annotations
+
+from forkyard.guest.client import EntryInfo, ExecResult
+from forkyard.worker._sandbox import Files, Sandbox, SandboxInfo, SandboxState
+from forkyard.worker._worker import Worker
+
+__all__ = ["EntryInfo", "ExecResult", "Files", "Sandbox", "SandboxInfo", "SandboxState", "Worker"]

@@ -1,0 +1,132 @@
+"""The worker's local checkpoint catalog: ``<home>/checkpoints/<id>/manifest.json``.
+
+Parts (layers, state, kernel, initramfs) live in the worker's blob cache and
+bases in the image catalog, all by digest; this catalog only holds manifests,
+written atomically under their own digest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from forkyard._digest import DIGEST_RE
+from forkyard.checkpoint.manifest import Manifest
+from forkyard.errors import CheckpointNotFound, ManifestError
+
+__all__ = ["Checkpoint", "LocalCheckpoints"]
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A checkpoint: its id (sha256 of the manifest) and the manifest."""
+
+    id: str
+    manifest: Manifest
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Checkpoint:
+        return cls(manifest.id, manifest)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @property
+    def created(self) -> str:
+        return self.manifest.created
+
+    @property
+    def name(self) -> str | None:
+        return self.manifest.name
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.manifest.sandbox
+
+    @property
+    def changed_bytes(self) -> int:
+        """Disk layers + VM state: what this checkpoint adds on top of its base."""
+        return sum(layer.size for layer in self.manifest.layers) + self.manifest.state.size
+
+
+class LocalCheckpoints:
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _dir(self, checkpoint_id: str) -> Path:
+        if not DIGEST_RE.match(checkpoint_id):
+            raise CheckpointNotFound(checkpoint_id)
+        return self._root / checkpoint_id
+
+    def add(self, manifest: Manifest) -> Checkpoint:
+        cp = Checkpoint.of(manifest)
+        d = self._dir(cp.id)
+        final = d / "manifest.json"
+        if final.exists():
+            return cp
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".manifest.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(manifest.canonical())
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(final)
+        return cp
+
+    def get(self, ref: str) -> Checkpoint:
+        """By full id or a unique prefix of at least 6 hex digits."""
+        checkpoint_id = self.resolve(ref)
+        path = self._dir(checkpoint_id) / "manifest.json"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointNotFound(ref) from None
+        try:
+            return Checkpoint(checkpoint_id, Manifest.parse(raw, expect_id=checkpoint_id))
+        except ManifestError:
+            raise
+        except Exception as exc:
+            raise ManifestError(f"local manifest {checkpoint_id[:12]} is damaged: {exc}") from exc
+
+    def has(self, checkpoint_id: str) -> bool:
+        return bool(DIGEST_RE.match(checkpoint_id)) and (
+            self._root / checkpoint_id / "manifest.json"
+        ).exists()
+
+    def resolve(self, ref: str) -> str:
+        ref = ref.removeprefix("cp-").lower()
+        if DIGEST_RE.match(ref):
+            return ref
+        if len(ref) < 6 or not all(c in "0123456789abcdef" for c in ref):
+            raise CheckpointNotFound(ref)
+        hits = [p.name for p in self._root.glob(f"{ref}*") if (p / "manifest.json").exists()]
+        if len(hits) != 1:
+            raise CheckpointNotFound(ref if not hits else f"{ref} (ambiguous: {len(hits)})")
+        return hits[0]
+
+    def list(self) -> list[Checkpoint]:
+        out = []
+        for d in sorted(self._root.iterdir()):
+            if DIGEST_RE.match(d.name) and (d / "manifest.json").exists():
+                with contextlib.suppress(CheckpointNotFound, ManifestError):
+                    out.append(self.get(d.name))
+        return sorted(out, key=lambda c: c.created)
+
+    def mark(self, checkpoint_id: str, flag: str, value: str = "") -> None:
+        """Small per-checkpoint facts (e.g. ``published`` with the store URL)."""
+        (self._dir(checkpoint_id) / flag).write_text(value)
+
+    def flag(self, checkpoint_id: str, flag: str) -> str | None:
+        path = self._dir(checkpoint_id) / flag
+        return path.read_text() if path.exists() else None
+
+    def remove(self, checkpoint_id: str) -> None:
+        d = self._dir(checkpoint_id)
+        if not d.exists():
+            raise CheckpointNotFound(checkpoint_id)
+        shutil.rmtree(d)

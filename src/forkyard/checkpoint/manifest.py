@@ -1,0 +1,270 @@
+"""Checkpoint manifests: archive format v1 (see docs/archive-format.md).
+
+A manifest names every part of a checkpoint by sha256 and size: the base
+image, the disk layers the sandbox wrote on top of it, the saved VM state, the
+kernel and initramfs, and the VM shape the state needs.  Its **id is the
+sha256 of its canonical JSON bytes**, so a manifest fetched from anywhere is
+verified by its own name, and editing any field (say, pointing it at another
+base) makes it a different, unknown checkpoint.
+
+Manifests come from the store, i.e. from untrusted input: :meth:`Manifest.parse`
+validates types, digests, sizes and lengths before anything else looks at them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from forkyard._digest import DIGEST_RE, sha256_bytes
+from forkyard.errors import IntegrityError, ManifestError
+
+__all__ = ["FORMAT", "MAX_MANIFEST_BYTES", "BootRef", "Manifest", "PartRef", "VMInfo"]
+
+FORMAT = "forkyard.checkpoint/v1"
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_LAYERS = 256
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@ -]{0,127}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MAX_SIZE = 1 << 44  # 16 TiB: anything larger is nonsense, not a disk
+
+
+@dataclass(frozen=True, slots=True)
+class PartRef:
+    """One content-addressed part: sha256 of its (uncompressed) bytes and size."""
+
+    digest: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"digest": self.digest, "size": self.size}
+
+
+@dataclass(frozen=True, slots=True)
+class BootRef:
+    kernel: PartRef
+    initrd: PartRef
+    cmdline: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kernel": self.kernel.to_json(),
+            "initrd": self.initrd.to_json(),
+            "cmdline": self.cmdline,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class VMInfo:
+    """Everything the saved state needs from the QEMU that loads it."""
+
+    qemu: str  # version that saved it, e.g. 7.2.22
+    machine: str  # concrete machine type, e.g. pc-q35-7.2
+    accel: str
+    cpu: str
+    memory_mb: int
+    cpus: int
+    devices: str  # device profile, see forkyard.vm.machine.DEVICE_PROFILE
+    disk_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "qemu": self.qemu,
+            "machine": self.machine,
+            "accel": self.accel,
+            "cpu": self.cpu,
+            "memory_mb": self.memory_mb,
+            "cpus": self.cpus,
+            "devices": self.devices,
+            "disk_size": self.disk_size,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    created: str  # UTC, ISO 8601
+    base: PartRef  # raw ext4 image
+    layers: tuple[PartRef, ...]  # qcow2 without backing name, bottom first
+    state: PartRef  # QEMU migration stream
+    boot: BootRef
+    vm: VMInfo
+    sandbox: str  # id of the sandbox it was taken from
+    parent: str | None = None  # checkpoint this sandbox was forked/woken from
+    name: str | None = None  # user's label
+    agent: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "created": self.created,
+            "base": self.base.to_json(),
+            "layers": [layer.to_json() for layer in self.layers],
+            "state": self.state.to_json(),
+            "boot": self.boot.to_json(),
+            "vm": self.vm.to_json(),
+            "sandbox": self.sandbox,
+            "parent": self.parent,
+            "name": self.name,
+            "agent": self.agent,
+            "extra": dict(self.extra),
+        }
+
+    def canonical(self) -> bytes:
+        """The exact bytes stored and hashed: sorted keys, no spaces, UTF-8."""
+        return json.dumps(
+            self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+
+    @property
+    def id(self) -> str:
+        return sha256_bytes(self.canonical())
+
+    def parts(self) -> list[tuple[str, PartRef]]:
+        """Every part with a role name, base first."""
+        out = [("base", self.base)]
+        out += [(f"layer{i}", layer) for i, layer in enumerate(self.layers)]
+        out += [
+            ("state", self.state),
+            ("kernel", self.boot.kernel),
+            ("initrd", self.boot.initrd),
+        ]
+        return out
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def parse(cls, raw: bytes, *, expect_id: str | None = None) -> Manifest:
+        """Validate untrusted manifest bytes; with ``expect_id`` also their digest."""
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"manifest is {len(raw)} bytes, over {MAX_MANIFEST_BYTES}")
+        if expect_id is not None:
+            actual = sha256_bytes(raw)
+            if actual != expect_id:
+                raise IntegrityError(
+                    f"manifest of checkpoint {expect_id[:12]}", expected=expect_id, actual=actual
+                )
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        m = cls.from_json(data)
+        if expect_id is not None and m.canonical() != raw:
+            # Same digest but not our canonical form: not something we wrote.
+            raise ManifestError("manifest is not in canonical form")
+        return m
+
+    @classmethod
+    def from_json(cls, data: object) -> Manifest:
+        d = _obj(data, "manifest")
+        fmt = d.get("format")
+        if fmt != FORMAT:
+            raise ManifestError(
+                f"unsupported manifest format {fmt!r} (this forkyard reads {FORMAT})"
+            )
+        _only(d, {"format", "created", "base", "layers", "state", "boot", "vm", "sandbox",
+                  "parent", "name", "agent", "extra"}, "manifest")
+        layers_raw = d.get("layers")
+        if not isinstance(layers_raw, list) or len(layers_raw) > MAX_LAYERS:
+            raise ManifestError(f"manifest.layers must be a list of at most {MAX_LAYERS}")
+        boot = _obj(d.get("boot"), "boot")
+        _only(boot, {"kernel", "initrd", "cmdline"}, "boot")
+        vm = _obj(d.get("vm"), "vm")
+        _only(vm, {"qemu", "machine", "accel", "cpu", "memory_mb", "cpus", "devices",
+                   "disk_size"}, "vm")
+        extra = _obj(d.get("extra", {}), "extra")
+        if len(extra) > 64 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) < 128 and len(v) < 4096
+            for k, v in extra.items()
+        ):
+            raise ManifestError("manifest.extra must map short strings to strings")
+        return cls(
+            created=_str(d.get("created"), "created", 64),
+            base=_part(d.get("base"), "base"),
+            layers=tuple(_part(x, f"layers[{i}]") for i, x in enumerate(layers_raw)),
+            state=_part(d.get("state"), "state"),
+            boot=BootRef(
+                kernel=_part(boot.get("kernel"), "boot.kernel"),
+                initrd=_part(boot.get("initrd"), "boot.initrd"),
+                cmdline=_str(boot.get("cmdline"), "boot.cmdline", 1024),
+            ),
+            vm=VMInfo(
+                qemu=_str(vm.get("qemu"), "vm.qemu", 64),
+                machine=_token(vm.get("machine"), "vm.machine"),
+                accel=_choice(vm.get("accel"), "vm.accel", ("tcg", "kvm")),
+                cpu=_token(vm.get("cpu"), "vm.cpu"),
+                memory_mb=_int(vm.get("memory_mb"), "vm.memory_mb", 16, 1 << 20),
+                cpus=_int(vm.get("cpus"), "vm.cpus", 1, 256),
+                devices=_token(vm.get("devices"), "vm.devices"),
+                disk_size=_int(vm.get("disk_size"), "vm.disk_size", 1, _MAX_SIZE),
+            ),
+            sandbox=_id(d.get("sandbox"), "sandbox"),
+            parent=None if d.get("parent") is None else _digest(d.get("parent"), "parent"),
+            name=None if d.get("name") is None else _label(d.get("name"), "name"),
+            agent=_str(d.get("agent", ""), "agent", 128),
+            extra={str(k): str(v) for k, v in extra.items()},
+        )
+
+
+# --- validation helpers ----------------------------------------------------
+def _obj(v: object, where: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ManifestError(f"manifest {where} must be an object")
+    return v
+
+
+def _only(d: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(d) - allowed
+    if unknown:
+        raise ManifestError(f"manifest {where} has unknown fields: {sorted(unknown)}")
+
+
+def _str(v: object, where: str, limit: int) -> str:
+    if not isinstance(v, str) or len(v) > limit or "\0" in v:
+        raise ManifestError(f"manifest {where} must be a string of at most {limit} characters")
+    return v
+
+
+def _token(v: object, where: str) -> str:
+    s = _str(v, where, 64)
+    if not _ID_RE.match(s):
+        raise ManifestError(f"manifest {where} has an invalid value {s!r}")
+    return s
+
+
+def _id(v: object, where: str) -> str:
+    return _token(v, where)
+
+
+def _label(v: object, where: str) -> str:
+    s = _str(v, where, 128)
+    if not _NAME_RE.match(s):
+        raise ManifestError(f"manifest {where} has an invalid value {s!r}")
+    return s
+
+
+def _choice(v: object, where: str, choices: tuple[str, ...]) -> str:
+    if v not in choices:
+        raise ManifestError(f"manifest {where} must be one of {choices}, not {v!r}")
+    return str(v)
+
+
+def _int(v: object, where: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ManifestError(f"manifest {where} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _digest(v: object, where: str) -> str:
+    if not isinstance(v, str) or not DIGEST_RE.match(v):
+        raise ManifestError(f"manifest {where} is not a sha256 hex digest: {v!r}")
+    return v
+
+
+def _part(v: object, where: str) -> PartRef:
+    d = _obj(v, where)
+    _only(d, {"digest", "size"}, where)
+    return PartRef(_digest(d.get("digest"), f"{where}.digest"),
+                   _int(d.get("size"), f"{where}.size", 0, _MAX_SIZE))

@@ -1,0 +1,317 @@
+"""A sandbox: one QEMU guest, its disk chain, its agent connection."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from forkyard.errors import AgentError, ForkyardError, SandboxStateError, VMError
+from forkyard.guest.client import AgentClient, EntryInfo, ExecResult
+from forkyard.tools import qemu_img
+from forkyard.vm.machine import QemuVM
+
+if TYPE_CHECKING:
+    from forkyard.checkpoint import BootRef, Checkpoint, PartRef
+    from forkyard.worker._worker import Worker
+
+__all__ = ["Files", "Sandbox", "SandboxInfo", "SandboxState"]
+
+T = TypeVar("T")
+
+
+class SandboxState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"  # only for the instant of a checkpoint capture
+    STOPPED = "stopped"
+    HIBERNATED = "hibernated"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxInfo:
+    id: str
+    state: str
+    image: str  # base digest
+    created: str
+    memory_mb: int
+    cpus: int
+    parent_checkpoint: str | None
+    last_checkpoint: str | None
+    pid: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "image": self.image,
+            "created": self.created,
+            "memory_mb": self.memory_mb,
+            "cpus": self.cpus,
+            "parent_checkpoint": self.parent_checkpoint,
+            "last_checkpoint": self.last_checkpoint,
+            "pid": self.pid,
+        }
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Files:
+    """``sandbox.files``: the guest filesystem through the agent (E2B-style)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    def read(self, path: str) -> bytes:
+        return self._sb._agent_call(lambda a: a.read_file(path))
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return self.read(path).decode(encoding)
+
+    def write(self, path: str, data: bytes | str, *, mode: int = 0o644,
+              append: bool = False) -> int:
+        raw = data.encode() if isinstance(data, str) else data
+        return self._sb._agent_call(lambda a: a.write_file(path, raw, mode=mode, append=append))
+
+    def list(self, path: str) -> list[EntryInfo]:
+        return self._sb._agent_call(lambda a: a.list(path))
+
+    def stat(self, path: str) -> EntryInfo:
+        return self._sb._agent_call(lambda a: a.stat(path))
+
+    def exists(self, path: str) -> bool:
+        return self._sb._agent_call(lambda a: a.exists(path))
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        self._sb._agent_call(lambda a: a.remove(path, recursive=recursive))
+
+    def make_dir(self, path: str, *, mode: int = 0o755) -> None:
+        self._sb._agent_call(lambda a: a.mkdir(path, mode=mode))
+
+
+class Sandbox:
+    """Handle to one sandbox on this worker.  Methods are thread-safe."""
+
+    def __init__(self, worker: Worker, sandbox_id: str, *, base_digest: str,
+                 memory_mb: int, cpus: int, parent: str | None) -> None:
+        self.id = sandbox_id
+        self._worker = worker
+        self.base_digest = base_digest
+        self.memory_mb = memory_mb
+        self.cpus = cpus
+        self.parent_checkpoint = parent
+        self.last_checkpoint: str | None = None
+        self.created = utcnow()
+        self._state = SandboxState.STARTING
+        self._lock = threading.RLock()  # lifecycle: checkpoint, restore, stop
+        self._vm: QemuVM | None = None
+        self._agent: AgentClient | None = None
+        self._disk_seq = 0
+        # manifest parts of the running chain, so a checkpoint never re-hashes old layers
+        self._layer_refs: tuple[PartRef, ...] = ()
+        self._boot_ref: BootRef | None = None
+        self.files = Files(self)
+
+    # ------------------------------------------------------------------
+    @property
+    def state(self) -> SandboxState:
+        return self._state
+
+    @property
+    def dir(self) -> Path:
+        return self._worker.home.sandboxes_dir / self.id
+
+    @property
+    def vm(self) -> QemuVM | None:
+        return self._vm
+
+    def info(self) -> SandboxInfo:
+        vm = self._vm
+        return SandboxInfo(
+            id=self.id,
+            state=self._state.value,
+            image=self.base_digest,
+            created=self.created,
+            memory_mb=self.memory_mb,
+            cpus=self.cpus,
+            parent_checkpoint=self.parent_checkpoint,
+            last_checkpoint=self.last_checkpoint,
+            pid=vm.pid if vm is not None and vm.alive() else None,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.id} {self._state.value}>"
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    # ------------------------------------------------------------------
+    # guest operations
+    def exec(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = 60.0,
+        stdin: bytes | str | None = None,
+        background: bool = False,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run a command in the guest; a string runs under ``/bin/sh -c``."""
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        return self._agent_call(
+            lambda a: a.exec(cmd, env=env, cwd=cwd, timeout=timeout, stdin=data,
+                             background=background, check=check)
+        )
+
+    def _agent_call(self, fn: Callable[[AgentClient], T]) -> T:
+        agent = self._agent
+        if self._state not in (SandboxState.RUNNING, SandboxState.PAUSED) or agent is None:
+            raise SandboxStateError(self.id, self._state.value, "talk to")
+        try:
+            return fn(agent)
+        except AgentError:
+            # A dead QEMU explains a broken channel better than the channel does.
+            vm = self._vm
+            if vm is not None and not vm.alive():
+                self._mark_failed()
+                raise VMError(f"sandbox {self.id}: QEMU exited", log_tail=vm.log_tail()) from None
+            raise
+
+    # ------------------------------------------------------------------
+    # lifecycle (called by Worker)
+    def _new_active(self) -> Path:
+        self._disk_seq += 1
+        path = self.dir / f"disk-{self._disk_seq}.qcow2"
+        qemu_img.create(path, self._worker.disk_size(self.base_digest))
+        return path
+
+    def _start(self, vm: QemuVM, *, incoming: Path | None, timeout: float) -> None:
+        self._vm = vm
+        try:
+            vm.launch(incoming_state=incoming, timeout=timeout)
+            agent = AgentClient(vm.agent_socket, name=self.id)
+            agent.connect(timeout=timeout)
+        except BaseException:
+            vm.kill()
+            self._mark_failed()
+            raise
+        self._agent = agent
+        self._state = SandboxState.RUNNING
+        self._save_meta()
+
+    def _mark_failed(self) -> None:
+        if self._state not in (SandboxState.DESTROYED, SandboxState.HIBERNATED):
+            self._state = SandboxState.FAILED
+            with contextlib.suppress(OSError):
+                self._save_meta()
+
+    def _save_meta(self) -> None:
+        d = self.dir
+        if not d.exists():
+            return
+        tmp = d / f".sandbox.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(self.info().to_json(), indent=1))
+        tmp.replace(d / "sandbox.json")
+
+    # ------------------------------------------------------------------
+    def checkpoint(self, *, name: str | None = None) -> Checkpoint:
+        """Capture memory, devices and disk at one instant; the sandbox keeps running.
+
+        The VM is paused only for the capture itself (disk layer freeze and
+        state save); hashing and cataloguing happen after it resumes.
+        """
+        with self._lock:
+            vm, agent = self._require_running("checkpoint")
+            new_active = self._new_active()
+            state_tmp = self.dir / f"state-{self._disk_seq}.tmp"
+            t0 = time.monotonic()
+            try:
+                with agent.quiesced():
+                    vm.pause()
+                    self._state = SandboxState.PAUSED
+                    try:
+                        frozen = vm.freeze_disk(new_active)
+                        vm.save_state(state_tmp)
+                    finally:
+                        vm.resume()
+                        self._state = SandboxState.RUNNING
+            except ForkyardError:
+                with contextlib.suppress(OSError):
+                    state_tmp.unlink()
+                if not vm.alive():
+                    self._mark_failed()
+                raise
+            paused = time.monotonic() - t0
+            cp = self._worker._record_checkpoint(self, vm, frozen, state_tmp, name=name,
+                                                 pause_seconds=paused)
+            self.last_checkpoint = cp.id
+            self._save_meta()
+            return cp
+
+    def restore(self, checkpoint: Checkpoint | str) -> None:
+        """Revert this sandbox in place to ``checkpoint`` (same id, new VM)."""
+        self._worker.restore(self, checkpoint)
+
+    def hibernate(self) -> Checkpoint:
+        """Checkpoint, then stop and free the VM; :meth:`Worker.wake` brings it back."""
+        with self._lock:
+            cp = self.checkpoint(name=f"hibernate-{self.id}")
+            self._shutdown()
+            self._state = SandboxState.HIBERNATED
+            self._discard_disks()
+            self._save_meta()
+            return cp
+
+    def stop(self) -> None:
+        with self._lock:
+            self._shutdown()
+            if self._state not in (SandboxState.DESTROYED, SandboxState.HIBERNATED):
+                self._state = SandboxState.STOPPED
+                self._save_meta()
+
+    def destroy(self) -> None:
+        """Kill the VM and delete everything local to the sandbox (not its checkpoints)."""
+        with self._lock:
+            self._shutdown()
+            self._state = SandboxState.DESTROYED
+            self._worker._forget(self)
+
+    kill = destroy
+
+    def _shutdown(self) -> None:
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            agent.close()
+        vm, self._vm = self._vm, None
+        if vm is not None:
+            vm.kill()
+
+    def _discard_disks(self) -> None:
+        for p in self.dir.glob("disk-*.qcow2"):
+            p.unlink()
+
+    def _require_running(self, op: str) -> tuple[QemuVM, AgentClient]:
+        vm, agent = self._vm, self._agent
+        if self._state is not SandboxState.RUNNING or vm is None or agent is None:
+            raise SandboxStateError(self.id, self._state.value, op)
+        if not vm.alive():
+            self._mark_failed()
+            raise VMError(f"sandbox {self.id}: QEMU exited", log_tail=vm.log_tail())
+        return vm, agent

@@ -1,0 +1,394 @@
+"""The worker library: sandboxes, checkpoints and forks on one machine.
+
+A :class:`Worker` owns one forkyard home.  Everything the control plane and
+the CLI do to VMs goes through it.  QEMU processes die with the process that
+owns the worker (see ``forkyard.vm._spawn``), and :meth:`Worker.close` stops
+them earlier.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import secrets
+import shutil
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from forkyard._digest import sha256_file
+from forkyard.checkpoint import BootRef, Checkpoint, LocalCheckpoints, Manifest, PartRef, VMInfo
+from forkyard.config import Home
+from forkyard.errors import (
+    CheckpointError,
+    ImageNotFound,
+    IncompatibleCheckpoint,
+    SandboxNotFound,
+    SandboxStateError,
+)
+from forkyard.host.setup import HostInfo, ensure_host
+from forkyard.image import ImageCatalog, ImageInfo, MinimalSource, build_image
+from forkyard.store.cache import BlobCache
+from forkyard.vm.machine import DEVICE_PROFILE, BootSpec, DiskChain, QemuVM, VMShape
+from forkyard.worker._sandbox import Sandbox, SandboxState, utcnow
+
+__all__ = ["Worker"]
+
+BUILTIN_IMAGES = {"minimal": MinimalSource}
+_BOOT_TIMEOUT = 180.0  # a TCG boot is ~3 s, but CI machines are shared and slow
+
+
+def new_sandbox_id() -> str:
+    # 80 random bits: ids are capabilities in the HTTP API, so unguessable
+    return "sb-" + secrets.token_hex(10)
+
+
+class Worker:
+    def __init__(
+        self,
+        home: Home | str | Path | None = None,
+        *,
+        name: str | None = None,
+        install: bool = True,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.home = home if isinstance(home, Home) else Home.at(home)
+        self.home.ensure()
+        self.name = name or self.home.root.name
+        self.host: HostInfo = ensure_host(self.home, install=install, log=log)
+        self.images = ImageCatalog(self.home)
+        self.checkpoints = LocalCheckpoints(self.home.checkpoints_dir)
+        self.blobs = BlobCache(self.home.cache_dir / "blobs")
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._lock = threading.Lock()
+        self._image_lock = threading.Lock()
+        self._closed = False
+        self._reap_stale()
+        for f in (self.host.kernel, self.host.initrd):
+            self.blobs.add_local(f.digest, f.path, verify=False, link=True)
+
+    # ------------------------------------------------------------------
+    # images
+    def image(self, ref: str = "minimal") -> ImageInfo:
+        """Find an image; the built-in ``minimal`` is built on first use."""
+        try:
+            return self.images.get(ref)
+        except ImageNotFound:
+            if ref not in BUILTIN_IMAGES:
+                raise
+        with self._image_lock:
+            try:
+                return self.images.get(ref)
+            except ImageNotFound:
+                return build_image(self.home, BUILTIN_IMAGES[ref](), name=ref)
+
+    def disk_size(self, base_digest: str) -> int:
+        return self.images.get(base_digest).size
+
+    # ------------------------------------------------------------------
+    # sandboxes
+    def create(
+        self,
+        image: str = "minimal",
+        *,
+        memory_mb: int | None = None,
+        cpus: int | None = None,
+        sandbox_id: str | None = None,
+        timeout: float = _BOOT_TIMEOUT,
+    ) -> Sandbox:
+        """Boot a new sandbox from a base image and wait until its agent answers."""
+        self._check_open()
+        info = self.image(image)
+        settings = self.home.settings()
+        sb = self._register(
+            sandbox_id,
+            base_digest=info.digest,
+            memory_mb=memory_mb or settings.memory_mb,
+            cpus=cpus or settings.cpus,
+            parent=None,
+        )
+        try:
+            active = sb._new_active()
+            shape = self._local_shape(sb.memory_mb, sb.cpus)
+            boot = BootSpec(self.host.kernel.path, self.host.initrd.path)
+            vm = self._vm(sb, shape, boot, DiskChain(info.path, (), active))
+            sb._layer_refs = ()
+            sb._boot_ref = self._host_boot()
+            sb._start(vm, incoming=None, timeout=timeout)
+        except BaseException:
+            self._discard(sb)
+            raise
+        return sb
+
+    def fork(
+        self,
+        checkpoint: Checkpoint | str,
+        *,
+        sandbox_id: str | None = None,
+        timeout: float = _BOOT_TIMEOUT,
+    ) -> Sandbox:
+        """A new sandbox that continues exactly from ``checkpoint``."""
+        self._check_open()
+        cp = self.resolve_checkpoint(checkpoint)
+        m = cp.manifest
+        sb = self._register(
+            sandbox_id, base_digest=m.base.digest, memory_mb=m.vm.memory_mb, cpus=m.vm.cpus,
+            parent=cp.id,
+        )
+        try:
+            self._launch_from(sb, cp, timeout=timeout)
+        except BaseException:
+            self._discard(sb)
+            raise
+        return sb
+
+    def fork_many(self, checkpoint: Checkpoint | str, count: int) -> list[Sandbox]:
+        """``count`` forks started concurrently; all or nothing."""
+        cp = self.resolve_checkpoint(checkpoint)
+        with ThreadPoolExecutor(max_workers=min(count, 8)) as pool:
+            futures = [pool.submit(self.fork, cp) for _ in range(count)]
+        out: list[Sandbox] = []
+        error: BaseException | None = None
+        for f in futures:
+            try:
+                out.append(f.result())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            for sb in out:
+                sb.destroy()
+            raise error
+        return out
+
+    def restore(self, sandbox: Sandbox, checkpoint: Checkpoint | str,
+                *, timeout: float = _BOOT_TIMEOUT) -> None:
+        """Revert ``sandbox`` in place: same id, the machine of ``checkpoint``."""
+        cp = self.resolve_checkpoint(checkpoint)
+        with sandbox._lock:
+            if sandbox.state is SandboxState.DESTROYED:
+                raise SandboxStateError(sandbox.id, sandbox.state.value, "restore")
+            sandbox._shutdown()
+            sandbox._discard_disks()
+            sandbox.base_digest = cp.manifest.base.digest
+            sandbox.memory_mb = cp.manifest.vm.memory_mb
+            sandbox.cpus = cp.manifest.vm.cpus
+            sandbox.parent_checkpoint = cp.id
+            self._launch_from(sandbox, cp, timeout=timeout)
+
+    def wake(self, sandbox_id: str, *, timeout: float = _BOOT_TIMEOUT) -> Sandbox:
+        """Resume a hibernated sandbox (same id) from its last checkpoint."""
+        sb = self.get(sandbox_id)
+        if sb.state is not SandboxState.HIBERNATED or sb.last_checkpoint is None:
+            raise SandboxStateError(sb.id, sb.state.value, "wake")
+        self.restore(sb, sb.last_checkpoint, timeout=timeout)
+        return sb
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        with self._lock:
+            sb = self._sandboxes.get(sandbox_id)
+        if sb is None:
+            raise SandboxNotFound(sandbox_id)
+        return sb
+
+    def list(self) -> list[Sandbox]:
+        with self._lock:
+            return list(self._sandboxes.values())
+
+    def close(self) -> None:
+        """Stop every sandbox of this worker (hibernated ones stay wakeable)."""
+        self._closed = True
+        for sb in self.list():
+            with contextlib.suppress(Exception):
+                if sb.state is SandboxState.HIBERNATED:
+                    continue
+                sb.destroy()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------
+    # checkpoints
+    def resolve_checkpoint(self, checkpoint: Checkpoint | str) -> Checkpoint:
+        if isinstance(checkpoint, Checkpoint):
+            return checkpoint
+        return self.checkpoints.get(checkpoint)
+
+    def _record_checkpoint(self, sb: Sandbox, vm: QemuVM, frozen: Path, state_tmp: Path,
+                           *, name: str | None, pause_seconds: float) -> Checkpoint:
+        """Catalogue a capture: hash the parts, file them by digest, write the manifest."""
+        state_digest = sha256_file(state_tmp)
+        state_path = self.blobs.add_local(state_digest, state_tmp, verify=False, link=True)
+        state_tmp.unlink()
+        frozen_digest = sha256_file(frozen)
+        self.blobs.add_local(frozen_digest, frozen, verify=False, link=True)
+        layers = (*sb._layer_refs, PartRef(frozen_digest, frozen.stat().st_size))
+        base = self.images.get(sb.base_digest)
+        if sb._boot_ref is None:
+            raise CheckpointError(f"sandbox {sb.id} has no boot record")
+        s = vm.shape
+        manifest = Manifest(
+            created=utcnow(),
+            base=PartRef(base.digest, base.size),
+            layers=layers,
+            state=PartRef(state_digest, state_path.stat().st_size),
+            boot=sb._boot_ref,
+            vm=VMInfo(
+                qemu=self.host.qemu_version, machine=s.machine_type, accel=s.accel,
+                cpu=s.cpu_model, memory_mb=s.memory_mb, cpus=s.cpus, devices=s.devices,
+                disk_size=base.size,
+            ),
+            sandbox=sb.id,
+            parent=sb.parent_checkpoint,
+            name=name,
+            agent=self._agent_version(sb),
+            extra={"worker": self.name, "pause_ms": str(round(pause_seconds * 1000, 1))},
+        )
+        sb._layer_refs = layers
+        return self.checkpoints.add(manifest)
+
+    def _host_boot(self) -> BootRef:
+        k, i = self.host.kernel, self.host.initrd
+        return BootRef(PartRef(k.digest, k.size), PartRef(i.digest, i.size),
+                       BootSpec(k.path, i.path).cmdline)
+
+    def _agent_version(self, sb: Sandbox) -> str:
+        agent = sb._agent
+        return agent.version if agent is not None else ""
+
+    def _launch_from(self, sb: Sandbox, cp: Checkpoint, *, timeout: float) -> None:
+        m = cp.manifest
+        self._check_compatible(cp)
+        base, layers, state, kernel, initrd = self._materialize(cp)
+        sb.dir.mkdir(parents=True, exist_ok=True)
+        active = sb._new_active()
+        shape = VMShape(m.vm.memory_mb, m.vm.cpus, m.vm.machine, m.vm.accel, m.vm.cpu,
+                        m.vm.devices)
+        boot = BootSpec(kernel, initrd, m.boot.cmdline)
+        vm = self._vm(sb, shape, boot, DiskChain(base, tuple(layers), active))
+        sb._layer_refs = m.layers
+        sb._boot_ref = m.boot
+        sb._start(vm, incoming=state, timeout=timeout)
+
+    def _check_compatible(self, cp: Checkpoint) -> None:
+        vm = cp.manifest.vm
+        if vm.devices != DEVICE_PROFILE:
+            raise IncompatibleCheckpoint(
+                f"checkpoint {cp.short_id} uses device profile {vm.devices!r}; "
+                f"this forkyard builds {DEVICE_PROFILE!r}"
+            )
+        if vm.accel != self.host.accel:
+            raise IncompatibleCheckpoint(
+                f"checkpoint {cp.short_id} was saved under {vm.accel}, this host runs "
+                f"{self.host.accel}: QEMU cannot move a running state between them"
+            )
+        if vm.machine not in self.supported_machines():
+            raise IncompatibleCheckpoint(
+                f"checkpoint {cp.short_id} needs machine type {vm.machine!r}, which this "
+                f"QEMU {self.host.qemu_version} does not have"
+            )
+
+    def supported_machines(self) -> set[str]:
+        cache = self.home.host_dir / "machines.json"
+        if cache.exists():
+            data = json.loads(cache.read_text())
+            if data.get("qemu") == self.host.qemu_version:
+                return set(data["machines"])
+        from forkyard._proc import run
+
+        out = run(["qemu-system-x86_64", "-machine", "help"], timeout=30).text
+        names = {line.split()[0] for line in out.splitlines()[1:] if line.strip()}
+        cache.write_text(json.dumps({"qemu": self.host.qemu_version, "machines": sorted(names)}))
+        return names
+
+    def _materialize(self, cp: Checkpoint) -> tuple[Path, builtins.list[Path], Path, Path, Path]:
+        """Local paths of every part of ``cp``, each verified to be the named bytes."""
+        m = cp.manifest
+        base = self._local_base(m.base)
+        layers = [self._local_blob(ref, f"layer {i}", cp) for i, ref in enumerate(m.layers)]
+        state = self._local_blob(m.state, "VM state", cp)
+        kernel = self._local_blob(m.boot.kernel, "kernel", cp)
+        initrd = self._local_blob(m.boot.initrd, "initramfs", cp)
+        return base, layers, state, kernel, initrd
+
+    def _local_base(self, ref: PartRef) -> Path:
+        if not self.images.has(ref.digest):
+            raise CheckpointError(
+                f"base image sha256:{ref.digest[:12]} is not on worker {self.name}"
+            )
+        return self.images.path(ref.digest)
+
+    def _local_blob(self, ref: PartRef, what: str, cp: Checkpoint) -> Path:
+        path = self.blobs.path_if_present(ref.digest)
+        if path is None:
+            raise CheckpointError(
+                f"{what} sha256:{ref.digest[:12]} of checkpoint {cp.short_id} is not on "
+                f"worker {self.name}"
+            )
+        return path
+
+    # ------------------------------------------------------------------
+    # internals
+    def _local_shape(self, memory_mb: int, cpus: int) -> VMShape:
+        return VMShape(memory_mb, cpus, self.host.machine_type, self.host.accel)
+
+    def _vm(self, sb: Sandbox, shape: VMShape, boot: BootSpec, disk: DiskChain) -> QemuVM:
+        return QemuVM(
+            name=sb.id,
+            workdir=sb.dir,
+            agent_socket=self.home.run_dir / f"{sb.id}.agent",
+            shape=shape,
+            boot=boot,
+            disk=disk,
+        )
+
+    def _register(self, sandbox_id: str | None, **kw: Any) -> Sandbox:
+        sid = sandbox_id or new_sandbox_id()
+        with self._lock:
+            if sid in self._sandboxes:
+                raise SandboxStateError(sid, self._sandboxes[sid].state.value, "create")
+            sb = Sandbox(self, sid, **kw)
+            self._sandboxes[sid] = sb
+        sb.dir.mkdir(parents=True, exist_ok=False)
+        return sb
+
+    def _discard(self, sb: Sandbox) -> None:
+        sb._shutdown()
+        sb._mark_failed()
+        self._forget(sb)
+
+    def _forget(self, sb: Sandbox) -> None:
+        with self._lock:
+            self._sandboxes.pop(sb.id, None)
+        shutil.rmtree(sb.dir, ignore_errors=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxStateError("-", "closed", f"use worker {self.name}")
+
+    def _reap_stale(self) -> None:
+        """Sandboxes left by an earlier process: hibernated ones come back, others are gone.
+
+        Their QEMUs died with that process (pdeathsig), so only files remain.
+        """
+        for d in sorted(self.home.sandboxes_dir.iterdir()):
+            meta = d / "sandbox.json"
+            try:
+                info = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            if info.get("state") == SandboxState.HIBERNATED.value and info.get("last_checkpoint"):
+                sb = Sandbox(self, d.name, base_digest=info["image"], memory_mb=info["memory_mb"],
+                             cpus=info["cpus"], parent=info.get("parent_checkpoint"))
+                sb.last_checkpoint = info["last_checkpoint"]
+                sb.created = info.get("created", sb.created)
+                sb._state = SandboxState.HIBERNATED
+                self._sandboxes[sb.id] = sb
+            else:
+                shutil.rmtree(d, ignore_errors=True)
