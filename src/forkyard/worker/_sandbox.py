@@ -180,6 +180,10 @@ class Sandbox:
                              background=background, check=check)
         )
 
+    def ping(self, *, timeout: float = 10.0) -> str:
+        """The agent's version, proving the guest answers within ``timeout``."""
+        return self._agent_call(lambda a: a.ping(timeout=timeout))
+
     def _agent_call(self, fn: Callable[[AgentClient], T]) -> T:
         agent = self._agent
         if self._state not in (SandboxState.RUNNING, SandboxState.PAUSED) or agent is None:

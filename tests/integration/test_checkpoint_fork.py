@@ -1,0 +1,134 @@
+"""Checkpoint, fork, restore, hibernate on one worker, with real guests."""
+
+from __future__ import annotations
+
+import pytest
+
+from forkyard.errors import SandboxStateError
+from forkyard.verify import verify_files
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    """A source sandbox checkpointed mid-flight, shared by the tests of this module."""
+    from forkyard.worker import Worker
+
+    w = Worker(tmp_path_factory.mktemp("cpfork") / "home", name="cpfork")
+    src = w.create("minimal")
+    src.files.write("/root/before.txt", "written before\n")
+    r = src.exec("sleep 1000 & echo $!")
+    sleeper = int(r.stdout.strip())
+    src.exec("ls -R /srv/testtree/d00 > /dev/null")  # some metadata cached in RAM
+    cp = src.checkpoint(name="t1")
+    src.files.write("/root/after.txt", "written after\n")
+    src.files.write("/root/before.txt", "changed after\n")
+    yield w, src, cp, sleeper
+    w.close()
+
+
+def test_fork_continues_from_the_checkpoint_instant(scenario):
+    w, _src, cp, sleeper = scenario
+    fork = w.fork(cp)
+    try:
+        assert fork.files.read_text("/root/before.txt") == "written before\n"
+        assert not fork.files.exists("/root/after.txt")
+        # the process started before the checkpoint is alive in the fork
+        assert fork.exec(f"kill -0 {sleeper}").exit_code == 0
+        assert fork.exec(f"cat /proc/{sleeper}/cmdline").stdout.startswith("sleep")
+        # the fork's clock was set to now, not left at the checkpoint's time
+        import time
+
+        guest_now = int(fork.exec("date +%s").stdout)
+        assert abs(guest_now - time.time()) < 30
+    finally:
+        fork.destroy()
+
+
+def test_forks_diverge_independently(scenario):
+    w, src, cp, _ = scenario
+    a, b = w.fork_many(cp, 2)
+    try:
+        a.files.write("/root/who", "a")
+        b.files.write("/root/who", "b")
+        a.exec("rm /root/before.txt")
+        assert a.files.read_text("/root/who") == "a"
+        assert b.files.read_text("/root/who") == "b"
+        assert not a.files.exists("/root/before.txt")
+        assert b.files.read_text("/root/before.txt") == "written before\n"
+        assert src.files.read_text("/root/before.txt") == "changed after\n"
+        assert not src.files.exists("/root/who")
+    finally:
+        a.destroy()
+        b.destroy()
+
+
+def test_fork_reads_every_base_file_after_drop_caches(scenario):
+    w, _src, cp, _ = scenario
+    fork = w.fork(cp)
+    try:
+        expected = w.images.file_checksums(cp.manifest.base.digest)
+        assert len(expected) >= 1000
+        report = verify_files(fork, expected)
+        assert report.ok, report.summary()
+    finally:
+        fork.destroy()
+
+
+def test_fork_shares_base_and_layers_without_copying(scenario):
+    w, _src, cp, _ = scenario
+    fork = w.fork(cp)
+    try:
+        chain = fork.vm.disk
+        assert chain.base == w.images.path(cp.manifest.base.digest)
+        assert [p.name for p in chain.layers] == [layer.digest for layer in cp.manifest.layers]
+        # the fork's own files are only a thin overlay plus logs
+        own = sum(p.stat().st_size for p in fork.dir.iterdir() if p.is_file())
+        assert own < 8 * 1024 * 1024
+    finally:
+        fork.destroy()
+
+
+def test_checkpoint_of_a_fork_stacks_layers(scenario):
+    w, _src, cp, _ = scenario
+    fork = w.fork(cp)
+    try:
+        fork.files.write("/root/gen2", "second generation")
+        cp2 = fork.checkpoint()
+        assert cp2.manifest.parent == cp.id
+        assert cp2.manifest.layers[: len(cp.manifest.layers)] == cp.manifest.layers
+        grandchild = w.fork(cp2)
+        assert grandchild.files.read_text("/root/gen2") == "second generation"
+        assert grandchild.files.read_text("/root/before.txt") == "written before\n"
+        grandchild.destroy()
+    finally:
+        fork.destroy()
+
+
+def test_restore_reverts_in_place(worker_factory):
+    w = worker_factory()
+    sb = w.create("minimal")
+    sb.files.write("/root/v", "1")
+    cp = sb.checkpoint()
+    sb.files.write("/root/v", "2")
+    sb.restore(cp)
+    assert sb.state.value == "running"
+    assert sb.files.read_text("/root/v") == "1"
+    assert w.get(sb.id) is sb
+
+
+def test_hibernate_and_wake_on_the_same_worker(worker_factory):
+    w = worker_factory()
+    sb = w.create("minimal")
+    pid = int(sb.exec("sleep 1000 & echo $!").stdout)
+    sb.files.write("/root/state", "kept")
+    cp = sb.hibernate()
+    assert sb.state.value == "hibernated" and sb.vm is None
+    with pytest.raises(SandboxStateError):
+        sb.exec("true")
+    woken = w.wake(sb.id)
+    assert woken.id == sb.id and woken.last_checkpoint is not None
+    assert woken.files.read_text("/root/state") == "kept"
+    assert woken.exec(f"kill -0 {pid}").exit_code == 0
+    assert cp.id == woken.parent_checkpoint
