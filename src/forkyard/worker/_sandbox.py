@@ -43,6 +43,7 @@ class SandboxInfo:
     id: str
     state: str
     image: str  # base digest
+    disk_size: int
     created: str
     memory_mb: int
     cpus: int
@@ -55,6 +56,7 @@ class SandboxInfo:
             "id": self.id,
             "state": self.state,
             "image": self.image,
+            "disk_size": self.disk_size,
             "created": self.created,
             "memory_mb": self.memory_mb,
             "cpus": self.cpus,
@@ -104,11 +106,12 @@ class Files:
 class Sandbox:
     """Handle to one sandbox on this worker.  Methods are thread-safe."""
 
-    def __init__(self, worker: Worker, sandbox_id: str, *, base_digest: str,
+    def __init__(self, worker: Worker, sandbox_id: str, *, base_digest: str, disk_size: int,
                  memory_mb: int, cpus: int, parent: str | None) -> None:
         self.id = sandbox_id
         self._worker = worker
         self.base_digest = base_digest
+        self.disk_size = disk_size  # = the raw base's size
         self.memory_mb = memory_mb
         self.cpus = cpus
         self.parent_checkpoint = parent
@@ -143,6 +146,7 @@ class Sandbox:
             id=self.id,
             state=self._state.value,
             image=self.base_digest,
+            disk_size=self.disk_size,
             created=self.created,
             memory_mb=self.memory_mb,
             cpus=self.cpus,
@@ -203,7 +207,7 @@ class Sandbox:
     def _new_active(self) -> Path:
         self._disk_seq += 1
         path = self.dir / f"disk-{self._disk_seq}.qcow2"
-        qemu_img.create(path, self._worker.disk_size(self.base_digest))
+        qemu_img.create(path, self.disk_size)
         return path
 
     def _start(self, vm: QemuVM, *, incoming: Path | None, timeout: float) -> None:

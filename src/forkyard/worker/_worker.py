@@ -20,10 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from forkyard._digest import sha256_file
-from forkyard.checkpoint import BootRef, Checkpoint, LocalCheckpoints, Manifest, PartRef, VMInfo
+from forkyard.checkpoint import (
+    BootRef,
+    Checkpoint,
+    LocalCheckpoints,
+    Manifest,
+    PartRef,
+    VMInfo,
+    archive,
+)
 from forkyard.config import Home
 from forkyard.errors import (
     CheckpointError,
+    CheckpointNotFound,
+    ForkyardError,
     ImageNotFound,
     IncompatibleCheckpoint,
     SandboxNotFound,
@@ -31,7 +41,7 @@ from forkyard.errors import (
 )
 from forkyard.host.setup import HostInfo, ensure_host
 from forkyard.image import ImageCatalog, ImageInfo, MinimalSource, build_image
-from forkyard.store.cache import BlobCache
+from forkyard.store import BlobCache, BlobStore, ObjectStore, open_store
 from forkyard.vm.machine import DEVICE_PROFILE, BootSpec, DiskChain, QemuVM, VMShape
 from forkyard.worker._sandbox import Sandbox, SandboxState, utcnow
 
@@ -52,12 +62,18 @@ class Worker:
         home: Home | str | Path | None = None,
         *,
         name: str | None = None,
+        store: str | ObjectStore | None = None,
         install: bool = True,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.home = home if isinstance(home, Home) else Home.at(home)
         self.home.ensure()
         self.name = name or self.home.root.name
+        settings = self.home.settings()
+        if store is None or isinstance(store, str):
+            store = open_store(store or self.home.default_store_url(), settings)
+        self.store: ObjectStore = store
+        self.blobstore = BlobStore(store)
         self.host: HostInfo = ensure_host(self.home, install=install, log=log)
         self.images = ImageCatalog(self.home)
         self.checkpoints = LocalCheckpoints(self.home.checkpoints_dir)
@@ -85,9 +101,6 @@ class Worker:
             except ImageNotFound:
                 return build_image(self.home, BUILTIN_IMAGES[ref](), name=ref)
 
-    def disk_size(self, base_digest: str) -> int:
-        return self.images.get(base_digest).size
-
     # ------------------------------------------------------------------
     # sandboxes
     def create(
@@ -106,6 +119,7 @@ class Worker:
         sb = self._register(
             sandbox_id,
             base_digest=info.digest,
+            disk_size=info.size,
             memory_mb=memory_mb or settings.memory_mb,
             cpus=cpus or settings.cpus,
             parent=None,
@@ -135,8 +149,8 @@ class Worker:
         cp = self.resolve_checkpoint(checkpoint)
         m = cp.manifest
         sb = self._register(
-            sandbox_id, base_digest=m.base.digest, memory_mb=m.vm.memory_mb, cpus=m.vm.cpus,
-            parent=cp.id,
+            sandbox_id, base_digest=m.base.digest, disk_size=m.vm.disk_size,
+            memory_mb=m.vm.memory_mb, cpus=m.vm.cpus, parent=cp.id,
         )
         try:
             self._launch_from(sb, cp, timeout=timeout)
@@ -173,13 +187,24 @@ class Worker:
             sandbox._shutdown()
             sandbox._discard_disks()
             sandbox.base_digest = cp.manifest.base.digest
+            sandbox.disk_size = cp.manifest.vm.disk_size
             sandbox.memory_mb = cp.manifest.vm.memory_mb
             sandbox.cpus = cp.manifest.vm.cpus
             sandbox.parent_checkpoint = cp.id
             self._launch_from(sandbox, cp, timeout=timeout)
 
-    def wake(self, sandbox_id: str, *, timeout: float = _BOOT_TIMEOUT) -> Sandbox:
-        """Resume a hibernated sandbox (same id) from its last checkpoint."""
+    def wake(self, sandbox_id: str, *, checkpoint: Checkpoint | str | None = None,
+             timeout: float = _BOOT_TIMEOUT) -> Sandbox:
+        """Resume a hibernated sandbox (same id) from its last checkpoint.
+
+        With ``checkpoint``, a sandbox hibernated on *another* worker is adopted
+        here: a fork of that (published) checkpoint that keeps the sandbox id.
+        """
+        with self._lock:
+            known = sandbox_id in self._sandboxes
+        if not known and checkpoint is not None:
+            sb = self.fork(checkpoint, sandbox_id=sandbox_id, timeout=timeout)
+            return sb
         sb = self.get(sandbox_id)
         if sb.state is not SandboxState.HIBERNATED or sb.last_checkpoint is None:
             raise SandboxStateError(sb.id, sb.state.value, "wake")
@@ -215,9 +240,60 @@ class Worker:
     # ------------------------------------------------------------------
     # checkpoints
     def resolve_checkpoint(self, checkpoint: Checkpoint | str) -> Checkpoint:
+        """A local checkpoint, or a published one whose manifest is fetched (verified)."""
         if isinstance(checkpoint, Checkpoint):
             return checkpoint
-        return self.checkpoints.get(checkpoint)
+        try:
+            return self.checkpoints.get(checkpoint)
+        except CheckpointNotFound:
+            pass
+        manifest = archive.fetch_manifest(self.store, checkpoint)
+        return Checkpoint.of(manifest)
+
+    def publish(
+        self,
+        checkpoint: Checkpoint | str,
+        *,
+        progress: Callable[[str, int, int | None], None] | None = None,
+    ) -> archive.PublishReport:
+        """Make ``checkpoint`` forkable on any worker sharing this worker's store."""
+        cp = self.checkpoints.get(checkpoint.id if isinstance(checkpoint, Checkpoint)
+                                  else checkpoint)
+        report = archive.publish(cp.manifest, self.blobstore, self._local_part,
+                                 progress=progress)
+        self.checkpoints.mark(cp.id, "published", self.store.url)
+        return report
+
+    def is_published(self, checkpoint_id: str) -> bool:
+        return archive.is_published(self.store, checkpoint_id)
+
+    def fetch_checkpoint(self, checkpoint: Checkpoint | str) -> Checkpoint:
+        """Bring a published checkpoint and all its parts here, without starting it."""
+        cp = self.resolve_checkpoint(checkpoint)
+        self._check_compatible(cp)
+        self._materialize(cp)
+        return self.checkpoints.add(cp.manifest)
+
+    def cached_bases(self) -> builtins.list[str]:
+        digests = {info.digest for info in self.images.list()}
+        for cp in self.checkpoints.list():
+            if self.blobs.path_if_present(cp.manifest.base.digest) is not None:
+                digests.add(cp.manifest.base.digest)
+        return sorted(digests)
+
+    def local_checkpoint_ids(self) -> builtins.list[str]:
+        return [cp.id for cp in self.checkpoints.list()]
+
+    def _local_part(self, role: str, ref: PartRef) -> Path:
+        if role == "base":
+            path = self._find_base(ref.digest)
+        else:
+            path = self.blobs.path_if_present(ref.digest)
+        if path is None:
+            raise CheckpointError(
+                f"{role} sha256:{ref.digest} is not on worker {self.name}; cannot publish"
+            )
+        return path
 
     def _record_checkpoint(self, sb: Sandbox, vm: QemuVM, frozen: Path, state_tmp: Path,
                            *, name: str | None, pause_seconds: float) -> Checkpoint:
@@ -228,20 +304,19 @@ class Worker:
         frozen_digest = sha256_file(frozen)
         self.blobs.add_local(frozen_digest, frozen, verify=False, link=True)
         layers = (*sb._layer_refs, PartRef(frozen_digest, frozen.stat().st_size))
-        base = self.images.get(sb.base_digest)
         if sb._boot_ref is None:
             raise CheckpointError(f"sandbox {sb.id} has no boot record")
         s = vm.shape
         manifest = Manifest(
             created=utcnow(),
-            base=PartRef(base.digest, base.size),
+            base=PartRef(sb.base_digest, sb.disk_size),
             layers=layers,
             state=PartRef(state_digest, state_path.stat().st_size),
             boot=sb._boot_ref,
             vm=VMInfo(
                 qemu=self.host.qemu_version, machine=s.machine_type, accel=s.accel,
                 cpu=s.cpu_model, memory_mb=s.memory_mb, cpus=s.cpus, devices=s.devices,
-                disk_size=base.size,
+                disk_size=sb.disk_size,
             ),
             sandbox=sb.id,
             parent=sb.parent_checkpoint,
@@ -265,6 +340,8 @@ class Worker:
         m = cp.manifest
         self._check_compatible(cp)
         base, layers, state, kernel, initrd = self._materialize(cp)
+        # every part is here now: later forks of it on this worker stay local
+        self.checkpoints.add(m)
         sb.dir.mkdir(parents=True, exist_ok=True)
         active = sb._new_active()
         shape = VMShape(m.vm.memory_mb, m.vm.cpus, m.vm.machine, m.vm.accel, m.vm.cpu,
@@ -307,30 +384,35 @@ class Worker:
         return names
 
     def _materialize(self, cp: Checkpoint) -> tuple[Path, builtins.list[Path], Path, Path, Path]:
-        """Local paths of every part of ``cp``, each verified to be the named bytes."""
+        """Local paths of every part of ``cp``, fetching (and verifying) what is missing.
+
+        Everything is in place and verified before any QEMU starts: a missing
+        or corrupt part is an error here, never a broken VM.
+        """
         m = cp.manifest
-        base = self._local_base(m.base)
-        layers = [self._local_blob(ref, f"layer {i}", cp) for i, ref in enumerate(m.layers)]
-        state = self._local_blob(m.state, "VM state", cp)
-        kernel = self._local_blob(m.boot.kernel, "kernel", cp)
-        initrd = self._local_blob(m.boot.initrd, "initramfs", cp)
+        base = self._find_base(m.base.digest) or self._fetch(m.base, "base image", cp)
+        layers = [self._blob(ref, f"disk layer {i}", cp) for i, ref in enumerate(m.layers)]
+        state = self._blob(m.state, "VM state", cp)
+        kernel = self._blob(m.boot.kernel, "kernel", cp)
+        initrd = self._blob(m.boot.initrd, "initramfs", cp)
         return base, layers, state, kernel, initrd
 
-    def _local_base(self, ref: PartRef) -> Path:
-        if not self.images.has(ref.digest):
-            raise CheckpointError(
-                f"base image sha256:{ref.digest[:12]} is not on worker {self.name}"
-            )
-        return self.images.path(ref.digest)
+    def _find_base(self, digest: str) -> Path | None:
+        """A local file with exactly these bytes: a catalogued image or a fetched base."""
+        if self.images.has(digest):
+            return self.images.path(digest)
+        return self.blobs.path_if_present(digest)
 
-    def _local_blob(self, ref: PartRef, what: str, cp: Checkpoint) -> Path:
-        path = self.blobs.path_if_present(ref.digest)
-        if path is None:
-            raise CheckpointError(
-                f"{what} sha256:{ref.digest[:12]} of checkpoint {cp.short_id} is not on "
-                f"worker {self.name}"
-            )
-        return path
+    def _blob(self, ref: PartRef, what: str, cp: Checkpoint) -> Path:
+        return self.blobs.path_if_present(ref.digest) or self._fetch(ref, what, cp)
+
+    def _fetch(self, ref: PartRef, what: str, cp: Checkpoint) -> Path:
+        try:
+            return self.blobs.fetch(ref.digest, self.blobstore, size=ref.size)
+        except ForkyardError as exc:
+            exc.add_note(f"while fetching the {what} (sha256:{ref.digest}) of checkpoint "
+                         f"{cp.id} from {self.store.url}")
+            raise
 
     # ------------------------------------------------------------------
     # internals
@@ -384,7 +466,8 @@ class Worker:
                 shutil.rmtree(d, ignore_errors=True)
                 continue
             if info.get("state") == SandboxState.HIBERNATED.value and info.get("last_checkpoint"):
-                sb = Sandbox(self, d.name, base_digest=info["image"], memory_mb=info["memory_mb"],
+                sb = Sandbox(self, d.name, base_digest=info["image"],
+                             disk_size=info["disk_size"], memory_mb=info["memory_mb"],
                              cpus=info["cpus"], parent=info.get("parent_checkpoint"))
                 sb.last_checkpoint = info["last_checkpoint"]
                 sb.created = info.get("created", sb.created)
