@@ -15,6 +15,7 @@ from forkyard.image.catalog import (
     ImageCatalog,
     ImageInfo,
     ImageMeta,
+    check_name,
     normalize_digest,
 )
 from forkyard.image.sources import (
@@ -40,6 +41,7 @@ __all__ = [
     "TarSource",
     "build_epoch",
     "build_image",
+    "check_name",
     "derive_uuid",
     "normalize_digest",
 ]

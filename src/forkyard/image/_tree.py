@@ -59,7 +59,7 @@ def ensure_guest_dirs(
         except FileNotFoundError:
             path.mkdir(parents=True)
             os.chmod(path, mode)
-            os.chown(path, 0, 0)
+            _chown_root(path)
             os.utime(path, (epoch, epoch))
             continue
         if not stat.S_ISDIR(st.st_mode):
@@ -73,8 +73,15 @@ def normalize_root(root: Path, epoch: int) -> None:
     root match keeps the tree digest honest.
     """
     os.chmod(root, 0o755)  # noqa: S103 - a rootfs root is world-readable
-    os.chown(root, 0, 0)
+    _chown_root(root)
     os.utime(root, (epoch, epoch))
+
+
+def _chown_root(path: Path) -> None:
+    # Without root the tree keeps the builder's uid: still deterministic for
+    # that user, and mkfs -E root_owner=0:0 fixes the image root anyway.
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0)
 
 
 def set_all_mtimes(root: Path, epoch: int) -> None:

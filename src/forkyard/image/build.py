@@ -45,7 +45,7 @@ from forkyard.image._tree import (
     scan_tree,
     set_all_mtimes,
 )
-from forkyard.image.catalog import ImageCatalog, ImageInfo, ImageMeta
+from forkyard.image.catalog import ImageCatalog, ImageInfo, ImageMeta, check_name
 from forkyard.image.sources import TEST_TREE, Source, StageContext
 from forkyard.tools import mkfs
 
@@ -113,6 +113,8 @@ def build_image(
     such builds differ, as when every worker builds its own base.
     """
     say = progress or _noop
+    if name is not None:
+        check_name(name)  # fail before minutes of building, not after
     if size_mb is not None and size_mb <= 0:
         raise ImageBuildError(f"size_mb must be positive, got {size_mb}")
     catalog = ImageCatalog(home)
@@ -214,14 +216,12 @@ def _is_real_dir(root: Path, guest_path: str) -> bool:
 
 
 def _remove_tree(path: Path) -> None:
-    def make_writable(_func: object, failed: str, _exc: object) -> None:
-        # Staged trees may hold read-only directories (tarball modes).
-        parent = os.path.dirname(failed)
-        os.chmod(parent, 0o700)
-        if os.path.isdir(failed) and not os.path.islink(failed):
-            os.chmod(failed, 0o700)
-            shutil.rmtree(failed, ignore_errors=True)
-        else:
-            os.unlink(failed)
-
-    shutil.rmtree(path, onerror=make_writable)
+    if os.geteuid() != 0:
+        # Tarball modes can leave read-only directories that only root could
+        # empty; open them up first (top-down, so the walk can descend).
+        for dirpath, dirnames, _files in os.walk(path):
+            for d in dirnames:
+                full = os.path.join(dirpath, d)
+                if not os.path.islink(full):
+                    os.chmod(full, 0o700)
+    shutil.rmtree(path)

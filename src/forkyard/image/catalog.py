@@ -40,6 +40,7 @@ __all__ = [
     "ImageCatalog",
     "ImageInfo",
     "ImageMeta",
+    "check_name",
     "normalize_digest",
 ]
 
@@ -65,7 +66,7 @@ class AmbiguousImageRef(ImageNotFound):
 
 def normalize_digest(value: str) -> str:
     """``sha256:<hex>`` or ``<hex>`` → lowercase hex; anything else raises ImageError."""
-    digest = value.strip().removeprefix("sha256:").lower()
+    digest = value.strip().lower().removeprefix("sha256:")
     if not _DIGEST_RE.fullmatch(digest):
         raise ImageError(f"not a sha256 digest: {value!r}")
     return digest
@@ -155,7 +156,7 @@ class ImageCatalog:
             if not self.has(digest):
                 raise ImageNotFound(ref)
             return digest
-        wanted = ref.removeprefix("sha256:").lower()
+        wanted = ref.lower().removeprefix("sha256:")
         if _DIGEST_RE.fullmatch(wanted):
             if not self.has(wanted):
                 raise ImageNotFound(ref)
@@ -214,7 +215,7 @@ class ImageCatalog:
     # --- names --------------------------------------------------------------
     def tag(self, name: str, ref: str) -> ImageInfo:
         """Point ``name`` at the image ``ref`` resolves to (moving it if it existed)."""
-        _check_name(name)
+        check_name(name)
         digest = self.resolve(ref)
         with self._locked():
             names = self._read_names()
@@ -244,7 +245,7 @@ class ImageCatalog:
         up under the digest name), not from the caller's file.
         """
         if name is not None:
-            _check_name(name)
+            check_name(name)
         self._ensure()
         tmp = self._tmp_blob()
         try:
@@ -268,7 +269,7 @@ class ImageCatalog:
         """
         digest = normalize_digest(digest)
         if name is not None:
-            _check_name(name)
+            check_name(name)
         self._ensure()
         if self.has(digest):
             return self._commit(None, digest, meta or ImageMeta(partial=True), name)
@@ -434,7 +435,8 @@ class ImageCatalog:
         _atomic_write(self.names_file, _dumps({"format": _FORMAT, "names": dict(names)}))
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """Raise ImageError unless ``name`` is a valid image name."""
     if not _NAME_RE.fullmatch(name) or _HEXISH_RE.fullmatch(name):
         raise ImageError(
             f"invalid image name {name!r}: use 1-64 of [a-z0-9._-], starting with a letter "

@@ -34,7 +34,7 @@ __all__ = [
     "StageContext",
     "Staged",
     "TarSource",
-    "testtree_files",
+    "iter_test_tree",
 ]
 
 Progress = Callable[[str], None]
@@ -70,7 +70,7 @@ class Source(Protocol):
 # --- minimal ------------------------------------------------------------------
 
 
-def testtree_files(count: int, seed: bytes = _TESTTREE_SEED) -> Iterator[tuple[str, bytes]]:
+def iter_test_tree(count: int, seed: bytes = _TESTTREE_SEED) -> Iterator[tuple[str, bytes]]:
     """(relative path, content) of the deterministic test tree.
 
     ``dNN/dMM/file_KKKK``: 15 files per leaf, 10 leaves per top directory.
@@ -203,7 +203,7 @@ class MinimalSource:
             _write_file(root / "etc" / name, text.encode())
         ctx.progress(f"writing test tree ({self.files} files)")
         tree = _mkdirs(root, TEST_TREE.strip("/"))
-        for rel, data in testtree_files(self.files):
+        for rel, data in iter_test_tree(self.files):
             parent, _, _ = rel.rpartition("/")
             _mkdirs(tree, parent)
             _write_file(tree / rel, data)
@@ -301,6 +301,9 @@ class DirSource:
         src = Path(self.path).resolve()
         if not src.is_dir():
             raise ImageBuildError(f"{src} is not a directory")
+        if root.resolve().is_relative_to(src):
+            # Copying would chase its own output forever.
+            raise ImageBuildError(f"{src} contains the build's staging directory {root}")
         copier = _Copier(notes=[], is_root=os.geteuid() == 0, links={})
         ctx.progress(f"copying {src}")
         try:

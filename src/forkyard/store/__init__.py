@@ -24,8 +24,7 @@ from forkyard.store.blobs import (
     BlobStore,
     blob_key,
     canonical_json,
-    sha256_bytes,
-    sha256_file,
+    hash_file,
     validate_digest,
 )
 from forkyard.store.cache import BlobCache
@@ -46,9 +45,8 @@ __all__ = [
     "S3Store",
     "blob_key",
     "canonical_json",
+    "hash_file",
     "open_store",
-    "sha256_bytes",
-    "sha256_file",
     "validate_digest",
     "validate_key",
 ]

@@ -151,6 +151,7 @@ def atomic_write(dest: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
 
 
 def _commit(f: BinaryIO, tmp: Path, dest: Path, mode: int) -> None:
+    # fsync before the rename: after a crash, dest must be old or complete, never empty.
     try:
         f.flush()
         os.fsync(f.fileno())
@@ -280,11 +281,18 @@ class ObjectStore(ABC):
 
     def get_bytes(self, key: str, *, max_size: int) -> bytes:
         """The whole object, refusing (StoreError) anything over ``max_size`` bytes."""
+        chunks: list[bytes] = []
+        total = 0
         with self.open_read(key) as reader:
-            data = reader.read(max_size + 1)
-        if len(data) > max_size:
-            raise StoreError(f"object {key!r} in {self.url} is larger than {max_size} bytes")
-        return data
+            # Chunked, so a huge max_size is a limit and not an up-front allocation.
+            while chunk := reader.read(min(CHUNK_SIZE, max_size + 1 - total)):
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > max_size:
+                    raise StoreError(
+                        f"object {key!r} in {self.url} is larger than {max_size} bytes"
+                    )
+        return b"".join(chunks)
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections; the store must not be used afterwards."""

@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from forkyard.errors import IntegrityError, StoreError
 from forkyard.store._base import CHUNK_SIZE, ProgressFn
-from forkyard.store.blobs import BlobStore, sha256_file, validate_digest
+from forkyard.store.blobs import BlobStore, hash_file, validate_digest
 
 __all__ = ["BlobCache"]
 
@@ -42,23 +42,20 @@ class _Flight:
 
     def __init__(self) -> None:
         self._done = threading.Event()
-        self._path: Path | None = None
         self._error: BaseException | None = None
 
-    def resolve(self, path: Path) -> None:
-        self._path = path
+    def resolve(self) -> None:
         self._done.set()
 
     def fail(self, error: BaseException) -> None:
         self._error = error
         self._done.set()
 
-    def wait(self) -> Path:
+    def wait(self) -> None:
+        """Return once the download is over; raise its error if it failed."""
         self._done.wait()
         if self._error is not None:
             raise self._error
-        assert self._path is not None
-        return self._path
 
 
 class BlobCache:
@@ -94,13 +91,15 @@ class BlobCache:
         cache is left without the entry (a later call tries again).
         """
         path = self.path_for(digest)
-        if self._present(path, size):
-            return path
-        flight, leader = self._join(digest)
-        if not leader:
+        while True:
+            if self._present(path, size):
+                return path
+            flight, leader = self._join(digest)
+            if leader:
+                break
+            # Raises the leader's error; on success, loop to re-check the entry
+            # with our own ``size``.
             flight.wait()
-            self._present(path, size)  # the leader may have been asked for another size
-            return path
         try:
             self._download(digest, path, blobs, size, progress)
         except BaseException as exc:
@@ -108,7 +107,7 @@ class BlobCache:
             flight.fail(exc if isinstance(exc, Exception) else _interrupted(digest))
             raise
         self._land(digest)
-        flight.resolve(path)
+        flight.resolve()
         return path
 
     def add_local(
@@ -206,7 +205,7 @@ class BlobCache:
 
     def _link(self, digest: str, src: Path, path: Path, verify: bool) -> bool:
         if verify:
-            _check(digest, sha256_file(src)[0], src)
+            _check(digest, hash_file(src)[0], src)
         try:
             os.link(src, path)
             os.chmod(path, _ENTRY_MODE)

@@ -92,12 +92,13 @@ def make_s3_client(
     endpoint_url: str | None = None,
     region: str | None = None,
     max_pool_connections: int = 10,
+    max_attempts: int = 5,
 ) -> S3Client:
     """A boto3 S3 client; credentials come from the standard AWS chain."""
     config = Config(
         signature_version="s3v4",
         s3={"addressing_style": "path" if endpoint_url else "auto"},
-        retries={"mode": "standard", "max_attempts": 5},
+        retries={"mode": "standard", "max_attempts": max_attempts},
         max_pool_connections=max_pool_connections,
         connect_timeout=10,
         read_timeout=120,

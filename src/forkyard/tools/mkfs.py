@@ -19,6 +19,8 @@ from forkyard._proc import require_tool, run
 from forkyard.errors import ToolError
 
 __all__ = [
+    "BLOCK_SIZE",
+    "INODE_RATIO",
     "MKE2FS_PROFILE",
     "FsckResult",
     "InodeLayout",
@@ -309,7 +311,10 @@ def fsck_readonly(image: Path) -> FsckResult:
 
 
 def debugfs_cat(image: Path, guest_path: str) -> bytes:
-    """Contents of ``guest_path`` inside ``image`` (read-only)."""
+    """Contents of the regular file ``guest_path`` inside ``image`` (read-only).
+
+    debugfs does not follow symlinks: a symlink reads as empty.
+    """
     _check_debugfs_arg(guest_path)
     done = run(
         [require_tool("debugfs"), "-R", f'cat "{guest_path}"', image],

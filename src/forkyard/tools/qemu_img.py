@@ -12,12 +12,17 @@ from forkyard.errors import ToolError
 __all__ = ["check", "convert", "create", "info", "rebase_unsafe", "snapshot_list"]
 
 
-def create(path: Path, size: int, *, backing: Path | None = None,
+def create(path: Path, size: int, *, backing: Path | str | None = None,
            backing_fmt: str = "raw") -> None:
-    """A new empty qcow2 of ``size`` bytes (optionally naming a backing file)."""
+    """A new empty qcow2 of ``size`` bytes.
+
+    ``backing`` is only *recorded* in the header (``-u``: never opened), which
+    is how forkyard notes the digest of the layer below; the real chain is
+    given to QEMU at run time.
+    """
     argv: list[str | Path] = ["qemu-img", "create", "-q", "-f", "qcow2"]
     if backing is not None:
-        argv += ["-b", backing, "-F", backing_fmt]
+        argv += ["-u", "-b", backing, "-F", backing_fmt]
     argv += [path, str(size)]
     run(argv, timeout=60)
 

@@ -298,6 +298,14 @@ class QemuVM:
         self._next_node += 1
         return frozen
 
+    def set_parent_marker(self, marker: str) -> None:
+        """Rewrite the active layer's recorded backing name (see checkpoint.qcow2)."""
+        self._require_qmp().execute("change-backing-file", {
+            "device": self.top_node,
+            "image-node-name": self.top_node,
+            "backing-file": marker,
+        })
+
     def save_state(self, dest: Path, *, timeout: float = 300.0) -> int:
         """Write RAM + device state to ``dest`` (a migration stream); returns its size.
 

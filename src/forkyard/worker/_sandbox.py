@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from forkyard.checkpoint import qcow2
 from forkyard.errors import AgentError, ForkyardError, SandboxStateError, VMError
 from forkyard.guest.client import AgentClient, EntryInfo, ExecResult
 from forkyard.tools import qemu_img
@@ -204,11 +205,22 @@ class Sandbox:
 
     # ------------------------------------------------------------------
     # lifecycle (called by Worker)
-    def _new_active(self) -> Path:
+    def _new_active(self, parent: str | None) -> Path:
+        """A new empty top layer recording the digest of what lies below it.
+
+        ``parent`` is None only for the layer that takes over at a checkpoint,
+        whose parent (the layer being frozen) has no digest yet; the marker is
+        written once it does (``QemuVM.set_parent_marker``).
+        """
         self._disk_seq += 1
         path = self.dir / f"disk-{self._disk_seq}.qcow2"
-        qemu_img.create(path, self.disk_size)
+        marker = qcow2.PENDING_MARKER if parent is None else qcow2.parent_marker(parent)
+        qemu_img.create(path, self.disk_size, backing=marker,
+                        backing_fmt="qcow2" if self._layer_refs else "raw")
         return path
+
+    def _chain_top_digest(self) -> str:
+        return self._layer_refs[-1].digest if self._layer_refs else self.base_digest
 
     def _start(self, vm: QemuVM, *, incoming: Path | None, timeout: float) -> None:
         self._vm = vm
@@ -247,7 +259,7 @@ class Sandbox:
         """
         with self._lock:
             vm, agent = self._require_running("checkpoint")
-            new_active = self._new_active()
+            new_active = self._new_active(None)
             state_tmp = self.dir / f"state-{self._disk_seq}.tmp"
             t0 = time.monotonic()
             try:

@@ -28,6 +28,7 @@ from forkyard.checkpoint import (
     PartRef,
     VMInfo,
     archive,
+    qcow2,
 )
 from forkyard.config import Home
 from forkyard.errors import (
@@ -125,12 +126,12 @@ class Worker:
             parent=None,
         )
         try:
-            active = sb._new_active()
+            sb._layer_refs = ()
+            sb._boot_ref = self._host_boot()
+            active = sb._new_active(info.digest)
             shape = self._local_shape(sb.memory_mb, sb.cpus)
             boot = BootSpec(self.host.kernel.path, self.host.initrd.path)
             vm = self._vm(sb, shape, boot, DiskChain(info.path, (), active))
-            sb._layer_refs = ()
-            sb._boot_ref = self._host_boot()
             sb._start(vm, incoming=None, timeout=timeout)
         except BaseException:
             self._discard(sb)
@@ -303,6 +304,7 @@ class Worker:
         state_tmp.unlink()
         frozen_digest = sha256_file(frozen)
         self.blobs.add_local(frozen_digest, frozen, verify=False, link=True)
+        vm.set_parent_marker(qcow2.parent_marker(frozen_digest))
         layers = (*sb._layer_refs, PartRef(frozen_digest, frozen.stat().st_size))
         if sb._boot_ref is None:
             raise CheckpointError(f"sandbox {sb.id} has no boot record")
@@ -343,13 +345,13 @@ class Worker:
         # every part is here now: later forks of it on this worker stay local
         self.checkpoints.add(m)
         sb.dir.mkdir(parents=True, exist_ok=True)
-        active = sb._new_active()
+        sb._layer_refs = m.layers
+        sb._boot_ref = m.boot
+        active = sb._new_active(sb._chain_top_digest())
         shape = VMShape(m.vm.memory_mb, m.vm.cpus, m.vm.machine, m.vm.accel, m.vm.cpu,
                         m.vm.devices)
         boot = BootSpec(kernel, initrd, m.boot.cmdline)
         vm = self._vm(sb, shape, boot, DiskChain(base, tuple(layers), active))
-        sb._layer_refs = m.layers
-        sb._boot_ref = m.boot
         sb._start(vm, incoming=state, timeout=timeout)
 
     def _check_compatible(self, cp: Checkpoint) -> None:
@@ -391,7 +393,14 @@ class Worker:
         """
         m = cp.manifest
         base = self._find_base(m.base.digest) or self._fetch(m.base, "base image", cp)
-        layers = [self._blob(ref, f"disk layer {i}", cp) for i, ref in enumerate(m.layers)]
+        layers = []
+        parent = m.base.digest
+        for i, ref in enumerate(m.layers):
+            what = f"disk layer {i} of checkpoint {cp.short_id}"
+            path = self._blob(ref, what, cp)
+            qcow2.check_layer(path, parent=parent, disk_size=m.vm.disk_size, what=what)
+            layers.append(path)
+            parent = ref.digest
         state = self._blob(m.state, "VM state", cp)
         kernel = self._blob(m.boot.kernel, "kernel", cp)
         initrd = self._blob(m.boot.initrd, "initramfs", cp)
