@@ -56,11 +56,10 @@ def check(path: Path) -> dict[str, Any]:
 
 def convert(src: Path | str, dst: Path, *, src_fmt: str | None = None, dst_fmt: str = "qcow2",
             backing: Path | None = None, backing_fmt: str = "raw",
-            image_opts: bool = False, timeout: float = 1800) -> None:
+            timeout: float = 1800) -> None:
+    """``src`` may be a ``json:{...}`` chain description (forkyard layers name no backing)."""
     argv: list[str | Path] = ["qemu-img", "convert", "-q"]
-    if image_opts:
-        argv.append("--image-opts")
-    elif src_fmt:
+    if src_fmt:
         argv += ["-f", src_fmt]
     argv += ["-O", dst_fmt]
     if backing is not None:
@@ -69,7 +68,7 @@ def convert(src: Path | str, dst: Path, *, src_fmt: str | None = None, dst_fmt: 
     run(argv, timeout=timeout)
 
 
-def rebase_unsafe(path: Path, backing: Path | None, backing_fmt: str = "raw") -> None:
+def rebase_unsafe(path: Path, backing: Path | str | None, backing_fmt: str = "raw") -> None:
     """Metadata-only: point ``path``'s header at ``backing`` (None: no backing file)."""
     if backing is None:
         run(["qemu-img", "rebase", "-u", "-b", "", path], timeout=60)

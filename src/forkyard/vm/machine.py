@@ -79,17 +79,19 @@ class BootSpec:
 
 @dataclass(frozen=True, slots=True)
 class DiskChain:
-    base: Path  # raw ext4 image, read-only
+    base: Path | None  # raw ext4 image, read-only; None: `active` stands alone
     layers: tuple[Path, ...]  # qcow2, read-only, bottom first
     active: Path  # qcow2, writable
 
     def blockdev(self, top_name: str) -> dict[str, Any]:
-        node: dict[str, Any] = {
-            "driver": "raw",
-            "node-name": "base",
-            "read-only": True,
-            "file": _file_node(self.base, read_only=True),
-        }
+        node: dict[str, Any] | None = None
+        if self.base is not None:
+            node = {
+                "driver": "raw",
+                "node-name": "base",
+                "read-only": True,
+                "file": _file_node(self.base, read_only=True),
+            }
         for i, layer in enumerate(self.layers):
             node = {
                 "driver": "qcow2",
@@ -102,7 +104,7 @@ class DiskChain:
             "driver": "qcow2",
             "node-name": top_name,
             "file": _file_node(self.active, read_only=False),
-            "backing": node,
+            "backing": node,  # None: no backing, whatever the header says
         }
 
 
@@ -161,7 +163,7 @@ class QemuVM:
         return self._proc.pid if self._proc else None
 
     # ------------------------------------------------------------------
-    def argv(self, *, incoming: bool, qmp_fd: int) -> list[str]:
+    def argv(self, *, incoming: bool, qmp_fd: int, paused: bool = False) -> list[str]:
         s = self.shape
         accel = "kvm" if s.accel == "kvm" else "tcg,tb-size=256"
         return [
@@ -186,10 +188,15 @@ class QemuVM:
             "-chardev", f"socket,id=agent,path={self.agent_socket},server=on,wait=off",
             "-device", "virtserialport,bus=vser0.0,nr=1,chardev=agent,name=agent,id=agentport",
             *(["-incoming", "defer"] if incoming else []),
+            *(["-S"] if paused else []),
         ]
 
-    def launch(self, *, incoming_state: Path | None = None, timeout: float = 60.0) -> None:
-        """Start QEMU: boot the kernel, or load ``incoming_state`` and run from there."""
+    def launch(self, *, incoming_state: Path | None = None, timeout: float = 60.0,
+               run: bool = True, loadvm: str | None = None) -> None:
+        """Start QEMU: boot the kernel, or load ``incoming_state`` and run from there.
+
+        ``run=False`` leaves the loaded VM paused (for export/import work).
+        """
         if self.state is not VMState.CREATED:
             raise VMError(f"{self.name}: cannot launch a VM that is {self.state.value}")
         self.state = VMState.STARTING
@@ -198,7 +205,10 @@ class QemuVM:
             self.agent_socket.unlink()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            argv = self.argv(incoming=incoming_state is not None, qmp_fd=theirs.fileno())
+            argv = self.argv(incoming=incoming_state is not None, qmp_fd=theirs.fileno(),
+                             paused=not run)
+            if loadvm is not None:
+                argv += ["-loadvm", loadvm]
             (self.workdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1))
             self._proc = spawn(argv, pass_fds=[theirs.fileno()], log=self.log_path,
                                cwd=self.workdir)
@@ -216,8 +226,8 @@ class QemuVM:
             self._qmp.execute("migrate-set-parameters",
                               {"max-bandwidth": _MIGRATION_BANDWIDTH})
             if incoming_state is not None:
-                self._load_state(incoming_state, timeout=timeout)
-            self.state = VMState.RUNNING
+                self._load_state(incoming_state, timeout=timeout, resume=run)
+            self.state = VMState.RUNNING if run else VMState.PAUSED
         except BaseException as exc:
             self.kill()
             self.state = VMState.FAILED
@@ -225,7 +235,7 @@ class QemuVM:
                 raise VMError(str(exc), log_tail=self.log_tail()) from exc
             raise
 
-    def _load_state(self, state_file: Path, *, timeout: float) -> None:
+    def _load_state(self, state_file: Path, *, timeout: float, resume: bool) -> None:
         qmp = self._require_qmp()
         fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -234,15 +244,20 @@ class QemuVM:
             os.close(fd)
         qmp.execute("migrate-incoming", {"uri": "fd:incoming"})
         self._wait_migration(timeout, what="loading the VM state")
-        # -incoming without -S resumes by itself once the state is in; wait for it
+        # A state saved from a paused VM loads paused; one saved running resumes
+        # by itself (unless -S).  Either way, end in the state the caller asked for.
         deadline = time.monotonic() + timeout
         while True:
             status = qmp.execute("query-status")["status"]
-            if status == "running":
+            # "prelaunch": saved from a VM that never ran (an import under -S)
+            stopped = status in ("paused", "prelaunch")
+            if status == "running" and resume:
+                return
+            if stopped and not resume:
                 return
             if status not in ("inmigrate", "prelaunch", "paused", "restore-vm"):
                 raise VMError(f"{self.name}: VM is {status!r} after loading its state")
-            if status == "paused":
+            if stopped and resume:
                 qmp.execute("cont")
             if time.monotonic() > deadline:
                 raise VMError(f"{self.name}: VM did not resume after loading its state")

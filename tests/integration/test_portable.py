@@ -1,0 +1,281 @@
+"""Portable checkpoints: two workers with independently built bases, one store.
+
+Worker A and worker B each build the minimal image the way a fleet of
+independent workers would (``stock=True``: random UUID and hash seed), so the
+two bases have the same files but different bytes — the setting of the
+upstream EBADMSG bug.  A checkpoint made on A must fork on B exactly, via a
+local directory store and via S3 (a real S3 server on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from forkyard.checkpoint import Checkpoint, Manifest
+from forkyard.checkpoint.archive import manifest_key
+from forkyard.errors import (
+    CheckpointNotFound,
+    IntegrityError,
+    ManifestError,
+    ObjectNotFound,
+)
+from forkyard.guest.client import AgentClient
+from forkyard.image import MinimalSource, build_image
+from forkyard.store import BlobStore, blob_key, open_store
+from forkyard.tools import qemu_img
+from forkyard.verify import verify_files
+from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape
+from forkyard.worker import Worker
+from tests.conftest import qemu_pids
+from tests.fixtures.s3server import s3_server_fixture
+
+pytestmark = pytest.mark.vm
+
+s3_server = s3_server_fixture(scope="module")
+
+
+@dataclass
+class Pair:
+    a: Worker
+    b: Worker
+    cp: Checkpoint
+    sleeper: int
+    expected: dict[str, str]  # test-tree checksums of A's base
+    root: Path
+    store_url: str
+    open_worker: Callable[[str], Worker]
+
+
+@pytest.fixture(scope="module", params=["file", pytest.param("s3", marks=pytest.mark.s3)])
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[Pair]:
+    root = tmp_path_factory.mktemp(f"pair-{request.param}")
+    if request.param == "file":
+        settings = None
+        store_url = f"file://{root}/store"
+    else:
+        s3 = request.getfixturevalue("s3_server")
+        settings = s3.settings()
+        store_url = s3.store_url(f"pair-{uuid.uuid4().hex[:8]}")
+    workers: list[Worker] = []
+
+    def open_worker(name: str, url: str = store_url) -> Worker:
+        w = Worker(root / name, name=name, store=open_store(url, settings))
+        workers.append(w)
+        return w
+
+    a, b = open_worker("a"), open_worker("b")
+    base_a = build_image(a.home, MinimalSource(), name="minimal", stock=True)
+    base_b = build_image(b.home, MinimalSource(), name="minimal", stock=True)
+    assert base_a.digest != base_b.digest  # independently built: different bytes
+    src = a.create("minimal")
+    src.files.write("/root/marker", "from A\n")
+    sleeper = int(src.exec("sleep 1000 & echo $!").stdout)
+    src.exec("ls /srv/testtree/d01 > /dev/null")
+    cp = src.checkpoint()
+    src.files.write("/root/after", "not in the checkpoint")
+    a.publish(cp)
+    yield Pair(a, b, cp, sleeper, a.images.file_checksums(base_a.digest), root, store_url,
+               open_worker)
+    for w in workers:
+        w.close()
+    assert not qemu_pids(root)
+
+
+def test_fork_on_another_worker_with_a_different_base(pair: Pair) -> None:
+    fork = pair.b.fork(pair.cp.id)
+    try:
+        assert fork.files.read_text("/root/marker") == "from A\n"
+        assert not fork.files.exists("/root/after")
+        assert fork.exec(f"kill -0 {pair.sleeper}").exit_code == 0
+        report = verify_files(fork, pair.expected)
+        assert report.ok, report.summary()
+        # B ran it on A's base bytes (fetched by digest), not on its own base
+        base = pair.cp.manifest.base.digest
+        assert fork.vm is not None
+        assert fork.vm.disk.base == pair.b.blobs.path_if_present(base)
+        assert not pair.b.images.has(base)
+    finally:
+        fork.destroy()
+
+
+def test_naive_thin_archive_on_the_other_base_is_corrupt(pair: Pair) -> None:
+    """Negative control: the check above can fail.  This is the upstream bug."""
+    b, m = pair.b, pair.cp.manifest
+    layers = tuple(b.blobs.fetch(ref.digest, b.blobstore) for ref in m.layers)
+    state = b.blobs.fetch(m.state.digest, b.blobstore)
+    own_base = b.images.get("minimal")
+    assert own_base.digest != m.base.digest
+    work = pair.root / "naive"
+    work.mkdir(exist_ok=True)
+    qemu_img.create(work / "top.qcow2", own_base.size)
+    vm = QemuVM("naive", work, b.home.run_dir / "naive.agent",
+                VMShape(m.vm.memory_mb, m.vm.cpus, m.vm.machine, m.vm.accel),
+                BootSpec(b.host.kernel.path, b.host.initrd.path),
+                DiskChain(own_base.path, layers, work / "top.qcow2"))
+    try:
+        vm.launch(incoming_state=state)
+        agent = AgentClient(vm.agent_socket)
+        agent.connect()
+        report = verify_files(agent, pair.expected)
+        assert not report.ok
+        assert "Bad message" in report.summary()
+    finally:
+        vm.kill()
+
+
+def test_local_fork_never_goes_through_the_store(pair: Pair, monkeypatch: pytest.MonkeyPatch
+                                                 ) -> None:
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("the store was used for a local fork")
+
+    monkeypatch.setattr(pair.a.store, "open_read", refuse)
+    monkeypatch.setattr(pair.a.store, "get_bytes", refuse)
+    monkeypatch.setattr(pair.a.store, "exists", refuse)
+    fork = pair.a.fork(pair.cp.id)
+    assert fork.files.read_text("/root/marker") == "from A\n"
+    fork.destroy()
+
+
+def test_second_fork_reuses_the_fetched_base(pair: Pair, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    pair.b.fetch_checkpoint(pair.cp.id)  # first time: everything comes over
+    reads: list[str] = []
+    real = pair.b.store.open_read
+    monkeypatch.setattr(pair.b.store, "open_read", lambda key: reads.append(key) or real(key))
+    fork = pair.b.fork(pair.cp.id)
+    fork.destroy()
+    assert reads == []
+
+
+def test_hibernate_on_a_wake_on_b(pair: Pair) -> None:
+    sb = pair.a.create("minimal")
+    pid = int(sb.exec("sleep 1000 & echo $!").stdout)
+    sb.files.write("/root/h", "hibernated on A")
+    cp = sb.hibernate()
+    pair.a.publish(cp)
+    woken = pair.b.wake(sb.id, checkpoint=cp.id)
+    try:
+        assert woken.id == sb.id
+        assert woken.files.read_text("/root/h") == "hibernated on A"
+        assert woken.exec(f"kill -0 {pid}").exit_code == 0
+    finally:
+        woken.destroy()
+        sb.destroy()
+
+
+# --- damaged stores ----------------------------------------------------------
+@pytest.fixture
+def damaged(pair: Pair) -> Iterator[tuple[Worker, BlobStore, Manifest]]:
+    """A fresh worker C (empty cache) reading a private copy of the published checkpoint."""
+    url = f"{pair.store_url}-copy-{uuid.uuid4().hex[:6]}" if pair.store_url.startswith(
+        "s3://") else f"file://{pair.root}/copy-{uuid.uuid4().hex[:6]}"
+    c = pair.open_worker(f"c-{uuid.uuid4().hex[:6]}", url)
+    m = pair.cp.manifest
+    src = pair.a.blobstore
+    for _role, ref in m.parts():
+        with src.store.open_read(blob_key(ref.digest)) as f:
+            c.store.put_stream(blob_key(ref.digest), f)
+    c.store.put_bytes(manifest_key(m.id), m.canonical())
+    yield c, c.blobstore, m
+    assert not qemu_pids(c.home.root)
+
+
+def _rewrite(store: BlobStore, key: str, data: bytes) -> None:
+    store.store.delete(key)
+    store.store.put_bytes(key, data)
+
+
+def _assert_clean_failure(c: Worker, digest: str) -> None:
+    assert c.blobs.path_if_present(digest) is None  # nothing half-written cached
+    assert not c.list()
+    assert not qemu_pids(c.home.root)
+
+
+def test_corrupt_byte_in_a_layer(damaged) -> None:
+    c, store, m = damaged
+    key = blob_key(m.layers[-1].digest)
+    raw = bytearray(store.store.get_bytes(key, max_size=1 << 31))
+    raw[len(raw) // 2] ^= 0x40
+    _rewrite(store, key, bytes(raw))
+    with pytest.raises(IntegrityError) as e:
+        c.fork(m.id)
+    assert m.layers[-1].digest in str(e.value)
+    _assert_clean_failure(c, m.layers[-1].digest)
+
+
+def test_truncated_state_then_repaired(damaged, pair: Pair) -> None:
+    c, store, m = damaged
+    key = blob_key(m.state.digest)
+    good = store.store.get_bytes(key, max_size=1 << 31)
+    _rewrite(store, key, good[: len(good) // 3])
+    with pytest.raises(IntegrityError):
+        c.fork(m.id)
+    _assert_clean_failure(c, m.state.digest)
+    # the worker stayed healthy: once the store is repaired the same fork works
+    _rewrite(store, key, good)
+    fork = c.fork(m.id)
+    assert fork.files.read_text("/root/marker") == "from A\n"
+    fork.destroy()
+
+
+def test_deleted_base(damaged) -> None:
+    c, store, m = damaged
+    store.store.delete(blob_key(m.base.digest))
+    with pytest.raises(ObjectNotFound) as e:
+        c.fork(m.id)
+    assert m.base.digest in str(e.value)
+    _assert_clean_failure(c, m.base.digest)
+
+
+def test_manifest_edited_in_place_to_another_base(damaged, pair: Pair) -> None:
+    c, store, m = damaged
+    other = pair.b.images.get("minimal")
+    store.put_blob(other.path, digest=other.digest)
+    data = m.canonical().replace(m.base.digest.encode(), other.digest.encode())
+    _rewrite(store, manifest_key(m.id), data)
+    with pytest.raises(IntegrityError):
+        c.fork(m.id)
+    _assert_clean_failure(c, m.state.digest)
+
+
+def test_forged_manifest_putting_layers_on_another_base(damaged, pair: Pair) -> None:
+    """Even a well-formed manifest under its own id cannot move a layer to other bytes."""
+    c, store, m = damaged
+    other = pair.b.images.get("minimal")
+    store.put_blob(other.path, digest=other.digest)
+    data = m.canonical().replace(m.base.digest.encode(), other.digest.encode())
+    forged = Manifest.parse(data)
+    store.store.put_bytes(manifest_key(forged.id), forged.canonical())
+    with pytest.raises(IntegrityError) as e:
+        c.fork(forged.id)
+    assert "written over other bytes" in str(e.value)
+    assert not c.list() and not qemu_pids(c.home.root)
+
+
+def test_malformed_manifests_are_refused(damaged) -> None:
+    c, store, m = damaged
+    evil = m.canonical().replace(m.state.digest.encode(), b"../../../../etc/passwd")
+    with pytest.raises(ManifestError):
+        Manifest.parse(evil)
+    import hashlib
+
+    evil_id = hashlib.sha256(evil).hexdigest()
+    store.store.put_bytes(manifest_key(evil_id), evil)
+    with pytest.raises(ManifestError):
+        c.fork(evil_id)
+    with pytest.raises(CheckpointNotFound):
+        c.fork("0" * 64)
+    assert not qemu_pids(c.home.root)
+
+
+def test_store_holds_only_content_addressed_objects(pair: Pair) -> None:
+    keys = list(pair.a.store.list())
+    assert keys
+    assert all(k.startswith(("blobs/", "checkpoints/")) for k in keys), keys
+    assert manifest_key(pair.cp.id) in keys
