@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +71,13 @@ class LocalCheckpoints:
         if final.exists():
             return cp
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".manifest.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
+        # unique per writer: two threads may add the same checkpoint at once
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".manifest.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
             f.write(manifest.canonical())
             f.flush()
             os.fsync(f.fileno())
-        tmp.replace(final)
+        os.replace(tmp, final)
         return cp
 
     def get(self, ref: str) -> Checkpoint:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -261,6 +263,7 @@ class BlobStore:
         h = hashlib.sha256()
         n = 0
         writer = _SparseWriter(out) if sparse else None
+        sink = _HashWriteThread(h, writer.write if writer is not None else out.write)
         reader = zstandard.ZstdDecompressor().stream_reader(
             # zstandard only ever calls read(); its stub insists on a full IO.
             cast("BinaryIO", src),
@@ -269,19 +272,21 @@ class BlobStore:
             closefd=False,
         )
         try:
-            while chunk := reader.read(CHUNK_SIZE):
-                h.update(chunk)
-                n += len(chunk)
-                if size is not None and n > size:  # stop early: don't fill the disk
-                    raise IntegrityError(
-                        f"blob {key}", expected=f"{size} bytes", actual=f"more than {size} bytes"
-                    )
-                if writer is not None:
-                    writer.write(chunk)
-                else:
-                    out.write(chunk)
-                if progress is not None:
-                    progress(n, size)
+            try:
+                while chunk := reader.read(CHUNK_SIZE):
+                    n += len(chunk)
+                    if size is not None and n > size:  # stop early: don't fill the disk
+                        raise IntegrityError(
+                            f"blob {key}", expected=f"{size} bytes",
+                            actual=f"more than {size} bytes",
+                        )
+                    sink.put(chunk)
+                    if progress is not None:
+                        progress(n, size)
+            except BaseException:
+                sink.abort()
+                raise
+            sink.close()
             if writer is not None:
                 writer.finish()
         except zstandard.ZstdError as exc:
@@ -463,6 +468,51 @@ class _FrameTracker:
         else:
             self.frames += 1
             self._expect("magic", 4)
+
+
+class _HashWriteThread:
+    """Hash and write chunks in a second thread while the caller decompresses.
+
+    zstd, sha256 and file writes all release the GIL, so on a multi-core
+    worker a download costs max(decompress, hash + write), not their sum —
+    this is on the critical path of every fork on a worker that lacks a part.
+    """
+
+    def __init__(self, h: hashlib._Hash, write: Callable[[bytes], object]) -> None:
+        self._h = h
+        self._write = write
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="blob-hash-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            if self._error is not None:
+                continue  # drain so the producer never blocks on a dead consumer
+            try:
+                self._h.update(chunk)
+                self._write(chunk)
+            except BaseException as exc:
+                self._error = exc
+
+    def put(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put(chunk)
+
+    def close(self) -> None:
+        """Wait for the last chunk; raise what the consumer ran into."""
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop after an error of the producer's, whose exception wins."""
+        self._error = self._error or RuntimeError("aborted")
+        self._q.put(None)
+        self._thread.join()
 
 
 class _SparseWriter:

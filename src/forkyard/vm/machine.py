@@ -70,11 +70,17 @@ class VMShape:
     devices: str = DEVICE_PROFILE
 
 
+# init_on_free=1: freed guest pages are zeroed, and QEMU's migration sends zero
+# pages as a flag instead of 4 KiB; a checkpoint of an idle 256 MiB guest drops
+# from ~96 MB to ~55 MB of state (and forks load correspondingly faster).
+DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 tsc=reliable init_on_free=1"
+
+
 @dataclass(frozen=True, slots=True)
 class BootSpec:
     kernel: Path
     initrd: Path
-    cmdline: str = "console=ttyS0 quiet panic=-1 tsc=reliable"
+    cmdline: str = DEFAULT_CMDLINE
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +109,8 @@ class DiskChain:
         return {
             "driver": "qcow2",
             "node-name": top_name,
-            "file": _file_node(self.active, read_only=False),
-            "backing": node,  # None: no backing, whatever the header says
+            "file": {**_file_node(self.active, read_only=False), "node-name": f"{top_name}-file"},
+            "backing": node,  # None: no backing (yet), whatever the header says
         }
 
 
@@ -191,12 +197,24 @@ class QemuVM:
             *(["-S"] if paused else []),
         ]
 
-    def launch(self, *, incoming_state: Path | None = None, timeout: float = 60.0,
+    def launch(self, *, incoming_state: Path | int | None = None, timeout: float = 60.0,
                run: bool = True, loadvm: str | None = None) -> None:
         """Start QEMU: boot the kernel, or load ``incoming_state`` and run from there.
 
-        ``run=False`` leaves the loaded VM paused (for export/import work).
+        ``incoming_state`` is a file, or a readable fd (e.g. a pipe) whose
+        ownership passes to this call.  ``run=False`` leaves the VM paused.
         """
+        # an fd we own sits in this list until closed exactly once (by _load_state
+        # once QEMU has it, or here on an earlier failure): fd numbers get reused
+        owned = [incoming_state] if isinstance(incoming_state, int) else []
+        try:
+            self._launch(incoming_state, owned, timeout=timeout, run=run, loadvm=loadvm)
+        finally:
+            while owned:
+                os.close(owned.pop())
+
+    def _launch(self, incoming_state: Path | int | None, owned: list[int], *, timeout: float,
+                run: bool, loadvm: str | None) -> None:
         if self.state is not VMState.CREATED:
             raise VMError(f"{self.name}: cannot launch a VM that is {self.state.value}")
         self.state = VMState.STARTING
@@ -226,7 +244,7 @@ class QemuVM:
             self._qmp.execute("migrate-set-parameters",
                               {"max-bandwidth": _MIGRATION_BANDWIDTH})
             if incoming_state is not None:
-                self._load_state(incoming_state, timeout=timeout, resume=run)
+                self._load_state(incoming_state, owned, timeout=timeout, resume=run)
             self.state = VMState.RUNNING if run else VMState.PAUSED
         except BaseException as exc:
             self.kill()
@@ -235,12 +253,15 @@ class QemuVM:
                 raise VMError(str(exc), log_tail=self.log_tail()) from exc
             raise
 
-    def _load_state(self, state_file: Path, *, timeout: float, resume: bool) -> None:
+    def _load_state(self, state: Path | int, owned: list[int], *, timeout: float,
+                    resume: bool) -> None:
         qmp = self._require_qmp()
-        fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+        fd = owned.pop() if isinstance(state, int) else os.open(state, os.O_RDONLY | os.O_CLOEXEC)
         try:
             qmp.send_fd(fd, "incoming")
         finally:
+            # QEMU has its own copy now; ours would keep a pipe's writer blocked
+            # forever if QEMU stopped reading
             os.close(fd)
         qmp.execute("migrate-incoming", {"uri": "fd:incoming"})
         self._wait_migration(timeout, what="loading the VM state")
@@ -261,7 +282,7 @@ class QemuVM:
                 qmp.execute("cont")
             if time.monotonic() > deadline:
                 raise VMError(f"{self.name}: VM did not resume after loading its state")
-            time.sleep(0.01)
+            time.sleep(0.005)
 
     def _wait_migration(self, timeout: float, *, what: str) -> dict[str, Any]:
         qmp = self._require_qmp()
@@ -281,7 +302,7 @@ class QemuVM:
             if time.monotonic() > deadline:
                 raise VMError(f"{self.name}: {what} did not finish in {timeout:g}s")
             time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.02)
 
     # ------------------------------------------------------------------
     def pause(self) -> None:
@@ -303,7 +324,7 @@ class QemuVM:
         qmp.execute("blockdev-add", {
             "driver": "qcow2",
             "node-name": node,
-            "file": _file_node(new_active, read_only=False),
+            "file": {**_file_node(new_active, read_only=False), "node-name": f"{node}-file"},
             "backing": None,
         })
         qmp.execute("blockdev-snapshot", {"node": self.top_node, "overlay": node})
@@ -312,6 +333,26 @@ class QemuVM:
         self.top_node = node
         self._next_node += 1
         return frozen
+
+    def attach_backing(self, base: Path, layers: tuple[Path, ...]) -> None:
+        """Put ``base`` and ``layers`` under the top layer of a paused VM.
+
+        For forks whose disk parts were still downloading when QEMU started:
+        the VM was loaded with nothing under its (empty) top layer and has not
+        run, so no guest read has seen the missing chain.
+        """
+        if self.state is not VMState.PAUSED or self.disk.base is not None:
+            raise VMError(f"{self.name}: can only attach a chain to a paused VM without one")
+        qmp = self._require_qmp()
+        chain = DiskChain(base, layers, self.disk.active).blockdev(self.top_node)["backing"]
+        qmp.execute("blockdev-add", chain)
+        qmp.execute("blockdev-reopen", {"options": [{
+            "driver": "qcow2",
+            "node-name": self.top_node,
+            "file": f"{self.top_node}-file",
+            "backing": chain["node-name"],
+        }]})
+        self.disk = DiskChain(base, layers, self.disk.active)
 
     def set_parent_marker(self, marker: str) -> None:
         """Rewrite the active layer's recorded backing name (see checkpoint.qcow2)."""

@@ -222,10 +222,40 @@ class Sandbox:
     def _chain_top_digest(self) -> str:
         return self._layer_refs[-1].digest if self._layer_refs else self.base_digest
 
-    def _start(self, vm: QemuVM, *, incoming: Path | None, timeout: float) -> None:
+    def _start(
+        self,
+        vm: QemuVM,
+        *,
+        incoming: Path | int | None,
+        timeout: float,
+        verdict: Callable[[], None] | None = None,
+        attach: Callable[[QemuVM], None] | None = None,
+    ) -> None:
+        """Launch and connect the agent.
+
+        With ``verdict`` the VM is loaded paused and runs only once
+        ``verdict()`` returned (downloads verified) and ``attach(vm)`` gave it
+        the rest of its disk chain.
+        """
         self._vm = vm
         try:
-            vm.launch(incoming_state=incoming, timeout=timeout)
+            if verdict is None:
+                vm.launch(incoming_state=incoming, timeout=timeout)
+            else:
+                try:
+                    vm.launch(incoming_state=incoming, timeout=timeout, run=False)
+                except VMError as exc:
+                    # a state that fails to load was usually damaged in transit, and
+                    # the download's verdict says so more precisely than QEMU
+                    try:
+                        verdict()
+                    except ForkyardError as reason:
+                        raise reason from exc
+                    raise
+                verdict()
+                if attach is not None:
+                    attach(vm)
+                vm.resume()
             agent = AgentClient(vm.agent_socket, name=self.id)
             agent.connect(timeout=timeout)
         except BaseException:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import fcntl
 import json
+import os
 import secrets
 import shutil
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +42,52 @@ from forkyard.errors import (
     IncompatibleCheckpoint,
     SandboxNotFound,
     SandboxStateError,
+    SetupError,
 )
 from forkyard.host.setup import HostInfo, ensure_host
 from forkyard.image import ImageCatalog, ImageInfo, MinimalSource, build_image
 from forkyard.store import BlobCache, BlobStore, ObjectStore, open_store
 from forkyard.vm.machine import DEVICE_PROFILE, BootSpec, DiskChain, QemuVM, VMShape
 from forkyard.worker._sandbox import Sandbox, SandboxState, utcnow
+from forkyard.worker._stream import StateStream
 
 __all__ = ["Worker"]
 
+
+@dataclass
+class _Parts:
+    """A checkpoint's parts as they arrive (see Worker._gather)."""
+
+    kernel: Future[Path]
+    initrd: Future[Path]
+    disks: Future[tuple[Path, builtins.list[Path]]]  # base, layers: verified
+    state: Path | StateStream
+    pool: ThreadPoolExecutor
+
+    def close(self) -> None:
+        if isinstance(self.state, StateStream):
+            self.state.close()
+        self.pool.shutdown(wait=False)
+
 BUILTIN_IMAGES = {"minimal": MinimalSource}
 _BOOT_TIMEOUT = 180.0  # a TCG boot is ~3 s, but CI machines are shared and slow
+
+
+def _lock_home(home: Home) -> int:
+    """One Worker per home: a second one would treat the first's sandboxes as stale."""
+    fd = os.open(home.root / "worker.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SetupError(
+            f"{home.root} is in use by another forkyard worker (pid {owner}); "
+            "give this one its own home"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 def new_sandbox_id() -> str:
@@ -69,6 +107,7 @@ class Worker:
     ) -> None:
         self.home = home if isinstance(home, Home) else Home.at(home)
         self.home.ensure()
+        self._home_lock = _lock_home(self.home)
         self.name = name or self.home.root.name
         settings = self.home.settings()
         if store is None or isinstance(store, str):
@@ -225,12 +264,15 @@ class Worker:
 
     def close(self) -> None:
         """Stop every sandbox of this worker (hibernated ones stay wakeable)."""
+        if self._closed:
+            return
         self._closed = True
         for sb in self.list():
             with contextlib.suppress(Exception):
                 if sb.state is SandboxState.HIBERNATED:
                     continue
                 sb.destroy()
+        os.close(self._home_lock)
 
     def __enter__(self) -> Worker:
         return self
@@ -339,20 +381,50 @@ class Worker:
         return agent.version if agent is not None else ""
 
     def _launch_from(self, sb: Sandbox, cp: Checkpoint, *, timeout: float) -> None:
+        """Start ``sb`` as a copy of ``cp``, overlapping any downloads with QEMU's start.
+
+        With every part local, the whole disk chain goes on QEMU's command
+        line.  Otherwise QEMU starts at once with an empty top layer and
+        nothing under it, loads the VM state (streamed, if it is downloading)
+        and stays paused; the base and layers are fetched and verified
+        meanwhile, attached under the top layer, and only then does the VM run.
+        """
         m = cp.manifest
         self._check_compatible(cp)
-        base, layers, state, kernel, initrd = self._materialize(cp)
+        parts = self._gather(cp, stream_state=True)
+        try:
+            sb.dir.mkdir(parents=True, exist_ok=True)
+            sb._layer_refs = m.layers
+            sb._boot_ref = m.boot
+            active = sb._new_active(sb._chain_top_digest())
+            shape = VMShape(m.vm.memory_mb, m.vm.cpus, m.vm.machine, m.vm.accel, m.vm.cpu,
+                            m.vm.devices)
+            kernel, initrd = parts.kernel.result(), parts.initrd.result()
+            boot = BootSpec(kernel, initrd, m.boot.cmdline)
+            state = parts.state
+            if isinstance(state, Path) and parts.disks.done():
+                base, layers = parts.disks.result()
+                vm = self._vm(sb, shape, boot, DiskChain(base, tuple(layers), active))
+                sb._start(vm, incoming=state, timeout=timeout)
+            else:
+                vm = self._vm(sb, shape, boot, DiskChain(None, (), active))
+
+                def verdict() -> None:
+                    if isinstance(state, StateStream):
+                        state.finish(timeout)
+                    parts.disks.result(timeout)
+
+                def attach(vm: QemuVM) -> None:
+                    base, layers = parts.disks.result()
+                    vm.attach_backing(base, tuple(layers))
+
+                incoming = state if isinstance(state, Path) else state.take_fd()
+                sb._start(vm, incoming=incoming, timeout=timeout, verdict=verdict,
+                          attach=attach)
+        finally:
+            parts.close()
         # every part is here now: later forks of it on this worker stay local
         self.checkpoints.add(m)
-        sb.dir.mkdir(parents=True, exist_ok=True)
-        sb._layer_refs = m.layers
-        sb._boot_ref = m.boot
-        active = sb._new_active(sb._chain_top_digest())
-        shape = VMShape(m.vm.memory_mb, m.vm.cpus, m.vm.machine, m.vm.accel, m.vm.cpu,
-                        m.vm.devices)
-        boot = BootSpec(kernel, initrd, m.boot.cmdline)
-        vm = self._vm(sb, shape, boot, DiskChain(base, tuple(layers), active))
-        sb._start(vm, incoming=state, timeout=timeout)
 
     def _check_compatible(self, cp: Checkpoint) -> None:
         vm = cp.manifest.vm
@@ -386,25 +458,59 @@ class Worker:
         return names
 
     def _materialize(self, cp: Checkpoint) -> tuple[Path, builtins.list[Path], Path, Path, Path]:
-        """Local paths of every part of ``cp``, fetching (and verifying) what is missing.
+        """Local, verified paths of every part of ``cp`` (fetching what is missing)."""
+        parts = self._gather(cp, stream_state=False)
+        try:
+            base, layers = parts.disks.result()
+            state = parts.state
+            assert isinstance(state, Path)
+            return base, layers, state, parts.kernel.result(), parts.initrd.result()
+        finally:
+            parts.close()
 
-        Everything is in place and verified before any QEMU starts: a missing
-        or corrupt part is an error here, never a broken VM.
+    def _gather(self, cp: Checkpoint, *, stream_state: bool) -> _Parts:
+        """Start fetching every missing part of ``cp``, in parallel.
+
+        Disk parts are verified before anything can run on them: a missing or
+        corrupt part is an error, never a broken VM.  With ``stream_state`` a
+        missing VM state comes back as a stream that a paused QEMU loads while
+        it downloads (see worker._stream).
         """
         m = cp.manifest
-        base = self._find_base(m.base.digest) or self._fetch(m.base, "base image", cp)
-        layers = []
-        parent = m.base.digest
-        for i, ref in enumerate(m.layers):
-            what = f"disk layer {i} of checkpoint {cp.short_id}"
-            path = self._blob(ref, what, cp)
-            qcow2.check_layer(path, parent=parent, disk_size=m.vm.disk_size, what=what)
-            layers.append(path)
-            parent = ref.digest
-        state = self._blob(m.state, "VM state", cp)
-        kernel = self._blob(m.boot.kernel, "kernel", cp)
-        initrd = self._blob(m.boot.initrd, "initramfs", cp)
-        return base, layers, state, kernel, initrd
+        pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
+        state: Path | StateStream | None = self.blobs.path_if_present(m.state.digest)
+        if state is None and stream_state:
+            state = StateStream(self.blobs, self.blobstore, m.state)
+            state.start()
+        try:
+            f_base = pool.submit(
+                lambda: self._find_base(m.base.digest) or self._fetch(m.base, "base image", cp))
+            f_layers = [pool.submit(self._blob, ref, f"disk layer {i}", cp)
+                        for i, ref in enumerate(m.layers)]
+
+            def disks() -> tuple[Path, builtins.list[Path]]:
+                layers = [f.result() for f in f_layers]
+                parent = m.base.digest
+                for i, (ref, path) in enumerate(zip(m.layers, layers, strict=True)):
+                    what = f"disk layer {i} of checkpoint {cp.short_id}"
+                    qcow2.check_layer(path, parent=parent, disk_size=m.vm.disk_size, what=what)
+                    parent = ref.digest
+                return f_base.result(), layers
+
+            parts = _Parts(
+                kernel=pool.submit(self._blob, m.boot.kernel, "kernel", cp),
+                initrd=pool.submit(self._blob, m.boot.initrd, "initramfs", cp),
+                disks=pool.submit(disks),
+                state=state if state is not None else pool.submit(
+                    self._blob, m.state, "VM state", cp).result(),
+                pool=pool,
+            )
+        except BaseException:
+            if isinstance(state, StateStream):
+                state.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        return parts
 
     def _find_base(self, digest: str) -> Path | None:
         """A local file with exactly these bytes: a catalogued image or a fetched base."""

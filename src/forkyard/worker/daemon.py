@@ -87,6 +87,7 @@ _PUBLISH_THREADS = 2  # publishing is disk + zstd bound; more threads only thras
 _THREADS = 256  # sync routes: every exec waiting on a guest holds one
 _MAX_WAIT = 30.0  # cap on GET /checkpoints/{id}?wait=
 _LEAVE_TIMEOUT = 10.0
+_MIN_REPORT_GAP = 0.2
 # sandboxes that occupy a VM slot
 _BUSY = (SandboxState.STARTING, SandboxState.RUNNING, SandboxState.PAUSED)
 
@@ -184,7 +185,7 @@ class _Daemon:
         finally:
             with self._lock:
                 self._reserved -= 1
-            self._kick.set()
+            self.kick()
 
     def status(self) -> WorkerStatus:
         images: dict[str, str] = {}
@@ -237,7 +238,7 @@ class _Daemon:
             result = _Publish(CheckpointState.FAILED, error=f"{type(exc).__name__}: {exc}")
         with self._lock:
             self._publishes[cp.id] = result
-        self._kick.set()  # the new local checkpoint list goes out at once
+        self.kick()  # the new local checkpoint list goes out at once
 
     def publish_later(self, cp: Checkpoint) -> Future[None]:
         with self._lock:
@@ -261,10 +262,19 @@ class _Daemon:
 
     # ------------------------------------------------------------------
     # sandbox operations that are more than one library call
+    def fork(self, checkpoint_id: str, sandbox_id: str | None) -> WorkerSandbox:
+        """Fork; the library fetches what is not local (once, even for concurrent forks)."""
+        fetched = not self.worker.checkpoints.has(checkpoint_id)
+        with self.slot():
+            sb = self.worker.fork(checkpoint_id, sandbox_id=sandbox_id)
+        if fetched:
+            self.kick()  # the control plane should know it is local here now
+        return _sandbox_json(sb)
+
     def hibernate(self, sandbox_id: str) -> WorkerHibernated:
         sb = self.worker.get(sandbox_id)
         cp = sb.hibernate()
-        self._kick.set()
+        self.kick()
         self.publish_now(cp)
         return WorkerHibernated(checkpoint=self.checkpoint_json(cp), sandbox=_sandbox_json(sb))
 
@@ -273,13 +283,15 @@ class _Daemon:
             local: Sandbox | None = self.worker.get(sandbox_id)
         except SandboxNotFound:
             local = None
-        if (local is not None and local.state is SandboxState.HIBERNATED
-                and checkpoint_id is not None and local.last_checkpoint != checkpoint_id):
-            # A stale copy: the sandbox ran and hibernated elsewhere since.
-            # Waking it would silently go back in time.
-            log.info("dropping stale hibernated copy of %s", sandbox_id)
-            local.destroy()
-            local = None
+        if local is not None and checkpoint_id is not None and local.state not in _BUSY:
+            current = (local.state is SandboxState.HIBERNATED
+                       and local.last_checkpoint == checkpoint_id)
+            if not current:
+                # A stale copy: the sandbox ran (and hibernated) elsewhere since, or
+                # broke here.  Waking it would silently go back in time.
+                log.info("dropping stale %s copy of %s", local.state.value, sandbox_id)
+                local.destroy()
+                local = None
         if local is None and checkpoint_id is None:
             raise ApiError(404, f"sandbox {sandbox_id} is not on worker {self.name} "
                                 "and no checkpoint was given to adopt it from")
@@ -324,6 +336,7 @@ class _Daemon:
             while not self._stop.is_set():
                 path = ("/internal/workers/register" if not registered
                         else f"/internal/workers/{self.name}/heartbeat")
+                self._kick.clear()  # before the report: a change made during it kicks again
                 try:
                     resp = self._post(http, path, self.report().model_dump(mode="json"))
                     if resp.status_code == 404 and registered:
@@ -347,8 +360,10 @@ class _Daemon:
                         complained = now
                     wait = backoff
                     backoff = min(backoff * 2, self.interval)
-                self._kick.clear()
+                sent = time.monotonic()
                 self._kick.wait(wait)
+                # a burst of changes (fork count=32) makes one report, not 32
+                self._stop.wait(max(0.0, _MIN_REPORT_GAP - (time.monotonic() - sent)))
 
     def _on_registered(self) -> None:
         if self.ready_file is not None and not self.registered.is_set():
@@ -535,9 +550,7 @@ def _add_routes(app: FastAPI, d: _Daemon) -> None:
 
     @app.post("/checkpoints/{checkpoint_id}/fork", status_code=201)
     def fork(checkpoint_id: CheckpointId, req: WorkerForkRequest | None = None) -> WorkerSandbox:
-        with d.slot():
-            sb = w.fork(checkpoint_id, sandbox_id=(req or WorkerForkRequest()).sandbox_id)
-        return _sandbox_json(sb)
+        return d.fork(checkpoint_id, (req or WorkerForkRequest()).sandbox_id)
 
     @app.post("/sandboxes/{sandbox_id}/hibernate")
     def hibernate(sandbox_id: SandboxId) -> WorkerHibernated:
