@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import pytest
 import zstandard
-from tests.fixtures.s3server import S3Server, s3_server_fixture
 
 from forkyard.errors import IntegrityError, ObjectNotFound, StoreError, UnsafePath
 from forkyard.store import (
@@ -25,6 +24,7 @@ from forkyard.store import (
 )
 from forkyard.store.blobs import canonical_json
 from forkyard.store.s3 import S3Store, make_s3_client
+from tests.fixtures.s3server import S3Server, s3_server_fixture
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

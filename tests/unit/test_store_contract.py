@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from tests.fixtures.s3server import S3Server, s3_server_fixture
 
 from forkyard.errors import ObjectNotFound, StoreError, UnsafePath
 from forkyard.store import LocalStore, ObjectStore
 from forkyard.store.s3 import S3Store, make_s3_client
+from tests.fixtures.s3server import S3Server, s3_server_fixture
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

@@ -17,12 +17,12 @@ import pytest
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 from botocore.compat import HTTPHeaders
 from botocore.exceptions import EndpointConnectionError
-from tests.fixtures.s3server import S3Server, s3_server_fixture
 
 from forkyard.config import Settings
 from forkyard.errors import ObjectNotFound, StoreError
 from forkyard.store import open_store
 from forkyard.store.s3 import MAX_PARTS, S3Store, make_s3_client
+from tests.fixtures.s3server import S3Server, s3_server_fixture
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

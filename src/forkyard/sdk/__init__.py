@@ -1,1 +1,93 @@
-"""forkyard.sdk"""
+"""forkyard's Python SDK: sandboxes on a forkyard cluster, over its HTTP API.
+
+    from forkyard.sdk import Sandbox
+
+    with Sandbox.create() as sb:                       # boots a VM on some worker
+        print(sb.exec("uname -r").stdout)
+        sb.files.write("/root/hello.txt", "hi\\n")
+        cp = sb.checkpoint()                           # ~0.2 s; sb keeps running
+        a, b = Sandbox.fork(cp, count=2)               # continue from that instant
+        sb.hibernate(); sb.wake(worker="w2")           # move it to another worker
+
+The cluster is found from arguments, then ``FORKYARD_URL`` /
+``FORKYARD_API_TOKEN``, then ``<home>/cluster.json`` written by ``forkyard up``
+(see :mod:`forkyard.sdk.config`).  Every error is a
+:class:`forkyard.errors.ForkyardError`; HTTP statuses map to the classes of
+:mod:`forkyard.sdk.errors`.  :class:`AsyncSandbox` is the asyncio twin.
+"""
+
+from __future__ import annotations
+
+from forkyard.errors import CommandFailed, ForkyardError
+from forkyard.sdk._async import AsyncCheckpoint, AsyncFiles, AsyncSandbox, async_list_workers
+from forkyard.sdk._http import Progress
+from forkyard.sdk._sync import Checkpoint, Files, Sandbox, list_workers
+from forkyard.sdk.cluster import ClusterFile, load_cluster
+from forkyard.sdk.config import ConnectionConfig
+from forkyard.sdk.errors import (
+    APIError,
+    AuthenticationError,
+    ConfigurationError,
+    ConflictError,
+    GuestOperationError,
+    IncompatibleError,
+    IntegrityFailure,
+    InternalError,
+    InvalidRequest,
+    NotFoundError,
+    PublishFailed,
+    ResponseFormatError,
+    SandboxTimeout,
+    TooLarge,
+    Unavailable,
+    WorkerError,
+)
+from forkyard.sdk.models import (
+    CheckpointInfo,
+    CheckpointState,
+    CommandResult,
+    EntryInfo,
+    SandboxInfo,
+    SandboxState,
+    WorkerInfo,
+)
+
+__all__ = [
+    "APIError",
+    "AsyncCheckpoint",
+    "AsyncFiles",
+    "AsyncSandbox",
+    "AuthenticationError",
+    "Checkpoint",
+    "CheckpointInfo",
+    "CheckpointState",
+    "ClusterFile",
+    "CommandFailed",
+    "CommandResult",
+    "ConfigurationError",
+    "ConflictError",
+    "ConnectionConfig",
+    "EntryInfo",
+    "Files",
+    "ForkyardError",
+    "GuestOperationError",
+    "IncompatibleError",
+    "IntegrityFailure",
+    "InternalError",
+    "InvalidRequest",
+    "NotFoundError",
+    "Progress",
+    "PublishFailed",
+    "ResponseFormatError",
+    "Sandbox",
+    "SandboxInfo",
+    "SandboxState",
+    "SandboxTimeout",
+    "TooLarge",
+    "Unavailable",
+    "WorkerError",
+    "WorkerInfo",
+    "async_list_workers",
+    "list_workers",
+    "load_cluster",
+]

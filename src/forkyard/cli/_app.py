@@ -1,0 +1,85 @@
+"""The ``forkyard`` command: one typer app, one place where errors become exit codes."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from forkyard import __version__
+from forkyard.cli import _admin, _cluster, _demo, _sandboxes
+from forkyard.cli._output import err_console, error_line
+from forkyard.errors import ForkyardError
+
+__all__ = ["app", "main"]
+
+
+class _Group(TyperGroup):
+    """Turns any forkyard error raised below into one red line and exit status 1.
+
+    Local ``OSError``s (a missing file for ``files put``, an unwritable
+    destination) are the user's to fix as well, so they get the same treatment.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ForkyardError, OSError) as exc:
+            if isinstance(exc, BrokenPipeError):
+                raise  # `forkyard ls | head`: click exits quietly on EPIPE
+            if _debug(ctx):
+                traceback.print_exc()
+            err_console().print(f"[red]error:[/red] {_escape(error_line(exc))}")
+            raise typer.Exit(1) from None
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _debug(ctx: Any) -> bool:
+    root = ctx.find_root()
+    return bool((root.obj or {}).get("debug")) or os.environ.get("FORKYARD_DEBUG") == "1"
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="forkyard",
+    help="Real QEMU sandboxes you can checkpoint, fork, hibernate and wake on any worker.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"forkyard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version.")] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+_cluster.register(app)
+_sandboxes.register(app)
+_admin.register(app)
+_demo.register(app)
+
+
+def main() -> None:
+    """Console-script entry point (``forkyard = "forkyard.cli:main"``)."""
+    app(prog_name="forkyard")

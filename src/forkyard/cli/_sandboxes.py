@@ -1,0 +1,278 @@
+"""Sandbox commands: create, ls, exec, files, checkpoint(s), fork, hibernate, wake, rm."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from forkyard.cli._options import HomeOpt, JsonOpt, TokenOpt, UrlOpt, connect, interactive
+from forkyard.cli._output import (
+    console,
+    err_console,
+    human_bytes,
+    print_json,
+    short,
+    table,
+    transfer_progress,
+    when,
+)
+from forkyard.sdk import _ops
+from forkyard.sdk._common import (
+    CHECKPOINT_TIMEOUT,
+    HIBERNATE_TIMEOUT,
+    WAKE_TIMEOUT,
+    fork_timeout,
+)
+from forkyard.sdk.errors import SandboxTimeout
+from forkyard.sdk.models import CheckpointInfo, SandboxInfo
+
+__all__ = ["files_app", "register"]
+
+files_app = typer.Typer(help="Copy files into and out of a sandbox.", no_args_is_help=True)
+
+IdArg = Annotated[str, typer.Argument(help="Sandbox id.", show_default=False)]
+
+
+def _sandbox_table(infos: list[SandboxInfo]) -> None:
+    t = table("id", "state", "worker", "image", "memory", "cpus", "created", "parent")
+    for s in infos:
+        state = s.state if s.error is None else f"{s.state} ({s.error})"
+        t.add_row(s.id, state, s.worker or "-", short(s.image), f"{s.memory_mb or '-'} MiB",
+                  str(s.cpus or "-"), when(s.created), short(s.parent_checkpoint))
+    console().print(t)
+
+
+def _print_sandboxes(infos: list[SandboxInfo], json_: bool) -> None:
+    if json_:
+        print_json([s.to_json() for s in infos])
+    else:
+        _sandbox_table(infos)
+
+
+def _print_sandbox(info: SandboxInfo, json_: bool) -> None:
+    if json_:
+        print_json(info.to_json())
+    else:
+        console().print(f"{info.id} {info.state} on {info.worker}")
+
+
+def _checkpoint_table(infos: list[CheckpointInfo]) -> None:
+    t = table("id", "state", "name", "sandbox", "worker", "changed", "stored", "created")
+    for c in infos:
+        t.add_row(short(c.id, 16), c.state, c.name or "-", c.sandbox or "-", c.worker or "-",
+                  human_bytes(c.changed_bytes), human_bytes(c.stored_bytes), when(c.created))
+    console().print(t)
+
+
+def create(
+    image: Annotated[str, typer.Option("--image", "-i", help="Base image name or digest.")]
+    = "minimal",
+    worker: Annotated[str | None, typer.Option("--worker", "-w", help="Pin to a worker.")]
+    = None,
+    memory: Annotated[int | None, typer.Option("--memory", "-m", min=64, help="MiB.")] = None,
+    cpus: Annotated[int | None, typer.Option("--cpus", min=1)] = None,
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
+) -> None:
+    """Boot a new sandbox; prints its id."""
+    http = connect(home, url, token)
+    info = http.call(_ops.create(image, worker, memory, cpus, _ops.BOOT_TIMEOUT))
+    if json_:
+        print_json(info.to_json())
+    else:
+        console().print(info.id)
+
+
+def ls(home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
+       json_: JsonOpt = False) -> None:
+    """List sandboxes (all but destroyed)."""
+    _print_sandboxes(connect(home, url, token).call(_ops.list_sandboxes()), json_)
+
+
+def exec_(
+    sandbox_id: IdArg,
+    cmd: Annotated[list[str], typer.Argument(
+        help="One argument runs under /bin/sh -c; several are an argv.", show_default=False)],
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
+    cwd: Annotated[str | None, typer.Option("--cwd")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds; 0 = none.")] = 60.0,
+    stdin: Annotated[bool, typer.Option("--stdin", help="Send this process's stdin.")]
+    = False,
+    background: Annotated[bool, typer.Option("--background", "-d",
+                                             help="Start it and print its pid.")] = False,
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
+) -> None:
+    """Run a command in a sandbox: `forkyard exec ID -- CMD...`.
+
+    Output is passed through byte for byte; the exit status is the command's
+    (128+N if a signal N killed it, 124 if it timed out).
+    """
+    env_map: dict[str, str] = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--env")
+        env_map[key] = value
+    command: str | list[str] = cmd[0] if len(cmd) == 1 else cmd
+    data = sys.stdin.buffer.read() if stdin else None
+    http = connect(home, url, token)
+    call = _ops.exec_(sandbox_id, command, env=env_map, cwd=cwd, timeout=timeout or None,
+                      stdin=data, background=background)
+    try:
+        result = http.call(call)
+    except SandboxTimeout as exc:
+        if exc.status != 504:
+            raise
+        sys.stdout.buffer.write(exc.stdout_bytes)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(exc.stderr_bytes)
+        sys.stderr.flush()
+        err_console().print(f"[red]error:[/red] timed out after {timeout:g}s", markup=True)
+        raise typer.Exit(124) from None
+    if json_:
+        print_json(result.to_json())
+    elif background:
+        console().print(str(result.pid))
+    else:
+        sys.stdout.buffer.write(result.stdout_bytes)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(result.stderr_bytes)
+        sys.stderr.flush()
+    code = 128 + result.signal if result.signal else result.exit_code
+    if code:
+        raise typer.Exit(code & 0xFF or 1)
+
+
+@files_app.command("put")
+def files_put(
+    sandbox_id: IdArg,
+    src: Annotated[str, typer.Argument(help="Local file, or - for stdin.")],
+    dst: Annotated[str, typer.Argument(help="Absolute guest path.")],
+    mode: Annotated[str, typer.Option("--mode", help="Octal file mode.")] = "644",
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
+) -> None:
+    """Copy a local file into the sandbox."""
+    try:
+        file_mode = int(mode, 8)
+    except ValueError:
+        raise typer.BadParameter(f"{mode!r} is not an octal mode", param_hint="--mode") from None
+    data = sys.stdin.buffer.read() if src == "-" else Path(src).read_bytes()
+    http = connect(home, url, token)
+    with transfer_progress(f"put {dst}", enabled=interactive()) as progress:
+        http.upload(_ops.write_file(sandbox_id, dst, data, file_mode, False), data, progress)
+
+
+@files_app.command("get")
+def files_get(
+    sandbox_id: IdArg,
+    src: Annotated[str, typer.Argument(help="Absolute guest path.")],
+    dst: Annotated[str, typer.Argument(help="Local file, or - for stdout.")],
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
+) -> None:
+    """Copy a file out of the sandbox."""
+    http = connect(home, url, token)
+    with transfer_progress(f"get {src}", enabled=interactive() and dst != "-") as progress:
+        data = http.download(_ops.read_file(sandbox_id, src), progress)
+    if dst == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        target = Path(dst)
+        if target.is_dir():
+            target = target / Path(src).name
+        tmp = target.with_name(f".{target.name}.part")
+        tmp.write_bytes(data)
+        tmp.replace(target)  # never a half-written file under the real name
+
+
+def checkpoint(
+    sandbox_id: IdArg,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until it is in the store.")]
+    = False,
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
+) -> None:
+    """Checkpoint a running sandbox (it keeps running); prints the checkpoint id."""
+    from forkyard.sdk._sync import Checkpoint
+
+    http = connect(home, url, token)
+    cp = Checkpoint(http.call(_ops.checkpoint(sandbox_id, name, True, CHECKPOINT_TIMEOUT)), http)
+    if wait:
+        cp.wait_published()
+    if json_:
+        print_json(cp.info.to_json())
+    else:
+        console().print(cp.id)
+
+
+def checkpoints(home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
+                json_: JsonOpt = False) -> None:
+    """List checkpoints."""
+    infos = connect(home, url, token).call(_ops.list_checkpoints())
+    if json_:
+        print_json([c.to_json() for c in infos])
+    else:
+        _checkpoint_table(infos)
+
+
+def fork(
+    checkpoint_id: Annotated[str, typer.Argument(help="Checkpoint id (or unique prefix).")],
+    worker: Annotated[str | None, typer.Option("--worker", "-w")] = None,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, max=256)] = 1,
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
+) -> None:
+    """New sandboxes that continue from a checkpoint; prints their ids."""
+    http = connect(home, url, token)
+    infos = http.call(_ops.fork(checkpoint_id, count, worker, fork_timeout(count, None)))
+    if json_:
+        print_json([s.to_json() for s in infos])
+    else:
+        for s in infos:
+            console().print(f"{s.id} {s.state} on {s.worker}")
+
+
+def hibernate(
+    sandbox_id: IdArg,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return while publishing.")]
+    = False,
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
+) -> None:
+    """Checkpoint, publish and stop a sandbox; `wake` continues it on any worker."""
+    http = connect(home, url, token)
+    _print_sandbox(http.call(_ops.hibernate(sandbox_id, not no_wait, HIBERNATE_TIMEOUT)), json_)
+
+
+def wake(
+    sandbox_id: IdArg,
+    worker: Annotated[str | None, typer.Option("--worker", "-w")] = None,
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
+) -> None:
+    """Resume a hibernated sandbox (same id), optionally on another worker."""
+    http = connect(home, url, token)
+    _print_sandbox(http.call(_ops.wake(sandbox_id, worker, WAKE_TIMEOUT)), json_)
+
+
+def rm(
+    sandbox_ids: Annotated[list[str], typer.Argument(help="Sandbox ids.", show_default=False)],
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
+) -> None:
+    """Destroy sandboxes."""
+    http = connect(home, url, token)
+    for sid in sandbox_ids:
+        http.call(_ops.kill(sid))
+
+
+def register(app: typer.Typer) -> None:
+    panel = "Sandboxes"
+    app.command(rich_help_panel=panel)(create)
+    app.command(rich_help_panel=panel)(ls)
+    app.command("exec", rich_help_panel=panel)(exec_)
+    app.add_typer(files_app, name="files", rich_help_panel=panel)
+    app.command(rich_help_panel=panel)(checkpoint)
+    app.command(rich_help_panel=panel)(checkpoints)
+    app.command(rich_help_panel=panel)(fork)
+    app.command(rich_help_panel=panel)(hibernate)
+    app.command(rich_help_panel=panel)(wake)
+    app.command(rich_help_panel=panel)(rm)

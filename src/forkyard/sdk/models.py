@@ -1,0 +1,252 @@
+"""Typed records of the API's JSON objects (docs/api.md, "Objects").
+
+Parsing is tolerant in one direction only: unknown keys are ignored (a newer
+control plane may add fields), but a missing required key or a value of the
+wrong type raises :class:`~forkyard.sdk.errors.ResponseFormatError`, because a
+reply that does not match the contract is a bug to surface, not to paper over.
+
+:class:`CommandResult` and :class:`EntryInfo` are the worker library's own
+types (``forkyard.worker``), so code written against a local ``Worker`` sandbox
+reads the same results from a remote one.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from forkyard.guest.client import EntryInfo, ExecResult
+from forkyard.sdk.errors import ResponseFormatError
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointState",
+    "CommandResult",
+    "EntryInfo",
+    "SandboxInfo",
+    "SandboxState",
+    "WorkerInfo",
+    "entry_from_json",
+]
+
+T = TypeVar("T")
+
+
+class SandboxState(enum.StrEnum):
+    """Values of :attr:`SandboxInfo.state` (plain strings compare equal to these)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    HIBERNATING = "hibernating"
+    HIBERNATED = "hibernated"
+    WAKING = "waking"
+    STOPPED = "stopped"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+    LOST = "lost"
+
+
+class CheckpointState(enum.StrEnum):
+    LOCAL = "local"
+    PUBLISHING = "publishing"
+    PUBLISHED = "published"
+    FAILED = "failed"
+
+
+def _get(data: Mapping[str, Any], key: str, kind: type[T], what: str) -> T:
+    try:
+        value = data[key]
+    except KeyError:
+        raise ResponseFormatError(f"{what}: missing {key!r}") from None
+    if kind is float and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ResponseFormatError(f"{what}: {key!r} is {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+def _opt(data: Mapping[str, Any], key: str, kind: type[T], what: str) -> T | None:
+    if data.get(key) is None:
+        return None
+    return _get(data, key, kind, what)
+
+
+def _obj(data: object, what: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ResponseFormatError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxInfo:
+    """What the control plane knows about one sandbox, at the time it answered."""
+
+    id: str
+    state: str
+    worker: str | None
+    image: str | None  # sha256 of the base image
+    memory_mb: int | None
+    cpus: int | None
+    created: str | None
+    parent_checkpoint: str | None
+    last_checkpoint: str | None
+    error: str | None
+    recoverable_from: str | None = None
+
+    @classmethod
+    def from_json(cls, data: object) -> SandboxInfo:
+        d = _obj(data, "sandbox")
+        w = "sandbox"
+        return cls(
+            id=_get(d, "id", str, w),
+            state=_get(d, "state", str, w),
+            worker=_opt(d, "worker", str, w),
+            image=_opt(d, "image", str, w),
+            memory_mb=_opt(d, "memory_mb", int, w),
+            cpus=_opt(d, "cpus", int, w),
+            created=_opt(d, "created", str, w),
+            parent_checkpoint=_opt(d, "parent_checkpoint", str, w),
+            last_checkpoint=_opt(d, "last_checkpoint", str, w),
+            error=_opt(d, "error", str, w),
+            recoverable_from=_opt(d, "recoverable_from", str, w),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "state": self.state, "worker": self.worker, "image": self.image,
+            "memory_mb": self.memory_mb, "cpus": self.cpus, "created": self.created,
+            "parent_checkpoint": self.parent_checkpoint,
+            "last_checkpoint": self.last_checkpoint, "error": self.error,
+            "recoverable_from": self.recoverable_from,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    id: str
+    state: str
+    sandbox: str | None
+    worker: str | None
+    name: str | None
+    created: str | None
+    base: str | None
+    changed_bytes: int | None
+    stored_bytes: int | None
+    error: str | None
+
+    @classmethod
+    def from_json(cls, data: object) -> CheckpointInfo:
+        d = _obj(data, "checkpoint")
+        w = "checkpoint"
+        return cls(
+            id=_get(d, "id", str, w),
+            state=_get(d, "state", str, w),
+            sandbox=_opt(d, "sandbox", str, w),
+            worker=_opt(d, "worker", str, w),
+            name=_opt(d, "name", str, w),
+            created=_opt(d, "created", str, w),
+            base=_opt(d, "base", str, w),
+            changed_bytes=_opt(d, "changed_bytes", int, w),
+            stored_bytes=_opt(d, "stored_bytes", int, w),
+            error=_opt(d, "error", str, w),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "state": self.state, "sandbox": self.sandbox, "worker": self.worker,
+            "name": self.name, "created": self.created, "base": self.base,
+            "changed_bytes": self.changed_bytes, "stored_bytes": self.stored_bytes,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    name: str
+    state: str
+    url: str | None
+    last_heartbeat: str | None
+    running: int | None
+    free_memory_mb: int | None
+    max_sandboxes: int | None
+    cached_bases: tuple[str, ...]
+    checkpoints: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, data: object) -> WorkerInfo:
+        d = _obj(data, "worker")
+        w = "worker"
+        return cls(
+            name=_get(d, "name", str, w),
+            state=_get(d, "state", str, w),
+            url=_opt(d, "url", str, w),
+            last_heartbeat=_opt(d, "last_heartbeat", str, w),
+            running=_opt(d, "running", int, w),
+            free_memory_mb=_opt(d, "free_memory_mb", int, w),
+            max_sandboxes=_opt(d, "max_sandboxes", int, w),
+            cached_bases=tuple(str(x) for x in _opt(d, "cached_bases", list, w) or ()),
+            checkpoints=tuple(str(x) for x in _opt(d, "checkpoints", list, w) or ()),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "state": self.state, "url": self.url,
+            "last_heartbeat": self.last_heartbeat, "running": self.running,
+            "free_memory_mb": self.free_memory_mb, "max_sandboxes": self.max_sandboxes,
+            "cached_bases": list(self.cached_bases), "checkpoints": list(self.checkpoints),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult(ExecResult):
+    """Result of :meth:`Sandbox.exec`: ``exit_code``, ``stdout``/``stderr`` (text),
+    ``stdout_bytes``/``stderr_bytes`` (exact), ``pid``, ``signal``, ``timed_out``,
+    ``truncated``, ``ok``."""
+
+    @classmethod
+    def from_json(cls, data: object) -> CommandResult:
+        d = _obj(data, "exec result")
+        w = "exec result"
+        return cls(
+            exit_code=_get(d, "exit_code", int, w),
+            stdout_bytes=_bytes(d, "stdout", w),
+            stderr_bytes=_bytes(d, "stderr", w),
+            pid=_opt(d, "pid", int, w) or 0,
+            signal=_opt(d, "signal", int, w),
+            timed_out=bool(d.get("timed_out", False)),
+            truncated=bool(d.get("truncated", False)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "exit_code": self.exit_code, "stdout": self.stdout, "stderr": self.stderr,
+            "stdout_b64": base64.b64encode(self.stdout_bytes).decode(),
+            "stderr_b64": base64.b64encode(self.stderr_bytes).decode(),
+            "pid": self.pid, "signal": self.signal, "timed_out": self.timed_out,
+            "truncated": self.truncated,
+        }
+
+
+def _bytes(d: Mapping[str, Any], stream: str, what: str) -> bytes:
+    # The text field has invalid UTF-8 replaced; the _b64 twin is exact.
+    raw = d.get(f"{stream}_b64")
+    if isinstance(raw, str):
+        try:
+            return base64.b64decode(raw, validate=True)
+        except ValueError as exc:
+            raise ResponseFormatError(f"{what}: {stream}_b64 is not base64") from exc
+    return (_opt(d, stream, str, what) or "").encode()
+
+
+def entry_from_json(data: object) -> EntryInfo:
+    d = _obj(data, "file entry")
+    w = "file entry"
+    return EntryInfo(
+        name=_get(d, "name", str, w),
+        mode=_get(d, "mode", int, w),
+        size=_get(d, "size", int, w),
+        mtime_ns=_get(d, "mtime_ns", int, w),
+    )
