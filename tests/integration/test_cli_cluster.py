@@ -7,20 +7,19 @@ worker daemons, QEMU guests).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.vm
+from tests.conftest import qemu_pids
+from tests.fixtures.cli import FORKYARD, cluster_pids, fy, up_cluster
 
-FORKYARD = str(Path(sys.executable).with_name("forkyard"))
+pytestmark = pytest.mark.vm
 
 # The README's CLI example, verbatim (run with FORKYARD_HOME set to the test home).
 README_CLI = textwrap.dedent("""\
@@ -34,65 +33,6 @@ README_CLI = textwrap.dedent("""\
     forkyard exec $SB -- cat /root/hi.txt       # same sandbox, now on w2
     forkyard ls && forkyard down
 """)
-
-
-def fy(*args: str, home: Path, input: bytes | None = None, check: bool = True,
-       timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FORKYARD_URL", "FORKYARD_API_TOKEN")}
-    env["FORKYARD_HOME"] = str(home)
-    proc = subprocess.run([FORKYARD, *args], input=input, capture_output=True, env=env,
-                          timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"forkyard {' '.join(args)} exited {proc.returncode}:\n"
-                             f"{proc.stderr.decode(errors='replace')}")
-    return proc
-
-
-def cluster_pids(home: Path) -> list[int]:
-    data = json.loads((home / "cluster.json").read_text())
-    return list(data["pids"].values())
-
-
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def qemu_of(home: Path) -> list[int]:
-    needle = str(home).encode()
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                cmd = (entry / "cmdline").read_bytes()
-                if b"qemu-system" in cmd and needle in cmd:
-                    out.append(int(entry.name))
-    return out
-
-
-def _logs(home: Path) -> str:
-    return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace")
-                                                    .splitlines()[-20:])
-                     for p in sorted((home / "logs").glob("*.log")))
-
-
-@contextlib.contextmanager
-def up_cluster(home: Path) -> Iterator[dict[str, object]]:
-    """A 2-worker cluster in ``home`` for a test module; proves `down` leaves nothing."""
-    info = json.loads(fy("up", "--workers", "2", "--json", home=home).stdout)
-    pids = cluster_pids(home)
-    try:
-        yield info
-    finally:
-        down = fy("down", home=home, check=False)
-        leftovers = [p for p in pids if running(p)] + qemu_of(home)
-        assert down.returncode == 0 and not leftovers, (
-            f"down: {down.returncode} {down.stderr!r}; left running: {leftovers}\n"
-            + _logs(home))
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +124,36 @@ def test_json_outputs_parse_through_the_lifecycle(home):
     assert not {sid} & {s["id"] for s in json.loads(fy("ls", "--json", home=home).stdout)}
 
 
-def test_image_ls_on_the_cluster_home_lists_each_worker(home):
+def test_image_build_and_ls_on_the_cluster_home_cover_each_worker(home):
+    # a worker builds `minimal` only when a sandbox first needs it: build it
+    # for all of them (built once, imported into each worker home)
+    fy("image", "build", "minimal", "--json", home=home)
     images = json.loads(fy("image", "ls", "--json", home=home).stdout)
     assert {i["worker"] for i in images} == {"w1", "w2"}
     assert all(len(i["digest"]) == 64 and i["size"] > 0 for i in images)
+    assert len({i["digest"] for i in images if "minimal" in i["names"]}) == 1
+
+
+def test_export_then_import_through_the_cluster(home, tmp_path):
+    """`forkyard export` writes a standalone qcow2; `import` makes it forkable again."""
+    sid = json.loads(fy("create", "--json", home=home).stdout)["id"]
+    fy("exec", sid, "--", "echo exported > /root/x", home=home)
+    cp = fy("checkpoint", sid, "--wait", home=home).stdout.decode().strip()
+    out = tmp_path / "cp.qcow2"
+    exported = json.loads(fy("export", cp, str(out), "--json", home=home).stdout)
+    assert exported["snapshot"] == "forkyard" and out.stat().st_size == exported["size"]
+    new_cp = fy("import", str(out), "--name", "round-trip", home=home).stdout.decode().strip()
+    assert len(new_cp) == 64 and new_cp != cp
+    shown = json.loads(fy("checkpoint", "show", new_cp[:12], "--json", home=home).stdout)
+    assert shown["name"] == "round-trip" and len(shown["layers"]) == 1
+    # the control plane never saw it being made: it finds it in the store
+    fork = json.loads(fy("fork", new_cp[:12], "--json", home=home).stdout)[0]
+    assert fy("exec", fork["id"], "--", "cat", "/root/x", home=home).stdout == b"exported\n"
+    listed = json.loads(fy("checkpoint", "ls", "--json", home=home).stdout)
+    assert any(c["id"] == new_cp and c["worker"] is None for c in listed)
+    stored = json.loads(fy("store", "ls", "--json", home=home).stdout)
+    assert {cp, new_cp} <= {c["id"] for c in stored}
+    fy("rm", sid, fork["id"], home=home)
 
 
 def test_readme_cli_example_runs_unchanged(tmp_path):
@@ -205,6 +171,6 @@ def test_readme_cli_example_runs_unchanged(tmp_path):
         assert "hi\n" in out and "running on w2" in out
         assert "cluster in" in out and "stopped" in out
         assert not (home / "cluster.json").exists()
-        assert not qemu_of(home)
+        assert not qemu_pids(home)
     finally:
         fy("down", home=home, check=False)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli_cluster import fy, qemu_of
+
+from tests.conftest import qemu_pids
+from tests.fixtures.cli import fy
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -31,4 +33,4 @@ def test_demo_verifies_forks_on_both_workers_and_cleans_up(tmp_path):
     # ...and the forks on w2 (verified above) ran on w1's base, not on w2's own
     assert base["digest"] == minimal["w1"]
     assert not (home / "cluster.json").exists()
-    assert not qemu_of(home)
+    assert not qemu_pids(home)

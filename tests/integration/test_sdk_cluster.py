@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_cli_cluster import up_cluster
 
 from forkyard.errors import CommandFailed
 from forkyard.sdk import (
@@ -22,6 +21,7 @@ from forkyard.sdk import (
     SandboxTimeout,
     list_workers,
 )
+from tests.fixtures.cli import up_cluster
 
 pytestmark = pytest.mark.vm
 

@@ -14,13 +14,13 @@ import sys
 
 import httpx
 import pytest
-from test_sdk_client import FakeAPI
 from typer.testing import CliRunner
 
 from forkyard.cli import _cluster, _sandboxes, app
 from forkyard.sdk._http import SyncHTTP
 from forkyard.sdk.cluster import ClusterFile, WorkerRecord, load_cluster, proc_start_time
 from forkyard.sdk.config import ConnectionConfig
+from tests.fixtures.fake_api import FakeAPI
 
 runner = CliRunner()
 

@@ -12,7 +12,6 @@ import io
 import json
 import socket
 
-import httpx
 import pytest
 
 from forkyard.errors import CommandFailed
@@ -31,124 +30,7 @@ from forkyard.sdk import (
 )
 from forkyard.sdk._http import SyncHTTP
 from forkyard.sdk.config import ConnectionConfig
-
-CP_ID = "c" * 64
-
-
-def _sandbox(sid: str, state: str = "running", worker: str = "w1") -> dict[str, object]:
-    return {"id": sid, "state": state, "worker": worker, "image": "b" * 64, "memory_mb": 256,
-            "cpus": 1, "created": "2026-01-01T00:00:00.000Z", "parent_checkpoint": None,
-            "last_checkpoint": None, "error": None}
-
-
-def _error(status: int, type_: str, message: str, detail: object = None) -> httpx.Response:
-    return httpx.Response(status, json={"error": {"type": type_, "message": message,
-                                                  "detail": detail}})
-
-
-class FakeAPI:
-    """Just enough of the control plane: sandboxes, exec, files, checkpoints, fork."""
-
-    def __init__(self) -> None:
-        self.requests: list[httpx.Request] = []
-        self.sandboxes: dict[str, dict[str, object]] = {}
-        self.files: dict[tuple[str, str], bytes] = {}
-        self.exit_code = 0
-        self.publish_states = ["publishing", "publishing", "published"]
-        self.seq = 0
-
-    def transport(self) -> httpx.MockTransport:
-        return httpx.MockTransport(self.handle)
-
-    def _new(self, worker: str = "w1") -> dict[str, object]:
-        self.seq += 1
-        sb = _sandbox(f"sb-{self.seq:020x}", worker=worker)
-        self.sandboxes[str(sb["id"])] = sb
-        return sb
-
-    def handle(self, req: httpx.Request) -> httpx.Response:
-        req.read()
-        self.requests.append(req)
-        if req.headers.get("Authorization") != "Bearer tok":
-            return _error(401, "unauthorized", "bad token")
-        path, method = req.url.path, req.method
-        body = json.loads(req.content) if req.content and method in ("POST",) else None
-        parts = path.strip("/").split("/")
-        if path == "/v1/sandboxes" and method == "POST":
-            return httpx.Response(201, json=self._new(body.get("worker") or "w1"))
-        if path == "/v1/sandboxes" and method == "GET":
-            return httpx.Response(200, json=list(self.sandboxes.values()))
-        if parts[:2] == ["v1", "sandboxes"] and len(parts) >= 3:
-            sid = parts[2]
-            if sid not in self.sandboxes:
-                return _error(404, "not_found", f"no sandbox {sid!r}")
-            return self._sandbox_op(sid, parts[3:], method, req, body)
-        if parts[:2] == ["v1", "checkpoints"] and len(parts) == 3 and method == "GET":
-            state = self.publish_states.pop(0) if len(self.publish_states) > 1 \
-                else self.publish_states[0]
-            return httpx.Response(200, json=self._checkpoint(state))
-        if parts[:2] == ["v1", "checkpoints"] and parts[3:] == ["fork"]:
-            forks = [self._new(body.get("worker") or "w2") for _ in range(body["count"])]
-            return httpx.Response(201, json=forks)
-        return _error(404, "not_found", f"no route {method} {path}")
-
-    def _checkpoint(self, state: str) -> dict[str, object]:
-        return {"id": CP_ID, "sandbox": "sb-x", "worker": "w1", "name": None,
-                "created": "2026-01-01T00:00:00Z", "state": state, "base": "b" * 64,
-                "changed_bytes": 10, "stored_bytes": None if state != "published" else 5,
-                "error": "disk full" if state == "failed" else None}
-
-    def _sandbox_op(self, sid: str, rest: list[str], method: str, req: httpx.Request,
-                    body: dict[str, object] | None) -> httpx.Response:
-        if not rest and method == "GET":
-            return httpx.Response(200, json=self.sandboxes[sid])
-        if not rest and method == "DELETE":
-            del self.sandboxes[sid]
-            return httpx.Response(204)
-        if rest == ["exec"]:
-            assert body is not None
-            if body["cmd"] == "sleep 100":
-                return _error(504, "timeout", "timed out", {
-                    "kind": "timeout", "timeout": 1.0, "stdout": "so far", "stderr": "",
-                    "stdout_b64": base64.b64encode(b"so far").decode(), "stderr_b64": ""})
-            stdin = base64.b64decode(body["stdin_b64"]) if body["stdin_b64"] else b""
-            out = b"\xff" + stdin
-            return httpx.Response(200, json={
-                "exit_code": self.exit_code, "stdout": out.decode("utf-8", "replace"),
-                "stderr": "e", "stdout_b64": base64.b64encode(out).decode(),
-                "stderr_b64": base64.b64encode(b"e").decode(), "pid": 42, "signal": None,
-                "timed_out": False, "truncated": False})
-        if rest == ["files"] and method == "PUT":
-            self.files[(sid, req.url.params["path"])] = req.content
-            return httpx.Response(200, json={"path": req.url.params["path"],
-                                             "size": len(req.content)})
-        if rest == ["files"] and method == "GET":
-            data = self.files.get((sid, req.url.params["path"]))
-            if data is None:
-                return _error(404, "not_found", "no such file")
-            return httpx.Response(200, content=data,
-                                  headers={"Content-Type": "application/octet-stream"})
-        if rest == ["files", "stat"]:
-            data = self.files.get((sid, req.url.params["path"]))
-            if data is None:
-                return _error(404, "not_found", "no such file")
-            return httpx.Response(200, json={"name": "f", "mode": 0o100644, "size": len(data),
-                                             "mtime_ns": 1, "is_dir": False})
-        if rest == ["checkpoint"]:
-            return httpx.Response(201, json=self._checkpoint("publishing"))
-        if rest == ["hibernate"]:
-            if self.sandboxes[sid]["state"] != "running":
-                return _error(409, "conflict", "not running",
-                              {"sandbox": sid, "state": "hibernated", "operation": "hibernate"})
-            self.sandboxes[sid]["state"] = "hibernated"
-            return httpx.Response(200, json=self.sandboxes[sid])
-        if rest == ["wake"]:
-            self.sandboxes[sid].update(state="running", worker=(body and body["worker"]) or "w1")
-            return httpx.Response(200, json=self.sandboxes[sid])
-        return _error(404, "not_found", "no route")
-
-    def last(self, path_end: str) -> httpx.Request:
-        return next(r for r in reversed(self.requests) if r.url.path.endswith(path_end))
+from tests.fixtures.fake_api import CP_ID, FakeAPI
 
 
 @pytest.fixture

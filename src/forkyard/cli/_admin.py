@@ -107,8 +107,9 @@ def image_build(
     packages: Annotated[str | None, typer.Option(
         "--packages", help="Comma-separated Debian packages (with --debian).")] = None,
     mirror: Annotated[str | None, typer.Option("--mirror", help="Debian mirror.")] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Name to tag the image with.")]
-    = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Name to tag the image with (default: 'minimal' or 'debian' for those "
+        "sources, so `create --image NAME` finds it).")] = None,
     stock: Annotated[bool, typer.Option(
         "--stock", help="Plain mkfs (random UUID, real times): not reproducible.")] = False,
     size_mb: Annotated[int | None, typer.Option("--size-mb", min=16)] = None,
@@ -143,8 +144,10 @@ def image_build(
     elif debian:
         pkgs = tuple(p.strip() for p in (packages or "").split(",") if p.strip())
         src = DebianSource(suite=suite, packages=pkgs, mirror=mirror)
+        name = name or "debian"
     elif source in (None, "minimal"):
         src = MinimalSource()
+        name = name or "minimal"
     else:
         raise typer.BadParameter(f"unknown source {source!r} (minimal or -)",
                                  param_hint="SOURCE")

@@ -10,7 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from forkyard import __version__
-from forkyard.cli import _admin, _cluster, _demo, _sandboxes
+from forkyard.cli import _admin, _checkpoints, _cluster, _demo, _sandboxes
 from forkyard.cli._output import err_console, error_line
 from forkyard.errors import ForkyardError
 
@@ -76,6 +76,7 @@ def _root(
 
 _cluster.register(app)
 _sandboxes.register(app)
+_checkpoints.register(app)
 _admin.register(app)
 _demo.register(app)
 

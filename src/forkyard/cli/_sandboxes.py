@@ -270,8 +270,6 @@ def register(app: typer.Typer) -> None:
     app.command(rich_help_panel=panel)(ls)
     app.command("exec", rich_help_panel=panel)(exec_)
     app.add_typer(files_app, name="files", rich_help_panel=panel)
-    app.command(rich_help_panel=panel)(checkpoint)
-    app.command(rich_help_panel=panel)(checkpoints)
     app.command(rich_help_panel=panel)(fork)
     app.command(rich_help_panel=panel)(hibernate)
     app.command(rich_help_panel=panel)(wake)

@@ -6,6 +6,7 @@ import contextlib
 import enum
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -276,9 +277,11 @@ class Sandbox:
         d = self.dir
         if not d.exists():
             return
-        tmp = d / f".sandbox.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(self.info().to_json(), indent=1))
-        tmp.replace(d / "sandbox.json")
+        # a unique temp name: two threads may save the same sandbox at once
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".sandbox.json.")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.info().to_json(), indent=1))
+        os.replace(tmp, d / "sandbox.json")
 
     # ------------------------------------------------------------------
     def checkpoint(self, *, name: str | None = None) -> Checkpoint:

@@ -241,10 +241,16 @@ class Worker:
         here: a fork of that (published) checkpoint that keeps the sandbox id.
         """
         with self._lock:
-            known = sandbox_id in self._sandboxes
-        if not known and checkpoint is not None:
-            sb = self.fork(checkpoint, sandbox_id=sandbox_id, timeout=timeout)
-            return sb
+            local = self._sandboxes.get(sandbox_id)
+        if checkpoint is not None:
+            cp = self.resolve_checkpoint(checkpoint)
+            if local is not None and local.last_checkpoint != cp.id:
+                # a stale copy from an earlier stay on this worker: the sandbox
+                # has moved on elsewhere since, and `checkpoint` is where it is now
+                local.destroy()
+                local = None
+            if local is None:
+                return self.fork(cp, sandbox_id=sandbox_id, timeout=timeout)
         sb = self.get(sandbox_id)
         if sb.state is not SandboxState.HIBERNATED or sb.last_checkpoint is None:
             raise SandboxStateError(sb.id, sb.state.value, "wake")

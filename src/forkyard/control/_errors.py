@@ -1,0 +1,220 @@
+"""The one table from errors to HTTP status + error body (docs/api.md, "Errors").
+
+Both services (control plane and worker daemon) install these handlers, so a
+worker's error reply already has the final status and body: the control plane
+relays it unchanged (:class:`WorkerReply`).  Anything that is not in the table
+is a bug and becomes ``500 internal``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from forkyard.errors import (
+    AgentError,
+    AgentTimeout,
+    CheckpointNotFound,
+    CommandTimeout,
+    ForkyardError,
+    GuestError,
+    GuestFileNotFound,
+    ImageNotFound,
+    IncompatibleCheckpoint,
+    IntegrityError,
+    ManifestError,
+    ObjectNotFound,
+    PayloadTooLarge,
+    SandboxNotFound,
+    SandboxStateError,
+    StoreError,
+    ToolError,
+    UnsafeInput,
+    UnsafePath,
+    VMError,
+)
+
+__all__ = [
+    "ERROR_TYPES",
+    "ApiError",
+    "WorkerReply",
+    "error_body",
+    "install_error_handlers",
+    "status_for",
+]
+
+log = logging.getLogger("forkyard.control")
+
+# status -> error type for errors raised by the services themselves
+ERROR_TYPES: Mapping[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    422: "invalid",
+    500: "internal",
+    502: "worker_error",
+    503: "unavailable",
+    504: "timeout",
+}
+
+# forkyard.errors -> (status, type).  First match wins, so subclasses come
+# before their bases (GuestFileNotFound and CommandTimeout are GuestErrors,
+# PayloadTooLarge is an AgentError, ObjectNotFound is a StoreError).
+_TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
+    (SandboxNotFound, 404, "not_found"),
+    (CheckpointNotFound, 404, "not_found"),
+    (ImageNotFound, 404, "not_found"),
+    (GuestFileNotFound, 404, "not_found"),
+    (ObjectNotFound, 404, "not_found"),
+    (SandboxStateError, 409, "conflict"),
+    (PayloadTooLarge, 413, "too_large"),
+    (CommandTimeout, 504, "timeout"),
+    (AgentTimeout, 504, "timeout"),
+    (IntegrityError, 409, "integrity"),
+    (ManifestError, 409, "integrity"),
+    (IncompatibleCheckpoint, 409, "incompatible"),
+    (GuestError, 422, "guest_error"),
+    # untrusted names/inputs refused before use: the caller's fault
+    (UnsafePath, 400, "bad_request"),
+    (UnsafeInput, 400, "bad_request"),
+    (VMError, 502, "worker_error"),
+    (AgentError, 502, "worker_error"),
+    (ToolError, 502, "worker_error"),
+    (StoreError, 502, "worker_error"),
+    (ForkyardError, 500, "internal"),
+)
+
+
+class ApiError(Exception):
+    """An error the services answer directly: a status from :data:`ERROR_TYPES`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        detail: Any = None,
+        type_: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_ or ERROR_TYPES.get(status, "internal")
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return _body(self.type, self.message, self.detail)
+
+
+class WorkerReply(Exception):
+    """A worker answered with an error: relay its status and body unchanged."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status = status
+        self.body = body
+        err = body.get("error", {})
+        super().__init__(f"{status} {err.get('type')}: {err.get('message')}")
+
+    @property
+    def type(self) -> str:
+        return str(self.body.get("error", {}).get("type", ""))
+
+
+def _body(type_: str, message: str, detail: Any) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message, "detail": detail}}
+
+
+def status_for(exc: ForkyardError) -> tuple[int, str]:
+    for cls, status, type_ in _TABLE:
+        if isinstance(exc, cls):
+            return status, type_
+    raise AssertionError("unreachable: ForkyardError is the last row")  # pragma: no cover
+
+
+def _detail(exc: ForkyardError) -> dict[str, Any] | None:
+    """Machine-readable facts a client can act on (never host paths or tracebacks)."""
+    if isinstance(exc, CommandTimeout):
+        result = exc.result
+        out: bytes = getattr(result, "stdout_bytes", b"")
+        err: bytes = getattr(result, "stderr_bytes", b"")
+        return {
+            "kind": exc.kind,
+            "timeout": exc.timeout,
+            "stdout": out.decode("utf-8", "replace"),
+            "stderr": err.decode("utf-8", "replace"),
+            "stdout_b64": base64.b64encode(out).decode(),
+            "stderr_b64": base64.b64encode(err).decode(),
+        }
+    if isinstance(exc, GuestError):
+        return {"kind": exc.kind, "errno": exc.errno}
+    if isinstance(exc, SandboxStateError):
+        return {"sandbox": exc.sandbox_id, "state": exc.state, "operation": exc.operation}
+    if isinstance(exc, PayloadTooLarge):
+        return {"size": exc.size, "limit": exc.limit}
+    if isinstance(exc, IntegrityError):
+        return {"what": exc.what, "expected": exc.expected, "actual": exc.actual}
+    return None
+
+
+def error_body(exc: ForkyardError) -> tuple[int, dict[str, Any]]:
+    status, type_ = status_for(exc)
+    return status, _body(type_, str(exc), _detail(exc))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves the app as ``{"error": {...}}`` with a status of the table."""
+
+    async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return JSONResponse(exc.body(), exc.status, headers=exc.headers or None)
+
+    async def on_worker_reply(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, WorkerReply)
+        return JSONResponse(exc.body, exc.status)
+
+    async def on_forkyard_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ForkyardError)
+        status, body = error_body(exc)
+        if status == 500:
+            log.error("unmapped forkyard error", exc_info=exc)
+        return JSONResponse(body, status)
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = jsonable_encoder(exc.errors(), custom_encoder={BaseException: str})
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"invalid request: {where}: {first.get('msg', 'invalid')}"
+        return JSONResponse(_body("invalid", message, errors), 422)
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        status = exc.status_code if exc.status_code in ERROR_TYPES else 400
+        return JSONResponse(
+            _body(ERROR_TYPES[status], str(exc.detail), None), status,
+            headers=dict(exc.headers) if exc.headers else None,
+        )
+
+    async def on_bug(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error", exc_info=exc)
+        return JSONResponse(_body("internal", f"internal error: {type(exc).__name__}", None), 500)
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(WorkerReply, on_worker_reply)
+    app.add_exception_handler(ForkyardError, on_forkyard_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_bug)

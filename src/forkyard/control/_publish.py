@@ -1,0 +1,126 @@
+"""Following background publishes until each checkpoint is ``published`` or ``failed``.
+
+One thread per publishing checkpoint long-polls its worker
+(``GET /checkpoints/{id}?wait=10``), so a finished publish is seen at once
+without a busy loop.  If the worker dies first, the store itself decides: the
+manifest is written last, so a manifest in the store means every part is
+there too (``forkyard.checkpoint.archive``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from forkyard.checkpoint import archive
+from forkyard.checkpoint.archive import SHARED_ROLES
+from forkyard.control._db import ArchiveRow, CheckpointRow, Database, WorkerRow, utcnow
+from forkyard.control._errors import ApiError, WorkerReply
+from forkyard.control._models import CheckpointState, WorkerPublishStatus, WorkerState
+from forkyard.control._workers import QUICK_TIMEOUT, WorkerClients
+from forkyard.errors import ForkyardError
+from forkyard.store import ObjectStore, blob_key, open_store
+
+__all__ = ["PublishWatcher"]
+
+log = logging.getLogger("forkyard.control")
+
+_WAIT = 10.0  # seconds a worker holds a status request open
+_RETRY = 1.0
+
+class PublishWatcher:
+    def __init__(self, db: Database, clients: WorkerClients, *, store_url: str,
+                 spawn: Callable[..., None], stopping: threading.Event) -> None:
+        self.db = db
+        self.clients = clients
+        self.store_url = store_url
+        self._spawn = spawn
+        self._stopping = stopping
+        self._watching: set[str] = set()
+        self._lock = threading.Lock()
+        self._store: ObjectStore | None = None
+
+    def watch(self, checkpoint_id: str, worker: str) -> None:
+        with self._lock:
+            if checkpoint_id in self._watching:
+                return
+            self._watching.add(checkpoint_id)
+        self._spawn(self._run, f"publish-{checkpoint_id[:12]}", checkpoint_id, worker)
+
+    def _run(self, checkpoint_id: str, worker: str) -> None:
+        try:
+            while not self._stopping.is_set():
+                status = self._poll(checkpoint_id, worker)
+                if status is None:
+                    return
+                if status.state != CheckpointState.PUBLISHING:
+                    self._record(checkpoint_id, status)
+                    return
+        except Exception:
+            log.exception("following the publish of %s", checkpoint_id)
+        finally:
+            with self._lock:
+                self._watching.discard(checkpoint_id)
+
+    def _poll(self, checkpoint_id: str, worker: str) -> WorkerPublishStatus | None:
+        """The publish's status now (or after a long-poll); None: stop watching."""
+        with self.db.tx() as s:
+            cp = s.get(CheckpointRow, checkpoint_id)
+            if cp is None or cp.state != CheckpointState.PUBLISHING:
+                return None  # forgotten, or settled by someone else
+            row = s.get(WorkerRow, worker)
+            alive = row is not None and row.state == WorkerState.ALIVE
+            client = self.clients.get(row.name, row.url) if row is not None else None
+        if not alive or client is None:
+            return self._from_store(checkpoint_id, worker)
+        try:
+            status = WorkerPublishStatus.model_validate(client.call(
+                "GET", f"/checkpoints/{checkpoint_id}", params={"wait": _WAIT},
+                timeout=_WAIT + QUICK_TIMEOUT,
+            ))
+        except WorkerReply as exc:
+            if exc.status == 404:
+                return self._from_store(checkpoint_id, worker)
+            self._stopping.wait(_RETRY)
+            return WorkerPublishStatus(id=checkpoint_id, state=CheckpointState.PUBLISHING)
+        except ApiError:
+            # unreachable for now: liveness decides whether it is dead
+            self._stopping.wait(_RETRY)
+            return WorkerPublishStatus(id=checkpoint_id, state=CheckpointState.PUBLISHING)
+        if status.state == CheckpointState.LOCAL:
+            return WorkerPublishStatus(
+                id=checkpoint_id, state=CheckpointState.FAILED,
+                error=f"the publish was interrupted (worker {worker} restarted)")
+        return status
+
+    def _from_store(self, checkpoint_id: str, worker: str) -> WorkerPublishStatus:
+        """The worker cannot tell us any more: a manifest in the store settles it."""
+        try:
+            if self._store is None:
+                self._store = open_store(self.store_url)
+            if archive.is_published(self._store, checkpoint_id):
+                m = archive.fetch_manifest(self._store, checkpoint_id)
+                own = sum(self._store.size(blob_key(ref.digest))
+                          for role, ref in m.parts() if role not in SHARED_ROLES)
+                return WorkerPublishStatus(id=checkpoint_id, state=CheckpointState.PUBLISHED,
+                                           stored_bytes=own)
+        except ForkyardError as exc:
+            log.warning("checking the store for %s: %s", checkpoint_id[:12], exc)
+        return WorkerPublishStatus(
+            id=checkpoint_id, state=CheckpointState.FAILED,
+            error=f"worker {worker} went away before the publish finished")
+
+    def _record(self, checkpoint_id: str, status: WorkerPublishStatus) -> None:
+        with self.db.tx() as s:
+            row = s.get(CheckpointRow, checkpoint_id, with_for_update=True)
+            if row is None or row.state != CheckpointState.PUBLISHING:
+                return
+            row.state = status.state
+            row.error = status.error
+            if status.state == CheckpointState.PUBLISHED and row.archive is None:
+                row.archive = ArchiveRow(checkpoint_id=row.id, store_url=self.store_url,
+                                         stored_bytes=status.stored_bytes,
+                                         published_at=utcnow())
+        log.info("checkpoint %s: %s%s", checkpoint_id[:12], status.state,
+                 f" ({status.error})" if status.error else "")

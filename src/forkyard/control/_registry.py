@@ -1,0 +1,263 @@
+"""The fleet: worker registration, heartbeats, liveness, and who can take work.
+
+Liveness is judged on this process's monotonic clock (a wall-clock jump must
+not kill a fleet), from the last report each worker sent.  After the server
+starts, every worker the database calls alive gets one full timeout of grace.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from forkyard.control._db import Database, SandboxRow, WorkerRow, utcnow
+from forkyard.control._errors import ApiError
+from forkyard.control._models import (
+    HeartbeatReply,
+    SandboxState,
+    WorkerLeaving,
+    WorkerOut,
+    WorkerReport,
+    WorkerSandbox,
+    WorkerState,
+)
+from forkyard.control._placement import Candidate
+from forkyard.control._records import (
+    ACTIVE,
+    TRANSITIONAL,
+    mark_lost,
+    store_checkpoint,
+    worker_out,
+)
+from forkyard.control._workers import WorkerClient, WorkerClients
+
+__all__ = ["Registry"]
+
+log = logging.getLogger("forkyard.control")
+S = SandboxState
+
+
+class Registry:
+    def __init__(self, db: Database, clients: WorkerClients, *, store_url: str,
+                 heartbeat_timeout: float) -> None:
+        self.db = db
+        self.clients = clients
+        self.store_url = store_url
+        self.heartbeat_timeout = heartbeat_timeout
+        self._seen: dict[str, float] = {}  # worker -> time.monotonic() of its last report
+        self._lock = threading.Lock()
+
+    # --- liveness bookkeeping ---------------------------------------------
+    def _touch(self, name: str) -> None:
+        with self._lock:
+            self._seen[name] = time.monotonic()
+
+    def fresh(self, name: str) -> bool:
+        with self._lock:
+            seen = self._seen.get(name)
+        return seen is not None and time.monotonic() - seen <= self.heartbeat_timeout
+
+    # --- reports -------------------------------------------------------------
+    def _check_report(self, report: WorkerReport) -> None:
+        if report.store_url is not None and report.store_url != self.store_url:
+            raise ApiError(
+                409,
+                f"worker {report.name} uses store {report.store_url!r}, this cluster uses "
+                f"{self.store_url!r}: published checkpoints would not be found",
+            )
+
+    @staticmethod
+    def _apply(row: WorkerRow, report: WorkerReport) -> None:
+        row.url = report.url
+        row.state = WorkerState.ALIVE
+        row.last_heartbeat = utcnow()
+        row.running = report.running
+        row.free_memory_mb = report.free_memory_mb
+        row.max_sandboxes = report.max_sandboxes
+        row.cached_bases = sorted(report.cached_bases)
+        row.checkpoints = sorted(report.checkpoints)
+        row.images = dict(report.images)
+
+    def _taken(self, row: WorkerRow, report: WorkerReport) -> bool:
+        """Another live daemon already answers to this name (at another URL)."""
+        return (row.state == WorkerState.ALIVE and row.url != report.url
+                and self.fresh(row.name))
+
+    def register(self, report: WorkerReport) -> HeartbeatReply:
+        """A daemon (re)started: whatever it does not report running is gone."""
+        self._check_report(report)
+        name = report.name
+        with self.db.tx() as s:
+            row = s.get(WorkerRow, name, with_for_update=True)
+            if row is None:
+                row = WorkerRow(name=name, registered=utcnow(), url=report.url,
+                                state=WorkerState.ALIVE)
+                s.add(row)
+            elif self._taken(row, report):
+                raise ApiError(409, f"worker name {name!r} is taken by a live worker at "
+                                    f"{row.url}; retry after it stops")
+            row.registered = utcnow()
+            self._apply(row, report)
+            reported = {sb.id for sb in report.sandboxes}
+            for sb in s.scalars(select(SandboxRow).where(
+                SandboxRow.worker == name, SandboxRow.state.in_(ACTIVE)
+            ).with_for_update()):
+                if sb.id not in reported:
+                    mark_lost(s, sb, f"worker {name} restarted without it")
+            destroy = self._reconcile(s, name, report.sandboxes)
+        self._touch(name)
+        log.info("worker %s registered at %s", name, report.url)
+        return HeartbeatReply(name=name, state=WorkerState.ALIVE, destroy=destroy)
+
+    def heartbeat(self, name: str, report: WorkerReport) -> HeartbeatReply:
+        if report.name != name:
+            raise ApiError(400, f"heartbeat for {name!r} names worker {report.name!r}")
+        self._check_report(report)
+        with self.db.tx() as s:
+            row = s.get(WorkerRow, name, with_for_update=True)
+            if row is None:
+                raise ApiError(404, f"no worker {name!r}: register first")
+            if self._taken(row, report):
+                raise ApiError(409, f"worker name {name!r} is taken by a live worker at "
+                                    f"{row.url}")
+            if row.state == WorkerState.DEAD:
+                log.warning("worker %s is back", name)
+            self._apply(row, report)
+            destroy = self._reconcile(s, name, report.sandboxes)
+        self._touch(name)
+        return HeartbeatReply(name=name, state=WorkerState.ALIVE, destroy=destroy)
+
+    @staticmethod
+    def _reconcile(s: Session, name: str, reported: Sequence[WorkerSandbox]) -> list[str]:
+        """Fold a worker's view of its sandboxes into ours; return the ones to destroy.
+
+        Only settled states are compared: a transition in flight is owned by
+        the request that started it.
+        """
+        if not reported:
+            return []
+        rows = {r.id: r for r in s.scalars(
+            select(SandboxRow).where(SandboxRow.id.in_([sb.id for sb in reported]))
+            .with_for_update()
+        )}
+        destroy: list[str] = []
+        for sb in reported:
+            row = rows.get(sb.id)
+            if row is None or row.state in (S.DESTROYED, S.FAILED):
+                # not ours (any more): a leftover that would hold memory and disk forever
+                destroy.append(sb.id)
+            elif row.worker != name:
+                if row.state not in TRANSITIONAL:  # e.g. hibernated here, woken elsewhere
+                    destroy.append(sb.id)
+            elif row.state == S.RUNNING and sb.state in ("failed", "stopped"):
+                row.state = S.FAILED if sb.state == "failed" else S.STOPPED
+                row.error = f"the VM stopped on worker {name} (it reports {sb.state})"
+                row.updated = utcnow()
+            elif row.state == S.LOST and sb.state == "running":
+                # the worker only missed heartbeats; its VM kept running
+                row.state = S.RUNNING
+                row.recoverable_from = None
+                row.error = None
+                row.updated = utcnow()
+        return destroy
+
+    def leave(self, name: str, leaving: WorkerLeaving) -> None:
+        """A worker shutting down cleanly tells what became of its sandboxes."""
+        with self.db.tx() as s:
+            row = s.get(WorkerRow, name, with_for_update=True)
+            if row is None:
+                raise ApiError(404, f"no worker {name!r}")
+            row.state = WorkerState.DEAD
+            for cp in leaving.checkpoints:
+                store_checkpoint(s, cp, name, self.store_url)
+            reported = {sb.id: sb for sb in leaving.sandboxes}
+            for sb in s.scalars(select(SandboxRow).where(
+                SandboxRow.worker == name, SandboxRow.state.in_(ACTIVE)
+            ).with_for_update()):
+                info = reported.get(sb.id)
+                if info is not None and info.state == "hibernated" and info.last_checkpoint:
+                    sb.state = S.HIBERNATED
+                    sb.last_checkpoint = info.last_checkpoint
+                    sb.error = None
+                    sb.updated = utcnow()
+                else:
+                    mark_lost(s, sb, f"worker {name} shut down")
+        with self._lock:
+            self._seen.pop(name, None)
+        log.info("worker %s left", name)
+
+    # --- liveness --------------------------------------------------------------
+    def check_liveness(self) -> list[str]:
+        """Declare workers dead after ``heartbeat_timeout`` without a report."""
+        now = time.monotonic()
+        late: list[str] = []
+        with self.db.tx() as s:
+            for row in s.scalars(select(WorkerRow).where(WorkerRow.state == WorkerState.ALIVE)):
+                with self._lock:
+                    seen = self._seen.setdefault(row.name, now)  # grace after our own start
+                if now - seen > self.heartbeat_timeout:
+                    late.append(row.name)
+        return [name for name in late if self._declare_dead(name)]
+
+    def _declare_dead(self, name: str) -> bool:
+        with self.db.tx() as s:
+            row = s.get(WorkerRow, name, with_for_update=True)
+            if row is None or row.state != WorkerState.ALIVE or self.fresh(name):
+                return False  # a heartbeat won the race
+            row.state = WorkerState.DEAD
+            lost = 0
+            for sb in s.scalars(select(SandboxRow).where(
+                SandboxRow.worker == name, SandboxRow.state.in_(ACTIVE)
+            ).with_for_update()):
+                mark_lost(s, sb, f"worker {name} died (no heartbeat for "
+                                 f"{self.heartbeat_timeout:g}s)")
+                lost += 1
+        log.warning("worker %s is dead; %d sandbox(es) lost", name, lost)
+        return True
+
+    # --- queries ------------------------------------------------------------------
+    def all(self) -> list[WorkerOut]:
+        with self.db.tx() as s:
+            rows = s.scalars(select(WorkerRow).order_by(WorkerRow.name))
+            return [worker_out(r) for r in rows]
+
+    def client(self, s: Session, worker: str | None) -> WorkerClient:
+        """The client of a live worker, or 503."""
+        row = s.get(WorkerRow, worker) if worker is not None else None
+        if row is None:
+            raise ApiError(503, f"worker {worker!r} is unknown")
+        if row.state != WorkerState.ALIVE:
+            raise ApiError(503, f"worker {worker!r} is dead")
+        return self.clients.get(row.name, row.url)
+
+    def client_if_alive(self, worker: str | None) -> WorkerClient | None:
+        with self.db.tx() as s:
+            row = s.get(WorkerRow, worker) if worker is not None else None
+            if row is None or row.state != WorkerState.ALIVE:
+                return None
+            return self.clients.get(row.name, row.url)
+
+    @staticmethod
+    def candidates(s: Session) -> list[Candidate]:
+        """Every worker as placement sees it; load counts our own sandbox rows,
+        which are newer than the worker's last report."""
+        counts: dict[str | None, int] = {
+            w: n for w, n in s.execute(
+                select(SandboxRow.worker, func.count())
+                .where(SandboxRow.state.in_(ACTIVE)).group_by(SandboxRow.worker)
+            )
+        }
+        return [
+            Candidate(
+                name=r.name, alive=r.state == WorkerState.ALIVE,
+                running=counts.get(r.name, 0), free_memory_mb=r.free_memory_mb,
+                max_sandboxes=r.max_sandboxes, checkpoints=frozenset(r.checkpoints),
+                bases=frozenset(r.cached_bases), images=dict(r.images),
+            )
+            for r in s.scalars(select(WorkerRow).order_by(WorkerRow.name))
+        ]

@@ -1,0 +1,158 @@
+"""The control plane: ``forkyard server``.
+
+:func:`create_app` builds the FastAPI app (tests run it in-process);
+:func:`serve` runs it with uvicorn until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import uvicorn
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+import forkyard
+from forkyard.control._auth import BearerAuth
+from forkyard.control._db import Database
+from forkyard.control._errors import install_error_handlers
+from forkyard.control._http import bind, setup_logging, write_ready_file
+from forkyard.control._routes import add_routes
+from forkyard.control._service import ControlPlane
+from forkyard.control._workers import WorkerClients
+
+__all__ = ["create_app", "serve"]
+
+log = logging.getLogger("forkyard.control")
+
+_THREADS = 100  # sync routes (create/fork/wake wait for a boot) share this pool
+
+
+def create_app(
+    *,
+    db_url: str,
+    api_token: str,
+    worker_token: str,
+    store_url: str,
+    heartbeat_timeout: float = 10.0,
+    on_ready: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The control-plane app; the database is migrated to the newest schema here.
+
+    Its lifespan starts the liveness monitor and resumes work a previous run
+    left open; ``app.state.plane`` is the :class:`ControlPlane` behind it.
+    """
+    if not api_token or not worker_token:
+        raise ValueError("api_token and worker_token must not be empty")
+    if api_token == worker_token:
+        # a worker could then act as a user and the other way round
+        raise ValueError("api_token and worker_token must differ")
+    if heartbeat_timeout <= 0:
+        raise ValueError("heartbeat_timeout must be positive")
+    db = Database(db_url)
+    db.migrate()
+    clients = WorkerClients(worker_token)
+    plane = ControlPlane(db, clients, store_url=store_url, heartbeat_timeout=heartbeat_timeout)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = _THREADS
+        plane.start()
+        if on_ready is not None:
+            on_ready()
+        try:
+            yield
+        finally:
+            plane.stop()
+            clients.close()
+            db.close()
+
+    app = FastAPI(
+        title="forkyard control plane",
+        version=forkyard.__version__,
+        summary="Checkpoint, fork, hibernate and wake QEMU sandboxes on a fleet of workers",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.plane = plane
+    install_error_handlers(app)
+    add_routes(app, plane)
+    app.add_middleware(
+        BearerAuth,
+        token_for=lambda path: worker_token if path.startswith("/internal/") else api_token,
+    )
+    _document_auth(app)
+    return app
+
+
+def _document_auth(app: FastAPI) -> None:
+    """Declare the bearer scheme in the schema (the middleware enforces it)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                                 routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiToken": {"type": "http", "scheme": "bearer",
+                             "description": "API token (`/v1/*`)"},
+                "workerToken": {"type": "http", "scheme": "bearer",
+                                "description": "worker token (`/internal/*`)"},
+            }
+            for path, ops in schema.get("paths", {}).items():
+                if path == "/health":
+                    continue
+                scheme = "workerToken" if path.startswith("/internal/") else "apiToken"
+                for op in ops.values():
+                    op["security"] = [{scheme: []}]
+                    op.setdefault("responses", {}).setdefault(
+                        "401", {"description": "missing or invalid bearer token"})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def serve(
+    home: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    db_url: str | None = None,
+    api_token: str,
+    worker_token: str,
+    store_url: str,
+    heartbeat_timeout: float = 10.0,
+    ready_file: Path | None = None,
+) -> None:
+    """Run the control plane until SIGINT/SIGTERM.
+
+    ``db_url`` defaults to ``sqlite:///<home>/control.db``.  Once it accepts
+    requests, ``{"url": "http://HOST:PORT"}`` is written to ``ready_file``.
+    """
+    setup_logging()
+    home = Path(home).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    sock, url = bind(host, port)
+
+    def ready() -> None:
+        log.info("control plane listening on %s", url)
+        if ready_file is not None:
+            write_ready_file(Path(ready_file), {"url": url})
+
+    app = create_app(
+        db_url=db_url or f"sqlite:///{home / 'control.db'}",
+        api_token=api_token,
+        worker_token=worker_token,
+        store_url=store_url,
+        heartbeat_timeout=heartbeat_timeout,
+        on_ready=ready,
+    )
+    config = uvicorn.Config(app, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=30, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,82 @@
+"""The one error table (docs/api.md "Errors"), and relaying a worker's error replies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from forkyard import errors as e
+from forkyard.control._errors import ERROR_TYPES, ApiError, WorkerReply, error_body
+from forkyard.control._workers import error_from_response
+from forkyard.guest.client import ExecResult
+
+TABLE = [
+    (e.SandboxNotFound("sb-x"), 404, "not_found"),
+    (e.CheckpointNotFound("abc"), 404, "not_found"),
+    (e.ImageNotFound("nope"), 404, "not_found"),
+    (e.GuestFileNotFound("read", "no such file", kind="not_found", errno=2), 404, "not_found"),
+    (e.ObjectNotFound("blobs/x"), 404, "not_found"),
+    (e.SandboxStateError("sb-x", "hibernated", "exec in"), 409, "conflict"),
+    (e.PayloadTooLarge("file /x", 10, 5), 413, "too_large"),
+    (e.AgentTimeout("exec", 3.0), 504, "timeout"),
+    (e.IntegrityError("layer", expected="a", actual="b"), 409, "integrity"),
+    (e.ManifestError("bad manifest"), 409, "integrity"),
+    (e.IncompatibleCheckpoint("tcg vs kvm"), 409, "incompatible"),
+    (e.GuestError("exec", "not found", kind="not_found", errno=2), 422, "guest_error"),
+    (e.CommandFailed("false", ExecResult(1, b"", b"")), 422, "guest_error"),
+    (e.UnsafePath("../x"), 400, "bad_request"),
+    (e.VMError("QEMU exited"), 502, "worker_error"),
+    (e.AgentDisconnected("gone"), 502, "worker_error"),
+    (e.AgentError("broken"), 502, "worker_error"),
+    (e.ToolError("qemu-img failed", returncode=1), 502, "worker_error"),
+    (e.StoreError("disk full"), 502, "worker_error"),
+    (e.CheckpointError("whatever"), 500, "internal"),
+    (e.SetupError("no kernel"), 500, "internal"),
+]
+
+
+@pytest.mark.parametrize(("exc", "status", "type_"), TABLE,
+                         ids=[type(t[0]).__name__ for t in TABLE])
+def test_forkyard_errors_map_to_the_documented_status(exc, status, type_):
+    got_status, body = error_body(exc)
+    assert (got_status, body["error"]["type"]) == (status, type_)
+    assert body["error"]["message"] == str(exc)
+    assert got_status in ERROR_TYPES
+    json.dumps(body)  # the body is plain JSON
+
+
+def test_guest_error_detail_has_kind_and_errno():
+    _, body = error_body(e.GuestError("chdir", "No such file", kind="io", errno=2))
+    assert body["error"]["detail"] == {"kind": "io", "errno": 2}
+
+
+def test_command_timeout_detail_carries_the_partial_output():
+    result = ExecResult(-9, b"started\n\xff", b"warn\n", timed_out=True)
+    status, body = error_body(e.CommandTimeout("sleep 30", 1.0, result))
+    assert status == 504 and body["error"]["type"] == "timeout"
+    detail = body["error"]["detail"]
+    assert detail["stdout"] == "started\n\ufffd" and detail["stderr"] == "warn\n"
+    assert detail["stdout_b64"] == "c3RhcnRlZAr/"
+
+
+def test_worker_error_bodies_are_relayed_unchanged():
+    body = {"error": {"type": "guest_error", "message": "guest exec failed", "detail": {"x": 1}}}
+    exc = error_from_response("w1", 422, json.dumps(body).encode())
+    assert isinstance(exc, WorkerReply)
+    assert (exc.status, exc.body) == (422, body)
+
+
+def test_a_worker_refusing_our_token_is_not_the_callers_401():
+    raw = json.dumps({"error": {"type": "unauthorized", "message": "x", "detail": None}})
+    exc = error_from_response("w1", 401, raw.encode())
+    assert isinstance(exc, ApiError) and exc.status == 502
+    assert "worker token" in exc.message
+
+
+def test_garbage_from_a_worker_is_a_502():
+    exc = error_from_response("w1", 500, b"<html>Internal Server Error</html>")
+    assert isinstance(exc, ApiError) and exc.status == 502
+    assert "w1" in exc.message and "500" in exc.message
+    exc = error_from_response("w1", 404, b'{"detail": "Not Found"}')  # not our error shape
+    assert isinstance(exc, ApiError) and exc.status == 502
