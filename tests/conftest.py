@@ -61,7 +61,7 @@ def _failed(node: pytest.Item) -> bool:
 def keep_logs(node_name: str, homes: list[Path]) -> None:
     dest = ARTIFACTS / node_name.replace("/", "_").replace("::", "-")
     for home in homes:
-        for log in home.glob("sandboxes/*/*.log"):
+        for log in [*home.glob("sandboxes/*/*.log"), *home.glob("failed/*/*.log")]:
             target = dest / home.name / log.parent.name / log.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(log, target)

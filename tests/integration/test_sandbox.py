@@ -140,3 +140,31 @@ def test_bad_input_errors_and_no_leaks(worker_factory):
         sb2.exec("true")
     assert sb2.state.value in ("failed", "stopped")
     # worker_factory asserts that no QEMU process is left
+
+
+def test_an_unanswered_hello_is_retried_on_a_fresh_connection(worker_factory):
+    """A guest left holding half a frame swallows the next HELLO; reconnecting clears it."""
+    from forkyard.guest import protocol
+    from forkyard.guest.client import AgentClient
+
+    class HalfFrameFirst(AgentClient):
+        poisoned = False
+
+        def _open(self, deadline: float) -> None:
+            super()._open(deadline)
+            if not HalfFrameFirst.poisoned:
+                HalfFrameFirst.poisoned = True
+                # a header promising 4 KiB that never come: HELLO becomes its payload
+                header = protocol.HEADER.pack(protocol.MAGIC, protocol.Op.SYNC, 0, 1, 4096)
+                self._sock.sendall(header)
+
+    w = worker_factory()
+    sb = w.create("minimal")
+    sb._agent.close()  # leave the channel to the new client
+    client = HalfFrameFirst(sb.vm.agent_socket, name="retry")
+    try:
+        client.connect(timeout=30, hello_timeout=2.0)
+        assert HalfFrameFirst.poisoned
+        assert client.exec("echo again").stdout == "again\n"
+    finally:
+        client.close()

@@ -268,3 +268,19 @@ def test_add_local_copies_across_filesystems(tmp_path: Path) -> None:
         assert path.stat().st_dev != src.stat().st_dev
     finally:
         src.unlink()
+
+
+def test_a_planted_symlink_is_neither_trusted_nor_written_through(
+    store: SlowCountingStore, blob: tuple[str, bytes], tmp_path: Path
+) -> None:
+    digest, data = blob
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not yours")
+    cache = BlobCache(tmp_path / "cache")
+    entry = cache.path_for(digest)
+    entry.parent.mkdir(parents=True)
+    entry.symlink_to(outside)
+    assert cache.path_if_present(digest) is None  # a link is not a verified entry
+    path = cache.fetch(digest, BlobStore(store))
+    assert not path.is_symlink() and path.read_bytes() == data
+    assert outside.read_bytes() == b"not yours"

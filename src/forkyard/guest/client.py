@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import secrets
 import socket
@@ -33,6 +34,8 @@ from forkyard.guest import protocol as p
 from forkyard.guest.protocol import Fields, Flag, Frame, FrameDecoder, Op, Tag
 
 __all__ = ["MAX_FILE_SIZE", "AgentClient", "EntryInfo", "ExecResult"]
+
+log = logging.getLogger("forkyard.agent")
 
 MAX_FILE_SIZE = 64 * 1024 * 1024
 _GRACE = 10.0  # on top of a command's own timeout: reply transfer under TCG
@@ -110,9 +113,32 @@ class AgentClient:
 
     # ------------------------------------------------------------------
     # connection
-    def connect(self, *, timeout: float = 60.0, set_time: bool = True) -> None:
-        """Connect and start a session: HELLO with a nonce, resync on its reply."""
+    def connect(self, *, timeout: float = 60.0, set_time: bool = True,
+                hello_timeout: float = 15.0) -> None:
+        """Connect and start a session: HELLO with a nonce, resync on its reply.
+
+        If HELLO goes unanswered for ``hello_timeout`` (doubling each time),
+        the connection is dropped and made again: the guest then sees the
+        port close and reopen, a fresh session whatever state its end of the
+        channel was left in.  A fresh boot that takes longer is unharmed.
+        """
         deadline = time.monotonic() + timeout
+        attempt = hello_timeout
+        while True:
+            self._open(deadline)
+            left = deadline - time.monotonic()
+            try:
+                self._hello(set_time, timeout=max(0.1, min(attempt, left)))
+                return
+            except AgentTimeout:
+                if deadline - time.monotonic() <= 0:
+                    self.close()
+                    raise AgentTimeout("hello", timeout) from None
+                log.warning("%s: no answer to HELLO in %.0fs; reconnecting", self._name, attempt)
+                self._drop()
+                attempt *= 2
+
+    def _open(self, deadline: float) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         while True:
             try:
@@ -127,23 +153,37 @@ class AgentClient:
         self._decoder = FrameDecoder()
         with self._lock:
             self._closed = False
+        self._reader = threading.Thread(
+            target=self._read_loop, args=(sock, self._decoder), name=f"agent-{self._name}",
+            daemon=True,
+        )
+
+    def _hello(self, set_time: bool, *, timeout: float) -> None:
         hello_id = self._next_id()
         self._decoder.sync_on(Op.HELLO, int(Flag.RESPONSE), hello_id)
-        self._reader = threading.Thread(
-            target=self._read_loop, name=f"agent-{self._name}", daemon=True
-        )
+        assert self._reader is not None
         self._reader.start()
         nonce = secrets.token_bytes(16)
         fields: list[tuple[Tag, p.FieldValue]] = [(Tag.NONCE, nonce)]
         if set_time:
             fields.append((Tag.TIME_NS, time.time_ns()))
-        reply = self._call(
-            Op.HELLO, fields, timeout=max(0.1, deadline - time.monotonic()), request_id=hello_id
-        )
+        reply = self._call(Op.HELLO, fields, timeout=timeout, request_id=hello_id)
         if reply.bytes(Tag.NONCE) != nonce:
             self.close()
             raise AgentError(f"{self._name}: agent answered HELLO with the wrong nonce")
         self.version = reply.str(Tag.VERSION)
+
+    def _drop(self) -> None:
+        """Close this connection only; the client stays usable for another."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if self._reader is not None:
+            self._reader.join(5)
+        with self._lock:
+            self._calls.clear()
 
     def close(self) -> None:
         with self._lock:
@@ -162,19 +202,19 @@ class AgentClient:
     def connected(self) -> bool:
         return not self._closed
 
-    def _read_loop(self) -> None:
-        sock = self._sock
+    def _read_loop(self, sock: socket.socket, decoder: FrameDecoder) -> None:
         try:
-            while sock is not None:
+            while True:
                 data = sock.recv(1 << 20)
                 if not data:
                     break
-                for frame in self._decoder.feed(data):
+                for frame in decoder.feed(data):
                     self._route(frame)
         except (OSError, ValueError):
             pass
         finally:
-            self.close()
+            if self._sock is sock:  # not a connection that connect() already dropped
+                self.close()
 
     def _route(self, frame: Frame) -> None:
         with self._lock:

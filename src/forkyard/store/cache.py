@@ -153,7 +153,7 @@ class BlobCache:
 
     def _present(self, path: Path, size: int | None) -> bool:
         try:
-            st = path.stat()
+            st = path.lstat()  # a planted symlink is not an entry: never follow it
         except FileNotFoundError:
             return False
         except OSError as exc:

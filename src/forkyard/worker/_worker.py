@@ -71,6 +71,7 @@ class _Parts:
 
 BUILTIN_IMAGES = {"minimal": MinimalSource}
 _BOOT_TIMEOUT = 180.0  # a TCG boot is ~3 s, but CI machines are shared and slow
+_KEEP_FAILED = 20  # logs of sandboxes that failed to start, kept in <home>/failed/
 
 
 def _lock_home(home: Home) -> int:
@@ -561,9 +562,23 @@ class Worker:
         return sb
 
     def _discard(self, sb: Sandbox) -> None:
+        """Drop a sandbox that failed to start, keeping its logs for a post-mortem."""
         sb._shutdown()
         sb._mark_failed()
+        self._keep_logs(sb)
         self._forget(sb)
+
+    def _keep_logs(self, sb: Sandbox) -> None:
+        failed = self.home.root / "failed"
+        with contextlib.suppress(OSError):
+            dest = failed / sb.id
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in ("qemu.log", "console.log", "qemu.argv.json", "sandbox.json"):
+                if (sb.dir / name).exists():
+                    shutil.copyfile(sb.dir / name, dest / name)
+            # bounded: the newest few post-mortems are what anyone reads
+            for old in sorted(failed.iterdir(), key=lambda p: p.stat().st_mtime)[:-_KEEP_FAILED]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _forget(self, sb: Sandbox) -> None:
         with self._lock:
