@@ -132,3 +132,19 @@ def test_hibernate_and_wake_on_the_same_worker(worker_factory):
     assert woken.files.read_text("/root/state") == "kept"
     assert woken.exec(f"kill -0 {pid}").exit_code == 0
     assert cp.id == woken.parent_checkpoint
+
+
+def test_readme_worker_example_runs_unchanged(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import qemu_pids
+    from tests.fixtures.cli import readme_example
+
+    env = {**os.environ, "FORKYARD_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", readme_example("worker")], env=env,
+                          capture_output=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout.decode().strip().isdigit()  # the pid of the sleep, in the fork
+    assert not qemu_pids(tmp_path)

@@ -10,29 +10,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import qemu_pids
-from tests.fixtures.cli import FORKYARD, cluster_pids, fy, up_cluster
+from tests.fixtures.cli import FORKYARD, cluster_pids, fy, readme_example, up_cluster
 
 pytestmark = pytest.mark.vm
 
-# The README's CLI example, verbatim (run with FORKYARD_HOME set to the test home).
-README_CLI = textwrap.dedent("""\
-    forkyard up --workers 2                     # control plane + 2 workers, in the background
-    SB=$(forkyard create)                       # boot a sandbox, print its id
-    forkyard exec $SB -- 'echo hi > /root/hi.txt; uname -r'
-    forkyard files put $SB ./data.bin /root/data.bin
-    CP=$(forkyard checkpoint $SB --wait)        # published: forkable on any worker
-    forkyard fork $CP --count 3                 # three copies of that instant
-    forkyard hibernate $SB && forkyard wake $SB --worker w2
-    forkyard exec $SB -- cat /root/hi.txt       # same sandbox, now on w2
-    forkyard ls && forkyard down
-""")
+# The README's CLI example, read from README.md (run with FORKYARD_HOME set to the test home).
+README_CLI = readme_example("cli")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,23 +20,12 @@ from forkyard.sdk import (
     SandboxTimeout,
     list_workers,
 )
-from tests.fixtures.cli import up_cluster
+from tests.fixtures.cli import readme_example, up_cluster
 
 pytestmark = pytest.mark.vm
 
-# The README's SDK example, verbatim (run with FORKYARD_HOME set to the test home).
-README_SDK = textwrap.dedent("""\
-    from forkyard.sdk import Sandbox
-
-    with Sandbox.create() as sb:                      # boot a VM on some worker
-        sb.files.write("/root/notes.txt", "draft 1\\n")
-        cp = sb.checkpoint(name="draft")              # ~0.2 s; sb keeps running
-        a, b = Sandbox.fork(cp, count=2)              # two sandboxes from that instant
-        a.exec("echo a >> /root/notes.txt", check=True)
-        print(b.files.read_text("/root/notes.txt"))   # "draft 1": forks diverge
-        sb.hibernate(); sb.wake(worker="w2")          # continue it on another worker
-        print(sb.worker, sb.exec("cat /root/notes.txt").stdout); a.kill(); b.kill()
-""")
+# The README's SDK example, read from README.md (run with FORKYARD_HOME set to the test home).
+README_SDK = readme_example("sdk")
 
 
 @pytest.fixture(scope="module")
