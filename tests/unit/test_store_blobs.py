@@ -94,27 +94,16 @@ class CountingStore(ObjectStore):
     def size(self, key: str) -> int:
         return self.inner.size(key)
 
-    def put_stream(
+    def _put(
         self,
         key: str,
-        fileobj: Readable,
-        *,
-        progress: ProgressFn | None = None,
-        if_absent: bool = True,
+        src: Readable,
+        total: int | None,
+        progress: ProgressFn | None,
+        if_absent: bool,
     ) -> bool:
         self.puts += 1
-        return self.inner.put_stream(key, fileobj, progress=progress, if_absent=if_absent)
-
-    def put_file(
-        self,
-        key: str,
-        path: str | os.PathLike[str],
-        *,
-        progress: ProgressFn | None = None,
-        if_absent: bool = True,
-    ) -> bool:
-        self.puts += 1
-        return self.inner.put_file(key, path, progress=progress, if_absent=if_absent)
+        return self.inner._put(key, src, total, progress, if_absent)
 
     def get_file(
         self, key: str, dest: str | os.PathLike[str], *, progress: ProgressFn | None = None

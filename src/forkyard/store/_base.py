@@ -235,7 +235,6 @@ class ObjectStore(ABC):
     @abstractmethod
     def size(self, key: str) -> int: ...
 
-    @abstractmethod
     def put_stream(
         self,
         key: str,
@@ -243,9 +242,10 @@ class ObjectStore(ABC):
         *,
         progress: ProgressFn | None = None,
         if_absent: bool = True,
-    ) -> bool: ...
+    ) -> bool:
+        """Store the stream's bytes under ``key`` (write-once; see the module docstring)."""
+        return self._put(key, fileobj, None, progress, if_absent)
 
-    @abstractmethod
     def put_file(
         self,
         key: str,
@@ -253,7 +253,24 @@ class ObjectStore(ABC):
         *,
         progress: ProgressFn | None = None,
         if_absent: bool = True,
-    ) -> bool: ...
+    ) -> bool:
+        try:
+            with open(path, "rb") as src:
+                total = os.fstat(src.fileno()).st_size
+                return self._put(key, src, total, progress, if_absent)
+        except OSError as exc:  # store errors are StoreErrors by now; this is the source
+            raise StoreError(f"cannot read {os.fspath(path)!r}: {exc}") from exc
+
+    @abstractmethod
+    def _put(
+        self,
+        key: str,
+        src: Readable,
+        total: int | None,
+        progress: ProgressFn | None,
+        if_absent: bool,
+    ) -> bool:
+        """Write ``src`` atomically under ``key``; ``total`` is its size when known."""
 
     @abstractmethod
     def get_file(

@@ -95,31 +95,6 @@ class LocalStore(ObjectStore):
         yield from self._walk(start, f"{head}/" if head else "", prefix)
 
     # --- writing --------------------------------------------------------
-    def put_stream(
-        self,
-        key: str,
-        fileobj: Readable,
-        *,
-        progress: ProgressFn | None = None,
-        if_absent: bool = True,
-    ) -> bool:
-        return self._put(key, fileobj, None, progress, if_absent)
-
-    def put_file(
-        self,
-        key: str,
-        path: str | os.PathLike[str],
-        *,
-        progress: ProgressFn | None = None,
-        if_absent: bool = True,
-    ) -> bool:
-        try:
-            with open(path, "rb") as src:
-                total = os.fstat(src.fileno()).st_size
-                return self._put(key, src, total, progress, if_absent)
-        except OSError as exc:  # store errors are StoreErrors by now; this is the source
-            raise StoreError(f"cannot read {os.fspath(path)!r}: {exc}") from exc
-
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:
