@@ -377,10 +377,6 @@ class QemuVM:
         self._wait_migration(timeout, what="saving the VM state")
         return dest.stat().st_size
 
-    def query_block(self) -> list[dict[str, Any]]:
-        out = self._require_qmp().execute("query-named-block-nodes", {"flat": True})
-        return list(out)
-
     def hmp(self, command_line: str, *, timeout: float = 300.0) -> str:
         return self._require_qmp().hmp(command_line, timeout=timeout)
 

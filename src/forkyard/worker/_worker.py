@@ -69,6 +69,7 @@ class _Parts:
             self.state.close()
         self.pool.shutdown(wait=False)
 
+
 BUILTIN_IMAGES = {"minimal": MinimalSource}
 _BOOT_TIMEOUT = 180.0  # a TCG boot is ~3 s, but CI machines are shared and slow
 _KEEP_FAILED = 20  # logs of sandboxes that failed to start, kept in <home>/failed/
@@ -109,6 +110,14 @@ class Worker:
         self.home = home if isinstance(home, Home) else Home.at(home)
         self.home.ensure()
         self._home_lock = _lock_home(self.home)
+        try:
+            self._open(name, store, install, log)
+        except BaseException:
+            os.close(self._home_lock)
+            raise
+
+    def _open(self, name: str | None, store: str | ObjectStore | None, install: bool,
+              log: Callable[[str], None] | None) -> None:
         self.name = name or self.home.root.name
         settings = self.home.settings()
         if store is None or isinstance(store, str):
