@@ -380,10 +380,6 @@ class QemuVM:
     def hmp(self, command_line: str, *, timeout: float = 300.0) -> str:
         return self._require_qmp().hmp(command_line, timeout=timeout)
 
-    def qmp(self, command: str, args: dict[str, Any] | None = None, *,
-            timeout: float = 60.0) -> Any:
-        return self._require_qmp().execute(command, args, timeout=timeout)
-
     # ------------------------------------------------------------------
     def quit(self, timeout: float = 10.0) -> None:
         """Ask QEMU to exit; kill it if it does not."""
