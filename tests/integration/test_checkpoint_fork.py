@@ -148,3 +148,26 @@ def test_readme_worker_example_runs_unchanged(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert proc.stdout.decode().strip().isdigit()  # the pid of the sleep, in the fork
     assert not qemu_pids(tmp_path)
+
+
+def test_a_failed_state_save_leaves_later_checkpoints_consistent(worker_factory, monkeypatch):
+    from forkyard.errors import VMError
+
+    w = worker_factory()
+    sb = w.create("minimal")
+    sb.files.write("/root/a", "before the failed checkpoint")
+
+    def broken_save(dest, **_kw):
+        raise VMError("disk full (simulated)")
+
+    with monkeypatch.context() as m:
+        m.setattr(sb.vm, "save_state", broken_save)
+        with pytest.raises(VMError):
+            sb.checkpoint()
+    assert sb.state.value == "running"  # the sandbox carries on, on a new layer
+    sb.files.write("/root/b", "after it")
+    cp = sb.checkpoint()
+    assert len(cp.manifest.layers) == 2  # the layer frozen by the failed attempt is kept
+    fork = w.fork(cp)
+    assert fork.files.read_text("/root/a") == "before the failed checkpoint"
+    assert fork.files.read_text("/root/b") == "after it"

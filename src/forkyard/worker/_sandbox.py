@@ -295,6 +295,7 @@ class Sandbox:
             new_active = self._new_active(None)
             state_tmp = self.dir / f"state-{self._disk_seq}.tmp"
             t0 = time.monotonic()
+            frozen: Path | None = None
             try:
                 with agent.quiesced():
                     vm.pause()
@@ -310,8 +311,13 @@ class Sandbox:
                     state_tmp.unlink()
                 if not vm.alive():
                     self._mark_failed()
+                elif frozen is not None:
+                    # the disk moved on to a new layer even though the state was
+                    # not saved: file the frozen layer so later checkpoints chain
+                    self._worker._file_frozen_layer(self, vm, frozen)
                 raise
             paused = time.monotonic() - t0
+            assert frozen is not None
             cp = self._worker._record_checkpoint(self, vm, frozen, state_tmp, name=name,
                                                  pause_seconds=paused)
             self.last_checkpoint = cp.id

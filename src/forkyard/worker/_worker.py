@@ -360,10 +360,7 @@ class Worker:
         state_digest = sha256_file(state_tmp)
         state_path = self.blobs.add_local(state_digest, state_tmp, verify=False, link=True)
         state_tmp.unlink()
-        frozen_digest = sha256_file(frozen)
-        self.blobs.add_local(frozen_digest, frozen, verify=False, link=True)
-        vm.set_parent_marker(qcow2.parent_marker(frozen_digest))
-        layers = (*sb._layer_refs, PartRef(frozen_digest, frozen.stat().st_size))
+        layers = self._file_frozen_layer(sb, vm, frozen)
         if sb._boot_ref is None:
             raise CheckpointError(f"sandbox {sb.id} has no boot record")
         s = vm.shape
@@ -384,8 +381,17 @@ class Worker:
             agent=self._agent_version(sb),
             extra={"worker": self.name, "pause_ms": str(round(pause_seconds * 1000, 1))},
         )
-        sb._layer_refs = layers
         return self.checkpoints.add(manifest)
+
+    def _file_frozen_layer(self, sb: Sandbox, vm: QemuVM, frozen: Path
+                           ) -> tuple[PartRef, ...]:
+        """A layer the VM no longer writes: file it by digest, and name it in the next
+        layer's header, so every later layer records exactly what lies below it."""
+        digest = sha256_file(frozen)
+        self.blobs.add_local(digest, frozen, verify=False, link=True)
+        vm.set_parent_marker(qcow2.parent_marker(digest))
+        sb._layer_refs = (*sb._layer_refs, PartRef(digest, frozen.stat().st_size))
+        return sb._layer_refs
 
     def _host_boot(self) -> BootRef:
         k, i = self.host.kernel, self.host.initrd
