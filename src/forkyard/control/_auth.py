@@ -51,12 +51,17 @@ class BearerAuth:
         self.public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.public:
+        if scope["type"] == "lifespan" or (
+            scope["type"] == "http" and scope["path"] in self.public
+        ):
             await self.app(scope, receive, send)
             return
         given = bearer_token(list(scope.get("headers", [])))
         if token_matches(given, self.token_for(scope["path"])):
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # a websocket (none today) is refused, never let through
+            await send({"type": "websocket.close", "code": 1008})
             return
         message = "missing bearer token" if given is None else "invalid bearer token"
         await _reply_401(send, message)
