@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# the store backends fixture (directory + S3 on a real server), for the store tests
+pytest_plugins = ["tests.fixtures.store_backends"]
+
 ARTIFACTS = Path(os.environ.get("FORKYARD_TEST_ARTIFACTS", "test-artifacts"))
 
 

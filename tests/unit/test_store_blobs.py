@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -16,64 +15,16 @@ from forkyard.errors import IntegrityError, ObjectNotFound, StoreError, UnsafePa
 from forkyard.store import (
     BlobRef,
     BlobStore,
-    LocalStore,
     ObjectStore,
     ProgressFn,
     Readable,
     blob_key,
 )
 from forkyard.store.blobs import canonical_json
-from forkyard.store.s3 import S3Store, make_s3_client
-from tests.fixtures.s3server import S3Server, s3_server_fixture
+from tests.fixtures.store_backends import Backend, MiB
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3.client import S3Client
-
-s3_server = s3_server_fixture()
-
-MiB = 1024 * 1024
-
-
-@dataclass
-class Backend:
-    store: ObjectStore
-    tamper: Callable[[str, bytes], None]  # rewrite an object behind the store's back
-    leftovers: Callable[[], list[str]]  # staging files / multipart uploads left behind
-
-
-@pytest.fixture(scope="module")
-def s3_client(s3_server: S3Server) -> Iterator[S3Client]:
-    client = make_s3_client(endpoint_url=s3_server.endpoint_url, region=s3_server.region)
-    yield client
-    client.close()
-
-
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Backend:
-    if request.param == "local":
-        local = LocalStore(tmp_path_factory.mktemp("store"))
-
-        def tamper(key: str, data: bytes) -> None:
-            path = local.root / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.unlink(missing_ok=True)  # objects are read-only files
-            path.write_bytes(data)
-
-        return Backend(local, tamper, lambda: os.listdir(local.root / ".forkyard-staging"))
-    s3: S3Server = request.getfixturevalue("s3_server")
-    bucket = s3.new_bucket()
-    store = S3Store(
-        bucket,
-        "pfx",
-        client=request.getfixturevalue("s3_client"),
-        multipart_threshold=6 * MiB,
-        part_size=5 * MiB,
-    )
-    return Backend(
-        store,
-        lambda key, data: s3.put_raw(f"pfx/{key}", data, bucket=bucket),
-        lambda: s3.pending_uploads(bucket=bucket),
-    )
+    pass
 
 
 class CountingStore(ObjectStore):

@@ -5,71 +5,17 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from forkyard.errors import ObjectNotFound, StoreError, UnsafePath
-from forkyard.store import LocalStore, ObjectStore
-from forkyard.store.s3 import S3Store, make_s3_client
-from tests.fixtures.s3server import S3Server, s3_server_fixture
+from tests.fixtures.store_backends import Backend, MiB
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3.client import S3Client
-
-s3_server = s3_server_fixture()
-
-MiB = 1024 * 1024
-
-
-@dataclass
-class Backend:
-    store: ObjectStore
-    tamper: Callable[[str, bytes], None]  # rewrite an object behind the store's back
-    leftovers: Callable[[], list[str]]  # staging files / multipart uploads left behind
-
-
-@pytest.fixture(scope="module")
-def s3_client(s3_server: S3Server) -> Iterator[S3Client]:
-    """forkyard's own client set-up, made once (each client costs ~0.1 s)."""
-    client = make_s3_client(endpoint_url=s3_server.endpoint_url, region=s3_server.region)
-    yield client
-    client.close()
-
-
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def backend(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Backend]:
-    if request.param == "local":
-        local = LocalStore(tmp_path_factory.mktemp("store"))  # keeps tmp_path for the test
-
-        def tamper(key: str, data: bytes) -> None:
-            path = local.root / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.unlink(missing_ok=True)  # objects are read-only files
-            path.write_bytes(data)
-
-        yield Backend(local, tamper, lambda: os.listdir(local.root / ".forkyard-staging"))
-        return
-    s3: S3Server = request.getfixturevalue("s3_server")
-    bucket = s3.new_bucket()
-    # Small multipart settings so that tens of MiB exercise the multipart path.
-    store = S3Store(
-        bucket,
-        "pfx",
-        client=request.getfixturevalue("s3_client"),
-        multipart_threshold=6 * MiB,
-        part_size=5 * MiB,
-    )
-    yield Backend(
-        store,
-        lambda key, data: s3.put_raw(f"pfx/{key}", data, bucket=bucket),
-        lambda: s3.pending_uploads(bucket=bucket),
-    )
+    pass
 
 
 class Progress:
