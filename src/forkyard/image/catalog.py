@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forkyard._digest import sha256_file
 from forkyard.config import Home
 from forkyard.errors import ImageError, ImageNotFound, IntegrityError
 
@@ -208,7 +209,7 @@ class ImageCatalog:
     def verify(self, ref: str) -> None:
         """Re-hash the blob; raise IntegrityError if its bytes no longer match."""
         digest = self.resolve(ref)
-        actual = _sha256_file(self._blob(digest))
+        actual = sha256_file(self._blob(digest))
         if actual != digest:
             raise IntegrityError(f"image blob {digest}", expected=digest, actual=actual)
 
@@ -292,7 +293,7 @@ class ImageCatalog:
             src.unlink()
             return digest
         _fsync_path(tmp)
-        return _sha256_file(tmp)
+        return sha256_file(tmp)
 
     def _commit(
         self, tmp: Path | None, digest: str, meta: ImageMeta, name: str | None
@@ -487,14 +488,6 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _copy_hashing(src: Path, dst: Path) -> str:
