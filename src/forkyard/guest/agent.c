@@ -11,6 +11,11 @@
  * writes faster than a TCG guest reads.
  *
  * Design notes (why, not what):
+ *  - A partial request that gets no more bytes for PARTIAL_IDLE_MS is
+ *    dropped.  The host writes each request in one go, so a stalled partial
+ *    request is debris (a host that went away mid-write); if it stayed, it
+ *    would swallow every later request.  We cannot rely on seeing the host
+ *    disconnect: a quick close and reconnect can reach us as one event.
  *  - One thread, one poll() loop.  Commands run as children whose pipes sit in
  *    the same poll set, so many execs can run at once and a slow command never
  *    blocks file operations.
@@ -61,6 +66,7 @@
 #define MAX_PAYLOAD (80u * 1024u * 1024u)
 #define MAX_EXECS 256
 #define DEFAULT_MAX_OUTPUT (16u * 1024u * 1024u)
+#define PARTIAL_IDLE_MS 5000
 
 /* ops */
 enum {
@@ -236,6 +242,7 @@ static uint64_t field_u64(const fields_t *fs, uint16_t tag, uint64_t dflt)
 
 static int port_fd = -1;
 static buf_t inbuf;          /* bytes read from the host, not yet parsed */
+static struct timespec last_input; /* when bytes last arrived (monotonic) */
 static buf_t outbuf;         /* frames waiting to be written             */
 static size_t out_off;       /* how much of outbuf has been written      */
 static uint32_t session = 1; /* bumped on every host disconnect          */
@@ -1021,7 +1028,10 @@ static ssize_t port_read(void)
     ssize_t r;
     do r = read(port_fd, inbuf.p + inbuf.len, 65536);
     while (r < 0 && errno == EINTR);
-    if (r > 0) inbuf.len += (size_t)r;
+    if (r > 0) {
+        inbuf.len += (size_t)r;
+        clock_gettime(CLOCK_MONOTONIC, &last_input);
+    }
     return r;
 }
 
@@ -1072,6 +1082,13 @@ int main(void)
         pfds[n] = (struct pollfd){sfd, POLLIN, 0};
         owner[n++] = -2;
         long timeout = -1;
+        if (host_up && inbuf.len) {
+            /* wake up to drop a stalled partial request (see the notes above) */
+            struct timespec due = last_input;
+            due.tv_sec += PARTIAL_IDLE_MS / 1000;
+            long ms = ms_until(due);
+            timeout = ms < 0 ? 0 : ms;
+        }
         for (int i = 0; i < MAX_EXECS; i++) {
             exec_t *x = &execs[i];
             if (!x->used) continue;
@@ -1139,6 +1156,15 @@ int main(void)
             if (discard_fds[i] >= 0) discard_fds[kept++] = discard_fds[i];
         n_discard = kept;
         if (host_up && inbuf.len) process_input();
+        if (inbuf.len) {
+            struct timespec due = last_input;
+            due.tv_sec += PARTIAL_IDLE_MS / 1000;
+            if (ms_until(due) <= 0) {
+                logmsg("forkyard-agent: dropping %zu bytes of a stalled partial request\n",
+                       inbuf.len);
+                inbuf.len = 0;
+            }
+        }
         for (int i = 0; i < MAX_EXECS; i++) {
             exec_t *x = &execs[i];
             if (!x->used) continue;

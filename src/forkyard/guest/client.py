@@ -109,23 +109,36 @@ class AgentClient:
         self._closed = True
         self._ids = itertools.count(secrets.randbelow(1 << 30) + 1)
         self._decoder = FrameDecoder()
+        self._hello_id = 0
         self.version = ""
 
     # ------------------------------------------------------------------
     # connection
+    def open(self, *, timeout: float = 60.0) -> None:
+        """Connect the channel without starting a session yet.
+
+        A restore connects this early, before QEMU loads the saved state: a
+        reply the source VM was still sending when it was paused is then
+        flushed to this connection on load (and skipped, see ``FrameDecoder``)
+        instead of leaving the port throttled with nobody to unblock it.
+        """
+        self._open(time.monotonic() + timeout)
+
     def connect(self, *, timeout: float = 60.0, set_time: bool = True,
                 hello_timeout: float = 15.0) -> None:
-        """Connect and start a session: HELLO with a nonce, resync on its reply.
+        """Start a session (connecting first if needed): HELLO with a nonce.
 
         If HELLO goes unanswered for ``hello_timeout`` (doubling each time),
-        the connection is dropped and made again: the guest then sees the
-        port close and reopen, a fresh session whatever state its end of the
-        channel was left in.  A fresh boot that takes longer is unharmed.
+        the connection is dropped and made again.  Whatever the guest's end of
+        the channel was left holding, it drops a stalled partial request after
+        a few seconds (agent.c), so a later attempt gets through.  A fresh
+        boot that takes longer than one attempt is unharmed.
         """
         deadline = time.monotonic() + timeout
         attempt = hello_timeout
         while True:
-            self._open(deadline)
+            if self._sock is None:
+                self._open(deadline)
             left = deadline - time.monotonic()
             try:
                 self._hello(set_time, timeout=max(0.1, min(attempt, left)))
@@ -150,24 +163,25 @@ class AgentClient:
                     raise AgentDisconnected(f"{self._name}: agent socket not reachable") from exc
                 time.sleep(0.02)
         self._sock = sock
+        # Until the reply to our HELLO, everything on the channel belongs to an
+        # earlier session: the decoder skips to that reply's header.
+        self._hello_id = self._next_id()
         self._decoder = FrameDecoder()
+        self._decoder.sync_on(Op.HELLO, int(Flag.RESPONSE), self._hello_id)
         with self._lock:
             self._closed = False
         self._reader = threading.Thread(
             target=self._read_loop, args=(sock, self._decoder), name=f"agent-{self._name}",
             daemon=True,
         )
+        self._reader.start()
 
     def _hello(self, set_time: bool, *, timeout: float) -> None:
-        hello_id = self._next_id()
-        self._decoder.sync_on(Op.HELLO, int(Flag.RESPONSE), hello_id)
-        assert self._reader is not None
-        self._reader.start()
         nonce = secrets.token_bytes(16)
         fields: list[tuple[Tag, p.FieldValue]] = [(Tag.NONCE, nonce)]
         if set_time:
             fields.append((Tag.TIME_NS, time.time_ns()))
-        reply = self._call(Op.HELLO, fields, timeout=timeout, request_id=hello_id)
+        reply = self._call(Op.HELLO, fields, timeout=timeout, request_id=self._hello_id)
         if reply.bytes(Tag.NONCE) != nonce:
             self.close()
             raise AgentError(f"{self._name}: agent answered HELLO with the wrong nonce")

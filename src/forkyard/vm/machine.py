@@ -26,6 +26,7 @@ import subprocess
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,23 +199,28 @@ class QemuVM:
         ]
 
     def launch(self, *, incoming_state: Path | int | None = None, timeout: float = 60.0,
-               run: bool = True, loadvm: str | None = None) -> None:
+               run: bool = True, loadvm: str | None = None,
+               on_started: Callable[[], None] | None = None) -> None:
         """Start QEMU: boot the kernel, or load ``incoming_state`` and run from there.
 
         ``incoming_state`` is a file, or a readable fd (e.g. a pipe) whose
         ownership passes to this call.  ``run=False`` leaves the VM paused.
+        ``on_started`` runs once QEMU answers QMP, before any state is loaded
+        (the agent channel is connected there, see ``AgentClient.open``).
         """
         # an fd we own sits in this list until closed exactly once (by _load_state
         # once QEMU has it, or here on an earlier failure): fd numbers get reused
         owned = [incoming_state] if isinstance(incoming_state, int) else []
         try:
-            self._launch(incoming_state, owned, timeout=timeout, run=run, loadvm=loadvm)
+            self._launch(incoming_state, owned, timeout=timeout, run=run, loadvm=loadvm,
+                         on_started=on_started)
         finally:
             while owned:
                 os.close(owned.pop())
 
     def _launch(self, incoming_state: Path | int | None, owned: list[int], *, timeout: float,
-                run: bool, loadvm: str | None) -> None:
+                run: bool, loadvm: str | None,
+                on_started: Callable[[], None] | None) -> None:
         if self.state is not VMState.CREATED:
             raise VMError(f"{self.name}: cannot launch a VM that is {self.state.value}")
         self.state = VMState.STARTING
@@ -243,6 +249,8 @@ class QemuVM:
             self._qmp.connect(timeout=timeout)
             self._qmp.execute("migrate-set-parameters",
                               {"max-bandwidth": _MIGRATION_BANDWIDTH})
+            if on_started is not None:
+                on_started()
             if incoming_state is not None:
                 self._load_state(incoming_state, owned, timeout=timeout, resume=run)
             self.state = VMState.RUNNING if run else VMState.PAUSED

@@ -239,12 +239,18 @@ class Sandbox:
         the rest of its disk chain.
         """
         self._vm = vm
+        agent = AgentClient(vm.agent_socket, name=self.id)
+
+        def connect_early() -> None:
+            agent.open(timeout=timeout)
+
         try:
             if verdict is None:
-                vm.launch(incoming_state=incoming, timeout=timeout)
+                vm.launch(incoming_state=incoming, timeout=timeout, on_started=connect_early)
             else:
                 try:
-                    vm.launch(incoming_state=incoming, timeout=timeout, run=False)
+                    vm.launch(incoming_state=incoming, timeout=timeout, run=False,
+                              on_started=connect_early)
                 except VMError as exc:
                     # a state that fails to load was usually damaged in transit, and
                     # the download's verdict says so more precisely than QEMU
@@ -257,9 +263,9 @@ class Sandbox:
                 if attach is not None:
                     attach(vm)
                 vm.resume()
-            agent = AgentClient(vm.agent_socket, name=self.id)
             agent.connect(timeout=timeout)
         except BaseException:
+            agent.close()
             vm.kill()
             self._mark_failed()
             raise
