@@ -171,3 +171,34 @@ def test_a_failed_state_save_leaves_later_checkpoints_consistent(worker_factory,
     fork = w.fork(cp)
     assert fork.files.read_text("/root/a") == "before the failed checkpoint"
     assert fork.files.read_text("/root/b") == "after it"
+
+
+def test_fork_of_a_checkpoint_taken_while_the_guest_was_sending(worker_factory):
+    """A checkpoint taken while a 24 MiB reply streams out of the guest.
+
+    The source's reply must arrive whole, and every fork must still talk to
+    its agent although the saved channel state holds part of that reply.
+    """
+    import hashlib
+    import os
+    import threading
+    import time
+
+    w = worker_factory()
+    sb = w.create("minimal")
+    data = os.urandom(24 * 1024 * 1024)
+    sb.files.write("/root/big", data)
+    forks = []
+    for _ in range(3):
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda got=got: got.append(sb.files.read("/root/big")))
+        reader.start()
+        time.sleep(0.3)  # the reply is streaming out of the guest now
+        cp = sb.checkpoint()
+        reader.join(120)
+        assert got and hashlib.sha256(got[0]).digest() == hashlib.sha256(data).digest()
+        fork = w.fork(cp, timeout=90)
+        forks.append(fork)
+        assert fork.exec("echo fork-alive").stdout == "fork-alive\n"
+    for fork in forks:
+        fork.destroy()

@@ -117,10 +117,12 @@ class AgentClient:
     def open(self, *, timeout: float = 60.0) -> None:
         """Connect the channel without starting a session yet.
 
-        A restore connects this early, before QEMU loads the saved state: a
-        reply the source VM was still sending when it was paused is then
-        flushed to this connection on load (and skipped, see ``FrameDecoder``)
-        instead of leaving the port throttled with nobody to unblock it.
+        A restore connects this early, before QEMU loads the saved state, so
+        that whatever QEMU flushes from the saved port state on load (a reply
+        the source was still sending when it was paused) has a reader; the
+        decoder skips it.  Defensive: QEMU 7.2 gives up on writes to an
+        unconnected socket chardev and throttles the port, and we would rather
+        not depend on how it recovers from that.
         """
         self._open(time.monotonic() + timeout)
 
