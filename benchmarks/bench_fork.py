@@ -70,7 +70,8 @@ def main() -> None:
     ratio.add_column("value", justify="right")
     ratio.add_row("fork / boot", f"{statistics.median(forks) / statistics.median(boots):.3f}")
     ratio.add_row("checkpoint / boot", f"{statistics.median(cps) / statistics.median(boots):.3f}")
-    ratio.add_row("boot / fork (speed-up)", f"{statistics.median(boots) / statistics.median(forks):.1f}x")
+    speedup = statistics.median(boots) / statistics.median(forks)
+    ratio.add_row("boot / fork (speed-up)", f"{speedup:.1f}x")
     console.print(ratio)
 
 

@@ -1,7 +1,7 @@
 """What a portable checkpoint costs: forkyard vs. thin-only vs. the upstream flatten.
 
     .venv/bin/python benchmarks/bench_portable.py [--image debian|minimal] [--s3]
-                                                  [--write-mb 20] [--trials 3]
+                                                  [--write-mb 20] [--trials 9]
 
 One workload, one run, three archive methods side by side:
 
@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import zstandard
 from rich.console import Console
@@ -36,14 +37,15 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from forkyard.checkpoint import Checkpoint  # noqa: E402
-from forkyard.image import DebianSource, MinimalSource, build_image  # noqa: E402
-from forkyard.store import ObjectStore, open_store  # noqa: E402
-from forkyard.tools import qemu_img  # noqa: E402
-from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape  # noqa: E402
-from forkyard.worker import Worker  # noqa: E402
+from forkyard.checkpoint import Checkpoint
+from forkyard.image import DebianSource, MinimalSource, build_image
+from forkyard.store import ObjectStore, open_store
+from forkyard.tools import qemu_img
+from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape
+from forkyard.worker import Sandbox, Worker
 
 console = Console()
+T = TypeVar("T")
 WORKLOAD = """
 set -e
 mkdir -p /root/work && cd /root/work
@@ -58,7 +60,7 @@ sync
 """
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
@@ -119,7 +121,7 @@ def main() -> None:
     ap.add_argument("--image", choices=("debian", "minimal"), default="debian")
     ap.add_argument("--s3", action="store_true", help="use a local S3 server instead of a dir")
     ap.add_argument("--write-mb", type=int, default=20, help="data the sandbox writes")
-    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--trials", type=int, default=9)
     args = ap.parse_args()
     files = max(1, args.write_mb // 2)  # half random files, half their git objects
 
@@ -134,19 +136,29 @@ def main() -> None:
             info = build_image(a.home, source, name="bench")
             console.log(f"base image: {info.size / 1e6:.0f} MB, sha256:{info.digest[:12]}")
 
+            def workload(target: Sandbox) -> None:
+                if args.image == "debian":
+                    target.exec(WORKLOAD.format(files=files), timeout=600, check=True)
+                else:
+                    target.files.write("/root/work.bin",
+                                       bytes(range(256)) * (args.write_mb * 4096))
+
+            # the same workload in a second sandbox, checkpointed with its page
+            # cache kept: what dropping the cache saves, side by side
+            kept_sb = a.create("bench")
+            workload(kept_sb)
+            kept_cp = kept_sb.checkpoint(keep_page_cache=True)
+            kept_sb.destroy()
+
             sb = a.create("bench")
-            if args.image == "debian":
-                sb.exec(WORKLOAD.format(files=files), timeout=600, check=True)
-            else:
-                sb.files.write("/root/work.bin", bytes(range(256)) * (args.write_mb * 4096))
-            t_cp, cp_obj = timed(sb.checkpoint)
-            cp: Checkpoint = cp_obj  # type: ignore[assignment]
-            t_pub, rep = timed(lambda: a.publish(cp))
-            report = rep  # PublishReport
+            workload(sb)
+            t_cp, cp = timed(sb.checkpoint)
+            t_pub, report = timed(lambda: a.publish(cp))
+            kept_report = a.publish(kept_cp)
             # a second checkpoint after more work: steady state, base already stored
             sb.exec("cd /root && dd if=/dev/urandom of=more.bin bs=1M count=2 2>/dev/null")
             t_cp2, cp2_obj = timed(sb.checkpoint)
-            t_pub2, rep2 = timed(lambda: a.publish(cp2_obj))  # type: ignore[arg-type]
+            t_pub2, _ = timed(lambda: a.publish(cp2_obj))
 
             console.log("building the thin-only and upstream archives of the same checkpoint")
             work = tmp / "upstream"
@@ -166,16 +178,16 @@ def main() -> None:
             for i in range(args.trials):
                 t, f = timed(lambda: a.fork(cp))
                 same.append(t)
-                f.destroy()  # type: ignore[attr-defined]
+                f.destroy()
                 _forget_parts(b, cp)  # keep the base, drop layer + state
                 t, f = timed(lambda: b.fork(cp.id))
                 warm.append(t)
-                f.destroy()  # type: ignore[attr-defined]
+                f.destroy()
                 c = Worker(tmp / f"cold{i}", name=f"cold{i}",
                            store=open_store(url) if not args.s3 else store)
                 t, f = timed(lambda c=c: c.fork(cp.id))  # type: ignore[misc]
                 cold.append(t)
-                f.destroy()  # type: ignore[attr-defined]
+                f.destroy()
                 c.close()
                 shutil.rmtree(tmp / f"cold{i}", ignore_errors=True)
             sb.destroy()
@@ -187,14 +199,18 @@ def main() -> None:
                         f"~{args.write_mb} MB, {'S3' if args.s3 else 'dir'} store)")
     for col in ("method", "MB", "× forkyard", "restores correctly"):
         sizes.add_column(col, justify="left" if col == "method" else "right")
-    ours = report.stored_bytes  # type: ignore[attr-defined]
-    sizes.add_row("forkyard (layer + state)", f"{ours / mb:.1f}", "1.00", "yes (verified by digest)")
+    ours = report.stored_bytes
+    sizes.add_row("forkyard (layer + state)", f"{ours / mb:.1f}", "1.00",
+                  "yes (verified by digest)")
     sizes.add_row("thin-only tar.zst (unsafe)", f"{thin_bytes / mb:.1f}",
                   f"{thin_bytes / ours:.2f}", "only on the same base bytes")
     sizes.add_row("upstream: rebase -b \"\" + tar.zst", f"{flat_bytes / mb:.1f}",
                   f"{flat_bytes / ours:.2f}", "no (zeros under snapshot)")
+    kept = kept_report.stored_bytes
+    sizes.add_row("forkyard, page cache kept (keep_page_cache=True)", f"{kept / mb:.1f}",
+                  f"{kept / ours:.2f}", "yes (verified by digest)")
     sizes.add_row("  base image, once per store (forkyard)",
-                  f"{report.shared_bytes / mb:.1f}", "", "")  # type: ignore[attr-defined]
+                  f"{report.shared_bytes / mb:.1f}", "", "")
     console.print(sizes)
 
     pub = Table(title="time to publish a checkpoint (s)")

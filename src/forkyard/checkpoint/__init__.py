@@ -12,8 +12,16 @@ snapshots because:
   portable archive part, content-addressed and written once;
 - internal snapshots keep their own L1 tables inside one mutable qcow2, which
   is what makes ``qemu-img rebase -b ""`` silently lose base data under a
-  snapshot (see docs/portability.md); ``forkyard export`` produces a savevm
-  snapshot only at the end, from a complete disk, so its view is whole.
+  snapshot (NOTES §3, reproduced by tests/integration/test_export_import.py);
+  ``forkyard export`` produces a savevm snapshot only at the end, from a
+  complete disk, so its view is whole.
+
+Before the capture the guest syncs and drops its clean page cache (the
+agent's ``sync`` with the drop flag; guests boot with ``init_on_free=1`` so
+freed pages are zero and QEMU's migration skips them).  Cached file pages are
+copies of disk blocks that the frozen layer or the base already hold; keeping
+them would store the same data twice.  ``Sandbox.checkpoint(keep_page_cache=
+True)`` opts out.
 """
 
 from __future__ import annotations

@@ -455,8 +455,10 @@ class AgentClient:
             Op.MKDIR, [(Tag.PATH, path), (Tag.MODE, mode), (Tag.FLAGS, flags)], timeout=30.0
         )
 
-    def sync(self, *, timeout: float = 60.0) -> None:
-        self._call(Op.SYNC, [], timeout=timeout)
+    def sync(self, *, drop_page_cache: bool = False, timeout: float = 60.0) -> None:
+        """Flush the guest's dirty data to disk; then, optionally, drop its clean page cache."""
+        flags = p.SYNC_DROP_CACHES if drop_page_cache else 0
+        self._call(Op.SYNC, [(Tag.FLAGS, flags)], timeout=timeout)
 
     def kill(self, pid: int, signal: int = 9) -> None:
         self._call(Op.KILL, [(Tag.PID, pid), (Tag.SIGNAL, signal)], timeout=10.0)

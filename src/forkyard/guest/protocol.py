@@ -109,6 +109,7 @@ WRITE_MKDIRS = 1
 WRITE_APPEND = 2
 REMOVE_RECURSIVE = 1
 MKDIR_PARENTS = 1
+SYNC_DROP_CACHES = 1
 
 _FIELD = struct.Struct("<HI")
 _U64 = struct.Struct("<Q")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -16,7 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from forkyard.checkpoint import qcow2
-from forkyard.errors import AgentError, ForkyardError, SandboxStateError, VMError
+from forkyard.errors import (
+    AgentError,
+    AgentTimeout,
+    ForkyardError,
+    GuestError,
+    SandboxStateError,
+    VMError,
+)
 from forkyard.guest.client import AgentClient, EntryInfo, ExecResult
 from forkyard.tools import qemu_img
 from forkyard.vm.machine import QemuVM
@@ -28,6 +36,10 @@ if TYPE_CHECKING:
 __all__ = ["Files", "Sandbox", "SandboxInfo", "SandboxState"]
 
 T = TypeVar("T")
+log = logging.getLogger("forkyard.worker")
+# A guest sync can wait on a lot of dirty data; past this the checkpoint goes
+# ahead with the cache in place rather than stall.
+_DROP_CACHE_TIMEOUT = 30.0
 
 
 class SandboxState(enum.Enum):
@@ -290,14 +302,22 @@ class Sandbox:
         os.replace(tmp, d / "sandbox.json")
 
     # ------------------------------------------------------------------
-    def checkpoint(self, *, name: str | None = None) -> Checkpoint:
+    def checkpoint(self, *, name: str | None = None, keep_page_cache: bool = False) -> Checkpoint:
         """Capture memory, devices and disk at one instant; the sandbox keeps running.
 
         The VM is paused only for the capture itself (disk layer freeze and
         state save); hashing and cataloguing happen after it resumes.
+
+        First the guest syncs and drops its clean page cache: those pages are
+        copies of disk blocks the checkpoint stores anyway, and without them
+        the VM state is smaller and faster to save, ship and load (about half
+        the state after a sandbox wrote 40 MB).  Programs see no difference,
+        only colder caches.  ``keep_page_cache=True`` captures the memory as is.
         """
         with self._lock:
             vm, agent = self._require_running("checkpoint")
+            if not keep_page_cache:
+                _drop_page_cache(agent, self.id)
             new_active = self._new_active(None)
             state_tmp = self.dir / f"state-{self._disk_seq}.tmp"
             t0 = time.monotonic()
@@ -380,3 +400,12 @@ class Sandbox:
             self._mark_failed()
             raise VMError(f"sandbox {self.id}: QEMU exited", log_tail=vm.log_tail())
         return vm, agent
+
+
+def _drop_page_cache(agent: AgentClient, sandbox_id: str) -> None:
+    try:
+        agent.sync(drop_page_cache=True, timeout=_DROP_CACHE_TIMEOUT)
+    except (GuestError, AgentTimeout) as exc:
+        # only costs size: the checkpoint is as correct with the cache in it
+        log.warning("sandbox %s: page cache not dropped before the checkpoint: %s",
+                    sandbox_id, exc)
