@@ -153,6 +153,26 @@ def test_second_fork_reuses_the_fetched_base(pair: Pair, monkeypatch: pytest.Mon
     assert reads == []
 
 
+def test_concurrent_forks_download_the_state_once(pair: Pair, monkeypatch: pytest.MonkeyPatch
+                                                  ) -> None:
+    c = pair.open_worker(f"c-{uuid.uuid4().hex[:6]}")
+    reads: list[str] = []
+    real = c.store.open_read
+    monkeypatch.setattr(c.store, "open_read", lambda key: reads.append(key) or real(key))
+    forks = c.fork_many(pair.cp.id, 3)
+    try:
+        for fork in forks:
+            assert fork.files.read_text("/root/marker") == "from A\n"
+            assert fork.exec(f"kill -0 {pair.sleeper}").exit_code == 0
+    finally:
+        for fork in forks:
+            fork.destroy()
+    m = pair.cp.manifest
+    for _role, ref in m.parts():
+        assert reads.count(blob_key(ref.digest)) <= 1, (_role, reads)
+    assert reads.count(blob_key(m.state.digest)) == 1
+
+
 def test_hibernate_on_a_wake_on_b(pair: Pair) -> None:
     sb = pair.a.create("minimal")
     pid = int(sb.exec("sleep 1000 & echo $!").stdout)

@@ -28,10 +28,13 @@ from forkyard.store import BlobCache, BlobStore
 __all__ = ["StateStream"]
 
 class StateStream:
-    def __init__(self, cache: BlobCache, blobs: BlobStore, ref: PartRef) -> None:
+    def __init__(self, cache: BlobCache, blobs: BlobStore, ref: PartRef,
+                 on_done: Callable[[], None] | None = None) -> None:
         self._cache = cache
         self._blobs = blobs
         self._ref = ref
+        self._on_done = on_done
+        self._done = threading.Event()  # set once the bytes are filed in the cache (or failed)
         self._chunks: queue.Queue[bytes | None] = queue.Queue()
         self._error: BaseException | None = None
         self._verdict = threading.Event()  # set once the bytes are verified (or failed)
@@ -69,6 +72,10 @@ class StateStream:
         if self._error is not None:
             raise self._error
 
+    def wait_done(self, timeout: float) -> bool:
+        """Wait until the download is over: filed in the cache, or failed."""
+        return self._done.wait(timeout)
+
     def close(self) -> None:
         if self.read_fd is not None:
             os.close(self.read_fd)
@@ -104,6 +111,9 @@ class StateStream:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+            if self._on_done is not None:
+                self._on_done()
+            self._done.set()
 
     def _run_feeder(self) -> None:
         try:

@@ -130,6 +130,7 @@ class Worker:
         self.blobs = BlobCache(self.home.cache_dir / "blobs")
         self._sandboxes: dict[str, Sandbox] = {}
         self._lock = threading.Lock()
+        self._state_downloads: dict[str, StateStream] = {}  # by digest, while in flight
         self._image_lock = threading.Lock()
         self._closed = False
         self._reap_stale()
@@ -501,9 +502,9 @@ class Worker:
         m = cp.manifest
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
         state: Path | StateStream | None = self.blobs.path_if_present(m.state.digest)
+        ahead: StateStream | None = None  # another fork's download of this state
         if state is None and stream_state:
-            state = StateStream(self.blobs, self.blobstore, m.state)
-            state.start()
+            state, ahead = self._stream_state(m.state)
         try:
             f_base = pool.submit(
                 lambda: self._find_base(m.base.digest) or self._fetch(m.base, "base image", cp))
@@ -523,8 +524,7 @@ class Worker:
                 kernel=pool.submit(self._blob, m.boot.kernel, "kernel", cp),
                 initrd=pool.submit(self._blob, m.boot.initrd, "initramfs", cp),
                 disks=pool.submit(disks),
-                state=state if state is not None else pool.submit(
-                    self._blob, m.state, "VM state", cp).result(),
+                state=state if state is not None else self._state_file(m.state, cp, ahead),
                 pool=pool,
             )
         except BaseException:
@@ -533,6 +533,33 @@ class Worker:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         return parts
+
+    def _stream_state(self, ref: PartRef) -> tuple[StateStream | None, StateStream | None]:
+        """A new stream of this VM state, or ``(None, ahead)`` if one is in flight.
+
+        Concurrent forks of a checkpoint whose state is not here download it
+        once: the first streams it, the others wait for it to be cached.
+        """
+        with self._lock:
+            ahead = self._state_downloads.get(ref.digest)
+            if ahead is not None:
+                return None, ahead
+
+            def landed() -> None:
+                with self._lock:
+                    self._state_downloads.pop(ref.digest, None)
+
+            stream = StateStream(self.blobs, self.blobstore, ref, on_done=landed)
+            stream.start()
+            self._state_downloads[ref.digest] = stream
+        return stream, None
+
+    def _state_file(self, ref: PartRef, cp: Checkpoint, ahead: StateStream | None) -> Path:
+        if ahead is not None:
+            # Whatever became of that download, the cache now has the state or
+            # a fetch of our own reports exactly what is wrong with it.
+            ahead.wait_done(_BOOT_TIMEOUT)
+        return self._blob(ref, "VM state", cp)
 
     def _find_base(self, digest: str) -> Path | None:
         """A local file with exactly these bytes: a catalogued image or a fetched base."""
