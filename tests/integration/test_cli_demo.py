@@ -26,6 +26,7 @@ def test_demo_verifies_forks_on_both_workers_and_cleans_up(tmp_path):
     cp, base = report["checkpoint"], report["base_image"]
     assert 0 < cp["stored_bytes"] < cp["changed_bytes"]  # archives are compressed
     assert base["size"] > 0 and report["hibernate"]["stored_bytes"] > 0
+    assert 0 < base["stored_bytes"] < base["size"]  # the base travelled once, compressed
     # stock bases: each worker built its own image, so the two catalogs differ
     images = json.loads(fy("image", "ls", "--json", home=home).stdout)
     minimal = {i["worker"]: i["digest"] for i in images if "minimal" in i["names"]}

@@ -97,6 +97,18 @@ def _quietly_kill(sb: Sandbox) -> None:
         sb.kill()
 
 
+def _base_stored(store_url: str | None, home: Path, base: str) -> int | None:
+    """Compressed bytes of the base image in the cluster's store (None if unknown)."""
+    if not store_url or not base:
+        return None
+    from forkyard.config import Home
+    from forkyard.store import blob_key, open_store
+
+    with contextlib.suppress(ForkyardError):
+        return open_store(store_url, Home.at(home).settings()).size(blob_key(base))
+    return None
+
+
 def _base_size(homes: list[Path], base: str) -> tuple[int, int] | None:
     """(apparent size, bytes allocated on disk) of the base image blob."""
     from forkyard.config import Home
@@ -269,7 +281,9 @@ def _run(home: Path, *, forks: int, url: str | None, token: str | None, show: bo
                       "stored_bytes": None if hib_cp is None else hib_cp.stored_bytes},
         "base_image": {"digest": src_sb.info.image,
                        "size": None if base is None else base[0],
-                       "allocated": None if base is None else base[1]},
+                       "allocated": None if base is None else base[1],
+                       "stored_bytes": _base_stored(cluster.store if cluster else None,
+                                                    home, src_sb.info.image or "")},
         "checksums_from": src.checksum_source,
         "checks": [c.to_json() for c in checks],
     }
@@ -287,19 +301,15 @@ def _print_report(report: dict[str, Any]) -> None:
                   str(c["files"]), f"{c['verify_seconds']:.1f} s", mark)
     out.print(t)
     cp, hib, base = report["checkpoint"], report["hibernate"], report["base_image"]
-    sizes = table("archive", "stored (compressed)", "changed", "vs. base image",
+    sizes = table("object", "in the store (zstd)", "uncompressed",
                   title="what a checkpoint costs in the store")
-    base_size = base["size"]
-
-    def ratio(n: int | None) -> str:
-        return "-" if n is None or not base_size else f"{100 * n / base_size:.1f} %"
-
-    sizes.add_row(f"checkpoint {short(cp['id'])}", human_bytes(cp["stored_bytes"]),
-                  human_bytes(cp["changed_bytes"]), ratio(cp["stored_bytes"]))
-    sizes.add_row(f"hibernation {short(hib['checkpoint'])}", human_bytes(hib["stored_bytes"]),
-                  human_bytes(hib["changed_bytes"]), ratio(hib["stored_bytes"]))
-    sizes.add_row(f"base image {short(base['digest'])}", human_bytes(base_size),
-                  f"{human_bytes(base['allocated'])} on disk", "100 %")
+    sizes.add_row(f"checkpoint {short(cp['id'])} (layer + VM state)",
+                  human_bytes(cp["stored_bytes"]), human_bytes(cp["changed_bytes"]))
+    sizes.add_row(f"hibernation {short(hib['checkpoint'])} (layer + VM state)",
+                  human_bytes(hib["stored_bytes"]), human_bytes(hib["changed_bytes"]))
+    sizes.add_row(f"base image {short(base['digest'])} (once per store)",
+                  human_bytes(base["stored_bytes"]),
+                  f"{human_bytes(base['size'])} raw, {human_bytes(base['allocated'])} on disk")
     out.print(sizes)
     out.print(f"boot {report['boot_seconds']:.2f} s, checkpoint {cp['seconds']:.2f} s, "
               f"publish {cp['publish_seconds']:.2f} s, hibernate {hib['seconds']:.2f} s; "
