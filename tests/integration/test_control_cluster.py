@@ -29,12 +29,12 @@ import pytest
 import uvicorn
 
 from forkyard.config import Home
-from forkyard.control._http import bind
 from forkyard.control.server import create_app
 from forkyard.errors import GuestError
 from forkyard.guest.client import ExecResult
 from forkyard.image import ImageCatalog
 from forkyard.verify import verify_files
+from forkyard.wire.serving import bind
 from tests.conftest import qemu_pids
 from tests.fixtures.postgres import find_bindir, running_postgres
 

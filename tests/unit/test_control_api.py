@@ -25,8 +25,8 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import Route
 
-from forkyard.control._http import bind
 from forkyard.control.server import create_app
+from forkyard.wire.serving import bind
 from tests.fixtures.postgres import PostgresServer, postgres_fixture
 
 API = "api-" + "a" * 40

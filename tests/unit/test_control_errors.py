@@ -7,9 +7,9 @@ import json
 import pytest
 
 from forkyard import errors as e
-from forkyard.control._errors import ERROR_TYPES, ApiError, WorkerReply, error_body
 from forkyard.control._workers import error_from_response
 from forkyard.guest.client import ExecResult
+from forkyard.wire.errors import ERROR_TYPES, ApiError, WorkerReply, error_body
 
 TABLE = [
     (e.SandboxNotFound("sb-x"), 404, "not_found"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from forkyard.control._errors import ApiError
 from forkyard.control._placement import Candidate, Placement, choose
+from forkyard.wire.errors import ApiError
 
 CP = "c" * 64
 BASE = "b" * 64

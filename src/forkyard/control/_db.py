@@ -47,8 +47,8 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from forkyard.control._errors import ApiError
 from forkyard.errors import ForkyardError
+from forkyard.wire.errors import ApiError
 
 __all__ = [
     "ArchiveRow",

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from forkyard.control._errors import ApiError
+from forkyard.wire.errors import ApiError
 
 __all__ = ["Candidate", "Placement", "choose"]
 

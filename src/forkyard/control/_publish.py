@@ -16,11 +16,11 @@ from collections.abc import Callable
 from forkyard.checkpoint import archive
 from forkyard.checkpoint.archive import SHARED_ROLES
 from forkyard.control._db import ArchiveRow, CheckpointRow, Database, WorkerRow, utcnow
-from forkyard.control._errors import ApiError, WorkerReply
-from forkyard.control._models import CheckpointState, WorkerPublishStatus, WorkerState
 from forkyard.control._workers import QUICK_TIMEOUT, WorkerClients
 from forkyard.errors import ForkyardError
 from forkyard.store import ObjectStore, blob_key, open_store
+from forkyard.wire.errors import ApiError, WorkerReply
+from forkyard.wire.models import CheckpointState, WorkerPublishStatus, WorkerState
 
 __all__ = ["PublishWatcher"]
 

@@ -15,8 +15,8 @@ from forkyard.control._db import (
     parse_time,
     utcnow,
 )
-from forkyard.control._errors import ApiError, WorkerReply
-from forkyard.control._models import (
+from forkyard.wire.errors import ApiError, WorkerReply
+from forkyard.wire.models import (
     SANDBOX_ID_RE,
     CheckpointOut,
     CheckpointState,

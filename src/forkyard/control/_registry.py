@@ -16,16 +16,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from forkyard.control._db import Database, SandboxRow, WorkerRow, utcnow
-from forkyard.control._errors import ApiError
-from forkyard.control._models import (
-    HeartbeatReply,
-    SandboxState,
-    WorkerLeaving,
-    WorkerOut,
-    WorkerReport,
-    WorkerSandbox,
-    WorkerState,
-)
 from forkyard.control._placement import Candidate
 from forkyard.control._records import (
     ACTIVE,
@@ -35,6 +25,16 @@ from forkyard.control._records import (
     worker_out,
 )
 from forkyard.control._workers import WorkerClient, WorkerClients
+from forkyard.wire.errors import ApiError
+from forkyard.wire.models import (
+    HeartbeatReply,
+    SandboxState,
+    WorkerLeaving,
+    WorkerOut,
+    WorkerReport,
+    WorkerSandbox,
+    WorkerState,
+)
 
 __all__ = ["Registry"]
 

@@ -20,8 +20,9 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 import forkyard
-from forkyard.control._http import check_length, limited_body
-from forkyard.control._models import (
+from forkyard.control._service import ControlPlane
+from forkyard.control._workers import EXEC_MARGIN, FILE_TIMEOUT, QUICK_TIMEOUT
+from forkyard.wire.models import (
     CheckpointOut,
     CheckpointRequest,
     CreateSandboxRequest,
@@ -39,8 +40,7 @@ from forkyard.control._models import (
     WorkerOut,
     WorkerReport,
 )
-from forkyard.control._service import ControlPlane
-from forkyard.control._workers import EXEC_MARGIN, FILE_TIMEOUT, QUICK_TIMEOUT
+from forkyard.wire.serving import check_length, limited_body
 
 __all__ = ["add_routes"]
 

@@ -24,20 +24,6 @@ from sqlalchemy import select
 
 from forkyard.checkpoint import archive
 from forkyard.control._db import CheckpointRow, Database, SandboxRow, utcnow
-from forkyard.control._errors import ApiError, WorkerReply
-from forkyard.control._models import (
-    CheckpointOut,
-    CheckpointRequest,
-    CheckpointState,
-    CreateSandboxRequest,
-    ForkRequest,
-    SandboxOut,
-    SandboxState,
-    WakeRequest,
-    WorkerCheckpoint,
-    WorkerHibernated,
-    WorkerSandbox,
-)
 from forkyard.control._placement import Candidate, Placement, choose
 from forkyard.control._publish import PublishWatcher
 from forkyard.control._records import (
@@ -62,7 +48,21 @@ from forkyard.control._workers import (
 )
 from forkyard.errors import CheckpointNotFound
 from forkyard.store import ObjectStore, blob_key, open_store
-from forkyard.worker._worker import new_sandbox_id
+from forkyard.wire.errors import ApiError, WorkerReply
+from forkyard.wire.ids import new_sandbox_id
+from forkyard.wire.models import (
+    CheckpointOut,
+    CheckpointRequest,
+    CheckpointState,
+    CreateSandboxRequest,
+    ForkRequest,
+    SandboxOut,
+    SandboxState,
+    WakeRequest,
+    WorkerCheckpoint,
+    WorkerHibernated,
+    WorkerSandbox,
+)
 
 __all__ = ["ControlPlane"]
 

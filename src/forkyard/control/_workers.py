@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from forkyard.control._errors import ApiError, WorkerReply
+from forkyard.wire.errors import ApiError, WorkerReply
 
 __all__ = [
     "BOOT_TIMEOUT",

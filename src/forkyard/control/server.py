@@ -18,13 +18,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 import forkyard
-from forkyard.control._auth import BearerAuth
 from forkyard.control._db import Database
-from forkyard.control._errors import install_error_handlers
-from forkyard.control._http import bind, setup_logging, write_ready_file
 from forkyard.control._routes import add_routes
 from forkyard.control._service import ControlPlane
 from forkyard.control._workers import WorkerClients
+from forkyard.wire.auth import BearerAuth
+from forkyard.wire.errors import install_error_handlers
+from forkyard.wire.serving import bind, setup_logging, write_ready_file
 
 __all__ = ["create_app", "serve"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from forkyard.errors import (
 from forkyard.guest.client import AgentClient, EntryInfo, ExecResult
 from forkyard.tools import qemu_img
 from forkyard.vm.machine import QemuVM
+from forkyard.wire.lifecycle import SandboxState
 
 if TYPE_CHECKING:
     from forkyard.checkpoint import BootRef, Checkpoint, PartRef
@@ -40,16 +40,6 @@ log = logging.getLogger("forkyard.worker")
 # A guest sync can wait on a lot of dirty data; past this the checkpoint goes
 # ahead with the cache in place rather than stall.
 _DROP_CACHE_TIMEOUT = 30.0
-
-
-class SandboxState(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    PAUSED = "paused"  # only for the instant of a checkpoint capture
-    STOPPED = "stopped"
-    HIBERNATED = "hibernated"
-    DESTROYED = "destroyed"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import threading
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from forkyard.host.setup import HostInfo, ensure_host
 from forkyard.image import ImageCatalog, ImageInfo, MinimalSource, build_image
 from forkyard.store import BlobCache, BlobStore, ObjectStore, open_store
 from forkyard.vm.machine import DEVICE_PROFILE, BootSpec, DiskChain, QemuVM, VMShape
+from forkyard.wire.ids import new_sandbox_id
 from forkyard.worker._sandbox import Sandbox, SandboxState, utcnow
 from forkyard.worker._stream import StateStream
 
@@ -90,11 +90,6 @@ def _lock_home(home: Home) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
-
-
-def new_sandbox_id() -> str:
-    # 80 random bits: ids are capabilities in the HTTP API, so unguessable
-    return "sb-" + secrets.token_hex(10)
 
 
 class Worker:

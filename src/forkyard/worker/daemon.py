@@ -13,7 +13,7 @@ every sandbox and tells the control plane.  If the process dies instead, its
 QEMUs die with it (``forkyard.vm._spawn``): no VM outlives its daemon.
 
 Bodies and the error table are shared with the control plane
-(``forkyard.control._models`` / ``._errors``): one wire format, one mapping.
+(``forkyard.wire.models`` / ``._errors``): one wire format, one mapping.
 """
 
 from __future__ import annotations
@@ -40,16 +40,12 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 
 from forkyard.checkpoint import Checkpoint
-from forkyard.control._auth import BearerAuth
-from forkyard.control._errors import ApiError, install_error_handlers
-from forkyard.control._http import (
-    bind,
-    check_length,
-    limited_body,
-    setup_logging,
-    write_ready_file,
-)
-from forkyard.control._models import (
+from forkyard.errors import ForkyardError, ImageNotFound, SandboxNotFound
+from forkyard.guest.client import EntryInfo, ExecResult
+from forkyard.image import MinimalSource, build_image
+from forkyard.wire.auth import BearerAuth
+from forkyard.wire.errors import ApiError, install_error_handlers
+from forkyard.wire.models import (
     WORKER_NAME_RE,
     CheckpointState,
     EntryOut,
@@ -69,9 +65,13 @@ from forkyard.control._models import (
     WorkerStatus,
     WorkerWakeRequest,
 )
-from forkyard.errors import ForkyardError, ImageNotFound, SandboxNotFound
-from forkyard.guest.client import EntryInfo, ExecResult
-from forkyard.image import MinimalSource, build_image
+from forkyard.wire.serving import (
+    bind,
+    check_length,
+    limited_body,
+    setup_logging,
+    write_ready_file,
+)
 from forkyard.worker._sandbox import Sandbox, SandboxState
 from forkyard.worker._worker import Worker
 

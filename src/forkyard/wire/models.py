@@ -15,6 +15,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from forkyard.wire.ids import SANDBOX_ID_RE
+from forkyard.wire.lifecycle import SandboxState
+
 __all__ = [
     "CHECKPOINT_NAME_RE",
     "MAX_FILE_BYTES",
@@ -53,24 +56,11 @@ __all__ = [
 ]
 
 MAX_FILE_BYTES = 64 * 1024 * 1024  # same as forkyard.guest.client.MAX_FILE_SIZE
-SANDBOX_ID_RE = re.compile(r"^sb-[0-9a-f]{20}$")
 WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # what a checkpoint manifest accepts as a name (forkyard.checkpoint.manifest)
 CHECKPOINT_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._:+@ -]{0,127}$"
 _DIGEST = r"^[0-9a-f]{64}$"
 MAX_EXEC_TIMEOUT = 24 * 3600.0
-
-
-class SandboxState(enum.StrEnum):
-    STARTING = "starting"
-    RUNNING = "running"
-    HIBERNATING = "hibernating"
-    HIBERNATED = "hibernated"
-    WAKING = "waking"
-    STOPPED = "stopped"
-    DESTROYED = "destroyed"
-    FAILED = "failed"
-    LOST = "lost"
 
 
 class CheckpointState(enum.StrEnum):

@@ -12,8 +12,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from forkyard.control._errors import ApiError
-from forkyard.control._models import MAX_FILE_BYTES
+from forkyard.wire.errors import ApiError
+from forkyard.wire.models import MAX_FILE_BYTES
 
 __all__ = ["bind", "check_length", "limited_body", "setup_logging", "write_ready_file"]
 
