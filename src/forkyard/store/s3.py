@@ -16,19 +16,13 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-import re
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
-from urllib.parse import urlsplit
 
-import boto3
-import urllib3.exceptions
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from forkyard.config import Settings
 from forkyard.errors import ObjectNotFound, StoreError
@@ -44,77 +38,41 @@ from forkyard.store._base import (
     validate_key,
     validate_prefix,
 )
+from forkyard.store._s3_client import (
+    CONDITIONAL_CONFLICT,
+    CONDITIONAL_UNSUPPORTED,
+    DEFAULT_REGION,
+    NOT_FOUND,
+    PRECONDITION_FAILED,
+    S3_ERRORS,
+    TRANSPORT_ERRORS,
+    error_code,
+    make_s3_client,
+    parse_s3_url,
+)
+from forkyard.store._s3_parts import (
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    MiB,
+    chunks,
+    part_size_for,
+    read_full,
+    upload_parts,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
-__all__ = ["S3Store", "make_s3_client", "parse_s3_url"]
+__all__ = [
+    "DEFAULT_MULTIPART_THRESHOLD", "DEFAULT_PART_SIZE", "DEFAULT_REGION", "MAX_PARTS",
+    "MIN_PART_SIZE", "S3Store", "make_s3_client", "parse_s3_url",
+]
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 DEFAULT_PART_SIZE = 16 * MiB
-MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
-MAX_PARTS = 10_000
-DEFAULT_REGION = "us-east-1"
-
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-    BotoCoreError,
-    OSError,
-    urllib3.exceptions.HTTPError,
-)
-_S3_ERRORS: tuple[type[BaseException], ...] = (ClientError, *_TRANSPORT_ERRORS)
-_NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
-_PRECONDITION_FAILED = frozenset({"412", "PreconditionFailed"})
-_CONDITIONAL_CONFLICT = frozenset({"ConditionalRequestConflict"})
-# What servers answer when they do not implement conditional writes.
-_CONDITIONAL_UNSUPPORTED = frozenset({"501", "NotImplemented", "InvalidArgument", "InvalidRequest"})
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")  # what botocore itself accepts
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``."""
-    parts = urlsplit(url)
-    if parts.scheme != "s3" or parts.query or parts.fragment:
-        raise StoreError(f"not an S3 store URL: {url!r} (expected s3://bucket/prefix)")
-    if not _BUCKET_RE.match(parts.netloc):
-        raise StoreError(f"invalid S3 bucket name in {url!r}")
-    prefix = parts.path.strip("/")
-    if prefix:
-        validate_key(prefix)
-    return parts.netloc, prefix
-
-
-def make_s3_client(
-    *,
-    endpoint_url: str | None = None,
-    region: str | None = None,
-    max_pool_connections: int = 10,
-    max_attempts: int = 5,
-) -> S3Client:
-    """A boto3 S3 client; credentials come from the standard AWS chain."""
-    config = Config(
-        signature_version="s3v4",
-        s3={"addressing_style": "path" if endpoint_url else "auto"},
-        retries={"mode": "standard", "max_attempts": max_attempts},
-        max_pool_connections=max_pool_connections,
-        connect_timeout=10,
-        read_timeout=120,
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-    )
-    try:
-        session = boto3.session.Session()
-        return session.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region or DEFAULT_REGION,
-            config=config,
-        )
-    except (BotoCoreError, ValueError) as exc:
-        raise StoreError(f"cannot create an S3 client for {endpoint_url or 'AWS'}: {exc}") from exc
 
 
 class S3Store(ObjectStore):
@@ -252,8 +210,8 @@ class S3Store(ObjectStore):
 
     def _error(self, op: str, key: str, exc: BaseException) -> StoreError:
         if isinstance(exc, ClientError):
-            code = _code(exc)
-            if code in _NOT_FOUND:
+            code = error_code(exc)
+            if code in NOT_FOUND:
                 return ObjectNotFound(key)
             message = exc.response.get("Error", {}).get("Message", "")
             return StoreError(f"S3 {op} {key!r} in {self.url} failed: {code} {message}".rstrip())
@@ -265,7 +223,7 @@ class S3Store(ObjectStore):
             yield
         except ClientError as exc:
             raise self._error(op, key, exc) from exc
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSPORT_ERRORS as exc:
             raise self._error(op, key, exc) from exc
 
     def _open(self, key: str) -> tuple[BinaryIO, int]:
@@ -276,7 +234,7 @@ class S3Store(ObjectStore):
         reader = guarded_reader(
             body.read,
             body.close,
-            errors=_S3_ERRORS,
+            errors=S3_ERRORS,
             what=f"{key!r} from {self.url}",
         )
         return reader, resp["ContentLength"]
@@ -311,7 +269,7 @@ class S3Store(ObjectStore):
         head: deque[bytes] = deque()
         buffered = 0
         while buffered <= self._threshold:
-            chunk = _read_full(src, part_size)
+            chunk = read_full(src, part_size)
             if chunk:
                 head.append(chunk)
                 buffered += len(chunk)
@@ -322,10 +280,7 @@ class S3Store(ObjectStore):
         return self._put_multipart(key, full, head, src, part_size, total, progress, if_absent)
 
     def _part_size_for(self, total: int | None) -> int:
-        if total is None:
-            return self._part_size
-        needed = -(-total // MAX_PARTS)  # ceil: S3 allows at most 10,000 parts
-        return max(self._part_size, -(-needed // MiB) * MiB)
+        return part_size_for(total, self._part_size)
 
     def _put_single(
         self, key: str, full: str, data: bytes, progress: ProgressFn | None, if_absent: bool
@@ -347,15 +302,15 @@ class S3Store(ObjectStore):
         try:
             send(conditional)
         except ClientError as exc:
-            code = _code(exc)
-            if conditional and code in _PRECONDITION_FAILED:
+            code = error_code(exc)
+            if conditional and code in PRECONDITION_FAILED:
                 return refuse_existing(key, if_absent)
-            if conditional and code in _CONDITIONAL_CONFLICT and self.exists(key):
+            if conditional and code in CONDITIONAL_CONFLICT and self.exists(key):
                 return refuse_existing(key, if_absent)
-            if conditional and code in _CONDITIONAL_UNSUPPORTED:
+            if conditional and code in CONDITIONAL_UNSUPPORTED:
                 return self._write_unconditionally(key, op, send, if_absent, code)
             raise self._error(op, key, exc) from exc
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSPORT_ERRORS as exc:
             raise self._error(op, key, exc) from exc
         return True
 
@@ -389,8 +344,15 @@ class S3Store(ObjectStore):
                 "UploadId"
             ]
         try:
-            chunks = _chunks(head, src, part_size)
-            parts = self._upload_parts(key, full, upload_id, chunks, total, progress)
+            parts = upload_parts(
+                lambda number, data: self._upload_part(full, upload_id, number, data),
+                chunks(head, src, part_size),
+                key=key,
+                concurrency=self._concurrency,
+                total=total,
+                progress=progress,
+                boundary=self._boundary,
+            )
 
             def send(conditional: bool) -> None:
                 self._complete(full, upload_id, parts, conditional)
@@ -402,46 +364,6 @@ class S3Store(ObjectStore):
         if not written:
             self._abort(full, upload_id)  # the parts are useless now; free their space
         return written
-
-    def _upload_parts(
-        self,
-        key: str,
-        full: str,
-        upload_id: str,
-        chunks: Iterator[bytes],
-        total: int | None,
-        progress: ProgressFn | None,
-    ) -> builtins.list[CompletedPartTypeDef]:
-        """Upload parts with at most ``max_concurrency`` in flight (bounds memory)."""
-        parts: builtins.list[CompletedPartTypeDef] = []
-        pending: deque[tuple[Future[str], int, int]] = deque()
-        done = 0
-
-        def settle() -> None:
-            nonlocal done
-            future, number, size = pending.popleft()
-            with self._boundary("UploadPart", key):
-                parts.append({"ETag": future.result(), "PartNumber": number})
-            done += size
-            if progress is not None:
-                progress(done, total)
-
-        with ThreadPoolExecutor(self._concurrency, thread_name_prefix="forkyard-s3") as pool:
-            try:
-                for number, chunk in enumerate(chunks, start=1):
-                    if number > MAX_PARTS:
-                        raise StoreError(f"{key!r} needs more than {MAX_PARTS} parts")
-                    if len(pending) >= self._concurrency:
-                        settle()
-                    future = pool.submit(self._upload_part, full, upload_id, number, chunk)
-                    pending.append((future, number, len(chunk)))
-                while pending:
-                    settle()
-            except BaseException:
-                for future, _, _ in pending:
-                    future.cancel()
-                raise
-        return parts
 
     def _upload_part(self, full: str, upload_id: str, number: int, data: bytes) -> str:
         resp = self._client.upload_part(
@@ -472,35 +394,6 @@ class S3Store(ObjectStore):
     def _abort(self, full: str, upload_id: str) -> None:
         try:
             self._client.abort_multipart_upload(Bucket=self._bucket, Key=full, UploadId=upload_id)
-        except _S3_ERRORS as exc:
+        except S3_ERRORS as exc:
             # The original failure matters more; a lifecycle rule can reap the parts.
             log.warning("could not abort multipart upload of %s in %s: %s", full, self.url, exc)
-
-
-def _code(exc: ClientError) -> str:
-    error = exc.response.get("Error", {})
-    code = error.get("Code") or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
-    return str(code)
-
-
-def _read_full(src: Readable, n: int) -> bytes:
-    """Read exactly ``n`` bytes unless EOF comes first (streams may return short reads)."""
-    first = src.read(n)
-    if len(first) >= n or not first:
-        return first
-    buf = bytearray(first)
-    while len(buf) < n and (more := src.read(n - len(buf))):
-        buf += more
-    return bytes(buf)
-
-
-def _chunks(head: deque[bytes], src: Readable, part_size: int) -> Iterator[bytes]:
-    last = len(head[-1]) if head else part_size
-    while head:
-        yield head.popleft()  # popping lets finished parts be freed early
-    if last < part_size:
-        return
-    while chunk := _read_full(src, part_size):
-        yield chunk
-        if len(chunk) < part_size:
-            return
