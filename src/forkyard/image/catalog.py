@@ -1,12 +1,13 @@
 """Content-addressed catalog of base images.
 
-Layout under ``home.images_dir``::
+Layout under ``home.images_dir`` (every directory 0700: the worker is the
+only reader, whatever the umask)::
 
-    blobs/<sha256>.ext4       raw ext4 image, mode 0444, never modified
+    blobs/<sha256>.ext4       raw ext4 image, mode 0400, never modified
     blobs/.tmp-*.part         in-flight writes (renamed into place or deleted)
-    meta/<sha256>.json        ImageMeta without the file list (cheap to list)
-    meta/<sha256>.files.json  {guest path: sha256} of the test tree's files
-    names.json                {"format": 1, "names": {name: sha256}}
+    meta/<sha256>.json        ImageMeta without the file list (cheap to list), 0600
+    meta/<sha256>.files.json  {guest path: sha256} of the test tree's files, 0600
+    names.json                {"format": 1, "names": {name: sha256}}, 0600
     .lock                     flock(2) lock serialising commits
 
 A blob's presence is what makes an image exist: its meta is written first and
@@ -18,23 +19,32 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import dataclasses
-import datetime as dt
 import errno
 import fcntl
 import hashlib
 import json
 import os
-import re
 import secrets
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from forkyard._digest import sha256_file
+from forkyard._fs import atomic_write_bytes, commit_file, private_dir
 from forkyard.config import Home
 from forkyard.errors import ImageError, ImageNotFound, IntegrityError
+from forkyard.image._meta import (
+    DIGEST_RE,
+    PREFIX_RE,
+    AmbiguousImageRef,
+    ImageInfo,
+    ImageMeta,
+    check_name,
+    normalize_digest,
+    now,
+    opt_int,
+    opt_str,
+)
 
 __all__ = [
     "AmbiguousImageRef",
@@ -46,90 +56,10 @@ __all__ = [
 ]
 
 _FORMAT = 1
-_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
-_PREFIX_RE = re.compile(r"[0-9a-f]{8,64}")
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-# A name that looks like a digest prefix would make `get` ambiguous.
-_HEXISH_RE = re.compile(r"[0-9a-f]{8,}")
+_BLOB_MODE = 0o400  # immutable and content-addressed; only the worker reads it
+_RECORD_MODE = 0o600
 _CHUNK = 1 << 20
 _ZEROS = bytes(_CHUNK)
-
-
-class AmbiguousImageRef(ImageNotFound):
-    """A digest prefix matches more than one image."""
-
-    def __init__(self, ref: str, matches: list[str]) -> None:
-        super().__init__(ref)
-        self.matches = matches
-        shown = ", ".join(m[:16] for m in matches[:5])
-        self.args = (f"image reference {ref!r} is ambiguous: it matches {shown}",)
-
-
-def normalize_digest(value: str) -> str:
-    """``sha256:<hex>`` or ``<hex>`` → lowercase hex; anything else raises ImageError."""
-    digest = value.strip().lower().removeprefix("sha256:")
-    if not _DIGEST_RE.fullmatch(digest):
-        raise ImageError(f"not a sha256 digest: {value!r}")
-    return digest
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True, slots=True)
-class ImageMeta:
-    """What is known about an image besides its bytes (all optional for imports)."""
-
-    source: str = "unknown"
-    reproducible: bool = False
-    e2fsprogs: str | None = None
-    tree_digest: str | None = None
-    test_tree: str | None = None
-    files: Mapping[str, str] = field(default_factory=dict)
-    epoch: int | None = None
-    fs_uuid: str | None = None
-    created: str | None = None
-    partial: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["files"] = dict(self.files)
-        return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ImageMeta:
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        files = kwargs.get("files", {})
-        if not isinstance(files, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
-        ):
-            raise ImageError("image meta: 'files' must map guest paths to sha256 strings")
-        return cls(**kwargs)
-
-
-@dataclass(frozen=True, slots=True)
-class ImageInfo:
-    """One catalogued base image. Identity is ``digest`` (sha256 of the bytes)."""
-
-    digest: str
-    size: int
-    path: Path
-    names: tuple[str, ...]
-    e2fsprogs: str | None
-    source: str
-    reproducible: bool
-    tree_digest: str | None
-    created: str
-    test_tree: str | None
-    epoch: int | None = None
-    fs_uuid: str | None = None
-    file_count: int = 0
-
-    @property
-    def ref(self) -> str:
-        return f"sha256:{self.digest}"
 
 
 class ImageCatalog:
@@ -158,11 +88,11 @@ class ImageCatalog:
                 raise ImageNotFound(ref)
             return digest
         wanted = ref.lower().removeprefix("sha256:")
-        if _DIGEST_RE.fullmatch(wanted):
+        if DIGEST_RE.fullmatch(wanted):
             if not self.has(wanted):
                 raise ImageNotFound(ref)
             return wanted
-        if not _PREFIX_RE.fullmatch(wanted):
+        if not PREFIX_RE.fullmatch(wanted):
             raise ImageNotFound(ref)
         matches = [d for d in self._digests() if d.startswith(wanted)]
         if not matches:
@@ -292,7 +222,6 @@ class ImageCatalog:
             digest = _copy_hashing(src, tmp)
             src.unlink()
             return digest
-        _fsync_path(tmp)
         return sha256_file(tmp)
 
     def _commit(
@@ -306,9 +235,7 @@ class ImageCatalog:
                 if tmp is None:
                     raise ImageNotFound(digest)
                 self._write_meta(digest, meta, size=tmp.stat().st_size)
-                os.chmod(tmp, 0o444)
-                os.replace(tmp, blob)
-                _fsync_dir(self.blobs_dir)
+                commit_file(tmp, blob, mode=_BLOB_MODE)
             if name is not None:
                 names = self._read_names()
                 names[name] = digest
@@ -330,14 +257,14 @@ class ImageCatalog:
     # --- on-disk records ------------------------------------------------------
     def _ensure(self) -> None:
         for d in (self.root, self.blobs_dir, self.meta_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self._ensure()
         # flock locks belong to the open file description, so this serialises
         # threads of one process as well as separate processes.
-        fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -364,7 +291,7 @@ class ImageCatalog:
         out = []
         for n in names:
             stem, dot, ext = n.partition(".")
-            if dot and ext == "ext4" and _DIGEST_RE.fullmatch(stem):
+            if dot and ext == "ext4" and DIGEST_RE.fullmatch(stem):
                 out.append(stem)
         return sorted(out)
 
@@ -375,11 +302,11 @@ class ImageCatalog:
             format=_FORMAT,
             digest=digest,
             size=size,
-            created=meta.created or _now(),
+            created=meta.created or now(),
             file_count=len(files),
         )
-        _atomic_write(self._files_path(digest), _dumps(files))
-        _atomic_write(self._meta_path(digest), _dumps(record))
+        atomic_write_bytes(self._files_path(digest), _dumps(files), mode=_RECORD_MODE)
+        atomic_write_bytes(self._meta_path(digest), _dumps(record), mode=_RECORD_MODE)
 
     def _read_meta(self, digest: str) -> dict[str, Any]:
         path = self._meta_path(digest)
@@ -409,14 +336,14 @@ class ImageCatalog:
             size=size,
             path=blob,
             names=names,
-            e2fsprogs=_opt_str(data.get("e2fsprogs")),
+            e2fsprogs=opt_str(data.get("e2fsprogs")),
             source=str(data.get("source", "unknown")),
             reproducible=bool(data.get("reproducible", False)),
-            tree_digest=_opt_str(data.get("tree_digest")),
+            tree_digest=opt_str(data.get("tree_digest")),
             created=str(data.get("created", "")),
-            test_tree=_opt_str(data.get("test_tree")),
-            epoch=_opt_int(data.get("epoch")),
-            fs_uuid=_opt_str(data.get("fs_uuid")),
+            test_tree=opt_str(data.get("test_tree")),
+            epoch=opt_int(data.get("epoch")),
+            fs_uuid=opt_str(data.get("fs_uuid")),
             file_count=int(data.get("file_count", 0)),
         )
 
@@ -433,61 +360,13 @@ class ImageCatalog:
         return {str(k): str(v) for k, v in names.items()}
 
     def _write_names(self, names: Mapping[str, str]) -> None:
-        _atomic_write(self.names_file, _dumps({"format": _FORMAT, "names": dict(names)}))
-
-
-def check_name(name: str) -> None:
-    """Raise ImageError unless ``name`` is a valid image name."""
-    if not _NAME_RE.fullmatch(name) or _HEXISH_RE.fullmatch(name):
-        raise ImageError(
-            f"invalid image name {name!r}: use 1-64 of [a-z0-9._-], starting with a letter "
-            "or digit, and not something that looks like a digest"
+        atomic_write_bytes(
+            self.names_file, _dumps({"format": _FORMAT, "names": dict(names)}), mode=_RECORD_MODE
         )
-
-
-def _opt_str(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
-def _opt_int(value: object) -> int | None:
-    return None if value is None else int(str(value))
 
 
 def _dumps(data: object) -> bytes:
     return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_hashing(src: Path, dst: Path) -> str:
@@ -497,7 +376,9 @@ def _copy_hashing(src: Path, dst: Path) -> str:
     blobs should stay as sparse as the mkfs output they came from.
     """
     h = hashlib.sha256()
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
+    # 0600 from creation on: the umask must not open the copy up, even briefly
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _RECORD_MODE)
+    with open(src, "rb") as fin, open(fd, "wb") as fout:
         while chunk := fin.read(_CHUNK):
             h.update(chunk)
             if chunk == _ZEROS[: len(chunk)]:
@@ -505,7 +386,5 @@ def _copy_hashing(src: Path, dst: Path) -> str:
             else:
                 fout.write(chunk)
         fout.truncate()
-        fout.flush()
-        os.fsync(fout.fileno())
-    return h.hexdigest()
+    return h.hexdigest()  # fsync'd when committed
 
