@@ -98,7 +98,7 @@ def test_blob_is_read_only_and_list(catalog: ImageCatalog, tmp_path: Path) -> No
     p2, d2 = blob(tmp_path, "two", b"two")
     catalog.add_file(p1, name="one")
     catalog.add_file(p2)
-    assert stat.S_IMODE(catalog.path(d1).stat().st_mode) == 0o444
+    assert stat.S_IMODE(catalog.path(d1).stat().st_mode) == 0o400
     assert {i.digest for i in catalog.list()} == {d1, d2}
     assert [p.name for p in catalog.blobs_dir.iterdir()] != []
     assert not [p for p in catalog.blobs_dir.iterdir() if p.name.startswith(".")]

@@ -78,7 +78,7 @@ def test_minimal_meta(minimal: ImageInfo) -> None:
     assert minimal.file_count == 3000
     assert minimal.size == minimal.path.stat().st_size
     assert minimal.size % (64 * 1024 * 1024) == 0
-    assert stat.S_IMODE(minimal.path.stat().st_mode) == 0o444
+    assert stat.S_IMODE(minimal.path.stat().st_mode) == 0o400
 
 
 def test_minimal_is_clean_ext4_with_metadata_csum(minimal: ImageInfo) -> None:

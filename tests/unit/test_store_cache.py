@@ -90,7 +90,7 @@ def test_concurrent_fetches_share_one_download(
     assert results == [expected] * 8
     assert store.reads == 1
     assert expected.read_bytes() == data
-    assert stat.S_IMODE(expected.stat().st_mode) == 0o444
+    assert stat.S_IMODE(expected.stat().st_mode) == 0o400
     assert files_under(tmp_path / "cache") == [f"{digest[:2]}/{digest}"]  # no temp or lock files
 
 
@@ -230,7 +230,7 @@ def test_add_local_hard_links_when_it_can(tmp_path: Path) -> None:
     path = cache.add_local(sha(data), src)
     assert path == cache.path_if_present(sha(data))
     assert path.stat().st_ino == src.stat().st_ino
-    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400
     assert cache.add_local(sha(data), src) == path  # already there: nothing to do
 
 
@@ -241,8 +241,8 @@ def test_add_local_copies_when_asked(tmp_path: Path) -> None:
     path = BlobCache(tmp_path / "cache").add_local(sha(data), src, link=False)
     assert path.stat().st_ino != src.stat().st_ino
     assert path.read_bytes() == data
-    assert stat.S_IMODE(path.stat().st_mode) == 0o444
-    assert stat.S_IMODE(src.stat().st_mode) != 0o444  # the source was left alone
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400
+    assert stat.S_IMODE(src.stat().st_mode) != 0o400  # the source was left alone
 
 
 @pytest.mark.parametrize("link", [True, False])

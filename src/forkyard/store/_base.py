@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from forkyard import _fs
+from forkyard._fs import fsync_dir
 from forkyard.errors import StoreError, UnsafePath
 
 if TYPE_CHECKING:
@@ -115,50 +116,26 @@ def copy_stream(
     return done
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename/link in ``path`` durable (the entry lives in the directory)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
-def atomic_write(dest: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Yield a temp file next to ``dest``; on success it replaces ``dest`` at once.
+def atomic_write(dest: Path, *, mode: int = 0o600) -> Iterator[BinaryIO]:
+    """:func:`forkyard._fs.atomic_write` at the store boundary.
 
-    The temp file lives in dest's directory so the final ``rename`` cannot
-    cross filesystems. If the body raises, the temp file is removed and
-    ``dest`` (new or pre-existing) is left exactly as it was. Errors of the
-    mechanism itself surface as StoreError; the body's own errors pass through.
+    Errors of the mechanism itself (temp file, fsync, rename) surface as
+    StoreError; the body's own errors pass through unchanged. Files are
+    private (0600) unless asked otherwise: store contents may be guest memory.
     """
-    dest = Path(dest)
+    in_body = False
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        with _fs.atomic_write(dest, mode=mode) as f:
+            try:
+                yield f
+            except BaseException:
+                in_body = True
+                raise
     except OSError as exc:
-        raise StoreError(f"cannot create a temporary file next to {dest}: {exc}") from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            _commit(f, tmp, dest, mode)
-    except BaseException:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def _commit(f: BinaryIO, tmp: Path, dest: Path, mode: int) -> None:
-    # fsync before the rename: after a crash, dest must be old or complete, never empty.
-    try:
-        f.flush()
-        os.fsync(f.fileno())
-        os.fchmod(f.fileno(), mode)
-        os.replace(tmp, dest)
-    except OSError as exc:
-        raise StoreError(f"cannot write {dest} (via {tmp.name}): {exc}") from exc
+        if in_body:
+            raise
+        raise StoreError(f"cannot write {dest}: {exc}") from exc
 
 
 class _GuardedRaw(io.RawIOBase):

@@ -1,9 +1,19 @@
 """A local cache of verified blobs, shared by every process of one worker.
 
-Layout: ``<root>/<ab>/<sha256>`` (read-only files holding the *uncompressed*
-content) and ``<root>/.locks/<sha256>.lock``. A file appears under its digest
-only after it was fully written, fsynced and verified, so anything found there
-can be used without re-hashing.
+Layout: ``<root>/<ab>/<sha256>`` (files holding the *uncompressed* content)
+and ``<root>/.locks/<sha256>.lock``. A file appears under its digest only
+after it was fully written, fsynced and verified.
+
+The cache holds guest memory (VM state files), so it is private to the
+worker: directories 0700, entries 0400, owned by the worker's uid, whatever
+the umask. An entry is used without re-hashing only while it still looks
+exactly as it was filed: a regular file of ours, mode 0400, with the seal
+(an extended attribute naming its digest, inode, size and mtime) written
+when it was verified. Anything else -- a file planted or modified behind the
+cache's back, or an entry of an older forkyard -- is re-hashed under the
+digest's lock: kept (and resealed) if the bytes are right, removed if not.
+On a filesystem without extended attributes the owner, mode and size checks
+remain.
 
 Fetches are single-flight: threads of one process asking for the same digest
 share one download (and its outcome, success or error), and processes
@@ -18,23 +28,29 @@ import fcntl
 import hashlib
 import os
 import stat
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
+from forkyard import _fs
+from forkyard._fs import fsync_dir, private_dir
 from forkyard.errors import IntegrityError, StoreError
 from forkyard.store._base import CHUNK_SIZE, ProgressFn
 from forkyard.store.blobs import BlobStore, hash_file, validate_digest
 
 __all__ = ["BlobCache"]
 
-_ENTRY_MODE = 0o444
+_ENTRY_MODE = 0o400
 _LOCK_DIR = ".locks"
+_SEAL = "user.forkyard.seal"
 # link(2) failures that mean "this filesystem pair cannot share an inode": copy instead.
 _NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP})
+_NO_XATTR = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
+
+# What _check finds at an entry's path.
+_ABSENT, _TRUSTED, _SUSPECT = "absent", "trusted", "suspect"
 
 
 class _Flight:
@@ -74,7 +90,7 @@ class BlobCache:
 
     def path_if_present(self, digest: str) -> Path | None:
         path = self.path_for(digest)
-        return path if self._present(path, None) else None
+        return path if self._usable(digest, path, None) else None
 
     def fetch(
         self,
@@ -92,7 +108,7 @@ class BlobCache:
         """
         path = self.path_for(digest)
         while True:
-            if self._present(path, size):
+            if self._usable(digest, path, size):
                 return path
             flight, leader = self._join(digest)
             if leader:
@@ -121,22 +137,75 @@ class BlobCache:
         """Put a locally produced file into the cache under ``digest``.
 
         With ``link`` the cache entry is a hard link to ``src`` when both are
-        on one filesystem: ``src`` is then made read-only and must never be
-        modified again. Otherwise (or across filesystems) the file is copied.
+        on one filesystem: ``src`` is then made read-only (0400) and must never
+        be modified again. Otherwise (or across filesystems) the file is copied.
         ``verify`` hashes the content first (IntegrityError on a mismatch).
         """
         path = self.path_for(digest)
-        if self._present(path, None):
+        if self._check(digest, path, None) == _TRUSTED:
             return path
         with self._locked(digest):
-            if self._present(path, None):
+            if self._settle(digest, path, None):
                 return path
             if link and self._link(digest, Path(src), path, verify):
                 return path
             self._copy_in(digest, Path(src), path, verify)
         return path
 
-    # --- internals ------------------------------------------------------
+    # --- internals: trust -------------------------------------------------
+    def _check(self, digest: str, path: Path, size: int | None) -> str:
+        """Whether ``path`` can be used as is, without reading it."""
+        try:
+            st = path.lstat()  # a planted symlink is not an entry: never follow it
+        except FileNotFoundError:
+            return _ABSENT
+        except OSError as exc:
+            raise StoreError(f"blob cache {self._root}: cannot stat {path.name}: {exc}") from exc
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_uid != os.geteuid()
+            or stat.S_IMODE(st.st_mode) != _ENTRY_MODE
+            or not _sealed(path, digest, st)
+        ):
+            return _SUSPECT
+        if size is not None and st.st_size != size:
+            raise IntegrityError(
+                f"cached blob {path}", expected=f"{size} bytes", actual=f"{st.st_size} bytes"
+            )
+        return _TRUSTED
+
+    def _usable(self, digest: str, path: Path, size: int | None) -> bool:
+        state = self._check(digest, path, size)
+        if state == _SUSPECT:
+            with self._locked(digest):
+                return self._settle(digest, path, size)
+        return state == _TRUSTED
+
+    def _settle(self, digest: str, path: Path, size: int | None) -> bool:
+        """Under the digest's lock: is there a usable entry? Re-verify a suspect one.
+
+        A suspect entry of ours whose bytes hash right is resealed and kept
+        (an entry of an older forkyard, or one whose seal a copy lost); any
+        other suspect is removed so the caller can file the entry again.
+        """
+        state = self._check(digest, path, size)
+        if state != _SUSPECT:
+            return state == _TRUSTED
+        try:
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                actual, _ = hash_file(path)
+                if actual == digest:
+                    _reseal(path, digest)
+                    return self._check(digest, path, size) == _TRUSTED
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"blob cache {self._root}: cannot drop {path.name}: {exc}") from exc
+        return False
+
+    # --- internals: filing ------------------------------------------------
     def _join(self, digest: str) -> tuple[_Flight, bool]:
         with self._mu:
             flight = self._flights.get(digest)
@@ -151,21 +220,6 @@ class BlobCache:
         with self._mu:
             del self._flights[digest]
 
-    def _present(self, path: Path, size: int | None) -> bool:
-        try:
-            st = path.lstat()  # a planted symlink is not an entry: never follow it
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StoreError(f"blob cache {self._root}: cannot stat {path.name}: {exc}") from exc
-        if not stat.S_ISREG(st.st_mode):
-            return False
-        if size is not None and st.st_size != size:
-            raise IntegrityError(
-                f"cached blob {path}", expected=f"{size} bytes", actual=f"{st.st_size} bytes"
-            )
-        return True
-
     def _download(
         self,
         digest: str,
@@ -175,7 +229,7 @@ class BlobCache:
         progress: ProgressFn | None,
     ) -> None:
         with self._locked(digest):
-            if self._present(path, size):  # another process fetched it while we waited
+            if self._settle(digest, path, size):  # another process fetched it meanwhile
                 return
             with self._staged(digest, path) as out:
                 blobs.read_blob_into(digest, out, size=size, progress=progress, sparse=True)
@@ -184,31 +238,26 @@ class BlobCache:
     def _staged(self, digest: str, path: Path) -> Iterator[BinaryIO]:
         """A temp file beside ``path`` that becomes ``path`` only if the body succeeds."""
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest}.", suffix=".part")
-        except OSError as exc:
-            raise StoreError(f"blob cache {self._root}: cannot create a temp file: {exc}") from exc
-        try:
-            with os.fdopen(fd, "wb") as f:
+            # fsync'd before the rename: the entry is used without re-hashing after a crash
+            with _fs.atomic_write(path, mode=_ENTRY_MODE) as f:
                 yield f
                 f.flush()
-                os.fsync(f.fileno())  # the entry is trusted unverified after a crash
-                os.fchmod(f.fileno(), _ENTRY_MODE)
-            os.replace(tmp, path)  # safe: we hold the digest's lock
+                _seal(f.fileno(), digest)
         except OSError as exc:
-            with suppress(OSError):
-                os.unlink(tmp)
             raise StoreError(f"blob cache {self._root}: cannot store {digest}: {exc}") from exc
-        except BaseException:
-            with suppress(OSError):
-                os.unlink(tmp)
-            raise
 
     def _link(self, digest: str, src: Path, path: Path, verify: bool) -> bool:
         if verify:
             _check(digest, hash_file(src)[0], src)
         try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                _seal(fd, digest)  # and 0400, before the link: the entry never has another mode
+                os.fsync(fd)  # the entry is used without re-hashing after a crash
+            finally:
+                os.close(fd)
             os.link(src, path)
-            os.chmod(path, _ENTRY_MODE)
+            fsync_dir(path.parent)
         except OSError as exc:
             if exc.errno in _NO_LINK:
                 return False
@@ -232,8 +281,9 @@ class BlobCache:
         """Exclusive per-digest lock, across threads and processes (flock)."""
         locks = self._root / _LOCK_DIR
         try:
-            self.path_for(digest).parent.mkdir(parents=True, exist_ok=True)
-            locks.mkdir(parents=True, exist_ok=True)
+            private_dir(self._root)
+            private_dir(self.path_for(digest).parent)
+            private_dir(locks)
             fd = _lock_file(locks / f"{digest}.lock")
         except OSError as exc:
             raise StoreError(f"blob cache {self._root}: cannot lock {digest}: {exc}") from exc
@@ -250,6 +300,40 @@ class BlobCache:
         for stale in self.path_for(digest).parent.glob(f".{digest}.*.part"):
             with suppress(OSError):
                 stale.unlink()
+
+
+def _seal_value(digest: str, st: os.stat_result) -> bytes:
+    # The inode, size and mtime change with any rewrite or replacement of the
+    # bytes (a write through an fd opened before the entry became 0400, say).
+    return f"{digest}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
+
+
+def _seal(fd: int, digest: str) -> None:
+    """Seal the open entry ``fd`` and leave it 0400."""
+    os.fchmod(fd, 0o600)  # user xattrs need write permission, even for the owner
+    try:
+        os.setxattr(fd, _SEAL, _seal_value(digest, os.fstat(fd)))
+    except OSError as exc:
+        if exc.errno not in _NO_XATTR:
+            raise
+    os.fchmod(fd, _ENTRY_MODE)
+
+
+def _sealed(path: Path, digest: str, st: os.stat_result) -> bool:
+    try:
+        return os.getxattr(path, _SEAL, follow_symlinks=False) == _seal_value(digest, st)
+    except OSError as exc:
+        # No xattrs here: owner, mode and size are all there is to check.
+        return exc.errno in _NO_XATTR
+
+
+def _reseal(path: Path, digest: str) -> None:
+    """Seal an entry whose bytes were just re-verified, and make it 0400."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _seal(fd, digest)
+    finally:
+        os.close(fd)
 
 
 def _lock_file(path: Path) -> int:

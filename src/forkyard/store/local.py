@@ -4,6 +4,10 @@ Objects are plain read-only files at ``<root>/<key>``. Uploads are staged in
 ``<root>/.forkyard-staging/`` (same filesystem) and published with
 ``os.link``, which fails instead of replacing: that single syscall is what
 makes puts both atomic and write-once, even between processes.
+
+Objects may be guest memory, so the store is private to its owner (the
+worker): objects are 0400 and every directory the store makes is 0700,
+whatever the umask.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
 
+from forkyard._fs import private_dir
 from forkyard.errors import ObjectNotFound, StoreError, UnsafePath
 from forkyard.store._base import (
     ObjectStore,
@@ -34,7 +39,7 @@ from forkyard.store._base import (
 __all__ = ["LocalStore"]
 
 STAGING_DIR = ".forkyard-staging"
-_OBJECT_MODE = 0o444  # objects are immutable; make accidental writes fail loudly
+_OBJECT_MODE = 0o400  # immutable (accidental writes fail loudly) and private
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
@@ -47,7 +52,8 @@ class LocalStore(ObjectStore):
         self._staging = path / STAGING_DIR
         if create:
             try:
-                self._staging.mkdir(parents=True, exist_ok=True)
+                private_dir(path)
+                private_dir(self._staging)
             except OSError as exc:
                 raise StoreError(f"cannot create local store at {path}: {exc}") from exc
 
@@ -141,7 +147,7 @@ class LocalStore(ObjectStore):
         if self._stat(key) is not None:  # cheap early exit; os.link below is the real guard
             return refuse_existing(key, if_absent)
         try:
-            self._staging.mkdir(parents=True, exist_ok=True)
+            private_dir(self._staging)
             fd, tmp_name = tempfile.mkstemp(dir=self._staging, prefix="put-", suffix=".part")
         except OSError as exc:
             raise StoreError(f"cannot stage an upload in {self._staging}: {exc}") from exc
@@ -159,7 +165,7 @@ class LocalStore(ObjectStore):
                 os.unlink(tmp_name)
 
     def _publish(self, key: str, tmp: Path, final: Path, if_absent: bool) -> bool:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(final.parent)
         try:
             os.link(tmp, final)
         except FileExistsError:
