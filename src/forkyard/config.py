@@ -1,19 +1,40 @@
 """Where forkyard keeps its files, and the few settings a user can change.
 
 A *home* (``$FORKYARD_HOME``, default ``~/.forkyard``) belongs to one worker.
-Its layout is fixed here and nowhere else::
+Its layout is fixed here (the paths) and by the modules named below (what
+they put there)::
 
-    config.toml        optional user settings (see Settings)
-    host/              kernel, initramfs and agent built by `forkyard setup`
-    images/            base-image catalog: blobs/<sha256>.ext4 + meta/<sha256>.json
-    sandboxes/<id>/    one directory per sandbox (overlay, logs, state)
-    checkpoints/<id>/  local checkpoint cache (manifest.json)
-    cache/             content cache: layers/<sha256>.qcow2, states/<sha256>.state
-    store/             the embedded default object store (file://)
-    tmp/               scratch on the same filesystem (for atomic renames)
+    config.toml          optional user settings (see Settings)
+    worker.lock          flock(2) held by the one worker using this home
+    host/                made by `forkyard setup` (forkyard.host.setup):
+      vmlinuz-<sha16>      guest kernel, named by its digest
+      initramfs-<sha16>    initramfs with the guest agent
+      host.json            what setup found and installed
+      machines.json        QEMU machine types, probed once by the worker
+      .setup.lock
+    images/              base-image catalog (forkyard.image.catalog), private:
+      blobs/<sha256>.ext4  + meta/<sha256>.json, meta/<sha256>.files.json,
+      names.json, .lock
+    sandboxes/<id>/      one directory per sandbox: sandbox.json, disk-<n>.qcow2,
+                         state-<n>.tmp while a checkpoint is taken, console.log,
+                         qemu.log, qemu.argv.json
+    failed/<id>/         logs of the last sandboxes that failed to start
+    checkpoints/<id>/    local checkpoint catalog: manifest.json
+    cache/blobs/         verified content cache (forkyard.store.cache), private:
+      <ab>/<sha256>        layers, VM states, kernels and bases by digest (0400)
+      .locks/, .streams/   per-digest locks; states being streamed in
+    store/               the default object store (file://) when none is configured
+                         (forkyard.store.local), private
+    tmp/                 scratch on the same filesystem, private: image builds,
+                         checkpoint exports and imports, zero-<size>.raw
 
-Unix sockets live under a short per-home directory in /tmp because socket
-paths are limited to 107 bytes and homes (pytest tmp dirs) can be long.
+``images/``, ``cache/`` and ``tmp/`` (and the store and cache directories
+their owners make) are 0700 whatever the umask: they hold guest disks and
+memory, which only the worker may read.
+
+Unix sockets (the guest agents' ``<id>.agent``) live under a short per-home
+directory in /tmp (:attr:`Home.run_dir`) because socket paths are limited to
+107 bytes and homes (pytest tmp dirs) can be long.
 """
 
 from __future__ import annotations
@@ -25,6 +46,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from forkyard._fs import private_dir
 from forkyard.errors import SetupError
 
 __all__ = ["Home", "Settings", "default_home"]
@@ -96,16 +118,10 @@ class Home:
         return Path(tempfile.gettempdir()) / f"forkyard-{os.getuid()}-{tag}"
 
     def ensure(self) -> Home:
-        for d in (
-            self.root,
-            self.host_dir,
-            self.images_dir,
-            self.sandboxes_dir,
-            self.checkpoints_dir,
-            self.cache_dir,
-            self.tmp_dir,
-        ):
+        for d in (self.root, self.host_dir, self.sandboxes_dir, self.checkpoints_dir):
             d.mkdir(parents=True, exist_ok=True)
+        for d in (self.images_dir, self.cache_dir, self.tmp_dir):
+            private_dir(d)
         run = self.run_dir
         run.mkdir(mode=0o700, exist_ok=True)
         st = run.stat()

@@ -7,6 +7,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from forkyard._fs import atomic_write_bytes, commit_file
 from forkyard._proc import run
 
 __all__ = ["agent_source", "build_agent"]
@@ -26,7 +27,7 @@ def build_agent(cache_dir: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     c_file = out.parent / f"agent-{key}.c"
-    c_file.write_bytes(src)
+    atomic_write_bytes(c_file, src, mode=0o644)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     # -ffile-prefix-map keeps the build path out of the binary (reproducible)
     run(
@@ -37,5 +38,6 @@ def build_agent(cache_dir: Path) -> Path:
         timeout=300,
         what="compile guest agent",
     )
-    tmp.rename(out)
+    # `out` existing is what says "built": it must never be a half-written binary
+    commit_file(tmp, out, mode=0o755)
     return out

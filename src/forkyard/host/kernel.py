@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from forkyard._fs import commit_dir
 from forkyard._proc import run
 from forkyard.errors import SetupError
 from forkyard.host.initramfs import MODULES
@@ -59,7 +60,8 @@ def fetch_kernel(cache_dir: Path) -> KernelFiles:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             shutil.rmtree(dest)
-        staged.rename(dest)
+        # the files' presence is what says "fetched": never publish empty ones
+        commit_dir(staged, dest)
     return files
 
 

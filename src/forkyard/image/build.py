@@ -1,7 +1,7 @@
 """Build a base image from a source and add it to the catalog.
 
-Reproducible mode (default) follows NOTES §3c. Same tree + same epoch +
-same e2fsprogs version ⇒ same bytes, on any worker:
+Reproducible mode (default) follows the recipe of :mod:`forkyard.tools.mkfs`.
+Same tree + same epoch + same e2fsprogs version ⇒ same bytes, on any worker:
 
 1. stage the source into ``home.tmp_dir/image-build-*/root``; add the guest
    mount points (``/dev /proc /sys /tmp /run``) if missing; root dir 0755

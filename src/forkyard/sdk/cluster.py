@@ -27,13 +27,13 @@ The file is rewritten after every process ``up`` starts, so an interrupted
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from forkyard._fs import atomic_write_bytes
 from forkyard.sdk.errors import ConfigurationError
 
 __all__ = [
@@ -132,21 +132,10 @@ class ClusterFile:
     def save(self) -> None:
         """Atomically (re)write the file, readable by its owner only."""
         self.home.mkdir(parents=True, exist_ok=True)
-        target = self.path
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        # O_EXCL + 0600 at creation: the tokens are never readable by others,
-        # not even for the instant between create and chmod.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+        # The temp file is 0600 from creation on: the tokens are never readable
+        # by others, not even for the instant before the final chmod.
+        atomic_write_bytes(self.path, text, mode=0o600)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

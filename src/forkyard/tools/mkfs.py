@@ -1,8 +1,12 @@
 """e2fsprogs wrapper: mke2fs/mkfs.ext4, debugfs, e2fsck, dumpe2fs.
 
-Nothing else in forkyard runs these programs. The reproducible recipe (see
-NOTES §3c, verified with e2fsprogs 1.47.0) is :func:`mkfs_reproducible`
-followed by :func:`set_inode_times` on every used inode.
+Nothing else in forkyard runs these programs. The reproducible recipe
+(verified with e2fsprogs 1.47.0) is :func:`mkfs_reproducible` followed by
+:func:`set_inode_times` on every used inode: ``E2FSPROGS_FAKE_TIME`` pins every
+time mkfs stamps, ``-U``/``hash_seed`` pin the UUID and directory hash seed
+(both random by default, and ``metadata_csum`` seeds every checksum with the
+UUID), and a ``debugfs -w`` pass sets the inode atimes/ctimes that mkfs copies
+from the host files. ``SOURCE_DATE_EPOCH`` is ignored by 1.47.0.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def mkfs_reproducible(
     fs_uuid: uuid.UUID,
     epoch: int,
 ) -> None:
-    """Byte-reproducible ``mkfs.ext4 -d`` (NOTES §3c) into a new file ``image``.
+    """Byte-reproducible ``mkfs.ext4 -d`` (the module's recipe) into a new file ``image``.
 
     Only the recipe's inputs decide the bytes: the tree, ``fs_uuid`` (also the
     directory hash seed), ``epoch`` (every time mkfs itself stamps), the size,
