@@ -6,6 +6,9 @@
 * :class:`BlobStore` - zstd-compressed, sha256-addressed blobs at
   ``blobs/<ab>/<sha256>`` plus small write-once JSON documents.
 * :class:`BlobCache` - a worker's local, verified, single-flight blob cache.
+
+Local stores and caches may hold guest memory: they are private to the worker
+(directories 0700, objects and entries 0400, whatever the umask).
 """
 
 from __future__ import annotations
