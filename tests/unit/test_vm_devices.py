@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ SHAPE = VMShape(256, 1, "pc-q35-7.2", "tcg", qemu="7.2.22", disk_size=1 << 30)
 def _devices(argv: list[str]) -> dict[str, dict[str, str]]:
     """The -device options of a command line, by id, as property maps."""
     out = {}
-    for flag, value in zip(argv, argv[1:], strict=False):
+    for flag, value in itertools.pairwise(argv):
         if flag == "-device":
             driver, *props = value.split(",")
             d = dict(p.split("=", 1) for p in props)

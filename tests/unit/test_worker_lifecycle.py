@@ -45,9 +45,8 @@ def test_destroy_is_terminal(tmp_path: Path) -> None:
     sb, destroyed = _sandbox(tmp_path, S.STOPPED)
     sb.destroy()
     assert sb.state is S.DESTROYED and destroyed == ["sb-1"]
-    with pytest.raises(SandboxStateError):
-        with sb.restarting(SPEC):
-            pass
+    with pytest.raises(SandboxStateError), sb.restarting(SPEC):
+        pass
     with pytest.raises(SandboxStateError):
         sb.prepare((), None)  # type: ignore[arg-type]
     sb.stop()  # stopping a destroyed sandbox changes nothing
