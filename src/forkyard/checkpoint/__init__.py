@@ -12,7 +12,8 @@ snapshots because:
   portable archive part, content-addressed and written once;
 - internal snapshots keep their own L1 tables inside one mutable qcow2, which
   is what makes ``qemu-img rebase -b ""`` silently lose base data under a
-  snapshot (NOTES §3, reproduced by tests/integration/test_export_import.py);
+  snapshot (reproduced by tests/integration/test_export_import.py::
+  test_rebase_flatten_loses_base_data_under_the_snapshot);
   ``forkyard export`` produces a savevm snapshot only at the end, from a
   complete disk, so its view is whole.
 
