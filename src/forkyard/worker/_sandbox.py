@@ -34,6 +34,7 @@ from forkyard.guest.client import AgentClient, ExecResult
 from forkyard.tools import qemu_img
 from forkyard.vm.machine import QemuVM
 from forkyard.wire.lifecycle import Lifecycle, SandboxState
+from forkyard.worker._boot import Chain, boot_vm
 from forkyard.worker._files import Files
 from forkyard.worker._record import SandboxInfo, SandboxSpec, write_record
 
@@ -49,8 +50,6 @@ _DROP_CACHE_TIMEOUT = 30.0
 # states from which a broken VM makes the sandbox failed; the others keep theirs
 # (a failed wake goes back to hibernated, see Sandbox.restarting)
 _CAN_FAIL = frozenset({S.STARTING, S.RUNNING, S.PAUSED, S.STOPPED, S.FAILED})
-
-Chain = tuple[Path, tuple[Path, ...]]  # base file, layer files (bottom first)
 
 
 class Sandbox:
@@ -198,33 +197,10 @@ class Sandbox:
         """
         self.lifecycle.require("start", S.STARTING, S.WAKING)
         self._vm = vm
-        agent = AgentClient(vm.agent_socket, name=self.id)
-
-        def connect_early() -> None:
-            agent.open(timeout=timeout)
-
         try:
-            if pending_chain is None:
-                vm.launch(incoming_state=incoming, timeout=timeout, on_started=connect_early)
-            else:
-                try:
-                    vm.launch(incoming_state=incoming, timeout=timeout, run=False,
-                              on_started=connect_early)
-                except VMError as exc:
-                    # a state that fails to load was usually damaged in transit, and
-                    # the download's verdict says so more precisely than QEMU
-                    try:
-                        pending_chain()
-                    except ForkyardError as reason:
-                        raise reason from exc
-                    raise
-                base, layers = pending_chain()
-                vm.attach_backing(base, layers)
-                vm.resume()
-            agent.connect(timeout=timeout)
+            agent = boot_vm(vm, self.id, incoming=incoming, timeout=timeout,
+                            pending_chain=pending_chain)
         except BaseException:
-            agent.close()
-            vm.kill()
             self._mark_failed()
             raise
         self._agent = agent

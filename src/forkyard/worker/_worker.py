@@ -25,7 +25,6 @@ from forkyard.config import Home
 from forkyard.errors import (
     CheckpointNotFound,
     ImageNotFound,
-    IncompatibleCheckpoint,
     SandboxNotFound,
     SandboxStateError,
 )
@@ -33,9 +32,9 @@ from forkyard.host.setup import HostInfo, ensure_host
 from forkyard.image import ImageCatalog, ImageInfo, MinimalSource, build_image
 from forkyard.store import BlobCache, BlobStore, ObjectStore, open_store
 from forkyard.tools import qemu_system
-from forkyard.vm.devices import PROFILES
 from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape
 from forkyard.wire.ids import new_sandbox_id
+from forkyard.worker._compat import check_compatible
 from forkyard.worker._home import hibernated_records, keep_logs, lock_home
 from forkyard.worker._parts import PartFetcher
 from forkyard.worker._record import SandboxSpec
@@ -326,22 +325,7 @@ class Worker:
         self.checkpoints.add(m)
 
     def _check_compatible(self, cp: Checkpoint) -> None:
-        vm = cp.manifest.vm
-        if vm.devices not in PROFILES:
-            raise IncompatibleCheckpoint(
-                f"checkpoint {cp.short_id} uses device profile {vm.devices!r}; "
-                f"this forkyard builds {', '.join(sorted(PROFILES))}"
-            )
-        if vm.accel != self.host.accel:
-            raise IncompatibleCheckpoint(
-                f"checkpoint {cp.short_id} was saved under {vm.accel}, this host runs "
-                f"{self.host.accel}: QEMU cannot move a running state between them"
-            )
-        if vm.machine not in self.supported_machines():
-            raise IncompatibleCheckpoint(
-                f"checkpoint {cp.short_id} needs machine type {vm.machine!r}, which this "
-                f"QEMU {self.host.qemu_version} does not have"
-            )
+        check_compatible(cp, self.host, self.supported_machines)
 
     # ------------------------------------------------------------------
     # internals
