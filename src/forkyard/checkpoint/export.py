@@ -60,7 +60,7 @@ __all__ = ["DEFAULT_SNAPSHOT", "ExportResult", "export_checkpoint", "import_qcow
 DEFAULT_SNAPSHOT = "forkyard"
 
 
-class Worker(Protocol):
+class WorkerLike(Protocol):
     """What export and import need from a worker (``forkyard.worker.Worker`` is one)."""
 
     home: Home
@@ -101,7 +101,7 @@ def _chain_json(base: Path, layers: list[Path]) -> str:
     return "json:" + json.dumps(node)
 
 
-def export_checkpoint(worker: Worker, checkpoint: Checkpoint | str, out: Path, *,
+def export_checkpoint(worker: WorkerLike, checkpoint: Checkpoint | str, out: Path, *,
                       snapshot: str = DEFAULT_SNAPSHOT) -> ExportResult:
     cp = worker.fetch_checkpoint(checkpoint)
     m = cp.manifest
@@ -129,7 +129,7 @@ def export_checkpoint(worker: Worker, checkpoint: Checkpoint | str, out: Path, *
 
 
 def import_qcow2(
-    worker: Worker,
+    worker: WorkerLike,
     path: Path,
     *,
     snapshot: str | None = None,
@@ -200,7 +200,7 @@ def import_qcow2(
 
 
 # --- helpers -----------------------------------------------------------------
-def _paused_vm(worker: Worker, m: Manifest | None, disk: DiskChain, kernel: Path, initrd: Path,
+def _paused_vm(worker: WorkerLike, m: Manifest | None, disk: DiskChain, kernel: Path, initrd: Path,
                workdir: Path, tag: str, *, shape: VMShape | None = None) -> QemuVM:
     if shape is None:
         if m is None:
@@ -275,7 +275,7 @@ def _pick_snapshot(info: dict[str, object], wanted: str | None, path: Path) -> d
     return dict(snap)
 
 
-def _import_base(worker: Worker, path: Path, h: qcow2.Qcow2Header, base: str | None,
+def _import_base(worker: WorkerLike, path: Path, h: qcow2.Qcow2Header, base: str | None,
                  size: int) -> tuple[Path, str]:
     """The raw base the input's clusters are relative to, registered by digest."""
     if base is not None:
