@@ -4,6 +4,11 @@ A :class:`Worker` owns one forkyard home.  Everything the control plane and
 the CLI do to VMs goes through it.  QEMU processes die with the process that
 owns the worker (see ``forkyard.vm._spawn``), and :meth:`Worker.close` stops
 them earlier.
+
+The worker decides *what* runs (which image or checkpoint, which parts to
+fetch: ``_parts``); each :class:`Sandbox` runs its VM and captures its
+checkpoints, which the worker's :class:`Recorder` catalogues.  They talk only
+through public methods and frozen values.
 """
 
 from __future__ import annotations
