@@ -91,7 +91,8 @@ def store_for(kind: str, root: Path) -> Iterator[tuple[str, ObjectStore]]:
 def upstream_qcow2(w: Worker, cp: Checkpoint, work: Path) -> tuple[Path, float]:
     """The checkpoint as the upstream platform keeps it: thin overlay + savevm snapshot."""
     m = cp.manifest
-    base, layers, state, kernel, initrd = w._materialize(cp)
+    f = w.materialize(cp)
+    base, layers, state, kernel, initrd = f.base, f.layers, f.state, f.kernel, f.initrd
     if len(layers) != 1:
         raise SystemExit("benchmark expects a single-layer checkpoint")
     up = work / "rootfs.qcow2"

@@ -12,7 +12,8 @@ snapshots because:
   portable archive part, content-addressed and written once;
 - internal snapshots keep their own L1 tables inside one mutable qcow2, which
   is what makes ``qemu-img rebase -b ""`` silently lose base data under a
-  snapshot (NOTES §3, reproduced by tests/integration/test_export_import.py);
+  snapshot (reproduced by tests/integration/test_export_import.py::
+  test_rebase_flatten_loses_base_data_under_the_snapshot);
   ``forkyard export`` produces a savevm snapshot only at the end, from a
   complete disk, so its view is whole.
 
@@ -22,17 +23,24 @@ freed pages are zero and QEMU's migration skips them).  Cached file pages are
 copies of disk blocks that the frozen layer or the base already hold; keeping
 them would store the same data twice.  ``Sandbox.checkpoint(keep_page_cache=
 True)`` opts out.
+
+A capture is a frozen :class:`~forkyard.checkpoint.recorder.Capture` that a
+:class:`~forkyard.checkpoint.recorder.Recorder` files and turns into a
+manifest; the manifest's ``vm`` is the runtime's own
+:class:`~forkyard.vm.shape.VMShape`, whose device profile
+(``forkyard.vm.devices``) a restore renders again.
 """
 
 from __future__ import annotations
 
-from forkyard.checkpoint.local import Checkpoint, LocalCheckpoints
+from forkyard.checkpoint.local import Checkpoint, CheckpointFiles, LocalCheckpoints
 from forkyard.checkpoint.manifest import FORMAT, BootRef, Manifest, PartRef, VMInfo
 
 __all__ = [
     "FORMAT",
     "BootRef",
     "Checkpoint",
+    "CheckpointFiles",
     "LocalCheckpoints",
     "Manifest",
     "PartRef",

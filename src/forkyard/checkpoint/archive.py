@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forkyard._digest import DIGEST_RE
-from forkyard.checkpoint.manifest import MAX_MANIFEST_BYTES, Manifest, PartRef
+from forkyard.checkpoint.local import checkpoint_prefix, resolve_checkpoint_ref
+from forkyard.checkpoint.manifest import MAX_MANIFEST_BYTES, SHARED_ROLES, Manifest, PartRef
 from forkyard.errors import CheckpointNotFound, ObjectNotFound
 from forkyard.store import BlobStore, ObjectStore, blob_key
 
@@ -33,11 +34,10 @@ __all__ = [
     "manifest_key",
     "publish",
     "resolve_published",
+    "stored_bytes",
 ]
 
 MANIFEST_PREFIX = "checkpoints/"
-# Parts that many checkpoints share and that travel once per store.
-SHARED_ROLES = frozenset({"base", "kernel", "initrd"})
 
 PartProgress = Callable[[str, int, int | None], None]
 
@@ -125,19 +125,18 @@ def list_published(store: ObjectStore) -> Iterator[str]:
 
 def resolve_published(store: ObjectStore, ref: str) -> str:
     """A full checkpoint id from an id or a unique prefix (≥ 6 hex digits)."""
-    ref = ref.removeprefix("cp-").lower()
-    if DIGEST_RE.match(ref):
-        return ref
-    if len(ref) < 6 or not all(c in "0123456789abcdef" for c in ref):
-        raise CheckpointNotFound(ref)
-    hits = [
-        cid for cid in (k.removeprefix(MANIFEST_PREFIX).removesuffix(".json")
-                        for k in store.list(MANIFEST_PREFIX + ref))
-        if DIGEST_RE.match(cid)
-    ]
-    if len(hits) != 1:
-        raise CheckpointNotFound(ref if not hits else f"{ref} (ambiguous: {len(hits)})")
-    return hits[0]
+    prefix = checkpoint_prefix(ref)
+    if DIGEST_RE.match(prefix):
+        return prefix
+    return resolve_checkpoint_ref(
+        prefix, (k.removeprefix(MANIFEST_PREFIX).removesuffix(".json")
+                 for k in store.list(MANIFEST_PREFIX + prefix)))
+
+
+def stored_bytes(store: ObjectStore, manifest: Manifest) -> int:
+    """The bytes a published checkpoint stores for itself: its layers and state as
+    compressed in ``store`` (base, kernel and initramfs are shared, not counted)."""
+    return sum(store.size(_key(ref)) for _role, ref in manifest.own_parts())
 
 
 def fetch_manifest(store: ObjectStore, ref: str) -> Manifest:

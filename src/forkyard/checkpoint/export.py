@@ -7,7 +7,8 @@ with ``qemu-system-x86_64 … -loadvm <name>`` (see :func:`plain_qemu_argv`).
 Why not ``qemu-img rebase -b ""`` on a thin overlay, as others do?  Internal
 snapshots keep their own L1 tables: rebase copies base data only into the
 *active* layer, so everything the snapshot took from the base reads back as
-zeros after ``loadvm`` (silent corruption; docs/portability.md).  Here the
+zeros after ``loadvm`` (silent corruption; reproduced by
+tests/integration/test_export_import.py).  Here the
 order is the other way round, so the snapshot's view is complete by
 construction: first a complete standalone disk (``qemu-img convert`` of the
 whole chain), then a QEMU with exactly the checkpoint's devices loads the
@@ -30,12 +31,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from forkyard._digest import sha256_file
+from forkyard._fs import fsync_dir
 from forkyard.checkpoint import qcow2
-from forkyard.checkpoint.local import Checkpoint
-from forkyard.checkpoint.manifest import BootRef, Manifest, PartRef, VMInfo
+from forkyard.checkpoint.local import Checkpoint, CheckpointFiles, LocalCheckpoints
+from forkyard.checkpoint.manifest import BootRef, Manifest, PartRef, utcnow
+from forkyard.config import Home
 from forkyard.errors import (
     CheckpointError,
     ImageNotFound,
@@ -43,16 +46,32 @@ from forkyard.errors import (
     UnsafeInput,
     VMError,
 )
+from forkyard.host.setup import HostInfo
+from forkyard.image import ImageCatalog
+from forkyard.store import BlobCache
 from forkyard.tools import qemu_img
-from forkyard.vm.machine import DEVICE_PROFILE, BootSpec, DiskChain, QemuVM, VMShape
-
-if TYPE_CHECKING:
-    from forkyard.worker import Worker
+from forkyard.vm.cmdline import standalone_argv
+from forkyard.vm.devices import DEVICE_PROFILE
+from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape
 
 __all__ = ["DEFAULT_SNAPSHOT", "ExportResult", "export_checkpoint", "import_qcow2",
            "plain_qemu_argv"]
 
 DEFAULT_SNAPSHOT = "forkyard"
+
+
+class WorkerLike(Protocol):
+    """What export and import need from a worker (``forkyard.worker.Worker`` is one)."""
+
+    home: Home
+    host: HostInfo
+    images: ImageCatalog
+    blobs: BlobCache
+    checkpoints: LocalCheckpoints
+
+    def fetch_checkpoint(self, checkpoint: Checkpoint | str) -> Checkpoint: ...
+
+    def materialize(self, checkpoint: Checkpoint) -> CheckpointFiles: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,27 +82,15 @@ class ExportResult:
     argv: list[str]  # a plain QEMU command line that resumes the export
 
 
-def plain_qemu_argv(vm: VMInfo, qcow2_path: Path, *, snapshot: str,
+def plain_qemu_argv(vm: VMShape, qcow2_path: Path, *, snapshot: str,
                     agent_socket: Path) -> list[str]:
     """The command line that resumes an export without forkyard.
 
-    It must build the device set of forkyard's profile at the same addresses,
-    or ``loadvm`` fails with "Unknown savevm section".  No kernel or initramfs
-    is needed: the guest's kernel is in the saved RAM.
+    It builds the checkpoint's recorded device profile at the same addresses
+    (``loadvm`` fails with "Unknown savevm section" otherwise).  No kernel or
+    initramfs is needed: the guest's kernel is in the saved RAM.
     """
-    accel = "kvm" if vm.accel == "kvm" else "tcg"
-    return [
-        "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
-        "-machine", vm.machine, "-accel", accel, "-cpu", vm.cpu,
-        "-m", str(vm.memory_mb), "-smp", str(vm.cpus),
-        "-serial", "stdio",
-        "-drive", f"file={qcow2_path},if=none,id=disk0,format=qcow2",
-        "-device", "virtio-blk-pci,drive=disk0,id=vblk0,addr=0x4",
-        "-device", "virtio-serial-pci,id=vser0,addr=0x5",
-        "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
-        "-device", "virtserialport,bus=vser0.0,nr=1,chardev=agent,name=agent,id=agentport",
-        "-loadvm", snapshot,
-    ]
+    return standalone_argv(vm, qcow2_path, snapshot=snapshot, agent_socket=agent_socket)
 
 
 def _chain_json(base: Path, layers: list[Path]) -> str:
@@ -94,36 +101,35 @@ def _chain_json(base: Path, layers: list[Path]) -> str:
     return "json:" + json.dumps(node)
 
 
-def export_checkpoint(worker: Worker, checkpoint: Checkpoint | str, out: Path, *,
+def export_checkpoint(worker: WorkerLike, checkpoint: Checkpoint | str, out: Path, *,
                       snapshot: str = DEFAULT_SNAPSHOT) -> ExportResult:
     cp = worker.fetch_checkpoint(checkpoint)
     m = cp.manifest
-    base, layers, state, kernel, initrd = worker._materialize(cp)
+    files = worker.materialize(cp)
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=worker.home.tmp_dir, prefix="export-") as tmp_s:
         tmp = Path(tmp_s)
         disk = tmp / "export.qcow2"
         # 1. a complete disk: the snapshot taken in step 2 then owns every cluster
-        qemu_img.convert(_chain_json(base, layers), disk, dst_fmt="qcow2")
+        qemu_img.convert(_chain_json(files.base, list(files.layers)), disk, dst_fmt="qcow2")
         # 2. the checkpoint's machine, loaded paused on that disk, saved as a snapshot
-        vm = _paused_vm(worker, m, DiskChain(None, (), disk), kernel, initrd, tmp, "export")
+        vm = _paused_vm(worker, m, DiskChain(None, (), disk), files.kernel, files.initrd, tmp,
+                        "export")
         try:
-            vm.launch(incoming_state=state, run=False)
+            vm.launch(incoming_state=files.state, run=False)
             _hmp_ok(vm, f"savevm {snapshot}")
             vm.quit()
         finally:
             vm.kill()
-        tmp_out = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        shutil.move(disk, tmp_out)
-        tmp_out.replace(out)
+        _publish_file(disk, out)
     argv = plain_qemu_argv(m.vm, out, snapshot=snapshot,
                            agent_socket=Path("/tmp/forkyard-export.agent"))
     return ExportResult(out, snapshot, out.stat().st_size, argv)
 
 
 def import_qcow2(
-    worker: Worker,
+    worker: WorkerLike,
     path: Path,
     *,
     snapshot: str | None = None,
@@ -144,9 +150,8 @@ def import_qcow2(
     host = worker.host
     # qcow2 does not record the RAM size; a wrong one fails to load, clearly
     mem = memory_mb or worker.home.settings().memory_mb
-    vm_info = VMInfo(qemu=host.qemu_version, machine=host.machine_type, accel=host.accel,
-                     cpu="qemu64", memory_mb=mem, cpus=cpus, devices=DEVICE_PROFILE,
-                     disk_size=size)
+    shape = VMShape(mem, cpus, host.machine_type, host.accel, qemu=host.qemu_version,
+                    disk_size=size)
     k, i = host.kernel, host.initrd
     boot = BootRef(PartRef(k.digest, k.size), PartRef(i.digest, i.size),
                    BootSpec(k.path, i.path).cmdline)
@@ -158,7 +163,7 @@ def import_qcow2(
         qemu_img.rebase_unsafe(work, str(base_path), "raw")
         chain = DiskChain(base_path, (), work)
         vm = _paused_vm(worker, None, chain, k.path, i.path, tmp, "import",
-                        shape=VMShape(mem, cpus, host.machine_type, host.accel))
+                        shape=shape)
         state_file = tmp / "state"
         try:
             vm.launch(run=False, loadvm=str(snap["name"]))
@@ -181,12 +186,12 @@ def import_qcow2(
         state_digest = sha256_file(state_file)
         worker.blobs.add_local(state_digest, state_file, verify=False, link=False)
         manifest = Manifest(
-            created=_now(),
+            created=utcnow(),
             base=PartRef(base_digest, size),
             layers=(PartRef(layer_digest, layer.stat().st_size),),
             state=PartRef(state_digest, state_file.stat().st_size),
             boot=boot,
-            vm=vm_info,
+            vm=shape,
             sandbox="imported",
             name=name or f"import:{path.name}"[:120],
             extra={"imported_from": path.name[:200], "snapshot": str(snap["name"])[:200]},
@@ -195,19 +200,12 @@ def import_qcow2(
 
 
 # --- helpers -----------------------------------------------------------------
-def _now() -> str:
-    from forkyard.worker._sandbox import utcnow
-
-    return utcnow()
-
-
-def _paused_vm(worker: Worker, m: Manifest | None, disk: DiskChain, kernel: Path, initrd: Path,
+def _paused_vm(worker: WorkerLike, m: Manifest | None, disk: DiskChain, kernel: Path, initrd: Path,
                workdir: Path, tag: str, *, shape: VMShape | None = None) -> QemuVM:
     if shape is None:
         if m is None:
             raise CheckpointError("a VM shape is needed")
-        v = m.vm
-        shape = VMShape(v.memory_mb, v.cpus, v.machine, v.accel, v.cpu, v.devices)
+        shape = m.vm
     cmdline = m.boot.cmdline if m is not None else BootSpec(kernel, initrd).cmdline
     return QemuVM(
         name=f"{tag}-{os.getpid()}",
@@ -217,6 +215,28 @@ def _paused_vm(worker: Worker, m: Manifest | None, disk: DiskChain, kernel: Path
         boot=BootSpec(kernel, initrd, cmdline),
         disk=disk,
     )
+
+
+def _publish_file(src: Path, out: Path) -> None:
+    """Put QEMU's finished file at ``out``: old or complete there, never half.
+
+    ``atomic_write`` would copy gigabytes through Python; the file is already
+    written, so it only needs the same fsync'd rename.
+    """
+    tmp_out = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        shutil.move(src, tmp_out)
+        fd = os.open(tmp_out, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp_out.replace(out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_out.unlink()
+        raise
+    fsync_dir(out.parent)
 
 
 def _hmp_ok(vm: QemuVM, command: str) -> None:
@@ -255,7 +275,7 @@ def _pick_snapshot(info: dict[str, object], wanted: str | None, path: Path) -> d
     return dict(snap)
 
 
-def _import_base(worker: Worker, path: Path, h: qcow2.Qcow2Header, base: str | None,
+def _import_base(worker: WorkerLike, path: Path, h: qcow2.Qcow2Header, base: str | None,
                  size: int) -> tuple[Path, str]:
     """The raw base the input's clusters are relative to, registered by digest."""
     if base is not None:

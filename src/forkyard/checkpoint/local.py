@@ -8,17 +8,18 @@ written atomically under their own digest.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from forkyard._digest import DIGEST_RE
+from forkyard._digest import DIGEST_RE, AmbiguousPrefix, PrefixError, resolve_prefix
+from forkyard._fs import atomic_write_bytes
 from forkyard.checkpoint.manifest import Manifest
 from forkyard.errors import CheckpointNotFound, ManifestError
 
-__all__ = ["Checkpoint", "LocalCheckpoints"]
+__all__ = ["Checkpoint", "CheckpointFiles", "LocalCheckpoints", "checkpoint_prefix",
+           "resolve_checkpoint_ref"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,44 @@ class Checkpoint:
     @property
     def changed_bytes(self) -> int:
         """Disk layers + VM state: what this checkpoint adds on top of its base."""
-        return sum(layer.size for layer in self.manifest.layers) + self.manifest.state.size
+        return self.manifest.changed_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointFiles:
+    """Local, verified files holding every part of one checkpoint."""
+
+    base: Path
+    layers: tuple[Path, ...]  # bottom first
+    state: Path
+    kernel: Path
+    initrd: Path
+
+
+def checkpoint_prefix(ref: str) -> str:
+    """``ref`` as a lowercase id or id prefix; CheckpointNotFound if it cannot be one.
+
+    A prefix needs 6+ hex digits; ``cp-`` in front is allowed.
+    """
+    ref = ref.removeprefix("cp-").lower()
+    if DIGEST_RE.match(ref):
+        return ref
+    if len(ref) < 6 or len(ref) > 64 or not all(c in "0123456789abcdef" for c in ref):
+        raise CheckpointNotFound(ref)
+    return ref
+
+
+def resolve_checkpoint_ref(ref: str, ids: Iterable[str]) -> str:
+    """The full id among ``ids`` that ``ref`` (an id or a unique prefix) names."""
+    prefix = checkpoint_prefix(ref)
+    if DIGEST_RE.match(prefix):
+        return prefix
+    try:
+        return resolve_prefix(prefix, (i for i in ids if DIGEST_RE.match(i)))
+    except AmbiguousPrefix as exc:
+        raise CheckpointNotFound(f"{prefix} (ambiguous: {len(exc.matches)})") from exc
+    except PrefixError as exc:
+        raise CheckpointNotFound(prefix) from exc
 
 
 class LocalCheckpoints:
@@ -70,14 +108,8 @@ class LocalCheckpoints:
         final = d / "manifest.json"
         if final.exists():
             return cp
-        d.mkdir(parents=True, exist_ok=True)
-        # unique per writer: two threads may add the same checkpoint at once
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".manifest.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(manifest.canonical())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        # a unique temp per writer: two threads may add the same checkpoint at once
+        atomic_write_bytes(final, manifest.canonical())
         return cp
 
     def get(self, ref: str) -> Checkpoint:
@@ -101,15 +133,10 @@ class LocalCheckpoints:
         ).exists()
 
     def resolve(self, ref: str) -> str:
-        ref = ref.removeprefix("cp-").lower()
-        if DIGEST_RE.match(ref):
-            return ref
-        if len(ref) < 6 or not all(c in "0123456789abcdef" for c in ref):
-            raise CheckpointNotFound(ref)
-        hits = [p.name for p in self._root.glob(f"{ref}*") if (p / "manifest.json").exists()]
-        if len(hits) != 1:
-            raise CheckpointNotFound(ref if not hits else f"{ref} (ambiguous: {len(hits)})")
-        return hits[0]
+        prefix = checkpoint_prefix(ref)
+        return resolve_checkpoint_ref(
+            prefix, (p.name for p in self._root.glob(f"{prefix}*")
+                     if (p / "manifest.json").exists()))
 
     def list(self) -> list[Checkpoint]:
         out = []
@@ -121,7 +148,7 @@ class LocalCheckpoints:
 
     def mark(self, checkpoint_id: str, flag: str, value: str = "") -> None:
         """Small per-checkpoint facts (e.g. ``published`` with the store URL)."""
-        (self._dir(checkpoint_id) / flag).write_text(value)
+        atomic_write_bytes(self._dir(checkpoint_id) / flag, value)
 
     def flag(self, checkpoint_id: str, flag: str) -> str | None:
         path = self._dir(checkpoint_id) / flag

@@ -16,19 +16,29 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from forkyard._digest import DIGEST_RE, sha256_bytes
 from forkyard.errors import IntegrityError, ManifestError
+from forkyard.vm.shape import VMShape
 
-__all__ = ["FORMAT", "MAX_MANIFEST_BYTES", "BootRef", "Manifest", "PartRef", "VMInfo"]
+__all__ = ["FORMAT", "MAX_MANIFEST_BYTES", "SHARED_ROLES", "BootRef", "Manifest", "PartRef",
+           "VMInfo", "VMShape", "utcnow"]
 
 FORMAT = "forkyard.checkpoint/v1"
 MAX_MANIFEST_BYTES = 1 << 20
+# Parts that many checkpoints share and that travel once per store.
+SHARED_ROLES = frozenset({"base", "kernel", "initrd"})
 MAX_LAYERS = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@ -]{0,127}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MAX_SIZE = 1 << 44  # 16 TiB: anything larger is nonsense, not a disk
+
+
+def utcnow() -> str:
+    """A manifest's ``created`` time: UTC, ISO 8601 with milliseconds and ``Z``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,30 +66,22 @@ class BootRef:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class VMInfo:
-    """Everything the saved state needs from the QEMU that loads it."""
+# The manifest's ``vm`` object is the runtime's own shape; older name kept for callers.
+VMInfo = VMShape
 
-    qemu: str  # version that saved it, e.g. 7.2.22
-    machine: str  # concrete machine type, e.g. pc-q35-7.2
-    accel: str
-    cpu: str
-    memory_mb: int
-    cpus: int
-    devices: str  # device profile, see forkyard.vm.machine.DEVICE_PROFILE
-    disk_size: int
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "qemu": self.qemu,
-            "machine": self.machine,
-            "accel": self.accel,
-            "cpu": self.cpu,
-            "memory_mb": self.memory_mb,
-            "cpus": self.cpus,
-            "devices": self.devices,
-            "disk_size": self.disk_size,
-        }
+def _vm_json(vm: VMShape) -> dict[str, Any]:
+    """``vm`` as archive format v1 spells it (keys fixed: they are part of every id)."""
+    return {
+        "qemu": vm.qemu,
+        "machine": vm.machine,
+        "accel": vm.accel,
+        "cpu": vm.cpu,
+        "memory_mb": vm.memory_mb,
+        "cpus": vm.cpus,
+        "devices": vm.devices,
+        "disk_size": vm.disk_size,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,7 @@ class Manifest:
     layers: tuple[PartRef, ...]  # qcow2 without backing name, bottom first
     state: PartRef  # QEMU migration stream
     boot: BootRef
-    vm: VMInfo
+    vm: VMShape
     sandbox: str  # id of the sandbox it was taken from
     parent: str | None = None  # checkpoint this sandbox was forked/woken from
     name: str | None = None  # user's label
@@ -105,7 +107,7 @@ class Manifest:
             "layers": [layer.to_json() for layer in self.layers],
             "state": self.state.to_json(),
             "boot": self.boot.to_json(),
-            "vm": self.vm.to_json(),
+            "vm": _vm_json(self.vm),
             "sandbox": self.sandbox,
             "parent": self.parent,
             "name": self.name,
@@ -122,6 +124,19 @@ class Manifest:
     @property
     def id(self) -> str:
         return sha256_bytes(self.canonical())
+
+    @property
+    def changed_bytes(self) -> int:
+        """Disk layers + VM state, uncompressed: what this checkpoint adds to its base."""
+        return sum(layer.size for layer in self.layers) + self.state.size
+
+    def own_parts(self) -> list[tuple[str, PartRef]]:
+        """The parts this checkpoint stores for itself (layers and state), with roles.
+
+        The others (base, kernel, initramfs) are shared by many checkpoints and
+        travel once per store.
+        """
+        return [(role, ref) for role, ref in self.parts() if role not in SHARED_ROLES]
 
     def parts(self) -> list[tuple[str, PartRef]]:
         """Every part with a role name, base first."""
@@ -190,7 +205,7 @@ class Manifest:
                 initrd=_part(boot.get("initrd"), "boot.initrd"),
                 cmdline=_str(boot.get("cmdline"), "boot.cmdline", 1024),
             ),
-            vm=VMInfo(
+            vm=VMShape(
                 qemu=_str(vm.get("qemu"), "vm.qemu", 64),
                 machine=_token(vm.get("machine"), "vm.machine"),
                 accel=_choice(vm.get("accel"), "vm.accel", ("tcg", "kvm")),

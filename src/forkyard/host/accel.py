@@ -4,7 +4,8 @@
 then spins forever.  So we boot the guest kernel without a root disk under
 KVM: a working KVM reaches the "no root" panic and exits within a second or
 two; anything else is TCG.  The answer is cached per host kernel, QEMU and
-guest kernel; ``FORKYARD_ACCEL=tcg|kvm`` overrides it.
+guest kernel; ``FORKYARD_ACCEL=tcg|kvm`` overrides it.  The probe itself is
+``forkyard.tools.qemu_system.kvm_boots``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import os
 import platform
 from pathlib import Path
 
-from forkyard._proc import run
-from forkyard.errors import SetupError, ToolError
+from forkyard._fs import atomic_write_bytes
+from forkyard.errors import SetupError
+from forkyard.tools import qemu_system
 
 __all__ = ["detect_accel"]
-
-_PROBE_TIMEOUT = 8.0
 
 
 def detect_accel(cache_dir: Path, vmlinuz: Path, qemu_version: str, kernel_digest: str) -> str:
@@ -38,25 +38,7 @@ def detect_accel(cache_dir: Path, vmlinuz: Path, qemu_version: str, kernel_diges
             known = {}
     if key in known:
         return known[key]
-    accel = "kvm" if _kvm_boots(vmlinuz) else "tcg"
+    accel = "kvm" if qemu_system.kvm_boots(vmlinuz) else "tcg"
     known[key] = accel
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(known, indent=1))
-    tmp.replace(cache)
+    atomic_write_bytes(cache, json.dumps(known, indent=1), mode=0o644)
     return accel
-
-
-def _kvm_boots(vmlinuz: Path) -> bool:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False
-    argv = [
-        "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-machine", "q35",
-        "-m", "128", "-nodefaults", "-no-user-config", "-display", "none",
-        "-no-reboot", "-serial", "stdio", "-kernel", str(vmlinuz),
-        "-append", "console=ttyS0 panic=-1 root=/dev/nonexistent",
-    ]
-    try:
-        done = run(argv, timeout=_PROBE_TIMEOUT, check=False, what="kvm probe")
-    except ToolError:
-        return False
-    return b"Kernel panic" in done.stdout or b"VFS:" in done.stdout

@@ -15,21 +15,21 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from forkyard._digest import sha256_bytes, sha256_file
-from forkyard._proc import require_tool, run
+from forkyard._fs import atomic_write_bytes
+from forkyard._proc import require_tool
 from forkyard.config import Home
 from forkyard.errors import SetupError
 from forkyard.host.accel import detect_accel
 from forkyard.host.agent import build_agent
 from forkyard.host.initramfs import build_initramfs
 from forkyard.host.kernel import fetch_kernel
-from forkyard.tools import apt, mkfs
+from forkyard.tools import apt, mkfs, qemu_system
 
 __all__ = ["PACKAGES", "BootFile", "HostInfo", "cache_dir", "ensure_host", "load_host"]
 
@@ -156,7 +156,7 @@ def ensure_host(
         host = home.host_dir
         kernel_dst = _install_file(kernel.vmlinuz.read_bytes(), host, "vmlinuz")
         initrd_dst = _install_file(initrd_bytes, host, "initramfs")
-        qemu_version = _qemu_version()
+        qemu_version = qemu_system.version()
         kernel_file = BootFile(kernel_dst, sha256_file(kernel_dst), kernel_dst.stat().st_size)
         say("checking the accelerator")
         accel = detect_accel(shared, kernel_dst, qemu_version, kernel_file.digest)
@@ -166,20 +166,19 @@ def ensure_host(
             kernel_release=kernel.release,
             agent_digest=sha256_file(agent),
             qemu_version=qemu_version,
-            machine_type=_q35_machine_type(),
+            machine_type=qemu_system.machine_alias("q35"),
             accel=accel,
             e2fsprogs=mkfs.e2fsprogs_version(),
         )
-        tmp = host / f"host.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
-        tmp.replace(host / "host.json")
+        atomic_write_bytes(host / "host.json", json.dumps(info.to_json(), indent=2,
+                                                          sort_keys=True), mode=0o644)
         return info
 
 
 def _current(info: HostInfo) -> bool:
     """Cheap check that nothing the record depends on changed under it."""
     try:
-        return info.qemu_version == _qemu_version() and info.agent_digest == _agent_digest()
+        return info.qemu_version == qemu_system.version() and info.agent_digest == _agent_digest()
     except SetupError:
         return False
 
@@ -193,25 +192,5 @@ def _install_file(data: bytes, directory: Path, stem: str) -> Path:
     digest = sha256_bytes(data)
     dst = directory / f"{stem}-{digest[:16]}"
     if not dst.exists() or sha256_file(dst) != digest:
-        tmp = directory / f".{stem}.tmp{os.getpid()}"
-        tmp.write_bytes(data)
-        tmp.chmod(0o444)
-        tmp.replace(dst)
+        atomic_write_bytes(dst, data, mode=0o444)
     return dst
-
-
-def _qemu_version() -> str:
-    out = run(["qemu-system-x86_64", "--version"], timeout=30).text
-    m = re.search(r"version (\d+\.\d+\.\d+)", out)
-    if not m:
-        raise SetupError(f"cannot read the QEMU version from {out!r}")
-    return m.group(1)
-
-
-def _q35_machine_type() -> str:
-    """The concrete machine type ``q35`` stands for: saved state names it exactly."""
-    out = run(["qemu-system-x86_64", "-machine", "help"], timeout=30).text
-    m = re.search(r"^q35\s.*\(alias of (\S+)\)", out, re.MULTILINE)
-    if not m:
-        raise SetupError("this QEMU has no q35 machine type")
-    return m.group(1)

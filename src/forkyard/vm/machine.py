@@ -1,16 +1,10 @@
-"""One QEMU process: its command line, its lifecycle, and the QMP steps of a checkpoint.
+"""One QEMU process: its lifecycle and the QMP steps of a checkpoint.
 
-The device set is fixed and versioned (``DEVICE_PROFILE``) because a saved VM
-state only loads into a QEMU with the same devices at the same addresses;
-checkpoints record the profile, the concrete machine type and the memory/CPU
-shape, and a restore builds exactly that machine again.
-
-Disks are a chain given entirely on the command line with ``-blockdev``:
-``raw base (read-only) <- qcow2 layer ... (read-only) <- qcow2 active``.  The
-qcow2 files carry no backing file name in their headers; the chain comes from
-these options.  That is what lets the layers be content-addressed objects
-used in place, never rewritten to point at a local path (a rewrite would
-change their bytes and therefore their digest).
+What the process is made of lives beside it: the shape and boot files
+(``forkyard.vm.shape``), the device profiles (``forkyard.vm.devices``), the disk
+chain (``forkyard.vm.disks``) and the command line rendered from them
+(``forkyard.vm.cmdline``).  A restore builds exactly the machine its checkpoint
+recorded: same profile, machine type and memory/CPU shape.
 """
 
 from __future__ import annotations
@@ -33,9 +27,14 @@ from typing import Any
 
 from forkyard.errors import VMError
 from forkyard.vm._spawn import spawn
+from forkyard.vm.cmdline import qemu_argv
+from forkyard.vm.devices import DEVICE_PROFILE
+from forkyard.vm.disks import DiskChain, qcow2_top_node
 from forkyard.vm.qmp import QMP
+from forkyard.vm.shape import DEFAULT_CMDLINE, BootSpec, VMShape
 
 __all__ = [
+    "DEFAULT_CMDLINE",
     "DEVICE_PROFILE",
     "BootSpec",
     "DiskChain",
@@ -46,7 +45,6 @@ __all__ = [
     "live_vms",
 ]
 
-DEVICE_PROFILE = "forkyard-v1"
 _MIGRATION_BANDWIDTH = 64 * 1024**3  # bytes/s: effectively unlimited (default cap is slow)
 
 
@@ -57,71 +55,6 @@ class VMState(enum.Enum):
     PAUSED = "paused"
     STOPPED = "stopped"
     FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class VMShape:
-    """What a saved VM state depends on, besides the disk contents."""
-
-    memory_mb: int
-    cpus: int
-    machine_type: str
-    accel: str
-    cpu_model: str = "qemu64"
-    devices: str = DEVICE_PROFILE
-
-
-# init_on_free=1: freed guest pages are zeroed, and QEMU's migration sends zero
-# pages as a flag instead of 4 KiB; a checkpoint of an idle 256 MiB guest drops
-# from ~96 MB to ~55 MB of state (and forks load correspondingly faster).
-DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 tsc=reliable init_on_free=1"
-
-
-@dataclass(frozen=True, slots=True)
-class BootSpec:
-    kernel: Path
-    initrd: Path
-    cmdline: str = DEFAULT_CMDLINE
-
-
-@dataclass(frozen=True, slots=True)
-class DiskChain:
-    base: Path | None  # raw ext4 image, read-only; None: `active` stands alone
-    layers: tuple[Path, ...]  # qcow2, read-only, bottom first
-    active: Path  # qcow2, writable
-
-    def blockdev(self, top_name: str) -> dict[str, Any]:
-        node: dict[str, Any] | None = None
-        if self.base is not None:
-            node = {
-                "driver": "raw",
-                "node-name": "base",
-                "read-only": True,
-                "file": _file_node(self.base, read_only=True),
-            }
-        for i, layer in enumerate(self.layers):
-            node = {
-                "driver": "qcow2",
-                "node-name": f"layer{i}",
-                "read-only": True,
-                "file": _file_node(layer, read_only=True),
-                "backing": node,
-            }
-        return {
-            "driver": "qcow2",
-            "node-name": top_name,
-            "file": {**_file_node(self.active, read_only=False), "node-name": f"{top_name}-file"},
-            "backing": node,  # None: no backing (yet), whatever the header says
-        }
-
-
-def _file_node(path: Path, *, read_only: bool) -> dict[str, Any]:
-    node: dict[str, Any] = {"driver": "file", "filename": str(path)}
-    if read_only:
-        # Many VMs share read-only layers and bases; the write lock is taken by
-        # whoever writes, readers need no exclusive lock.
-        node["read-only"] = True
-    return node
 
 
 _live: weakref.WeakSet[QemuVM] = weakref.WeakSet()
@@ -171,32 +104,9 @@ class QemuVM:
 
     # ------------------------------------------------------------------
     def argv(self, *, incoming: bool, qmp_fd: int, paused: bool = False) -> list[str]:
-        s = self.shape
-        accel = "kvm" if s.accel == "kvm" else "tcg,tb-size=256"
-        return [
-            "qemu-system-x86_64",
-            "-name", f"forkyard-{self.name},debug-threads=on",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-machine", s.machine_type,
-            "-accel", accel,
-            "-cpu", s.cpu_model,
-            "-m", str(s.memory_mb),
-            "-smp", str(s.cpus),
-            "-kernel", str(self.boot.kernel),
-            "-initrd", str(self.boot.initrd),
-            "-append", self.boot.cmdline,
-            "-chardev", f"socket,id=qmp,fd={qmp_fd}",
-            "-mon", "chardev=qmp,mode=control",
-            "-chardev", f"file,id=console,path={self.console_path}",
-            "-serial", "chardev:console",
-            "-blockdev", json.dumps(self.disk.blockdev(self.top_node)),
-            "-device", f"virtio-blk-pci,drive={self.top_node},id=disk0,addr=0x4",
-            "-device", "virtio-serial-pci,id=vser0,addr=0x5",
-            "-chardev", f"socket,id=agent,path={self.agent_socket},server=on,wait=off",
-            "-device", "virtserialport,bus=vser0.0,nr=1,chardev=agent,name=agent,id=agentport",
-            *(["-incoming", "defer"] if incoming else []),
-            *(["-S"] if paused else []),
-        ]
+        return qemu_argv(name=self.name, shape=self.shape, boot=self.boot, disk=self.disk,
+                         top_node=self.top_node, qmp_fd=qmp_fd, console_path=self.console_path,
+                         agent_socket=self.agent_socket, incoming=incoming, paused=paused)
 
     def launch(self, *, incoming_state: Path | int | None = None, timeout: float = 60.0,
                run: bool = True, loadvm: str | None = None,
@@ -329,12 +239,7 @@ class QemuVM:
         """
         qmp = self._require_qmp()
         node = f"top{self._next_node}"
-        qmp.execute("blockdev-add", {
-            "driver": "qcow2",
-            "node-name": node,
-            "file": {**_file_node(new_active, read_only=False), "node-name": f"{node}-file"},
-            "backing": None,
-        })
+        qmp.execute("blockdev-add", qcow2_top_node(node, new_active))
         qmp.execute("blockdev-snapshot", {"node": self.top_node, "overlay": node})
         frozen = self.disk.active
         self.disk = DiskChain(self.disk.base, (*self.disk.layers, frozen), new_active)
@@ -444,7 +349,6 @@ class QemuVM:
                 if tail:
                     parts.append(f"[{path.name}]\n{tail}")
         return "\n".join(parts)
-
 
 
 # Interpreter exit: stop our VMs cleanly (the pdeathsig in _spawn covers crashes).

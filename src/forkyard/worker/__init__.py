@@ -12,7 +12,10 @@
 from __future__ import annotations
 
 from forkyard.guest.client import EntryInfo, ExecResult
-from forkyard.worker._sandbox import Files, Sandbox, SandboxInfo, SandboxState
+from forkyard.worker._files import Files
+from forkyard.worker._record import SandboxInfo, SandboxSpec
+from forkyard.worker._sandbox import Sandbox, SandboxState
 from forkyard.worker._worker import Worker
 
-__all__ = ["EntryInfo", "ExecResult", "Files", "Sandbox", "SandboxInfo", "SandboxState", "Worker"]
+__all__ = ["EntryInfo", "ExecResult", "Files", "Sandbox", "SandboxInfo", "SandboxSpec",
+           "SandboxState", "Worker"]

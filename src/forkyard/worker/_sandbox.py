@@ -1,154 +1,120 @@
-"""A sandbox: one QEMU guest, its disk chain, its agent connection."""
+"""A sandbox: one QEMU guest, its disk chain, its agent connection, its lifecycle.
+
+Every change of state goes through the sandbox's :class:`Lifecycle` (the one
+transition table in ``forkyard.wire.lifecycle``), so an illegal move is a
+:class:`SandboxStateError` where it is attempted.  The :class:`Worker` starts
+sandboxes through the public methods under "starting" below; a checkpoint's
+VM steps happen here and end in a :class:`Capture`, which the worker's
+:class:`Recorder` turns into a manifest.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TypeVar
 
-from forkyard.checkpoint import qcow2
+from forkyard.checkpoint import BootRef, Checkpoint, PartRef, qcow2
+from forkyard.checkpoint.manifest import utcnow
+from forkyard.checkpoint.recorder import Capture, Recorder
 from forkyard.errors import (
     AgentError,
     AgentTimeout,
+    CheckpointError,
     ForkyardError,
     GuestError,
     SandboxStateError,
     VMError,
 )
-from forkyard.guest.client import AgentClient, EntryInfo, ExecResult
+from forkyard.guest.client import AgentClient, ExecResult
 from forkyard.tools import qemu_img
 from forkyard.vm.machine import QemuVM
-from forkyard.wire.lifecycle import SandboxState
+from forkyard.wire.lifecycle import Lifecycle, SandboxState
+from forkyard.worker._boot import Chain, boot_vm
+from forkyard.worker._files import Files
+from forkyard.worker._record import SandboxInfo, SandboxSpec, write_record
 
-if TYPE_CHECKING:
-    from forkyard.checkpoint import BootRef, Checkpoint, PartRef
-    from forkyard.worker._worker import Worker
-
-__all__ = ["Files", "Sandbox", "SandboxInfo", "SandboxState"]
+__all__ = ["Chain", "Files", "Sandbox", "SandboxInfo", "SandboxSpec", "SandboxState",
+           "utcnow"]
 
 T = TypeVar("T")
+S = SandboxState
 log = logging.getLogger("forkyard.worker")
 # A guest sync can wait on a lot of dirty data; past this the checkpoint goes
 # ahead with the cache in place rather than stall.
 _DROP_CACHE_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class SandboxInfo:
-    id: str
-    state: str
-    image: str  # base digest
-    disk_size: int
-    created: str
-    memory_mb: int
-    cpus: int
-    parent_checkpoint: str | None
-    last_checkpoint: str | None
-    pid: int | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "state": self.state,
-            "image": self.image,
-            "disk_size": self.disk_size,
-            "created": self.created,
-            "memory_mb": self.memory_mb,
-            "cpus": self.cpus,
-            "parent_checkpoint": self.parent_checkpoint,
-            "last_checkpoint": self.last_checkpoint,
-            "pid": self.pid,
-        }
-
-
-def utcnow() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class Files:
-    """``sandbox.files``: the guest filesystem through the agent (E2B-style)."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
-
-    def read(self, path: str) -> bytes:
-        return self._sb._agent_call(lambda a: a.read_file(path))
-
-    def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return self.read(path).decode(encoding)
-
-    def write(self, path: str, data: bytes | str, *, mode: int = 0o644,
-              append: bool = False) -> int:
-        raw = data.encode() if isinstance(data, str) else data
-        return self._sb._agent_call(lambda a: a.write_file(path, raw, mode=mode, append=append))
-
-    def list(self, path: str) -> list[EntryInfo]:
-        return self._sb._agent_call(lambda a: a.list(path))
-
-    def stat(self, path: str) -> EntryInfo:
-        return self._sb._agent_call(lambda a: a.stat(path))
-
-    def exists(self, path: str) -> bool:
-        return self._sb._agent_call(lambda a: a.exists(path))
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        self._sb._agent_call(lambda a: a.remove(path, recursive=recursive))
-
-    def make_dir(self, path: str, *, mode: int = 0o755) -> None:
-        self._sb._agent_call(lambda a: a.mkdir(path, mode=mode))
+# states from which a broken VM makes the sandbox failed; the others keep theirs
+# (a failed wake goes back to hibernated, see Sandbox.restarting)
+_CAN_FAIL = frozenset({S.STARTING, S.RUNNING, S.PAUSED, S.STOPPED, S.FAILED})
 
 
 class Sandbox:
     """Handle to one sandbox on this worker.  Methods are thread-safe."""
 
-    def __init__(self, worker: Worker, sandbox_id: str, *, base_digest: str, disk_size: int,
-                 memory_mb: int, cpus: int, parent: str | None) -> None:
+    def __init__(self, sandbox_id: str, spec: SandboxSpec, *, directory: Path,
+                 recorder: Recorder, restore_with: Callable[[Sandbox, Checkpoint | str], None],
+                 on_destroy: Callable[[Sandbox], None], state: SandboxState = S.STARTING,
+                 last_checkpoint: str | None = None, created: str | None = None) -> None:
         self.id = sandbox_id
-        self._worker = worker
-        self.base_digest = base_digest
-        self.disk_size = disk_size  # = the raw base's size
-        self.memory_mb = memory_mb
-        self.cpus = cpus
-        self.parent_checkpoint = parent
-        self.last_checkpoint: str | None = None
-        self.created = utcnow()
-        self._state = SandboxState.STARTING
+        self.spec = spec
+        self.last_checkpoint = last_checkpoint
+        self.created = created or utcnow()
+        self.lifecycle = Lifecycle(sandbox_id, state)
+        self.files = Files(self._agent_call)
+        self._dir = directory
+        self._recorder = recorder
+        self._restore_with = restore_with
+        self._on_destroy = on_destroy
         self._lock = threading.RLock()  # lifecycle: checkpoint, restore, stop
         self._vm: QemuVM | None = None
         self._agent: AgentClient | None = None
         self._disk_seq = 0
         # manifest parts of the running chain, so a checkpoint never re-hashes old layers
-        self._layer_refs: tuple[PartRef, ...] = ()
-        self._boot_ref: BootRef | None = None
-        self.files = Files(self)
+        self._layers: tuple[PartRef, ...] = ()
+        self._boot: BootRef | None = None
 
     # ------------------------------------------------------------------
     @property
     def state(self) -> SandboxState:
-        return self._state
+        return self.lifecycle.state
 
     @property
     def dir(self) -> Path:
-        return self._worker.home.sandboxes_dir / self.id
+        return self._dir
 
     @property
     def vm(self) -> QemuVM | None:
         return self._vm
 
+    @property
+    def base_digest(self) -> str:
+        return self.spec.base_digest
+
+    @property
+    def disk_size(self) -> int:
+        return self.spec.disk_size
+
+    @property
+    def memory_mb(self) -> int:
+        return self.spec.memory_mb
+
+    @property
+    def cpus(self) -> int:
+        return self.spec.cpus
+
+    @property
+    def parent_checkpoint(self) -> str | None:
+        return self.spec.parent
+
     def info(self) -> SandboxInfo:
         vm = self._vm
         return SandboxInfo(
             id=self.id,
-            state=self._state.value,
+            state=self.state.value,
             image=self.base_digest,
             disk_size=self.disk_size,
             created=self.created,
@@ -160,7 +126,7 @@ class Sandbox:
         )
 
     def __repr__(self) -> str:
-        return f"<Sandbox {self.id} {self._state.value}>"
+        return f"<Sandbox {self.id} {self.state.value}>"
 
     def __enter__(self) -> Sandbox:
         return self
@@ -193,9 +159,10 @@ class Sandbox:
         return self._agent_call(lambda a: a.ping(timeout=timeout))
 
     def _agent_call(self, fn: Callable[[AgentClient], T]) -> T:
+        self.lifecycle.require("talk to", S.RUNNING, S.PAUSED)
         agent = self._agent
-        if self._state not in (SandboxState.RUNNING, SandboxState.PAUSED) or agent is None:
-            raise SandboxStateError(self.id, self._state.value, "talk to")
+        if agent is None:
+            raise SandboxStateError(self.id, self.state.value, "talk to")
         try:
             return fn(agent)
         except AgentError:
@@ -207,7 +174,72 @@ class Sandbox:
             raise
 
     # ------------------------------------------------------------------
-    # lifecycle (called by Worker)
+    # starting (called by Worker)
+    def prepare(self, layers: tuple[PartRef, ...], boot: BootRef) -> Path:
+        """Record the chain and boot files the VM starts on; returns its new top layer.
+
+        ``layers`` are the manifest parts under the top layer (none for a
+        fresh boot): later checkpoints name them without hashing them again.
+        """
+        self.lifecycle.require("start", S.STARTING, S.WAKING)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._layers = layers
+        self._boot = boot
+        return self._new_active(self._layers[-1].digest if layers else self.base_digest)
+
+    def start(self, vm: QemuVM, *, incoming: Path | int | None, timeout: float,
+              pending_chain: Callable[[], Chain] | None = None) -> None:
+        """Launch ``vm`` and connect the agent; the sandbox is then running.
+
+        With ``pending_chain`` the VM is loaded paused with nothing under its
+        top layer, and runs only once ``pending_chain()`` returned the verified
+        base and layers (downloads done) and they were attached.
+        """
+        self.lifecycle.require("start", S.STARTING, S.WAKING)
+        self._vm = vm
+        try:
+            agent = boot_vm(vm, self.id, incoming=incoming, timeout=timeout,
+                            pending_chain=pending_chain)
+        except BaseException:
+            self._mark_failed()
+            raise
+        self._agent = agent
+        self.lifecycle.move(S.RUNNING, "start")
+        self._save_meta()
+
+    @contextlib.contextmanager
+    def restarting(self, spec: SandboxSpec) -> Iterator[None]:
+        """Hold the sandbox while a new VM on ``spec`` replaces its old one (in place).
+
+        The old VM and its disks go; the body ends in :meth:`start`.  A
+        hibernated sandbox is waking meanwhile, and a wake that fails leaves it
+        hibernated where it was (its checkpoint is intact); any other restore
+        that fails leaves it failed.
+        """
+        with self._lock:
+            waking = self.state is S.HIBERNATED
+            self.lifecycle.move(S.WAKING if waking else S.STARTING,
+                                "wake" if waking else "restore")
+            self._shutdown()
+            self._discard_disks()
+            before, self.spec = self.spec, spec
+            try:
+                yield
+            except BaseException:
+                self._shutdown()
+                if self.lifecycle.move_if(frozenset({S.WAKING}), S.HIBERNATED):
+                    self.spec = before
+                    with contextlib.suppress(OSError):
+                        self._save_meta()
+                else:
+                    self._mark_failed()
+                raise
+
+    def abort_start(self) -> None:
+        """A start that failed: stop whatever runs; the sandbox is failed."""
+        self._shutdown()
+        self._mark_failed()
+
     def _new_active(self, parent: str | None) -> Path:
         """A new empty top layer recording the digest of what lies below it.
 
@@ -216,80 +248,19 @@ class Sandbox:
         written once it does (``QemuVM.set_parent_marker``).
         """
         self._disk_seq += 1
-        path = self.dir / f"disk-{self._disk_seq}.qcow2"
+        path = self._dir / f"disk-{self._disk_seq}.qcow2"
         marker = qcow2.PENDING_MARKER if parent is None else qcow2.parent_marker(parent)
         qemu_img.create(path, self.disk_size, backing=marker,
-                        backing_fmt="qcow2" if self._layer_refs else "raw")
+                        backing_fmt="qcow2" if self._layers else "raw")
         return path
 
-    def _chain_top_digest(self) -> str:
-        return self._layer_refs[-1].digest if self._layer_refs else self.base_digest
-
-    def _start(
-        self,
-        vm: QemuVM,
-        *,
-        incoming: Path | int | None,
-        timeout: float,
-        verdict: Callable[[], None] | None = None,
-        attach: Callable[[QemuVM], None] | None = None,
-    ) -> None:
-        """Launch and connect the agent.
-
-        With ``verdict`` the VM is loaded paused and runs only once
-        ``verdict()`` returned (downloads verified) and ``attach(vm)`` gave it
-        the rest of its disk chain.
-        """
-        self._vm = vm
-        agent = AgentClient(vm.agent_socket, name=self.id)
-
-        def connect_early() -> None:
-            agent.open(timeout=timeout)
-
-        try:
-            if verdict is None:
-                vm.launch(incoming_state=incoming, timeout=timeout, on_started=connect_early)
-            else:
-                try:
-                    vm.launch(incoming_state=incoming, timeout=timeout, run=False,
-                              on_started=connect_early)
-                except VMError as exc:
-                    # a state that fails to load was usually damaged in transit, and
-                    # the download's verdict says so more precisely than QEMU
-                    try:
-                        verdict()
-                    except ForkyardError as reason:
-                        raise reason from exc
-                    raise
-                verdict()
-                if attach is not None:
-                    attach(vm)
-                vm.resume()
-            agent.connect(timeout=timeout)
-        except BaseException:
-            agent.close()
-            vm.kill()
-            self._mark_failed()
-            raise
-        self._agent = agent
-        self._state = SandboxState.RUNNING
-        self._save_meta()
-
     def _mark_failed(self) -> None:
-        if self._state not in (SandboxState.DESTROYED, SandboxState.HIBERNATED):
-            self._state = SandboxState.FAILED
+        if self.lifecycle.move_if(_CAN_FAIL, S.FAILED):
             with contextlib.suppress(OSError):
                 self._save_meta()
 
     def _save_meta(self) -> None:
-        d = self.dir
-        if not d.exists():
-            return
-        # a unique temp name: two threads may save the same sandbox at once
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".sandbox.json.")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.info().to_json(), indent=1))
-        os.replace(tmp, d / "sandbox.json")
+        write_record(self._dir, self.info())
 
     # ------------------------------------------------------------------
     def checkpoint(self, *, name: str | None = None, keep_page_cache: bool = False) -> Checkpoint:
@@ -308,65 +279,90 @@ class Sandbox:
             vm, agent = self._require_running("checkpoint")
             if not keep_page_cache:
                 _drop_page_cache(agent, self.id)
-            new_active = self._new_active(None)
-            state_tmp = self.dir / f"state-{self._disk_seq}.tmp"
-            t0 = time.monotonic()
-            frozen: Path | None = None
-            try:
-                with agent.quiesced():
-                    vm.pause()
-                    self._state = SandboxState.PAUSED
-                    try:
-                        frozen = vm.freeze_disk(new_active)
-                        vm.save_state(state_tmp)
-                    finally:
-                        vm.resume()
-                        self._state = SandboxState.RUNNING
-            except ForkyardError:
-                with contextlib.suppress(OSError):
-                    state_tmp.unlink()
-                if not vm.alive():
-                    self._mark_failed()
-                elif frozen is not None:
-                    # the disk moved on to a new layer even though the state was
-                    # not saved: file the frozen layer so later checkpoints chain
-                    self._worker._file_frozen_layer(self, vm, frozen)
-                raise
-            paused = time.monotonic() - t0
-            assert frozen is not None
-            cp = self._worker._record_checkpoint(self, vm, frozen, state_tmp, name=name,
-                                                 pause_seconds=paused)
+            capture = self._capture(vm, agent, name)
+            cp = self._recorder.record(capture)
             self.last_checkpoint = cp.id
             self._save_meta()
             return cp
 
+    def _capture(self, vm: QemuVM, agent: AgentClient, name: str | None) -> Capture:
+        """The VM steps of a checkpoint: pause, freeze the top layer, save the state."""
+        new_active = self._new_active(None)
+        state_file = self._dir / f"state-{self._disk_seq}.tmp"
+        t0 = time.monotonic()
+        frozen: Path | None = None
+        try:
+            with agent.quiesced():
+                vm.pause()
+                self.lifecycle.move(S.PAUSED, "checkpoint")
+                try:
+                    frozen = vm.freeze_disk(new_active)
+                    vm.save_state(state_file)
+                finally:
+                    vm.resume()
+                    self.lifecycle.move(S.RUNNING, "checkpoint")
+        except ForkyardError:
+            with contextlib.suppress(OSError):
+                state_file.unlink()
+            if not vm.alive():
+                self._mark_failed()
+            elif frozen is not None:
+                # the disk moved on to a new layer even though the state was
+                # not saved: file the frozen layer so later checkpoints chain
+                self._chain_frozen(vm, frozen)
+            raise
+        paused = time.monotonic() - t0
+        assert frozen is not None
+        self._chain_frozen(vm, frozen)
+        if self._boot is None:
+            raise CheckpointError(f"sandbox {self.id} has no boot record")
+        return Capture(
+            sandbox=self.id,
+            parent=self.parent_checkpoint,
+            name=name,
+            base=PartRef(self.base_digest, self.disk_size),
+            layers=self._layers,
+            state_file=state_file,
+            pause_seconds=paused,
+            shape=vm.shape,
+            boot=self._boot,
+            agent=agent.version,
+        )
+
+    def _chain_frozen(self, vm: QemuVM, frozen: Path) -> None:
+        """A layer the VM no longer writes: file it by digest and name it in the next
+        layer's header, so every later layer records exactly what lies below it."""
+        ref = self._recorder.file_layer(frozen)
+        vm.set_parent_marker(qcow2.parent_marker(ref.digest))
+        self._layers = (*self._layers, ref)
+
     def restore(self, checkpoint: Checkpoint | str) -> None:
         """Revert this sandbox in place to ``checkpoint`` (same id, new VM)."""
-        self._worker.restore(self, checkpoint)
+        self._restore_with(self, checkpoint)
 
     def hibernate(self) -> Checkpoint:
         """Checkpoint, then stop and free the VM; :meth:`Worker.wake` brings it back."""
         with self._lock:
             cp = self.checkpoint(name=f"hibernate-{self.id}")
             self._shutdown()
-            self._state = SandboxState.HIBERNATED
+            self.lifecycle.move(S.HIBERNATED, "hibernate")
             self._discard_disks()
             self._save_meta()
             return cp
 
     def stop(self) -> None:
+        """Stop the VM; a running sandbox is then stopped (a failed one stays failed)."""
         with self._lock:
             self._shutdown()
-            if self._state not in (SandboxState.DESTROYED, SandboxState.HIBERNATED):
-                self._state = SandboxState.STOPPED
+            if self.lifecycle.move_if(frozenset({S.RUNNING, S.PAUSED, S.STOPPED}), S.STOPPED):
                 self._save_meta()
 
     def destroy(self) -> None:
         """Kill the VM and delete everything local to the sandbox (not its checkpoints)."""
         with self._lock:
             self._shutdown()
-            self._state = SandboxState.DESTROYED
-            self._worker._forget(self)
+            self.lifecycle.move(S.DESTROYED, "destroy")
+            self._on_destroy(self)
 
     kill = destroy
 
@@ -379,13 +375,14 @@ class Sandbox:
             vm.kill()
 
     def _discard_disks(self) -> None:
-        for p in self.dir.glob("disk-*.qcow2"):
+        for p in self._dir.glob("disk-*.qcow2"):
             p.unlink()
 
     def _require_running(self, op: str) -> tuple[QemuVM, AgentClient]:
+        self.lifecycle.require(op, S.RUNNING)
         vm, agent = self._vm, self._agent
-        if self._state is not SandboxState.RUNNING or vm is None or agent is None:
-            raise SandboxStateError(self.id, self._state.value, op)
+        if vm is None or agent is None:
+            raise SandboxStateError(self.id, self.state.value, op)
         if not vm.alive():
             self._mark_failed()
             raise VMError(f"sandbox {self.id}: QEMU exited", log_tail=vm.log_tail())
@@ -399,3 +396,4 @@ def _drop_page_cache(agent: AgentClient, sandbox_id: str) -> None:
         # only costs size: the checkpoint is as correct with the cache in it
         log.warning("sandbox %s: page cache not dropped before the checkpoint: %s",
                     sandbox_id, exc)
+

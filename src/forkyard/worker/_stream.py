@@ -15,17 +15,18 @@ import contextlib
 import fcntl
 import os
 import queue
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, cast
 
+from forkyard._fs import atomic_write
 from forkyard.checkpoint import PartRef
 from forkyard.errors import ForkyardError
 from forkyard.store import BlobCache, BlobStore
 
 __all__ = ["StateStream"]
+
 
 class StateStream:
     def __init__(self, cache: BlobCache, blobs: BlobStore, ref: PartRef,
@@ -83,7 +84,7 @@ class StateStream:
 
     def _run_download(self) -> None:
         digest = self._ref.digest
-        tmp: str | None = None
+        tmp: Path | None = None
         try:
             # Keep the chunks in memory and write the cache file only after the
             # verdict: the disk write is then off the path to a running VM.
@@ -92,15 +93,13 @@ class StateStream:
             self._blobs.read_blob_into(digest, cast(BinaryIO, sink), size=self._ref.size)
             self._chunks.put(None)
             self._verdict.set()  # verified: the paused VM may run
-            staging = self._cache.root / ".streams"
-            staging.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=staging, prefix=f"{digest[:16]}.")
-            with os.fdopen(fd, "wb") as f:
+            # a name of our own: the cache links it in, then it goes
+            tmp = self._cache.root / ".streams" / f"{digest[:16]}.{os.getpid()}.{id(self):x}"
+            # fsync'd: cache entries are trusted without re-hashing
+            with atomic_write(tmp) as f:
                 for chunk in kept:
                     f.write(chunk)
                 kept.clear()
-                f.flush()
-                os.fsync(f.fileno())  # cache entries are trusted without re-hashing
             self._path = self._cache.add_local(digest, tmp, verify=False, link=True)
         except BaseException as exc:
             if not self._verdict.is_set():

@@ -1,0 +1,74 @@
+"""From a capture to a catalogued checkpoint.
+
+A sandbox captures one instant of its VM (``forkyard.worker``: pause, freeze
+the top disk layer, save the VM state, resume) and hands back a frozen
+:class:`Capture`; a :class:`Recorder` files its parts by digest in the blob
+cache and writes the manifest.  The two meet only through these values, so
+the VM steps and the bookkeeping can change apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from forkyard._digest import sha256_file
+from forkyard.checkpoint.local import Checkpoint, LocalCheckpoints
+from forkyard.checkpoint.manifest import BootRef, Manifest, PartRef, utcnow
+from forkyard.store import BlobCache
+from forkyard.vm.shape import VMShape
+
+__all__ = ["Capture", "Recorder"]
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """What a sandbox froze at one instant: everything its manifest will say."""
+
+    sandbox: str  # id of the sandbox captured
+    parent: str | None  # checkpoint the sandbox was forked/woken/restored from
+    name: str | None  # the caller's label
+    base: PartRef  # the raw base under the disk chain
+    layers: tuple[PartRef, ...]  # the whole chain, bottom first, the frozen layer last (filed)
+    state_file: Path  # the VM state saved at that instant; the recorder files it
+    pause_seconds: float  # how long the guest was stopped for the capture
+    shape: VMShape  # the machine the state needs (its qemu: the one that saved it)
+    boot: BootRef
+    agent: str  # the guest agent's version ("" if unknown)
+
+
+class Recorder:
+    """Files captured parts in a blob cache and catalogues their manifests."""
+
+    def __init__(self, blobs: BlobCache, catalog: LocalCheckpoints, *, worker: str) -> None:
+        self._blobs = blobs
+        self._catalog = catalog
+        self._worker = worker
+
+    def file_layer(self, path: Path) -> PartRef:
+        """File a disk layer no VM writes any more under its digest (hard link)."""
+        digest = sha256_file(path)
+        self._blobs.add_local(digest, path, verify=False, link=True)
+        return PartRef(digest, path.stat().st_size)
+
+    def record(self, capture: Capture) -> Checkpoint:
+        """Hash and file the capture's VM state, then write its manifest."""
+        state_digest = sha256_file(capture.state_file)
+        state_path = self._blobs.add_local(state_digest, capture.state_file, verify=False,
+                                           link=True)
+        capture.state_file.unlink()
+        manifest = Manifest(
+            created=utcnow(),
+            base=capture.base,
+            layers=capture.layers,
+            state=PartRef(state_digest, state_path.stat().st_size),
+            boot=capture.boot,
+            vm=capture.shape,
+            sandbox=capture.sandbox,
+            parent=capture.parent,
+            name=capture.name,
+            agent=capture.agent,
+            extra={"worker": self._worker,
+                   "pause_ms": str(round(capture.pause_seconds * 1000, 1))},
+        )
+        return self._catalog.add(manifest)

@@ -1,0 +1,70 @@
+"""QEMU command lines, rendered from a :class:`VMShape` and its device profile.
+
+Two renderings of the same machine: :func:`qemu_argv` is the QEMU forkyard runs
+(kernel boot or incoming state, QMP on an inherited fd, disk chain as
+``-blockdev``); :func:`standalone_argv` resumes an exported qcow2 with plain
+QEMU (``-loadvm``, no kernel: it is in the saved RAM).  Both take their guest
+devices from the shape's recorded profile, so a state saved by one loads in
+the other.  Host-side backends (chardevs, block nodes) are declared here, one
+per role the profile's devices plug into.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from forkyard.vm.disks import DiskChain
+from forkyard.vm.shape import BootSpec, VMShape
+
+__all__ = ["machine_args", "qemu_argv", "standalone_argv"]
+
+
+def machine_args(shape: VMShape, *, tb_size: bool = True) -> list[str]:
+    """Machine type, accelerator, CPU, memory and vCPUs."""
+    accel = "kvm" if shape.accel == "kvm" else ("tcg,tb-size=256" if tb_size else "tcg")
+    return [
+        "-machine", shape.machine,
+        "-accel", accel,
+        "-cpu", shape.cpu,
+        "-m", str(shape.memory_mb),
+        "-smp", str(shape.cpus),
+    ]
+
+
+def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top_node: str,
+              qmp_fd: int, console_path: Path, agent_socket: Path, incoming: bool,
+              paused: bool = False) -> list[str]:
+    """The command line of one forkyard VM (see ``QemuVM.launch``)."""
+    return [
+        "qemu-system-x86_64",
+        "-name", f"forkyard-{name},debug-threads=on",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        *machine_args(shape),
+        "-kernel", str(boot.kernel),
+        "-initrd", str(boot.initrd),
+        "-append", boot.cmdline,
+        # backends, one per role the profile's devices plug into
+        "-chardev", f"socket,id=qmp,fd={qmp_fd}",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"file,id=console,path={console_path}",
+        "-blockdev", json.dumps(disk.blockdev(top_node)),
+        "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
+        *shape.profile.args({"console": "console", "disk": top_node, "agent": "agent"}),
+        *(["-incoming", "defer"] if incoming else []),
+        *(["-S"] if paused else []),
+    ]
+
+
+def standalone_argv(shape: VMShape, qcow2_path: Path, *, snapshot: str,
+                    agent_socket: Path) -> list[str]:
+    """Plain QEMU resuming savevm ``snapshot`` of a self-contained ``qcow2_path``."""
+    return [
+        "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
+        *machine_args(shape, tb_size=False),
+        "-chardev", "stdio,id=console",
+        "-drive", f"file={qcow2_path},if=none,id=disk0,format=qcow2",
+        "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
+        *shape.profile.args({"console": "console", "disk": "disk0", "agent": "agent"}),
+        "-loadvm", snapshot,
+    ]
