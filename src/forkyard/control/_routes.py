@@ -21,7 +21,7 @@ from starlette.background import BackgroundTask
 
 import forkyard
 from forkyard.control._service import ControlPlane
-from forkyard.control._workers import EXEC_MARGIN, FILE_TIMEOUT, QUICK_TIMEOUT
+from forkyard.wire import worker_api
 from forkyard.wire.models import (
     CheckpointOut,
     CheckpointRequest,
@@ -104,10 +104,7 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     @app.post("/v1/sandboxes/{sandbox_id}/exec", response_model=ExecResultOut, tags=["sandboxes"])
     async def exec_in(sandbox_id: SandboxId, req: ExecRequest) -> Response:
         client = await threaded(plane.running, sandbox_id, "exec in")
-        raw = await client.arequest(
-            "POST", f"/sandboxes/{sandbox_id}/exec", json=req.model_dump(mode="json"),
-            timeout=req.effective_timeout + EXEC_MARGIN,
-        )
+        raw = await client.raw(worker_api.exec_(sandbox_id, req))
         return Response(raw, media_type="application/json")
 
     # --- files ----------------------------------------------------------
@@ -120,10 +117,8 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
         check_length(request)
         client = await threaded(plane.running, sandbox_id, "write files of")
         async with client.stream(
-            "PUT", f"/sandboxes/{sandbox_id}/files", timeout=FILE_TIMEOUT,
-            params={"path": path, "mode": mode, "append": append},
-            content=limited_body(request),
-            headers={"content-type": "application/octet-stream"},
+            worker_api.write_file(sandbox_id, path, mode=mode, append=append),
+            content=limited_body(request), content_type="application/octet-stream",
         ) as resp:
             raw = await resp.aread()
         return Response(raw, media_type="application/json")
@@ -133,9 +128,8 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     async def read_file(sandbox_id: SandboxId, path: GuestPath) -> Response:
         client = await threaded(plane.running, sandbox_id, "read files of")
         stack = AsyncExitStack()
-        resp = await stack.enter_async_context(client.stream(
-            "GET", f"/sandboxes/{sandbox_id}/files", timeout=FILE_TIMEOUT,
-            params={"path": path}))
+        resp = await stack.enter_async_context(
+            client.stream(worker_api.read_file(sandbox_id, path)))
         headers = {}
         if "content-length" in resp.headers:
             headers["content-length"] = resp.headers["content-length"]
@@ -145,22 +139,17 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     @app.get("/v1/sandboxes/{sandbox_id}/files/list", tags=["files"])
     def list_files(sandbox_id: SandboxId, path: GuestPath) -> list[EntryOut]:
         client = plane.running(sandbox_id, "list files of")
-        data = client.call("GET", f"/sandboxes/{sandbox_id}/files/list",
-                           params={"path": path}, timeout=QUICK_TIMEOUT * 3)
-        return [EntryOut.model_validate(e) for e in data]
+        return client.send(worker_api.list_files(sandbox_id, path))
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", tags=["files"])
     def stat_file(sandbox_id: SandboxId, path: GuestPath) -> EntryOut:
         client = plane.running(sandbox_id, "stat files of")
-        return EntryOut.model_validate(client.call(
-            "GET", f"/sandboxes/{sandbox_id}/files/stat", params={"path": path},
-            timeout=QUICK_TIMEOUT * 3))
+        return client.send(worker_api.stat_file(sandbox_id, path))
 
     @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, tags=["files"])
     def remove_file(sandbox_id: SandboxId, path: GuestPath, recursive: bool = False) -> Response:
         client = plane.running(sandbox_id, "remove files of")
-        client.call("DELETE", f"/sandboxes/{sandbox_id}/files",
-                    params={"path": path, "recursive": recursive}, timeout=FILE_TIMEOUT)
+        client.send(worker_api.remove_file(sandbox_id, path, recursive=recursive))
         return Response(status_code=204)
 
     # --- checkpoints, hibernate, wake -------------------------------------

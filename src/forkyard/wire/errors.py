@@ -22,8 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from forkyard.errors import (
     AgentError,
     AgentTimeout,
+    BadWorkerReport,
     CheckpointNotFound,
     CommandTimeout,
+    DatabaseUnavailable,
     ForkyardError,
     GuestError,
     GuestFileNotFound,
@@ -33,6 +35,7 @@ from forkyard.errors import (
     ManifestError,
     ObjectNotFound,
     PayloadTooLarge,
+    PlacementConflict,
     SandboxNotFound,
     SandboxStateError,
     StoreError,
@@ -40,6 +43,11 @@ from forkyard.errors import (
     UnsafeInput,
     UnsafePath,
     VMError,
+    WorkerConflict,
+    WorkerNotFound,
+    WorkerReplyError,
+    WorkerTimeout,
+    WorkerUnavailable,
 )
 
 __all__ = [
@@ -77,10 +85,14 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
     (ImageNotFound, 404, "not_found"),
     (GuestFileNotFound, 404, "not_found"),
     (ObjectNotFound, 404, "not_found"),
+    (WorkerNotFound, 404, "not_found"),
     (SandboxStateError, 409, "conflict"),
+    (WorkerConflict, 409, "conflict"),
+    (PlacementConflict, 409, "conflict"),
     (PayloadTooLarge, 413, "too_large"),
     (CommandTimeout, 504, "timeout"),
     (AgentTimeout, 504, "timeout"),
+    (WorkerTimeout, 504, "timeout"),
     (IntegrityError, 409, "integrity"),
     (ManifestError, 409, "integrity"),
     (IncompatibleCheckpoint, 409, "incompatible"),
@@ -88,6 +100,11 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
     # untrusted names/inputs refused before use: the caller's fault
     (UnsafePath, 400, "bad_request"),
     (UnsafeInput, 400, "bad_request"),
+    (BadWorkerReport, 400, "bad_request"),
+    # nothing can take the work now: retry later
+    (WorkerUnavailable, 503, "unavailable"),
+    (DatabaseUnavailable, 503, "unavailable"),
+    (WorkerReplyError, 502, "worker_error"),
     (VMError, 502, "worker_error"),
     (AgentError, 502, "worker_error"),
     (ToolError, 502, "worker_error"),
@@ -97,7 +114,9 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
 
 
 class ApiError(Exception):
-    """An error the services answer directly: a status from :data:`ERROR_TYPES`."""
+    """An HTTP-level refusal of the serving layer itself (a bad Content-Length, a body
+    over the limit): a status from :data:`ERROR_TYPES`.  Domain code raises
+    :mod:`forkyard.errors` classes instead and this table maps them."""
 
     def __init__(
         self,

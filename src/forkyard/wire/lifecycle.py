@@ -11,7 +11,8 @@ that need the sandbox in given states say so with :func:`require`, as
 Who uses which states::
 
     starting ──► running ──► paused (worker: the instant of a capture) ──► running
-       │           │ ├─► hibernating (control plane) ──► hibernated ──► waking ──► running
+       │ │         │ ├─► hibernating (control plane) ──► hibernated ──► waking ──► running
+       │ └─► hibernated (control plane: a worker reports what became of a start)
        │           │ └─► hibernated (worker: checkpoint, then the VM stops)
        │           ├─► stopped                      hibernated ──► starting (worker wake)
        ▼           ▼
@@ -58,7 +59,9 @@ S = SandboxState
 # Every legal move.  DESTROYED is added to every row but its own below, and a
 # state "moving" to itself is always allowed (an idempotent record).
 _MOVES: Mapping[SandboxState, frozenset[SandboxState]] = {
-    S.STARTING: frozenset({S.RUNNING, S.FAILED, S.LOST}),
+    # starting -> hibernated: the control plane learns (after a restart, or from a
+    # worker that left) that the worker hibernated a sandbox whose start it never saw end
+    S.STARTING: frozenset({S.RUNNING, S.HIBERNATED, S.FAILED, S.LOST}),
     # running -> starting: a restore in place relaunches the VM under the same id
     S.RUNNING: frozenset({S.PAUSED, S.STOPPED, S.HIBERNATING, S.HIBERNATED, S.STARTING,
                           S.FAILED, S.LOST}),

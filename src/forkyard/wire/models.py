@@ -247,7 +247,7 @@ class WorkerSandbox(_Reply):
     """A worker's view of one sandbox (``forkyard.worker.SandboxInfo``)."""
 
     id: str
-    state: str
+    state: SandboxState
     image: str
     created: str
     memory_mb: int
