@@ -18,6 +18,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from forkyard.errors import (
     AgentError,
@@ -54,6 +55,7 @@ __all__ = [
     "ERROR_TYPES",
     "ApiError",
     "WorkerReply",
+    "allowed_methods",
     "error_body",
     "install_error_handlers",
     "status_for",
@@ -193,6 +195,18 @@ def error_body(exc: ForkyardError) -> tuple[int, dict[str, Any]]:
     return status, _body(type_, str(exc), _detail(exc))
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves at the request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches({**request.scope, "method": "GET", "type": "http"})
+            # a method-agnostic FULL or PARTIAL match means the path is this route's
+            if match is not Match.NONE:
+                methods |= route.methods
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves the app as ``{"error": {...}}`` with a status of the table."""
 
@@ -219,12 +233,17 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"invalid request: {where}: {first.get('msg', 'invalid')}"
         return JSONResponse(_body("invalid", message, errors), 422)
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         status = exc.status_code if exc.status_code in ERROR_TYPES else 400
+        headers = dict(exc.headers) if exc.headers else {}
+        if status == 405:
+            # Starlette names only the first route whose path matched; a path
+            # served by several routes (GET and POST /v1/sandboxes) allows them all
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return JSONResponse(
             _body(ERROR_TYPES[status], str(exc.detail), None), status,
-            headers=dict(exc.headers) if exc.headers else None,
+            headers=headers or None,
         )
 
     async def on_bug(_: Request, exc: Exception) -> JSONResponse:
