@@ -109,3 +109,23 @@ def test_a_state_refusal_carries_the_sandbox_state_and_operation():
     assert body["error"]["detail"] == {"sandbox": "sb-x", "state": "hibernating",
                                        "operation": "wake"}
     assert body["error"]["message"] == "sandbox sb-x is hibernating; retry when it settles"
+
+
+def test_control_plane_rows_change_state_only_through_the_lifecycle_guard():
+    import datetime as dt
+
+    from forkyard.control._db import SandboxRow
+    from forkyard.control._records import move
+    from forkyard.wire.lifecycle import SandboxState as S
+
+    old = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    row = SandboxRow(id="sb-" + "1" * 20, state=S.RUNNING, created=old, updated=old)
+    move(row, S.HIBERNATING, "hibernate")
+    assert row.state == S.HIBERNATING and row.updated > old
+    with pytest.raises(e.SandboxStateError) as err:
+        move(row, S.WAKING, "wake")  # hibernating -> waking skips hibernated
+    assert (err.value.state, err.value.operation) == ("hibernating", "wake")
+    assert row.state == S.HIBERNATING  # unchanged
+    row.state = S.DESTROYED
+    with pytest.raises(e.SandboxStateError):
+        move(row, S.RUNNING)
