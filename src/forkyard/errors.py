@@ -55,7 +55,11 @@ only ever need to catch this tree::
                                    (forkyard.sdk.errors: the control plane's HTTP answers)
 
 The HTTP status and error body of each class are in one table,
-``forkyard.wire.errors`` (docs/api.md, "Errors").
+``forkyard.wire.errors`` (docs/api.md, "Errors"); the services raise these
+classes and only that table turns them into HTTP.  Two exceptions there are
+not part of this tree on purpose: ``ApiError`` (a refusal of the serving layer
+itself, e.g. a bad Content-Length) and ``WorkerReply`` (a worker's error reply,
+relayed unchanged).
 """
 
 from __future__ import annotations
