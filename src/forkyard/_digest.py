@@ -7,12 +7,13 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from forkyard.errors import AmbiguousCheckpoint, CheckpointNotFound
+
 __all__ = [
     "DIGEST_RE",
-    "AmbiguousPrefix",
-    "NoPrefixMatch",
-    "PrefixError",
+    "MIN_PREFIX",
     "check_digest",
+    "normalize_prefix",
     "resolve_prefix",
     "sha256_bytes",
     "sha256_file",
@@ -20,6 +21,9 @@ __all__ = [
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+# shorter prefixes would match by accident once a store holds a few thousand ids
+MIN_PREFIX = 6
+_HEX = frozenset("0123456789abcdef")
 
 
 def sha256_file(path: Path) -> str:
@@ -41,44 +45,33 @@ def check_digest(value: str, what: str = "digest") -> str:
     return value
 
 
-class PrefixError(LookupError):
-    """A digest prefix that names no candidate, or more than one.
+def normalize_prefix(prefix: str) -> str:
+    """``prefix`` as lowercase hex without ``cp-``, or CheckpointNotFound if it cannot be one.
 
-    Callers translate it into their own not-found error at their boundary
-    (a checkpoint, an image...), keeping this one as ``__cause__``.
+    Callers that look candidates up by prefix (a database ``LIKE``, a store
+    listing) query with this form, then pass what they found to
+    :func:`resolve_prefix`.
     """
-
-    def __init__(self, prefix: str, matches: tuple[str, ...]) -> None:
-        self.prefix = prefix
-        self.matches = matches
-        super().__init__(prefix, matches)
-
-
-class NoPrefixMatch(PrefixError):
-    def __str__(self) -> str:
-        return f"nothing matches {self.prefix!r}"
-
-
-class AmbiguousPrefix(PrefixError):
-    def __str__(self) -> str:
-        return f"{self.prefix!r} is ambiguous: {len(self.matches)} matches"
+    ref = prefix.strip().lower().removeprefix("cp-")
+    if not MIN_PREFIX <= len(ref) <= 64 or not _HEX.issuperset(ref):
+        raise CheckpointNotFound(ref, hint=f"give its id or a prefix of {MIN_PREFIX}+ hex digits")
+    return ref
 
 
 def resolve_prefix(prefix: str, candidates: Iterable[str]) -> str:
-    """The one candidate that starts with ``prefix`` (an exact match always wins).
+    """The one candidate digest that starts with ``prefix`` (a full id or ≥ 6 hex digits).
 
-    Pure: the caller decides what a valid prefix is (length, ``cp-``...) and
-    where the candidates come from.  Raises :class:`NoPrefixMatch` or
-    :class:`AmbiguousPrefix` (whose ``matches`` lists them, sorted).
+    Raises :class:`CheckpointNotFound` when none does (or ``prefix`` is not a
+    prefix of hex digits), :class:`AmbiguousCheckpoint` when several do.
     """
-    hits: list[str] = []
+    ref = normalize_prefix(prefix)
+    hits: set[str] = set()
     for candidate in candidates:
-        if candidate == prefix:
-            return candidate
-        if candidate.startswith(prefix) and candidate not in hits:
-            hits.append(candidate)
+        if candidate.startswith(ref):
+            hits.add(candidate)
+            if len(hits) > 1:
+                # stop early: a huge listing proves nothing more
+                raise AmbiguousCheckpoint(ref, len(hits))
     if not hits:
-        raise NoPrefixMatch(prefix, ())
-    if len(hits) > 1:
-        raise AmbiguousPrefix(prefix, tuple(sorted(hits)))
-    return hits[0]
+        raise CheckpointNotFound(ref)
+    return hits.pop()

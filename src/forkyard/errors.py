@@ -11,12 +11,16 @@ only ever need to catch this tree::
     │   └── ToolTimeout            ... or did not finish in time
     ├── ImageError
     │   ├── ImageNotFound          no image with that name/digest in the catalog
+    │   │   └── AmbiguousImageRef  a digest prefix matches several images
+    │   │                          (forkyard.image.catalog)
     │   ├── ImageBuildError        the build itself failed
     │   └── UnsafeInput            a tarball/dir entry escapes its root, bad type, ...
     ├── SandboxError
     │   ├── SandboxNotFound
     │   ├── SandboxStateError      operation not valid in the sandbox's current state
+    │   │   └── SandboxBusy        another operation on it is under way: retry later
     │   ├── VMError                QEMU failed to start, died, or QMP failed
+    │   │   └── QMPCommandError    QEMU refused a QMP command (forkyard.vm.qmp)
     │   └── AgentError             talking to the guest agent failed
     │       ├── AgentTimeout       no answer within the call's timeout
     │       ├── AgentDisconnected  the channel closed under the call
@@ -27,15 +31,35 @@ only ever need to catch this tree::
     │           └── CommandFailed   exec(check=True) saw a non-zero exit (.result)
     ├── CheckpointError
     │   ├── CheckpointNotFound
+    │   │   └── AmbiguousCheckpoint an id prefix matches several checkpoints
     │   ├── IncompatibleCheckpoint this host cannot load the saved VM state
     │   └── ManifestError          a manifest is malformed or fails validation
     ├── StoreError                 the object store failed (I/O, network, auth)
     │   └── ObjectNotFound
     ├── IntegrityError             bytes do not match the digest/size they must have
-    └── UnsafePath                 a name from untrusted input would leave its directory
+    ├── UnsafePath                 a name from untrusted input would leave its directory
+    ├── FleetError                 the control plane cannot use its workers as asked
+    │   ├── WorkerNotFound         no worker by that name
+    │   ├── WorkerConflict         a worker's report contradicts the cluster (name, store)
+    │   ├── BadWorkerReport        a report that names another worker
+    │   ├── PlacementConflict      an unpublished checkpoint asked to start elsewhere
+    │   ├── WorkerUnavailable      no worker can take the work (unknown, dead, full,
+    │   │                          unreachable)
+    │   ├── WorkerTimeout          a worker did not answer in time
+    │   └── WorkerReplyError       a worker's answer is unusable (or it refused our token)
+    ├── DatabaseError              the control plane's database cannot be opened/migrated
+    │   └── DatabaseUnavailable    a transaction failed (connection lost, locked, ...)
+    ├── ClusterError               a local cluster process failed to start or stop
+    │                              (forkyard.cli._procs)
+    └── (SDK) ConfigurationError, ResponseFormatError, APIError and its subclasses
+                                   (forkyard.sdk.errors: the control plane's HTTP answers)
 
-Control-plane/SDK errors (HTTP status mapping) live in ``forkyard.sdk.errors``
-and also derive from :class:`ForkyardError`.
+The HTTP status and error body of each class are in one table,
+``forkyard.wire.errors`` (docs/api.md, "Errors"); the services raise these
+classes and only that table turns them into HTTP.  Two exceptions there are
+not part of this tree on purpose: ``ApiError`` (a refusal of the serving layer
+itself, e.g. a bad Content-Length) and ``WorkerReply`` (a worker's error reply,
+relayed unchanged).
 """
 
 from __future__ import annotations
@@ -46,10 +70,15 @@ __all__ = [
     "AgentDisconnected",
     "AgentError",
     "AgentTimeout",
+    "AmbiguousCheckpoint",
+    "BadWorkerReport",
     "CheckpointError",
     "CheckpointNotFound",
     "CommandFailed",
     "CommandTimeout",
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "FleetError",
     "ForkyardError",
     "GuestError",
     "GuestFileNotFound",
@@ -61,6 +90,8 @@ __all__ = [
     "ManifestError",
     "ObjectNotFound",
     "PayloadTooLarge",
+    "PlacementConflict",
+    "SandboxBusy",
     "SandboxError",
     "SandboxNotFound",
     "SandboxStateError",
@@ -71,6 +102,11 @@ __all__ = [
     "UnsafeInput",
     "UnsafePath",
     "VMError",
+    "WorkerConflict",
+    "WorkerNotFound",
+    "WorkerReplyError",
+    "WorkerTimeout",
+    "WorkerUnavailable",
 ]
 
 
@@ -148,11 +184,21 @@ class SandboxNotFound(SandboxError):
 class SandboxStateError(SandboxError):
     """The operation is not valid in the sandbox's current state."""
 
-    def __init__(self, sandbox_id: str, state: str, operation: str) -> None:
+    def __init__(self, sandbox_id: str, state: str, operation: str, *,
+                 message: str | None = None) -> None:
         self.sandbox_id = sandbox_id
-        self.state = state
+        self.state = str(state)
         self.operation = operation
-        super().__init__(f"cannot {operation} sandbox {sandbox_id!r}: it is {state}")
+        super().__init__(message or f"cannot {operation} sandbox {sandbox_id!r}: it is {state}")
+
+
+class SandboxBusy(SandboxStateError):
+    """Another operation on the sandbox is under way (starting, hibernating, waking)."""
+
+    def __init__(self, sandbox_id: str, state: str, operation: str, *,
+                 message: str | None = None) -> None:
+        super().__init__(sandbox_id, state, operation, message=message or (
+            f"sandbox {sandbox_id} is {state}; retry when it settles"))
 
 
 class VMError(SandboxError):
@@ -225,9 +271,20 @@ class CheckpointError(ForkyardError):
 
 
 class CheckpointNotFound(CheckpointError):
-    def __init__(self, checkpoint_id: str) -> None:
+    def __init__(self, checkpoint_id: str, *, hint: str = "") -> None:
         self.checkpoint_id = checkpoint_id
-        super().__init__(f"no checkpoint {checkpoint_id!r}")
+        super().__init__(f"no checkpoint {checkpoint_id!r}" + (f" ({hint})" if hint else ""))
+
+
+class AmbiguousCheckpoint(CheckpointNotFound):
+    """An id prefix matches more than one checkpoint."""
+
+    def __init__(self, prefix: str, matches: int) -> None:
+        self.prefix = prefix
+        self.matches = matches
+        CheckpointError.__init__(
+            self, f"checkpoint prefix {prefix!r} is ambiguous; give more digits")
+        self.checkpoint_id = prefix
 
 
 class IncompatibleCheckpoint(CheckpointError):
@@ -271,3 +328,74 @@ class UnsafePath(ForkyardError):
         self.name = name
         self.root = root
         super().__init__(f"unsafe path {name!r}" + (f" (outside {root})" if root else ""))
+
+
+# ---------------------------------------------------------------------------
+# the control plane and its fleet (HTTP statuses: forkyard.wire.errors)
+class FleetError(ForkyardError):
+    """The control plane cannot use its workers as the request asks."""
+
+
+class WorkerNotFound(FleetError):
+    def __init__(self, name: str, *, hint: str = "") -> None:
+        self.name = name
+        super().__init__(f"no worker {name!r}" + (f": {hint}" if hint else ""))
+
+
+class WorkerConflict(FleetError):
+    """A worker's report contradicts the cluster: its name is taken, or its store differs."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class BadWorkerReport(FleetError):
+    """A worker's report is malformed in a way the schema cannot see (e.g. another name)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class PlacementConflict(FleetError):
+    """An unpublished checkpoint can only start on the worker that took it."""
+
+    def __init__(self, checkpoint_id: str, origin: str, asked: str) -> None:
+        self.checkpoint_id = checkpoint_id
+        self.origin = origin
+        self.asked = asked
+        super().__init__(f"checkpoint {checkpoint_id[:12]} is not published: it can only "
+                         f"start on worker {origin!r}, not {asked!r}")
+
+
+class WorkerUnavailable(FleetError):
+    """No worker can take the work now: unknown, dead, full, unreachable, or none at all."""
+
+    def __init__(self, message: str, *, worker: str | None = None) -> None:
+        self.worker = worker
+        super().__init__(message)
+
+
+class WorkerTimeout(FleetError):
+    def __init__(self, worker: str, what: str, timeout: float) -> None:
+        self.worker = worker
+        self.what = what
+        self.timeout = timeout
+        super().__init__(f"worker {worker} did not answer {what} within {timeout:g}s")
+
+
+class WorkerReplyError(FleetError):
+    """A worker's answer is unusable (not our error shape, bad JSON, refused our token)."""
+
+    def __init__(self, worker: str, message: str) -> None:
+        self.worker = worker
+        super().__init__(message)
+
+
+class DatabaseError(ForkyardError):
+    """The control plane's database cannot be opened or migrated."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """A transaction failed (connection lost, database locked, ...): retry later."""

@@ -424,3 +424,69 @@ def test_an_unreachable_database_is_a_clear_error_without_the_password() -> None
         create_app(db_url="postgresql+psycopg://u:s3cret@127.0.0.1:9/x", api_token="a",
                    worker_token="w", store_url="file:///s")
     assert "127.0.0.1" in str(e.value) and "s3cret" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------
+# the schema is the contract (docs/api.md, "The OpenAPI document")
+def test_405_allows_every_method_served_at_the_path(server: Server) -> None:
+    for method, path, allow in [
+        ("PATCH", "/v1/sandboxes", "GET, POST"),
+        ("POST", f"/v1/sandboxes/{NO_SANDBOX}", "DELETE, GET"),
+        ("PUT", "/v1/checkpoints", "GET"),
+        ("POST", f"/v1/sandboxes/{NO_SANDBOX}/files", "DELETE, GET, PUT"),
+    ]:
+        resp = server.api.request(method, path)
+        assert_error(resp, 405, "method_not_allowed")
+        assert resp.headers["allow"] == allow, (method, path)
+
+
+def test_openapi_declares_the_errors_each_route_gives(server: Server) -> None:
+    schema = server.api.get("/openapi.json").json()
+    ref = "#/components/schemas/ErrorBody"
+    assert "ErrorBody" in schema["components"]["schemas"]
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            codes = set(op["responses"])
+            if path != "/health":
+                assert {"401", "503"} <= codes, (method, path)
+            for code, resp in op["responses"].items():
+                if code.startswith(("4", "5")) and code != "401":
+                    assert resp["content"]["application/json"]["schema"] == {"$ref": ref}, (
+                        method, path, code)
+    exec_ = schema["paths"]["/v1/sandboxes/{sandbox_id}/exec"]["post"]["responses"]
+    assert {"200", "400", "404", "409", "413", "422", "502", "503", "504"} <= set(exec_)
+    # FastAPI's own validation body is not what the server sends
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+
+
+def test_the_schema_states_the_constraints_the_server_enforces(server: Server) -> None:
+    schema = server.api.get("/openapi.json").json()
+    exec_req = schema["components"]["schemas"]["ExecRequest"]["properties"]
+    text, argv = exec_req["cmd"]["anyOf"]
+    assert text["minLength"] == 1 and argv["minItems"] == 1
+    assert argv["prefixItems"][0]["minLength"] == 1
+    params = {p["name"]: p["schema"] for p in
+              schema["paths"]["/v1/sandboxes/{sandbox_id}/files"]["put"]["parameters"]}
+    file_re = re.compile(params["path"]["pattern"])
+    assert file_re.match("/root/x") and not file_re.match("/") and not file_re.match("/a/..")
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("PUT", "/"), ("GET", "/"), ("DELETE", "/"), ("GET", "/tmp/"), ("DELETE", "/root/.."),
+    ("PUT", "/a/."),
+])
+def test_file_operations_need_a_path_below_root(server: Server, method: str, path: str) -> None:
+    resp = server.api.request(method, f"/v1/sandboxes/{NO_SANDBOX}/files", params={"path": path},
+                              content=b"x" if method == "PUT" else None)
+    assert_error(resp, 422, "invalid", "query.path")
+
+
+def test_lists_and_stats_still_take_any_absolute_path(server: Server) -> None:
+    for op in ("list", "stat"):
+        resp = server.api.get(f"/v1/sandboxes/{NO_SANDBOX}/files/{op}", params={"path": "/"})
+        assert_error(resp, 404, "not_found", "no sandbox")
+
+
+def test_request_booleans_are_strict(server: Server) -> None:
+    resp = server.api.post(f"/v1/sandboxes/{NO_SANDBOX}/hibernate", json={"wait": 0})
+    assert_error(resp, 422, "invalid", "body.wait")

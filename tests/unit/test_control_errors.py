@@ -9,7 +9,15 @@ import pytest
 from forkyard import errors as e
 from forkyard.control._workers import error_from_response
 from forkyard.guest.client import ExecResult
-from forkyard.wire.errors import ERROR_TYPES, ApiError, WorkerReply, error_body
+from forkyard.wire.errors import ERROR_TYPES, WorkerReply, error_body
+
+
+def answer(exc: Exception) -> tuple[int, str]:
+    """The status and message ``exc`` becomes at the HTTP boundary."""
+    assert isinstance(exc, e.WorkerReplyError), exc
+    status, body = error_body(exc)
+    assert body["error"]["type"] == "worker_error"
+    return status, body["error"]["message"]
 
 TABLE = [
     (e.SandboxNotFound("sb-x"), 404, "not_found"),
@@ -31,6 +39,17 @@ TABLE = [
     (e.AgentError("broken"), 502, "worker_error"),
     (e.ToolError("qemu-img failed", returncode=1), 502, "worker_error"),
     (e.StoreError("disk full"), 502, "worker_error"),
+    (e.AmbiguousCheckpoint("abcdef", 2), 404, "not_found"),
+    (e.SandboxBusy("sb-x", "waking", "destroy"), 409, "conflict"),
+    (e.WorkerNotFound("w9"), 404, "not_found"),
+    (e.WorkerConflict("w1", "name taken"), 409, "conflict"),
+    (e.PlacementConflict("c" * 64, "w1", "w2"), 409, "conflict"),
+    (e.BadWorkerReport("w1", "names w2"), 400, "bad_request"),
+    (e.WorkerUnavailable("no live worker"), 503, "unavailable"),
+    (e.DatabaseUnavailable("database error: OperationalError"), 503, "unavailable"),
+    (e.WorkerTimeout("w1", "POST /sandboxes", 3.0), 504, "timeout"),
+    (e.WorkerReplyError("w1", "garbage"), 502, "worker_error"),
+    (e.DatabaseError("cannot migrate"), 500, "internal"),
     (e.CheckpointError("whatever"), 500, "internal"),
     (e.SetupError("no kernel"), 500, "internal"),
 ]
@@ -69,14 +88,44 @@ def test_worker_error_bodies_are_relayed_unchanged():
 
 def test_a_worker_refusing_our_token_is_not_the_callers_401():
     raw = json.dumps({"error": {"type": "unauthorized", "message": "x", "detail": None}})
-    exc = error_from_response("w1", 401, raw.encode())
-    assert isinstance(exc, ApiError) and exc.status == 502
-    assert "worker token" in exc.message
+    status, message = answer(error_from_response("w1", 401, raw.encode()))
+    assert status == 502
+    assert "worker token" in message
 
 
 def test_garbage_from_a_worker_is_a_502():
-    exc = error_from_response("w1", 500, b"<html>Internal Server Error</html>")
-    assert isinstance(exc, ApiError) and exc.status == 502
-    assert "w1" in exc.message and "500" in exc.message
-    exc = error_from_response("w1", 404, b'{"detail": "Not Found"}')  # not our error shape
-    assert isinstance(exc, ApiError) and exc.status == 502
+    status, message = answer(error_from_response("w1", 500,
+                                                 b"<html>Internal Server Error</html>"))
+    assert status == 502
+    assert "w1" in message and "500" in message
+    # not our error shape
+    status, _ = answer(error_from_response("w1", 404, b'{"detail": "Not Found"}'))
+    assert status == 502
+
+
+def test_a_state_refusal_carries_the_sandbox_state_and_operation():
+    status, body = error_body(e.SandboxBusy("sb-x", "hibernating", "wake"))
+    assert status == 409
+    assert body["error"]["detail"] == {"sandbox": "sb-x", "state": "hibernating",
+                                       "operation": "wake"}
+    assert body["error"]["message"] == "sandbox sb-x is hibernating; retry when it settles"
+
+
+def test_control_plane_rows_change_state_only_through_the_lifecycle_guard():
+    import datetime as dt
+
+    from forkyard.control._db import SandboxRow
+    from forkyard.control._records import move
+    from forkyard.wire.lifecycle import SandboxState as S
+
+    old = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    row = SandboxRow(id="sb-" + "1" * 20, state=S.RUNNING, created=old, updated=old)
+    move(row, S.HIBERNATING, "hibernate")
+    assert row.state == S.HIBERNATING and row.updated > old
+    with pytest.raises(e.SandboxStateError) as err:
+        move(row, S.WAKING, "wake")  # hibernating -> waking skips hibernated
+    assert (err.value.state, err.value.operation) == ("hibernating", "wake")
+    assert row.state == S.HIBERNATING  # unchanged
+    row.state = S.DESTROYED
+    with pytest.raises(e.SandboxStateError):
+        move(row, S.RUNNING)

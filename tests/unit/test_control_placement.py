@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from forkyard.control._placement import Candidate, Placement, choose
-from forkyard.wire.errors import ApiError
+from forkyard.errors import FleetError
+from forkyard.wire.errors import error_body
 
 CP = "c" * 64
 BASE = "b" * 64
@@ -19,8 +20,9 @@ def worker(name: str, *, alive: bool = True, running: int = 0, free: int = 8000,
                      images or {})
 
 
-def status(exc: pytest.ExceptionInfo[ApiError]) -> int:
-    return exc.value.status
+def status(exc: pytest.ExceptionInfo[FleetError]) -> int:
+    """The status the refusal becomes at the HTTP boundary."""
+    return error_body(exc.value)[0]
 
 
 def test_explicit_worker_wins_over_every_preference():
@@ -30,25 +32,25 @@ def test_explicit_worker_wins_over_every_preference():
 
 def test_explicit_worker_errors():
     ws = [worker("a"), worker("dead", alive=False), worker("full", running=2, max_sandboxes=2)]
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(FleetError) as e:
         choose(ws, Placement(), explicit="nope")
-    assert status(e) == 404 and "nope" in e.value.message
-    with pytest.raises(ApiError) as e:
+    assert status(e) == 404 and "nope" in str(e.value)
+    with pytest.raises(FleetError) as e:
         choose(ws, Placement(), explicit="dead")
-    assert status(e) == 503 and "dead" in e.value.message
-    with pytest.raises(ApiError) as e:
+    assert status(e) == 503 and "dead" in str(e.value)
+    with pytest.raises(FleetError) as e:
         choose(ws, Placement(), explicit="full")
-    assert status(e) == 503 and "full" in e.value.message
+    assert status(e) == 503 and "full" in str(e.value)
 
 
 def test_unpublished_checkpoint_only_on_its_worker():
     ws = [worker("a"), worker("b")]
     p = Placement(checkpoint=CP, only_on="a")
     assert choose(ws, p) == "a"
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(FleetError) as e:
         choose(ws, p, explicit="b")
-    assert status(e) == 409 and "not published" in e.value.message
-    with pytest.raises(ApiError) as e:
+    assert status(e) == 409 and "not published" in str(e.value)
+    with pytest.raises(FleetError) as e:
         choose([worker("a", alive=False), worker("b")], p)
     assert status(e) == 503
 
@@ -88,13 +90,13 @@ def test_dead_and_full_workers_are_skipped():
     ws = [worker("dead", alive=False), worker("full", running=1, max_sandboxes=1),
           worker("ok", running=7)]
     assert choose(ws, Placement()) == "ok"
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(FleetError) as e:
         choose(ws[:2], Placement())
-    assert status(e) == 503 and "full" in e.value.message
-    with pytest.raises(ApiError) as e:
+    assert status(e) == 503 and "full" in str(e.value)
+    with pytest.raises(FleetError) as e:
         choose([worker("d", alive=False)], Placement())
-    assert status(e) == 503 and "no live worker" in e.value.message
-    with pytest.raises(ApiError) as e:
+    assert status(e) == 503 and "no live worker" in str(e.value)
+    with pytest.raises(FleetError) as e:
         choose([], Placement())
     assert status(e) == 503
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from forkyard._digest import DIGEST_RE, AmbiguousPrefix, PrefixError, resolve_prefix
+from forkyard._digest import DIGEST_RE, normalize_prefix, resolve_prefix
 from forkyard._fs import atomic_write_bytes
 from forkyard.checkpoint.manifest import Manifest
 from forkyard.errors import CheckpointNotFound, ManifestError
@@ -67,29 +67,16 @@ class CheckpointFiles:
 
 
 def checkpoint_prefix(ref: str) -> str:
-    """``ref`` as a lowercase id or id prefix; CheckpointNotFound if it cannot be one.
-
-    A prefix needs 6+ hex digits; ``cp-`` in front is allowed.
-    """
-    ref = ref.removeprefix("cp-").lower()
-    if DIGEST_RE.match(ref):
-        return ref
-    if len(ref) < 6 or len(ref) > 64 or not all(c in "0123456789abcdef" for c in ref):
-        raise CheckpointNotFound(ref)
-    return ref
+    """``ref`` as a lowercase id or id prefix; CheckpointNotFound if it cannot be one."""
+    return normalize_prefix(ref)
 
 
 def resolve_checkpoint_ref(ref: str, ids: Iterable[str]) -> str:
     """The full id among ``ids`` that ``ref`` (an id or a unique prefix) names."""
-    prefix = checkpoint_prefix(ref)
+    prefix = normalize_prefix(ref)
     if DIGEST_RE.match(prefix):
         return prefix
-    try:
-        return resolve_prefix(prefix, (i for i in ids if DIGEST_RE.match(i)))
-    except AmbiguousPrefix as exc:
-        raise CheckpointNotFound(f"{prefix} (ambiguous: {len(exc.matches)})") from exc
-    except PrefixError as exc:
-        raise CheckpointNotFound(prefix) from exc
+    return resolve_prefix(prefix, (i for i in ids if DIGEST_RE.match(i)))
 
 
 class LocalCheckpoints:

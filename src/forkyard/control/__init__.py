@@ -1,8 +1,17 @@
 """The control plane (``forkyard server``): the HTTP API of docs/api.md over a fleet of workers.
 
 ``create_app`` and ``serve`` live in :mod:`forkyard.control.server`; they are
-imported lazily here so that the wire models (``_models``, ``_errors``), which
-the worker daemon shares, do not pull in the database and migration stack.
+imported lazily here so that importing the package (e.g. for the CLI's help)
+does not pull in FastAPI, the database and the migration stack.  What the
+control plane shares with workers and the SDK is :mod:`forkyard.wire`.
+
+Modules: ``server`` (the app), ``_routes`` (HTTP, thin), ``_service``
+(:class:`ControlPlane`), ``_transitions`` (the steps every sandbox operation
+shares), ``_checkpoints`` (checkpoint, adopt, fork), ``_hibernation``
+(hibernate, wake, resync after a restart), ``_registry`` (workers, heartbeats,
+liveness), ``_placement`` (which worker), ``_publish`` (following uploads),
+``_workers`` (the HTTP client executing ``wire.worker_api`` calls),
+``_records`` (rows <-> API objects), ``_db`` / ``_migrate`` (the database).
 """
 
 from __future__ import annotations

@@ -47,8 +47,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from forkyard.errors import ForkyardError
-from forkyard.wire.errors import ApiError
+from forkyard.errors import DatabaseError, DatabaseUnavailable
 
 __all__ = [
     "ArchiveRow",
@@ -62,10 +61,6 @@ __all__ = [
     "parse_time",
     "utcnow",
 ]
-
-
-class DatabaseError(ForkyardError):
-    """The control plane's database cannot be opened or migrated."""
 
 
 def utcnow() -> dt.datetime:
@@ -227,12 +222,12 @@ class Database:
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        """One short transaction; database failures become ``503 unavailable``."""
+        """One short transaction; database failures become DatabaseUnavailable (503)."""
         try:
             with self._sessions.begin() as session:
                 yield session
         except SQLAlchemyError as exc:
-            raise ApiError(503, f"database error: {type(exc).__name__}") from exc
+            raise DatabaseUnavailable(f"database error: {type(exc).__name__}") from exc
 
     def migrate(self) -> None:
         """Create or upgrade the schema (alembic ``upgrade head``)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from forkyard.wire.errors import ApiError
+from forkyard.errors import PlacementConflict, WorkerNotFound, WorkerUnavailable
 
 __all__ = ["Candidate", "Placement", "choose"]
 
@@ -68,7 +68,8 @@ def choose(
     extra: Mapping[str, int] | None = None,
     last_used: Mapping[str, float] | None = None,
 ) -> str:
-    """The name of the worker to use, or an ApiError (404/409/503) saying why none."""
+    """The name of the worker to use, or why none: WorkerNotFound, PlacementConflict,
+    WorkerUnavailable."""
     extra = extra or {}
     last_used = last_used or {}
     by_name = {c.name: c for c in candidates}
@@ -82,37 +83,33 @@ def choose(
     if explicit is not None:
         chosen = by_name.get(explicit)
         if chosen is None:
-            raise ApiError(404, f"no worker {explicit!r}")
+            raise WorkerNotFound(explicit)
         if placement.only_on is not None and explicit != placement.only_on:
-            raise ApiError(
-                409,
-                f"checkpoint {(placement.checkpoint or '')[:12]} is not published: it can only "
-                f"start on worker {placement.only_on!r}, not {explicit!r}",
-            )
+            raise PlacementConflict(placement.checkpoint or "", placement.only_on, explicit)
         if not chosen.alive:
-            raise ApiError(503, f"worker {explicit!r} is dead")
+            raise WorkerUnavailable(f"worker {explicit!r} is dead", worker=explicit)
         if not has_room(chosen):
-            raise ApiError(503, f"worker {explicit!r} is full ({load(chosen)} sandboxes)")
+            raise WorkerUnavailable(f"worker {explicit!r} is full ({load(chosen)} sandboxes)",
+                                    worker=explicit)
         return explicit
 
     if placement.only_on is not None:
         origin = by_name.get(placement.only_on)
         if origin is None or not origin.alive:
-            raise ApiError(
-                503,
+            raise WorkerUnavailable(
                 f"checkpoint {(placement.checkpoint or '')[:12]} is not published and its "
-                f"worker {placement.only_on!r} is not alive",
-            )
+                f"worker {placement.only_on!r} is not alive", worker=placement.only_on)
         if not has_room(origin):
-            raise ApiError(503, f"worker {origin.name!r} is full ({load(origin)} sandboxes)")
+            raise WorkerUnavailable(f"worker {origin.name!r} is full ({load(origin)} sandboxes)",
+                                    worker=origin.name)
         return origin.name
 
     live = [c for c in candidates if c.alive]
     if not live:
-        raise ApiError(503, "no live worker")
+        raise WorkerUnavailable("no live worker")
     roomy = [c for c in live if has_room(c)]
     if not roomy:
-        raise ApiError(503, f"every live worker is full ({len(live)} alive)")
+        raise WorkerUnavailable(f"every live worker is full ({len(live)} alive)")
 
     def rank(c: Candidate) -> tuple[bool, bool, int]:
         local = placement.checkpoint is not None and placement.checkpoint in c.checkpoints

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from forkyard.checkpoint import archive
 from forkyard.checkpoint.archive import SHARED_ROLES
 from forkyard.control._db import ArchiveRow, CheckpointRow, Database, WorkerRow, utcnow
-from forkyard.control._workers import QUICK_TIMEOUT, WorkerClients
-from forkyard.errors import ForkyardError
+from forkyard.control._workers import WorkerClients
+from forkyard.errors import FleetError, ForkyardError
 from forkyard.store import ObjectStore, blob_key, open_store
-from forkyard.wire.errors import ApiError, WorkerReply
+from forkyard.wire import worker_api
+from forkyard.wire.errors import WorkerReply
 from forkyard.wire.models import CheckpointState, WorkerPublishStatus, WorkerState
 
 __all__ = ["PublishWatcher"]
@@ -75,16 +76,13 @@ class PublishWatcher:
         if not alive or client is None:
             return self._from_store(checkpoint_id, worker)
         try:
-            status = WorkerPublishStatus.model_validate(client.call(
-                "GET", f"/checkpoints/{checkpoint_id}", params={"wait": _WAIT},
-                timeout=_WAIT + QUICK_TIMEOUT,
-            ))
+            status = client.send(worker_api.publish_status(checkpoint_id, _WAIT))
         except WorkerReply as exc:
             if exc.status == 404:
                 return self._from_store(checkpoint_id, worker)
             self._stopping.wait(_RETRY)
             return WorkerPublishStatus(id=checkpoint_id, state=CheckpointState.PUBLISHING)
-        except ApiError:
+        except FleetError:
             # unreachable for now: liveness decides whether it is dead
             self._stopping.wait(_RETRY)
             return WorkerPublishStatus(id=checkpoint_id, state=CheckpointState.PUBLISHING)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from forkyard._digest import DIGEST_RE, normalize_prefix, resolve_prefix
 from forkyard.checkpoint import Manifest
 from forkyard.control._db import (
     ArchiveRow,
@@ -15,7 +16,9 @@ from forkyard.control._db import (
     parse_time,
     utcnow,
 )
-from forkyard.wire.errors import ApiError, WorkerReply
+from forkyard.errors import ForkyardError, SandboxNotFound
+from forkyard.wire.errors import WorkerReply, status_for
+from forkyard.wire.lifecycle import check_move
 from forkyard.wire.models import (
     SANDBOX_ID_RE,
     CheckpointOut,
@@ -35,6 +38,7 @@ __all__ = [
     "checkpoint_row",
     "describe",
     "mark_lost",
+    "move",
     "sandbox_out",
     "sandbox_row",
     "status_of",
@@ -51,17 +55,26 @@ TRANSITIONAL = (S.STARTING, S.WAKING, S.HIBERNATING)
 
 def describe(exc: BaseException) -> str:
     """One line for a sandbox's ``error`` field."""
-    if isinstance(exc, ApiError):
-        return exc.message
     if isinstance(exc, WorkerReply):
         return str(exc.body.get("error", {}).get("message", exc))
+    if isinstance(exc, ForkyardError) and status_for(exc)[0] != 500:
+        return str(exc)  # an expected refusal: its message says it all
     return f"{type(exc).__name__}: {exc}"
 
 
 def status_of(exc: BaseException) -> int:
-    if isinstance(exc, ApiError | WorkerReply):
+    """The HTTP status ``exc`` becomes at the boundary."""
+    if isinstance(exc, WorkerReply):
         return exc.status
+    if isinstance(exc, ForkyardError):
+        return status_for(exc)[0]
     return 500
+
+
+def move(row: SandboxRow, to: SandboxState, operation: str | None = None) -> None:
+    """The one way a sandbox row changes state: through the lifecycle's guard."""
+    row.state = check_move(row.id, row.state, to, operation)
+    row.updated = utcnow()
 
 
 # --- API objects --------------------------------------------------------------
@@ -96,30 +109,24 @@ def worker_out(row: WorkerRow) -> WorkerOut:
 # --- lookups --------------------------------------------------------------------
 def sandbox_row(s: Session, sandbox_id: str, *, lock: bool = False) -> SandboxRow:
     if not SANDBOX_ID_RE.match(sandbox_id):
-        raise ApiError(404, f"no sandbox {sandbox_id!r}")
+        raise SandboxNotFound(sandbox_id)
     row = s.get(SandboxRow, sandbox_id, with_for_update=lock)
     if row is None:
-        raise ApiError(404, f"no sandbox {sandbox_id!r}")
+        raise SandboxNotFound(sandbox_id)
     return row
 
 
 def checkpoint_row(s: Session, ref: str) -> CheckpointRow:
     """By full id or a unique prefix of at least 6 hex digits (``cp-`` allowed)."""
-    ref = ref.strip().lower().removeprefix("cp-")
-    if len(ref) < 6 or len(ref) > 64 or any(c not in "0123456789abcdef" for c in ref):
-        raise ApiError(404, f"no checkpoint {ref!r} (give its id or a prefix of 6+ hex digits)")
-    if len(ref) == 64:
-        row = s.get(CheckpointRow, ref)
-        if row is None:
-            raise ApiError(404, f"no checkpoint {ref!r}")
-        return row
-    hits = list(s.scalars(select(CheckpointRow).where(CheckpointRow.id.startswith(ref))
-                          .limit(2)))
-    if not hits:
-        raise ApiError(404, f"no checkpoint {ref!r}")
-    if len(hits) > 1:
-        raise ApiError(404, f"checkpoint prefix {ref!r} is ambiguous; give more digits")
-    return hits[0]
+    prefix = normalize_prefix(ref)
+    if DIGEST_RE.match(prefix):
+        row = s.get(CheckpointRow, prefix)
+        rows = {prefix: row} if row is not None else {}
+    else:
+        # two rows are enough to know the prefix is ambiguous
+        rows = {r.id: r for r in s.scalars(
+            select(CheckpointRow).where(CheckpointRow.id.startswith(prefix)).limit(2))}
+    return rows[resolve_prefix(prefix, rows)]
 
 
 # --- shared updates ---------------------------------------------------------------
@@ -160,10 +167,9 @@ def store_checkpoint(s: Session, cp: WorkerCheckpoint, worker: str,
 
 
 def mark_lost(s: Session, sb: SandboxRow, why: str) -> None:
-    sb.state = S.LOST
+    move(sb, S.LOST)
     sb.error = why
     sb.recoverable_from = _recoverable_from(s, sb)
-    sb.updated = utcnow()
 
 
 def _recoverable_from(s: Session, sb: SandboxRow) -> str | None:

@@ -21,11 +21,12 @@ from forkyard.control._records import (
     ACTIVE,
     TRANSITIONAL,
     mark_lost,
+    move,
     store_checkpoint,
     worker_out,
 )
 from forkyard.control._workers import WorkerClient, WorkerClients
-from forkyard.wire.errors import ApiError
+from forkyard.errors import BadWorkerReport, WorkerConflict, WorkerNotFound, WorkerUnavailable
 from forkyard.wire.models import (
     HeartbeatReply,
     SandboxState,
@@ -65,8 +66,8 @@ class Registry:
     # --- reports -------------------------------------------------------------
     def _check_report(self, report: WorkerReport) -> None:
         if report.store_url is not None and report.store_url != self.store_url:
-            raise ApiError(
-                409,
+            raise WorkerConflict(
+                report.name,
                 f"worker {report.name} uses store {report.store_url!r}, this cluster uses "
                 f"{self.store_url!r}: published checkpoints would not be found",
             )
@@ -99,8 +100,8 @@ class Registry:
                                 state=WorkerState.ALIVE)
                 s.add(row)
             elif self._taken(row, report):
-                raise ApiError(409, f"worker name {name!r} is taken by a live worker at "
-                                    f"{row.url}; retry after it stops")
+                raise WorkerConflict(name, f"worker name {name!r} is taken by a live worker "
+                                           f"at {row.url}; retry after it stops")
             row.registered = utcnow()
             self._apply(row, report)
             reported = {sb.id for sb in report.sandboxes}
@@ -116,15 +117,15 @@ class Registry:
 
     def heartbeat(self, name: str, report: WorkerReport) -> HeartbeatReply:
         if report.name != name:
-            raise ApiError(400, f"heartbeat for {name!r} names worker {report.name!r}")
+            raise BadWorkerReport(name, f"heartbeat for {name!r} names worker {report.name!r}")
         self._check_report(report)
         with self.db.tx() as s:
             row = s.get(WorkerRow, name, with_for_update=True)
             if row is None:
-                raise ApiError(404, f"no worker {name!r}: register first")
+                raise WorkerNotFound(name, hint="register first")
             if self._taken(row, report):
-                raise ApiError(409, f"worker name {name!r} is taken by a live worker at "
-                                    f"{row.url}")
+                raise WorkerConflict(name, f"worker name {name!r} is taken by a live worker "
+                                           f"at {row.url}")
             if row.state == WorkerState.DEAD:
                 log.warning("worker %s is back", name)
             self._apply(row, report)
@@ -154,16 +155,14 @@ class Registry:
             elif row.worker != name:
                 if row.state not in TRANSITIONAL:  # e.g. hibernated here, woken elsewhere
                     destroy.append(sb.id)
-            elif row.state == S.RUNNING and sb.state in ("failed", "stopped"):
-                row.state = S.FAILED if sb.state == "failed" else S.STOPPED
+            elif row.state == S.RUNNING and sb.state in (S.FAILED, S.STOPPED):
+                move(row, sb.state)
                 row.error = f"the VM stopped on worker {name} (it reports {sb.state})"
-                row.updated = utcnow()
-            elif row.state == S.LOST and sb.state == "running":
+            elif row.state == S.LOST and sb.state == S.RUNNING:
                 # the worker only missed heartbeats; its VM kept running
-                row.state = S.RUNNING
+                move(row, S.RUNNING)
                 row.recoverable_from = None
                 row.error = None
-                row.updated = utcnow()
         return destroy
 
     def leave(self, name: str, leaving: WorkerLeaving) -> None:
@@ -171,7 +170,7 @@ class Registry:
         with self.db.tx() as s:
             row = s.get(WorkerRow, name, with_for_update=True)
             if row is None:
-                raise ApiError(404, f"no worker {name!r}")
+                raise WorkerNotFound(name)
             row.state = WorkerState.DEAD
             for cp in leaving.checkpoints:
                 store_checkpoint(s, cp, name, self.store_url)
@@ -180,11 +179,10 @@ class Registry:
                 SandboxRow.worker == name, SandboxRow.state.in_(ACTIVE)
             ).with_for_update()):
                 info = reported.get(sb.id)
-                if info is not None and info.state == "hibernated" and info.last_checkpoint:
-                    sb.state = S.HIBERNATED
+                if info is not None and info.state == S.HIBERNATED and info.last_checkpoint:
+                    move(sb, S.HIBERNATED)
                     sb.last_checkpoint = info.last_checkpoint
                     sb.error = None
-                    sb.updated = utcnow()
                 else:
                     mark_lost(s, sb, f"worker {name} shut down")
         with self._lock:
@@ -227,12 +225,12 @@ class Registry:
             return [worker_out(r) for r in rows]
 
     def client(self, s: Session, worker: str | None) -> WorkerClient:
-        """The client of a live worker, or 503."""
+        """The client of a live worker, or WorkerUnavailable."""
         row = s.get(WorkerRow, worker) if worker is not None else None
         if row is None:
-            raise ApiError(503, f"worker {worker!r} is unknown")
+            raise WorkerUnavailable(f"worker {worker!r} is unknown", worker=worker)
         if row.state != WorkerState.ALIVE:
-            raise ApiError(503, f"worker {worker!r} is dead")
+            raise WorkerUnavailable(f"worker {worker!r} is dead", worker=worker)
         return self.clients.get(row.name, row.url)
 
     def client_if_alive(self, worker: str | None) -> WorkerClient | None:

@@ -21,12 +21,16 @@ from starlette.background import BackgroundTask
 
 import forkyard
 from forkyard.control._service import ControlPlane
-from forkyard.control._workers import EXEC_MARGIN, FILE_TIMEOUT, QUICK_TIMEOUT
+from forkyard.wire import worker_api
 from forkyard.wire.models import (
+    GUEST_FILE_RE,
+    GUEST_PATH_RE,
+    MAX_GUEST_PATH,
     CheckpointOut,
     CheckpointRequest,
     CreateSandboxRequest,
     EntryOut,
+    ErrorBody,
     ExecRequest,
     ExecResultOut,
     FileWritten,
@@ -48,18 +52,46 @@ T = TypeVar("T")
 
 SandboxId = Annotated[str, Path(description="sandbox id (`sb-` + 20 hex digits)")]
 CheckpointRef = Annotated[str, Path(description="checkpoint id or a unique prefix of 6+ hex")]
-GuestPath = Annotated[str, Query(pattern=r"^/[^\x00]*$", max_length=4096,
+GuestPath = Annotated[str, Query(pattern=GUEST_PATH_RE, max_length=MAX_GUEST_PATH,
                                  description="absolute guest path")]
+GuestFile = Annotated[str, Query(pattern=GUEST_FILE_RE, max_length=MAX_GUEST_PATH,
+                                 description="absolute guest path of a file (not `/`, no "
+                                             "trailing `/`, `.` or `..`)")]
+
+_WHY = {
+    400: "malformed request the schema cannot describe (e.g. a bad Content-Length), or a "
+         "path the worker refuses",
+    404: "no such sandbox, checkpoint, worker, image or guest file",
+    409: "the sandbox's state forbids it, or a conflict with the cluster (integrity, "
+         "incompatible checkpoint, unpublished checkpoint elsewhere)",
+    413: "a body or reply over the size limit",
+    422: "invalid request (schema), or the guest refused the operation (`guest_error`)",
+    502: "a worker failed or answered nonsense",
+    503: "no worker can take it now (none alive, full, unreachable) or the database is down",
+    504: "a worker or the guest did not answer in time",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error replies a route really gives, each with the one error body."""
+    return {s: {"model": ErrorBody, "description": _WHY[s]} for s in statuses}
+
+
+# what each kind of route can answer besides success (and 401, added for all)
+_DB = _errors(503)
+_LOOKUP = _errors(404, 422, 503)
+_WORKER = (400, 404, 409, 422, 502, 503, 504)  # a call relayed to the sandbox's worker
 _RAW_BODY: dict[str, Any] = {
     "requestBody": {
-        "required": True,
+        "required": False,  # no body: an empty file
         "content": {"application/octet-stream": {"schema": {"type": "string",
                                                              "format": "binary"}}},
     }
 }
 _RAW_REPLY: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/octet-stream": {"schema": {"type": "string",
-                                                              "format": "binary"}}}}
+                                                              "format": "binary"}}}},
+    **_errors(*_WORKER, 413),
 }
 
 
@@ -79,132 +111,136 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     def health() -> Health:
         return Health(status="ok", version=forkyard.__version__)
 
-    @app.get("/v1/workers", tags=["workers"])
+    @app.get("/v1/workers", tags=["workers"], responses=_DB)
     def list_workers() -> list[WorkerOut]:
         return plane.workers.all()
 
     # --- sandboxes ------------------------------------------------------
-    @app.post("/v1/sandboxes", status_code=201, tags=["sandboxes"])
+    @app.post("/v1/sandboxes", status_code=201, tags=["sandboxes"],
+              responses=_errors(*_WORKER))
     def create_sandbox(req: CreateSandboxRequest | None = None) -> SandboxOut:
         return plane.create_sandbox(req or CreateSandboxRequest())
 
-    @app.get("/v1/sandboxes", tags=["sandboxes"])
+    @app.get("/v1/sandboxes", tags=["sandboxes"], responses=_DB)
     def list_sandboxes() -> list[SandboxOut]:
         return plane.list_sandboxes()
 
-    @app.get("/v1/sandboxes/{sandbox_id}", tags=["sandboxes"])
+    @app.get("/v1/sandboxes/{sandbox_id}", tags=["sandboxes"], responses=_LOOKUP)
     def get_sandbox(sandbox_id: SandboxId) -> SandboxOut:
         return plane.get_sandbox(sandbox_id)
 
-    @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, tags=["sandboxes"])
+    @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, tags=["sandboxes"],
+                responses=_errors(404, 409, 422, 503))
     def destroy_sandbox(sandbox_id: SandboxId) -> Response:
         plane.destroy_sandbox(sandbox_id)
         return Response(status_code=204)
 
-    @app.post("/v1/sandboxes/{sandbox_id}/exec", response_model=ExecResultOut, tags=["sandboxes"])
+    @app.post("/v1/sandboxes/{sandbox_id}/exec", response_model=ExecResultOut, tags=["sandboxes"],
+              responses=_errors(*_WORKER, 413))
     async def exec_in(sandbox_id: SandboxId, req: ExecRequest) -> Response:
         client = await threaded(plane.running, sandbox_id, "exec in")
-        raw = await client.arequest(
-            "POST", f"/sandboxes/{sandbox_id}/exec", json=req.model_dump(mode="json"),
-            timeout=req.effective_timeout + EXEC_MARGIN,
-        )
+        raw = await client.raw(worker_api.exec_(sandbox_id, req))
         return Response(raw, media_type="application/json")
 
     # --- files ----------------------------------------------------------
     @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=FileWritten, tags=["files"],
-            openapi_extra=_RAW_BODY)
+             openapi_extra=_RAW_BODY, responses=_errors(*_WORKER, 413))
     async def write_file(
-        sandbox_id: SandboxId, request: Request, path: GuestPath,
+        sandbox_id: SandboxId, request: Request, path: GuestFile,
         mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644, append: bool = False,
     ) -> Response:
         check_length(request)
         client = await threaded(plane.running, sandbox_id, "write files of")
         async with client.stream(
-            "PUT", f"/sandboxes/{sandbox_id}/files", timeout=FILE_TIMEOUT,
-            params={"path": path, "mode": mode, "append": append},
-            content=limited_body(request),
-            headers={"content-type": "application/octet-stream"},
+            worker_api.write_file(sandbox_id, path, mode=mode, append=append),
+            content=limited_body(request), content_type="application/octet-stream",
         ) as resp:
             raw = await resp.aread()
         return Response(raw, media_type="application/json")
 
     @app.get("/v1/sandboxes/{sandbox_id}/files", tags=["files"], response_class=Response,
             responses=_RAW_REPLY)
-    async def read_file(sandbox_id: SandboxId, path: GuestPath) -> Response:
+    async def read_file(sandbox_id: SandboxId, path: GuestFile) -> Response:
         client = await threaded(plane.running, sandbox_id, "read files of")
         stack = AsyncExitStack()
-        resp = await stack.enter_async_context(client.stream(
-            "GET", f"/sandboxes/{sandbox_id}/files", timeout=FILE_TIMEOUT,
-            params={"path": path}))
+        resp = await stack.enter_async_context(
+            client.stream(worker_api.read_file(sandbox_id, path)))
         headers = {}
         if "content-length" in resp.headers:
             headers["content-length"] = resp.headers["content-length"]
         return StreamingResponse(resp.aiter_raw(), media_type="application/octet-stream",
                                  headers=headers, background=BackgroundTask(stack.aclose))
 
-    @app.get("/v1/sandboxes/{sandbox_id}/files/list", tags=["files"])
+    @app.get("/v1/sandboxes/{sandbox_id}/files/list", tags=["files"],
+             responses=_errors(*_WORKER, 413))
     def list_files(sandbox_id: SandboxId, path: GuestPath) -> list[EntryOut]:
         client = plane.running(sandbox_id, "list files of")
-        data = client.call("GET", f"/sandboxes/{sandbox_id}/files/list",
-                           params={"path": path}, timeout=QUICK_TIMEOUT * 3)
-        return [EntryOut.model_validate(e) for e in data]
+        return client.send(worker_api.list_files(sandbox_id, path))
 
-    @app.get("/v1/sandboxes/{sandbox_id}/files/stat", tags=["files"])
+    @app.get("/v1/sandboxes/{sandbox_id}/files/stat", tags=["files"],
+             responses=_errors(*_WORKER))
     def stat_file(sandbox_id: SandboxId, path: GuestPath) -> EntryOut:
         client = plane.running(sandbox_id, "stat files of")
-        return EntryOut.model_validate(client.call(
-            "GET", f"/sandboxes/{sandbox_id}/files/stat", params={"path": path},
-            timeout=QUICK_TIMEOUT * 3))
+        return client.send(worker_api.stat_file(sandbox_id, path))
 
-    @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, tags=["files"])
-    def remove_file(sandbox_id: SandboxId, path: GuestPath, recursive: bool = False) -> Response:
+    @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, tags=["files"],
+                responses=_errors(*_WORKER))
+    def remove_file(sandbox_id: SandboxId, path: GuestFile, recursive: bool = False) -> Response:
         client = plane.running(sandbox_id, "remove files of")
-        client.call("DELETE", f"/sandboxes/{sandbox_id}/files",
-                    params={"path": path, "recursive": recursive}, timeout=FILE_TIMEOUT)
+        client.send(worker_api.remove_file(sandbox_id, path, recursive=recursive))
         return Response(status_code=204)
 
     # --- checkpoints, hibernate, wake -------------------------------------
-    @app.post("/v1/sandboxes/{sandbox_id}/checkpoint", status_code=201, tags=["checkpoints"])
+    @app.post("/v1/sandboxes/{sandbox_id}/checkpoint", status_code=201, tags=["checkpoints"],
+              responses=_errors(*_WORKER))
     def checkpoint(sandbox_id: SandboxId,
                    req: CheckpointRequest | None = None) -> CheckpointOut:
         return plane.checkpoint(sandbox_id, req or CheckpointRequest())
 
-    @app.post("/v1/sandboxes/{sandbox_id}/hibernate", tags=["sandboxes"])
+    @app.post("/v1/sandboxes/{sandbox_id}/hibernate", tags=["sandboxes"],
+              responses=_errors(*_WORKER))
     def hibernate(sandbox_id: SandboxId, req: HibernateRequest | None = None) -> SandboxOut:
         return plane.hibernate(sandbox_id, wait=(req or HibernateRequest()).wait)
 
-    @app.post("/v1/sandboxes/{sandbox_id}/wake", tags=["sandboxes"])
+    @app.post("/v1/sandboxes/{sandbox_id}/wake", tags=["sandboxes"],
+              responses=_errors(*_WORKER))
     def wake(sandbox_id: SandboxId, req: WakeRequest | None = None) -> SandboxOut:
         return plane.wake(sandbox_id, req or WakeRequest())
 
-    @app.get("/v1/checkpoints", tags=["checkpoints"])
+    @app.get("/v1/checkpoints", tags=["checkpoints"], responses=_DB)
     def list_checkpoints() -> list[CheckpointOut]:
         return plane.list_checkpoints()
 
-    @app.get("/v1/checkpoints/{checkpoint_id}", tags=["checkpoints"])
+    @app.get("/v1/checkpoints/{checkpoint_id}", tags=["checkpoints"],
+             responses=_errors(404, 409, 422, 502, 503))
     def get_checkpoint(checkpoint_id: CheckpointRef) -> CheckpointOut:
         return plane.get_checkpoint(checkpoint_id)
 
-    @app.delete("/v1/checkpoints/{checkpoint_id}", status_code=204, tags=["checkpoints"])
+    @app.delete("/v1/checkpoints/{checkpoint_id}", status_code=204, tags=["checkpoints"],
+                responses=_LOOKUP)
     def delete_checkpoint(checkpoint_id: CheckpointRef) -> Response:
         plane.delete_checkpoint(checkpoint_id)
         return Response(status_code=204)
 
-    @app.post("/v1/checkpoints/{checkpoint_id}/fork", status_code=201, tags=["checkpoints"])
+    @app.post("/v1/checkpoints/{checkpoint_id}/fork", status_code=201, tags=["checkpoints"],
+              responses=_errors(*_WORKER))
     def fork(checkpoint_id: CheckpointRef, req: ForkRequest | None = None) -> list[SandboxOut]:
         return plane.fork(checkpoint_id, req or ForkRequest())
 
     # --- worker daemons ---------------------------------------------------
 
-    @app.post("/internal/workers/register", tags=["internal"])
+    @app.post("/internal/workers/register", tags=["internal"],
+              responses=_errors(409, 422, 503))
     async def register(report: WorkerReport) -> HeartbeatReply:
         return await internal(plane.workers.register, report)
 
-    @app.post("/internal/workers/{name}/heartbeat", tags=["internal"])
+    @app.post("/internal/workers/{name}/heartbeat", tags=["internal"],
+              responses=_errors(400, 404, 409, 422, 503))
     async def heartbeat(name: Annotated[str, Path()], report: WorkerReport) -> HeartbeatReply:
         return await internal(plane.workers.heartbeat, name, report)
 
-    @app.post("/internal/workers/{name}/leave", tags=["internal"], status_code=204)
+    @app.post("/internal/workers/{name}/leave", tags=["internal"], status_code=204,
+              responses=_errors(404, 422, 503))
     async def leave(name: Annotated[str, Path()],
                     leaving: Annotated[WorkerLeaving, Body()]) -> Response:
         await internal(plane.workers.leave, name, leaving)

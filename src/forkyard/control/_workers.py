@@ -1,20 +1,34 @@
-"""HTTP calls from the control plane to worker daemons.
+"""The control plane's client of worker daemons: executes :mod:`forkyard.wire.worker_api` calls.
 
-Every call has a timeout chosen for what it does; transport failures become
-``503 unavailable`` (cannot reach the worker) or ``504 timeout``, and a
-worker's own error reply is relayed unchanged (:class:`WorkerReply`).
+Every call carries its own timeout; transport failures become
+:class:`~forkyard.errors.WorkerUnavailable` (cannot reach the worker) or
+:class:`~forkyard.errors.WorkerTimeout`, an unusable answer
+:class:`~forkyard.errors.WorkerReplyError`, and a worker's own error reply is
+relayed unchanged (:class:`~forkyard.wire.errors.WorkerReply`).
 """
 
 from __future__ import annotations
 
+import json
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TypeVar
 
 import httpx
+from pydantic import ValidationError
 
-from forkyard.wire.errors import ApiError, WorkerReply
+from forkyard.errors import WorkerReplyError, WorkerTimeout, WorkerUnavailable
+from forkyard.wire.errors import WorkerReply
+from forkyard.wire.worker_api import (
+    BOOT_TIMEOUT,
+    CHECKPOINT_TIMEOUT,
+    EXEC_MARGIN,
+    FILE_TIMEOUT,
+    HIBERNATE_TIMEOUT,
+    QUICK_TIMEOUT,
+    Call,
+)
 
 __all__ = [
     "BOOT_TIMEOUT",
@@ -28,12 +42,7 @@ __all__ = [
     "error_from_response",
 ]
 
-QUICK_TIMEOUT = 10.0
-BOOT_TIMEOUT = 240.0  # the library waits up to 180 s for a guest under TCG
-CHECKPOINT_TIMEOUT = 180.0
-HIBERNATE_TIMEOUT = 1800.0  # checkpoint + publish of a whole sandbox to a remote store
-FILE_TIMEOUT = 180.0
-EXEC_MARGIN = 30.0  # on top of a command's own timeout: agent grace + reply transfer
+R = TypeVar("R")
 _CONNECT_TIMEOUT = 5.0
 
 
@@ -43,15 +52,14 @@ def _timeout(seconds: float) -> httpx.Timeout:
 
 def error_from_response(worker: str, status: int, raw: bytes) -> Exception:
     """The exception to raise for a worker's error reply."""
-    import json
-
     try:
         body = json.loads(raw)
     except ValueError:
         body = None
     if status == 401:
         # the caller's token was fine: it is ours the worker refused
-        return ApiError(502, f"worker {worker} refused the control plane's worker token")
+        return WorkerReplyError(worker, f"worker {worker} refused the control plane's "
+                                        "worker token")
     if (
         isinstance(body, dict)
         and isinstance(body.get("error"), dict)
@@ -60,13 +68,14 @@ def error_from_response(worker: str, status: int, raw: bytes) -> Exception:
     ):
         return WorkerReply(status, body)
     text = raw[:200].decode("utf-8", "replace")
-    return ApiError(502, f"worker {worker} answered {status}: {text}")
+    return WorkerReplyError(worker, f"worker {worker} answered {status}: {text}")
 
 
-def transport_error(worker: str, what: str, exc: httpx.HTTPError, timeout: float) -> ApiError:
+def transport_error(worker: str, what: str, exc: httpx.HTTPError,
+                    timeout: float) -> WorkerTimeout | WorkerUnavailable:
     if isinstance(exc, httpx.TimeoutException):
-        return ApiError(504, f"worker {worker} did not answer {what} within {timeout:g}s")
-    return ApiError(503, f"worker {worker} is unreachable ({what}): {exc}")
+        return WorkerTimeout(worker, what, timeout)
+    return WorkerUnavailable(f"worker {worker} is unreachable ({what}): {exc}", worker=worker)
 
 
 class WorkerClient:
@@ -78,70 +87,56 @@ class WorkerClient:
         self._http = http
         self._token = token
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        timeout: float,
-        json: Any = None,
-        params: Mapping[str, str | int | float | bool] | None = None,
-    ) -> httpx.Response:
-        what = f"{method} {path}"
+    def send(self, call: Call[R]) -> R:
+        """Make ``call`` and parse its reply."""
         try:
-            resp = self._http.request(method, path, json=json, params=params,
-                                      timeout=_timeout(timeout))
+            resp = self._http.request(call.method, call.path, json=call.json(),
+                                      params=call.params, timeout=_timeout(call.timeout))
         except httpx.HTTPError as exc:
-            raise transport_error(self.name, what, exc, timeout) from exc
+            raise transport_error(self.name, str(call), exc, call.timeout) from exc
         if resp.status_code >= 400:
             raise error_from_response(self.name, resp.status_code, resp.content)
-        return resp
-
-    def call(self, method: str, path: str, *, timeout: float, json: Any = None,
-             params: Mapping[str, str | int | float | bool] | None = None) -> Any:
-        resp = self.request(method, path, timeout=timeout, json=json, params=params)
         if resp.status_code == 204 or not resp.content:
-            return None
+            return call.parse(None)
         try:
-            return resp.json()
+            data = resp.json()
         except ValueError as exc:
-            raise ApiError(502, f"worker {self.name} sent invalid JSON ({method} {path})") from exc
+            raise WorkerReplyError(self.name, f"worker {self.name} sent invalid JSON "
+                                              f"({call})") from exc
+        try:
+            return call.parse(data)
+        except (ValidationError, ValueError) as exc:
+            # a worker of another version, or a bug: not the caller's fault
+            raise WorkerReplyError(self.name, f"worker {self.name} sent a reply outside the "
+                                              f"wire contract ({call}): {exc}") from exc
 
-    async def arequest(self, method: str, path: str, *, timeout: float,
-                       json: Any = None) -> bytes:
-        """An async call returning the raw reply body (relayed as is: exec results)."""
-        async with self.stream(method, path, timeout=timeout, json=json) as resp:
+    async def raw(self, call: Call[R]) -> bytes:
+        """Make ``call`` asynchronously; the reply body as is (relayed unchanged)."""
+        async with self.stream(call) as resp:
             try:
                 return await resp.aread()
             except httpx.HTTPError as exc:
-                raise transport_error(self.name, f"{method} {path}", exc, timeout) from exc
+                raise transport_error(self.name, str(call), exc, call.timeout) from exc
 
     @asynccontextmanager
-    async def stream(
-        self,
-        method: str,
-        path: str,
-        *,
-        timeout: float,
-        params: Mapping[str, str | int | float | bool] | None = None,
-        content: AsyncIterator[bytes] | None = None,
-        json: Any = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[httpx.Response]:
+    async def stream(self, call: Call[R], *, content: AsyncIterator[bytes] | None = None,
+                     content_type: str | None = None) -> AsyncIterator[httpx.Response]:
         """A streamed call (file bodies): yields the response with its body unread.
 
         A fresh AsyncClient per call: async clients are bound to the event loop
         they were first used on, and a file transfer dwarfs a TCP connect.
         """
-        what = f"{method} {path}"
-        hdrs = {"authorization": f"Bearer {self._token}", **(headers or {})}
-        async with httpx.AsyncClient(base_url=self.url, timeout=_timeout(timeout)) as client:
+        hdrs = {"authorization": f"Bearer {self._token}"}
+        if content_type is not None:
+            hdrs["content-type"] = content_type
+        async with httpx.AsyncClient(base_url=self.url,
+                                     timeout=_timeout(call.timeout)) as client:
             try:
-                req = client.build_request(method, path, params=params, content=content,
-                                           json=json, headers=hdrs)
+                req = client.build_request(call.method, call.path, params=call.params,
+                                           content=content, json=call.json(), headers=hdrs)
                 resp = await client.send(req, stream=True)
             except httpx.HTTPError as exc:
-                raise transport_error(self.name, what, exc, timeout) from exc
+                raise transport_error(self.name, str(call), exc, call.timeout) from exc
             try:
                 if resp.status_code >= 400:
                     raw = await resp.aread()

@@ -112,10 +112,51 @@ def _document_auth(app: FastAPI) -> None:
                     op["security"] = [{scheme: []}]
                     op.setdefault("responses", {}).setdefault(
                         "401", {"description": "missing or invalid bearer token"})
+            _add_links(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+_SB = "/v1/sandboxes/{sandbox_id}"
+_CP = "/v1/checkpoints/{checkpoint_id}"
+# OpenAPI links: which reply feeds which request (clients and stateful API
+# tests follow them).  (from method, path, status) -> [(to method, path, parameters)]
+_LINKS: dict[tuple[str, str, str], list[tuple[str, str, dict[str, str]]]] = {
+    ("post", "/v1/sandboxes", "201"): [
+        (m, path, {"sandbox_id": "$response.body#/id"}) for m, path in (
+            ("get", _SB), ("delete", _SB), ("post", f"{_SB}/exec"), ("put", f"{_SB}/files"),
+            ("get", f"{_SB}/files/list"), ("post", f"{_SB}/checkpoint"),
+            ("post", f"{_SB}/hibernate"), ("post", f"{_SB}/wake"))
+    ],
+    ("put", f"{_SB}/files", "200"): [
+        (m, path, {"sandbox_id": "$request.path.sandbox_id", "path": "$response.body#/path"})
+        for m, path in (("get", f"{_SB}/files"), ("get", f"{_SB}/files/stat"),
+                        ("delete", f"{_SB}/files"))
+    ],
+    ("post", f"{_SB}/checkpoint", "201"): [
+        (m, path, {"checkpoint_id": "$response.body#/id"})
+        for m, path in (("get", _CP), ("post", f"{_CP}/fork"), ("delete", _CP))
+    ],
+    ("post", f"{_CP}/fork", "201"): [
+        (m, path, {"sandbox_id": "$response.body#/0/id"})
+        for m, path in (("get", _SB), ("post", f"{_SB}/exec"), ("delete", _SB))
+    ],
+    ("post", f"{_SB}/hibernate", "200"): [
+        ("post", f"{_SB}/wake", {"sandbox_id": "$response.body#/id"}),
+    ],
+}
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    paths = schema.get("paths", {})
+    for (method, path, status), targets in _LINKS.items():
+        response = paths[path][method]["responses"][status]
+        links = response.setdefault("links", {})
+        for to_method, to_path, parameters in targets:
+            op_id = paths[to_path][to_method]["operationId"]
+            links[op_id] = {"operationId": op_id, "parameters": parameters}
 
 
 def serve(

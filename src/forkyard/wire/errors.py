@@ -18,12 +18,15 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from forkyard.errors import (
     AgentError,
     AgentTimeout,
+    BadWorkerReport,
     CheckpointNotFound,
     CommandTimeout,
+    DatabaseUnavailable,
     ForkyardError,
     GuestError,
     GuestFileNotFound,
@@ -33,6 +36,7 @@ from forkyard.errors import (
     ManifestError,
     ObjectNotFound,
     PayloadTooLarge,
+    PlacementConflict,
     SandboxNotFound,
     SandboxStateError,
     StoreError,
@@ -40,12 +44,18 @@ from forkyard.errors import (
     UnsafeInput,
     UnsafePath,
     VMError,
+    WorkerConflict,
+    WorkerNotFound,
+    WorkerReplyError,
+    WorkerTimeout,
+    WorkerUnavailable,
 )
 
 __all__ = [
     "ERROR_TYPES",
     "ApiError",
     "WorkerReply",
+    "allowed_methods",
     "error_body",
     "install_error_handlers",
     "status_for",
@@ -77,10 +87,14 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
     (ImageNotFound, 404, "not_found"),
     (GuestFileNotFound, 404, "not_found"),
     (ObjectNotFound, 404, "not_found"),
+    (WorkerNotFound, 404, "not_found"),
     (SandboxStateError, 409, "conflict"),
+    (WorkerConflict, 409, "conflict"),
+    (PlacementConflict, 409, "conflict"),
     (PayloadTooLarge, 413, "too_large"),
     (CommandTimeout, 504, "timeout"),
     (AgentTimeout, 504, "timeout"),
+    (WorkerTimeout, 504, "timeout"),
     (IntegrityError, 409, "integrity"),
     (ManifestError, 409, "integrity"),
     (IncompatibleCheckpoint, 409, "incompatible"),
@@ -88,6 +102,11 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
     # untrusted names/inputs refused before use: the caller's fault
     (UnsafePath, 400, "bad_request"),
     (UnsafeInput, 400, "bad_request"),
+    (BadWorkerReport, 400, "bad_request"),
+    # nothing can take the work now: retry later
+    (WorkerUnavailable, 503, "unavailable"),
+    (DatabaseUnavailable, 503, "unavailable"),
+    (WorkerReplyError, 502, "worker_error"),
     (VMError, 502, "worker_error"),
     (AgentError, 502, "worker_error"),
     (ToolError, 502, "worker_error"),
@@ -97,7 +116,9 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
 
 
 class ApiError(Exception):
-    """An error the services answer directly: a status from :data:`ERROR_TYPES`."""
+    """An HTTP-level refusal of the serving layer itself (a bad Content-Length, a body
+    over the limit): a status from :data:`ERROR_TYPES`.  Domain code raises
+    :mod:`forkyard.errors` classes instead and this table maps them."""
 
     def __init__(
         self,
@@ -174,6 +195,18 @@ def error_body(exc: ForkyardError) -> tuple[int, dict[str, Any]]:
     return status, _body(type_, str(exc), _detail(exc))
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves at the request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches({**request.scope, "method": "GET", "type": "http"})
+            # a method-agnostic FULL or PARTIAL match means the path is this route's
+            if match is not Match.NONE:
+                methods |= route.methods
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves the app as ``{"error": {...}}`` with a status of the table."""
 
@@ -200,12 +233,17 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"invalid request: {where}: {first.get('msg', 'invalid')}"
         return JSONResponse(_body("invalid", message, errors), 422)
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         status = exc.status_code if exc.status_code in ERROR_TYPES else 400
+        headers = dict(exc.headers) if exc.headers else {}
+        if status == 405:
+            # Starlette names only the first route whose path matched; a path
+            # served by several routes (GET and POST /v1/sandboxes) allows them all
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return JSONResponse(
             _body(ERROR_TYPES[status], str(exc.detail), None), status,
-            headers=dict(exc.headers) if exc.headers else None,
+            headers=headers or None,
         )
 
     async def on_bug(_: Request, exc: Exception) -> JSONResponse:

@@ -8,15 +8,18 @@ at the place it is attempted, never a silently inconsistent record.  Methods
 that need the sandbox in given states say so with :func:`require`, as
 ``qemu.qmp``'s ``@require(Runstate.RUNNING)`` does.
 
-Who uses which states::
+Who uses which states (every state can also go to ``destroyed``, which is
+terminal; the table below is the authority)::
 
-    starting ──► running ──► paused (worker: the instant of a capture) ──► running
-       │           │ ├─► hibernating (control plane) ──► hibernated ──► waking ──► running
-       │           │ └─► hibernated (worker: checkpoint, then the VM stops)
-       │           ├─► stopped                      hibernated ──► starting (worker wake)
-       ▼           ▼
-     failed      lost (control plane: its worker stopped answering)
-       └──────────────► destroyed (terminal; reachable from every other state)
+    starting ──► running ──► paused ──► running        (worker: the instant of a capture)
+    starting ──► hibernated                            (control plane: a worker reports
+                                                        what became of a start)
+    running ──► hibernating ──► hibernated ──► waking ──► running     (control plane)
+    running ──► hibernated ──► starting ──► running     (worker: hibernate, then wake)
+    running ──► stopped ──► starting;  running ──► starting (restore in place)
+    starting/running/paused/hibernating/waking ──► lost (control plane: worker silent)
+    lost ──► running | hibernated | failed              (the worker came back)
+    most states ──► failed ──► starting                 (restore a broken sandbox)
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ S = SandboxState
 # Every legal move.  DESTROYED is added to every row but its own below, and a
 # state "moving" to itself is always allowed (an idempotent record).
 _MOVES: Mapping[SandboxState, frozenset[SandboxState]] = {
-    S.STARTING: frozenset({S.RUNNING, S.FAILED, S.LOST}),
+    # starting -> hibernated: the control plane learns (after a restart, or from a
+    # worker that left) that the worker hibernated a sandbox whose start it never saw end
+    S.STARTING: frozenset({S.RUNNING, S.HIBERNATED, S.FAILED, S.LOST}),
     # running -> starting: a restore in place relaunches the VM under the same id
     S.RUNNING: frozenset({S.PAUSED, S.STOPPED, S.HIBERNATING, S.HIBERNATED, S.STARTING,
                           S.FAILED, S.LOST}),

@@ -11,16 +11,19 @@ import base64
 import binascii
 import enum
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, field_validator
 
 from forkyard.wire.ids import SANDBOX_ID_RE
 from forkyard.wire.lifecycle import SandboxState
 
 __all__ = [
     "CHECKPOINT_NAME_RE",
+    "GUEST_FILE_RE",
+    "GUEST_PATH_RE",
     "MAX_FILE_BYTES",
+    "MAX_GUEST_PATH",
     "SANDBOX_ID_RE",
     "WORKER_NAME_RE",
     "CheckpointOut",
@@ -28,6 +31,8 @@ __all__ = [
     "CheckpointState",
     "CreateSandboxRequest",
     "EntryOut",
+    "ErrorBody",
+    "ErrorInfo",
     "ExecRequest",
     "ExecResultOut",
     "FileWritten",
@@ -61,6 +66,31 @@ WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CHECKPOINT_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._:+@ -]{0,127}$"
 _DIGEST = r"^[0-9a-f]{64}$"
 MAX_EXEC_TIMEOUT = 24 * 3600.0
+# Guest paths: absolute, no NUL (the agent's protocol is NUL-free).  A *file*
+# path (read, write, remove) also names something below "/": no trailing "/",
+# no "." or ".." as its last part -- the guest could only refuse those, and
+# `rm -r /` is not a file operation.
+GUEST_PATH_RE = r"^/[^\x00]*$"
+_PART = r"(?:[^/.\x00][^/\x00]*|\.[^/.\x00][^/\x00]*|\.\.[^/\x00]+)"
+GUEST_FILE_RE = rf"^(?:/[^/\x00]*)*/{_PART}$"
+MAX_GUEST_PATH = 4096
+_NO_NUL = r"^[^\x00]*$"
+_BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+# what ExecRequest._cmd enforces, for the schema (pydantic cannot derive it)
+_CMD_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1, "pattern": _NO_NUL},
+        {"type": "array", "minItems": 1,
+         "prefixItems": [{"type": "string", "minLength": 1, "pattern": _NO_NUL}],
+         "items": {"type": "string", "pattern": _NO_NUL}},
+    ],
+    "description": "a string runs under /bin/sh -c; a list is argv (its first item non-empty)",
+}
+_ENV_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "propertyNames": {"pattern": r"^[^=\x00]+$"},
+    "additionalProperties": {"type": "string", "pattern": _NO_NUL},
+}
 
 
 class CheckpointState(enum.StrEnum):
@@ -76,6 +106,7 @@ class WorkerState(enum.StrEnum):
 
 
 class _Request(BaseModel):
+    # booleans are StrictBool: the schema says boolean, so 0 or "yes" is a 422, not a guess
     model_config = ConfigDict(extra="forbid")
 
 
@@ -161,6 +192,20 @@ class FileWritten(_Reply):
     size: int
 
 
+class ErrorInfo(_Reply):
+    type: Literal["bad_request", "unauthorized", "not_found", "method_not_allowed",
+                  "conflict", "integrity", "incompatible", "too_large", "invalid",
+                  "guest_error", "internal", "worker_error", "unavailable", "timeout"]
+    message: str
+    detail: Any = Field(None, description="machine-readable facts; their keys depend on type")
+
+
+class ErrorBody(_Reply):
+    """Every error reply of both services (docs/api.md, "Errors")."""
+
+    error: ErrorInfo
+
+
 # ---------------------------------------------------------------------------
 # public requests
 class CreateSandboxRequest(_Request):
@@ -171,14 +216,14 @@ class CreateSandboxRequest(_Request):
 
 
 class ExecRequest(_Request):
-    cmd: str | list[str] = Field(description="a string runs under /bin/sh -c; a list is argv")
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = None
+    cmd: Annotated[str | list[str], WithJsonSchema(_CMD_SCHEMA)]
+    env: Annotated[dict[str, str], WithJsonSchema(_ENV_SCHEMA)] = Field(default_factory=dict)
+    cwd: Annotated[str, Field(pattern=GUEST_PATH_RE)] | None = None
     timeout: float | None = Field(
         default=60.0, gt=0, le=MAX_EXEC_TIMEOUT, description="seconds; null: 24 h"
     )
-    stdin_b64: str | None = None
-    background: bool = False
+    stdin_b64: Annotated[str, Field(pattern=_BASE64)] | None = None
+    background: StrictBool = False
 
     @field_validator("cmd")
     @classmethod
@@ -225,11 +270,11 @@ class ExecRequest(_Request):
 
 class CheckpointRequest(_Request):
     name: str | None = Field(default=None, pattern=CHECKPOINT_NAME_RE)
-    publish: bool = True
+    publish: StrictBool = True
 
 
 class HibernateRequest(_Request):
-    wait: bool = True
+    wait: StrictBool = True
 
 
 class WakeRequest(_Request):
@@ -247,7 +292,7 @@ class WorkerSandbox(_Reply):
     """A worker's view of one sandbox (``forkyard.worker.SandboxInfo``)."""
 
     id: str
-    state: str
+    state: SandboxState
     image: str
     created: str
     memory_mb: int
@@ -331,7 +376,7 @@ class WorkerCreateRequest(_Request):
 
 class WorkerCheckpointRequest(_Request):
     name: str | None = Field(default=None, pattern=CHECKPOINT_NAME_RE)
-    publish: bool = True
+    publish: StrictBool = True
 
 
 class WorkerForkRequest(_Request):

@@ -1,0 +1,148 @@
+"""Checkpoints in the control plane: take, list, look up (adopting published ones), fork."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import select
+
+from forkyard.checkpoint import archive
+from forkyard.control._db import CheckpointRow, SandboxRow, utcnow
+from forkyard.control._placement import Candidate, Placement
+from forkyard.control._records import (
+    adopt_published,
+    checkpoint_out,
+    checkpoint_row,
+    store_checkpoint,
+)
+from forkyard.control._transitions import Transitions
+from forkyard.control._workers import WorkerClient
+from forkyard.errors import CheckpointNotFound
+from forkyard.store import ObjectStore, blob_key, open_store
+from forkyard.wire import worker_api
+from forkyard.wire.ids import new_sandbox_id
+from forkyard.wire.models import (
+    CheckpointOut,
+    CheckpointRequest,
+    CheckpointState,
+    ForkRequest,
+    SandboxOut,
+    SandboxState,
+    WorkerSandbox,
+)
+
+__all__ = ["Checkpoints"]
+
+S = SandboxState
+
+
+class Checkpoints(Transitions):
+    _store: ObjectStore | None = None
+
+    def checkpoint(self, sandbox_id: str, req: CheckpointRequest) -> CheckpointOut:
+        client = self.running(sandbox_id, "checkpoint")
+        info = client.send(worker_api.checkpoint(sandbox_id, req.name, req.publish))
+        with self.db.tx() as s:
+            row = store_checkpoint(s, info, client.name, self.store_url)
+            sb = s.get(SandboxRow, sandbox_id, with_for_update=True)
+            if sb is not None:
+                sb.last_checkpoint = info.id
+                sb.updated = utcnow()
+            out = checkpoint_out(row)
+        if info.state == CheckpointState.PUBLISHING:
+            self.publishes.watch(info.id, client.name)
+        return out
+
+    def list_checkpoints(self) -> list[CheckpointOut]:
+        with self.db.tx() as s:
+            rows = s.scalars(select(CheckpointRow).order_by(CheckpointRow.created))
+            return [checkpoint_out(r) for r in rows]
+
+    def get_checkpoint(self, ref: str) -> CheckpointOut:
+        self._adopt_if_unknown(ref)
+        with self.db.tx() as s:
+            return checkpoint_out(checkpoint_row(s, ref))
+
+    def _adopt_if_unknown(self, ref: str) -> None:
+        """A checkpoint published to our store but unknown here becomes known.
+
+        The store is the record of what is published (``forkyard import``
+        publishes there; another cluster may share it); its manifest is
+        verified by its id before anything is recorded.
+        """
+        with self.db.tx() as s:
+            try:
+                checkpoint_row(s, ref)
+                return
+            except CheckpointNotFound:
+                pass
+        if self._store is None:
+            self._store = open_store(self.store_url)
+        try:
+            manifest = archive.fetch_manifest(self._store, ref)
+        except CheckpointNotFound:
+            return  # the caller's lookup reports the 404
+        own = sum(self._store.size(blob_key(r.digest))
+                  for role, r in manifest.parts() if role not in archive.SHARED_ROLES)
+        with self.db.tx() as s:
+            adopt_published(s, manifest, self.store_url, stored_bytes=own)
+
+    def delete_checkpoint(self, ref: str) -> None:
+        with self.db.tx() as s:
+            s.delete(checkpoint_row(s, ref))
+
+    def fork(self, ref: str, req: ForkRequest) -> list[SandboxOut]:
+        self._adopt_if_unknown(ref)
+        now = utcnow()
+        with self.db.tx() as s:
+            cp = checkpoint_row(s, ref)
+            published = cp.state == CheckpointState.PUBLISHED
+            candidates = [
+                # the origin has it even if its last heartbeat predates the checkpoint
+                Candidate(c.name, c.alive, c.running, c.free_memory_mb, c.max_sandboxes,
+                          c.checkpoints | {cp.id}, c.bases, c.images)
+                if c.name == cp.worker else c
+                for c in self.workers.candidates(s)
+            ]
+            placement = Placement(checkpoint=cp.id, base=cp.base,
+                                  only_on=None if published else cp.worker)
+            extra: dict[str, int] = {}
+            plan: list[tuple[str, WorkerClient]] = []
+            for _ in range(req.count):
+                target = self._place(candidates, placement, explicit=req.worker, extra=extra)
+                extra[target] = extra.get(target, 0) + 1
+                sid = new_sandbox_id()
+                plan.append((sid, self.workers.client(s, target)))
+                s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image=cp.base,
+                                 parent_checkpoint=cp.id, created=now, updated=now))
+            cp_id = cp.id
+
+        def start(item: tuple[str, WorkerClient]) -> WorkerSandbox:
+            sid, client = item
+            return client.send(worker_api.fork(cp_id, sid))
+
+        results: list[WorkerSandbox | BaseException] = []
+        with ThreadPoolExecutor(max_workers=min(len(plan), 8),
+                                thread_name_prefix="fork") as pool:
+            futures = [pool.submit(start, item) for item in plan]
+            for f in futures:
+                try:
+                    results.append(f.result())
+                except BaseException as exc:
+                    results.append(exc)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            # all or nothing, like Worker.fork_many
+            failed = [sid for (sid, _), r in zip(plan, results, strict=True)
+                      if isinstance(r, BaseException)]
+            self._start_failed(failed, errors[0])
+            for (sid, _), r in zip(plan, results, strict=True):
+                if not isinstance(r, BaseException):
+                    self._settle(sid, S.STARTING, r, state=S.RUNNING)
+                    self.destroy_sandbox(sid)
+            raise errors[0]
+        return [
+            self._settle(sid, S.STARTING, r, state=S.RUNNING)
+            for (sid, _), r in zip(plan, results, strict=True)
+            if isinstance(r, WorkerSandbox)
+        ]

@@ -1,0 +1,222 @@
+"""The worker daemon's HTTP API as request descriptions: every call the control plane makes.
+
+Each function returns a :class:`Call` -- method, path (from one template per
+route, ids quoted so they cannot add segments), the request body as a wire
+model, the reply's parser and the timeout chosen for what the call does --
+and the control plane's client (``forkyard.control._workers``) only executes
+them, as the SDK's ``_ops`` does for the public API.  :data:`ROUTES` lists the
+templates; a unit test checks them against ``forkyard.worker.daemon``'s routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+from pydantic import BaseModel
+
+from forkyard.wire.models import (
+    EntryOut,
+    ExecRequest,
+    ExecResultOut,
+    FileWritten,
+    WorkerCheckpoint,
+    WorkerCheckpointRequest,
+    WorkerCreateRequest,
+    WorkerForkRequest,
+    WorkerHibernated,
+    WorkerPublishStatus,
+    WorkerSandbox,
+    WorkerWakeRequest,
+)
+
+__all__ = [
+    "BOOT_TIMEOUT",
+    "CHECKPOINT_TIMEOUT",
+    "EXEC_MARGIN",
+    "FILE_TIMEOUT",
+    "HIBERNATE_TIMEOUT",
+    "QUICK_TIMEOUT",
+    "ROUTES",
+    "Call",
+    "Params",
+    "Route",
+    "checkpoint",
+    "checkpoint_info",
+    "create",
+    "destroy",
+    "exec_",
+    "fork",
+    "get_sandbox",
+    "hibernate",
+    "list_files",
+    "publish_status",
+    "read_file",
+    "remove_file",
+    "stat_file",
+    "wake",
+    "write_file",
+]
+
+QUICK_TIMEOUT = 10.0
+BOOT_TIMEOUT = 240.0  # the library waits up to 180 s for a guest under TCG
+CHECKPOINT_TIMEOUT = 180.0
+HIBERNATE_TIMEOUT = 1800.0  # checkpoint + publish of a whole sandbox to a remote store
+FILE_TIMEOUT = 180.0
+EXEC_MARGIN = 30.0  # on top of a command's own timeout: agent grace + reply transfer
+
+R = TypeVar("R")
+Params = Mapping[str, str | int | float | bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route of the worker daemon: a method and a path template."""
+
+    method: str
+    template: str
+
+    def path(self, **ids: str) -> str:
+        return self.template.format(**{k: quote(v, safe="") for k, v in ids.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[R]):
+    """One request to a worker and how to read its reply."""
+
+    route: Route
+    path: str
+    parse: Callable[[Any], R]
+    timeout: float
+    body: BaseModel | None = None
+    params: Params | None = None
+
+    @property
+    def method(self) -> str:
+        return self.route.method
+
+    def json(self) -> Any:
+        return None if self.body is None else self.body.model_dump(mode="json")
+
+    def __str__(self) -> str:
+        return f"{self.route.method} {self.path}"
+
+
+CREATE = Route("POST", "/sandboxes")
+SANDBOX = Route("GET", "/sandboxes/{sandbox_id}")
+DESTROY = Route("DELETE", "/sandboxes/{sandbox_id}")
+EXEC = Route("POST", "/sandboxes/{sandbox_id}/exec")
+WRITE_FILE = Route("PUT", "/sandboxes/{sandbox_id}/files")
+READ_FILE = Route("GET", "/sandboxes/{sandbox_id}/files")
+LIST_FILES = Route("GET", "/sandboxes/{sandbox_id}/files/list")
+STAT_FILE = Route("GET", "/sandboxes/{sandbox_id}/files/stat")
+REMOVE_FILE = Route("DELETE", "/sandboxes/{sandbox_id}/files")
+CHECKPOINT = Route("POST", "/sandboxes/{sandbox_id}/checkpoint")
+CHECKPOINT_INFO = Route("GET", "/checkpoints/{checkpoint_id}")
+FORK = Route("POST", "/checkpoints/{checkpoint_id}/fork")
+HIBERNATE = Route("POST", "/sandboxes/{sandbox_id}/hibernate")
+WAKE = Route("POST", "/sandboxes/{sandbox_id}/wake")
+
+ROUTES: tuple[Route, ...] = (CREATE, SANDBOX, DESTROY, EXEC, WRITE_FILE, READ_FILE,
+                             LIST_FILES, STAT_FILE, REMOVE_FILE, CHECKPOINT, CHECKPOINT_INFO,
+                             FORK, HIBERNATE, WAKE)
+
+
+def _none(_: Any) -> None:
+    return None
+
+
+def _raw(data: Any) -> bytes:
+    assert isinstance(data, bytes)
+    return data
+
+
+def _entries(data: Any) -> list[EntryOut]:
+    if not isinstance(data, list):
+        raise ValueError("expected a JSON array of entries")
+    return [EntryOut.model_validate(e) for e in data]
+
+
+# --- sandboxes -----------------------------------------------------------------
+def create(sandbox_id: str, image: str, memory_mb: int | None,
+           cpus: int | None) -> Call[WorkerSandbox]:
+    body = WorkerCreateRequest(image=image, memory_mb=memory_mb, cpus=cpus,
+                               sandbox_id=sandbox_id)
+    return Call(CREATE, CREATE.path(), WorkerSandbox.model_validate, BOOT_TIMEOUT, body)
+
+
+def get_sandbox(sandbox_id: str) -> Call[WorkerSandbox]:
+    return Call(SANDBOX, SANDBOX.path(sandbox_id=sandbox_id), WorkerSandbox.model_validate,
+                QUICK_TIMEOUT)
+
+
+def destroy(sandbox_id: str) -> Call[None]:
+    return Call(DESTROY, DESTROY.path(sandbox_id=sandbox_id), _none, CHECKPOINT_TIMEOUT)
+
+
+def exec_(sandbox_id: str, req: ExecRequest) -> Call[ExecResultOut]:
+    return Call(EXEC, EXEC.path(sandbox_id=sandbox_id), ExecResultOut.model_validate,
+                req.effective_timeout + EXEC_MARGIN, req)
+
+
+# --- files -------------------------------------------------------------------------
+def write_file(sandbox_id: str, path: str, *, mode: int, append: bool) -> Call[FileWritten]:
+    """The body is streamed by the caller (raw bytes, not a model)."""
+    return Call(WRITE_FILE, WRITE_FILE.path(sandbox_id=sandbox_id), FileWritten.model_validate,
+                FILE_TIMEOUT, params={"path": path, "mode": mode, "append": append})
+
+
+def read_file(sandbox_id: str, path: str) -> Call[bytes]:
+    return Call(READ_FILE, READ_FILE.path(sandbox_id=sandbox_id), _raw, FILE_TIMEOUT,
+                params={"path": path})
+
+
+def list_files(sandbox_id: str, path: str) -> Call[list[EntryOut]]:
+    return Call(LIST_FILES, LIST_FILES.path(sandbox_id=sandbox_id), _entries,
+                QUICK_TIMEOUT * 3, params={"path": path})
+
+
+def stat_file(sandbox_id: str, path: str) -> Call[EntryOut]:
+    return Call(STAT_FILE, STAT_FILE.path(sandbox_id=sandbox_id), EntryOut.model_validate,
+                QUICK_TIMEOUT * 3, params={"path": path})
+
+
+def remove_file(sandbox_id: str, path: str, *, recursive: bool) -> Call[None]:
+    return Call(REMOVE_FILE, REMOVE_FILE.path(sandbox_id=sandbox_id), _none, FILE_TIMEOUT,
+                params={"path": path, "recursive": recursive})
+
+
+# --- checkpoints, hibernate, wake ------------------------------------------------------
+def checkpoint(sandbox_id: str, name: str | None, publish: bool) -> Call[WorkerCheckpoint]:
+    return Call(CHECKPOINT, CHECKPOINT.path(sandbox_id=sandbox_id),
+                WorkerCheckpoint.model_validate, CHECKPOINT_TIMEOUT,
+                WorkerCheckpointRequest(name=name, publish=publish))
+
+
+def checkpoint_info(checkpoint_id: str) -> Call[WorkerCheckpoint]:
+    return Call(CHECKPOINT_INFO, CHECKPOINT_INFO.path(checkpoint_id=checkpoint_id),
+                WorkerCheckpoint.model_validate, QUICK_TIMEOUT)
+
+
+def publish_status(checkpoint_id: str, wait: float) -> Call[WorkerPublishStatus]:
+    """The same route, long-polled: the worker answers once the state changes or after ``wait``."""
+    return Call(CHECKPOINT_INFO, CHECKPOINT_INFO.path(checkpoint_id=checkpoint_id),
+                WorkerPublishStatus.model_validate, wait + QUICK_TIMEOUT,
+                params={"wait": wait})
+
+
+def fork(checkpoint_id: str, sandbox_id: str) -> Call[WorkerSandbox]:
+    return Call(FORK, FORK.path(checkpoint_id=checkpoint_id), WorkerSandbox.model_validate,
+                BOOT_TIMEOUT, WorkerForkRequest(sandbox_id=sandbox_id))
+
+
+def hibernate(sandbox_id: str) -> Call[WorkerHibernated]:
+    return Call(HIBERNATE, HIBERNATE.path(sandbox_id=sandbox_id),
+                WorkerHibernated.model_validate, HIBERNATE_TIMEOUT)
+
+
+def wake(sandbox_id: str, checkpoint_id: str) -> Call[WorkerSandbox]:
+    return Call(WAKE, WAKE.path(sandbox_id=sandbox_id), WorkerSandbox.model_validate,
+                BOOT_TIMEOUT, WorkerWakeRequest(checkpoint_id=checkpoint_id))
