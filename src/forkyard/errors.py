@@ -32,7 +32,8 @@ only ever need to catch this tree::
     ├── StoreError                 the object store failed (I/O, network, auth)
     │   └── ObjectNotFound
     ├── IntegrityError             bytes do not match the digest/size they must have
-    └── UnsafePath                 a name from untrusted input would leave its directory
+    ├── UnsafePath                 a name from untrusted input would leave its directory
+    └── InsufficientCapacity       a worker has no room for another sandbox
 
 Control-plane/SDK errors (HTTP status mapping) live in ``forkyard.sdk.errors``
 and also derive from :class:`ForkyardError`.
@@ -57,6 +58,7 @@ __all__ = [
     "ImageError",
     "ImageNotFound",
     "IncompatibleCheckpoint",
+    "InsufficientCapacity",
     "IntegrityError",
     "ManifestError",
     "ObjectNotFound",
@@ -271,3 +273,14 @@ class UnsafePath(ForkyardError):
         self.name = name
         self.root = root
         super().__init__(f"unsafe path {name!r}" + (f" (outside {root})" if root else ""))
+
+
+class InsufficientCapacity(ForkyardError):
+    """A worker has no room for another sandbox; nothing was started."""
+
+    def __init__(self, message: str, *, worker: str = "", resource: str = "sandboxes",
+                 limit: int | None = None) -> None:
+        self.worker = worker
+        self.resource = resource
+        self.limit = limit
+        super().__init__(message)
