@@ -91,3 +91,21 @@ def test_a_malformed_exec_reply_is_a_response_format_error(stream, encoding):
 def test_a_reply_without_encoding_fields_is_text():
     r = CommandResult.from_json({"exit_code": 1, "stdout": "hi", "stderr": "", "pid": 3})
     assert (r.stdout_bytes, r.exit_code, r.ok) == (b"hi", 1, False)
+
+
+def _public(cls: type) -> set[str]:
+    return {n for n in dir(cls) if not n.startswith("_")} - {"from_json", "to_json"}
+
+
+def test_the_sdk_results_read_like_the_worker_librarys():
+    # code written against a local Worker sandbox reads a remote one's results alike
+    from forkyard.guest.client import EntryInfo as GuestEntry
+    from forkyard.guest.client import ExecResult
+
+    assert _public(ExecResult) <= _public(CommandResult)
+    assert _public(GuestEntry) <= _public(sdk.EntryInfo)
+    local = ExecResult(2, b"o\xff", b"e", pid=9, signal=None, timed_out=False, truncated=True)
+    remote = CommandResult(2, b"o\xff", b"e", pid=9, signal=None, timed_out=False,
+                           truncated=True)
+    assert {n: getattr(local, n) for n in _public(ExecResult)} == {
+        n: getattr(remote, n) for n in _public(ExecResult)}
