@@ -6,12 +6,15 @@ Worker behind the same app is exercised by tests/integration/test_control_cluste
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
-from fastapi.testclient import TestClient
 
 from forkyard.errors import SandboxNotFound
 from forkyard.guest.client import ExecResult
@@ -89,8 +92,35 @@ class _Worker:
         pass
 
 
-def _client(worker: _Worker, **kw: Any) -> TestClient:
-    return TestClient(create_app(worker, worker_token=TOKEN, **kw))  # type: ignore[arg-type]
+class _Client:
+    """Sync calls into the app in-process (no socket); each call gets its own loop."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://w") as c:
+                return await c.request(method, path, **kw)
+
+        return asyncio.run(go())
+
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("POST", path, **kw)
+
+    def delete(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("DELETE", path, **kw)
+
+
+@contextmanager
+def _client(worker: _Worker, **kw: Any) -> Iterator[_Client]:
+    app = create_app(worker, worker_token=TOKEN, **kw)  # type: ignore[arg-type]
+    yield _Client(app)
+    app.state.daemon.shutdown()  # what the lifespan's end does: no link, nothing to leave
 
 
 @pytest.mark.parametrize(("out", "encoding"), [(b"caf\xc3\xa9\n", "utf-8"),
