@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -167,3 +168,45 @@ def test_every_route_wants_the_worker_token():
         assert c.get("/status").status_code == 401
         assert c.post(f"/sandboxes/{SID}/exec", json={"cmd": "x"},
                       headers={"authorization": "Bearer nope"}).status_code == 401
+
+
+def test_shutdown_keeps_heartbeating_as_full_until_it_leaves(monkeypatch):
+    # A hibernation at shutdown can outlast the control plane's heartbeat timeout:
+    # silence meanwhile would get the worker declared dead and its sandboxes lost.
+    from forkyard.worker.daemon import _link
+
+    sent: list[tuple[float, str, dict[str, Any]]] = []
+
+    def post(self: Any, http: Any, path: str, body: dict[str, Any]) -> httpx.Response:
+        sent.append((time.monotonic(), path, body))
+        return httpx.Response(200, json={"name": "w1", "state": "alive", "destroy": []})
+
+    def leave(url: str, **kw: Any) -> httpx.Response:
+        sent.append((time.monotonic(), url, kw["json"]))
+        return httpx.Response(200, request=httpx.Request("POST", url))
+
+    monkeypatch.setattr(_link.ControlLink, "_post", post)
+    monkeypatch.setattr(_link.httpx, "post", leave)
+    w = _Worker()
+    sb = w.sandboxes[SID] = _Sandbox(SID, ExecResult(0, b"", b""))
+    window: list[float] = []
+
+    def slow_hibernate() -> None:
+        window.append(time.monotonic())
+        time.sleep(1.0)
+        window.append(time.monotonic())
+        raise SandboxNotFound(SID)  # a failed hibernate: destroyed instead
+
+    sb.hibernate = slow_hibernate  # type: ignore[attr-defined]
+    app = create_app(w, worker_token=TOKEN, server_url="http://cp", public_url="http://w:1",
+                     on_shutdown="hibernate", heartbeat_interval=0.1)
+    node = app.state.daemon
+    node.link.start()
+    assert node.link.registered.wait(5)
+    node.shutdown()
+    start, end = window
+    during = [body for t, path, body in sent if start < t < end and path.endswith("/heartbeat")]
+    assert during, "no heartbeat while the sandbox was hibernating"
+    assert all(b["max_sandboxes"] == 0 for b in during)  # placement looks elsewhere
+    assert sent[-1][1].endswith("/internal/workers/w1/leave") and sent[-1][0] > end
+    assert sb.state is SandboxState.DESTROYED

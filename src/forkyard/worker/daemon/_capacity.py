@@ -34,6 +34,11 @@ class Capacity:
         self._lock = threading.Lock()
         self._reserved = 0  # slots promised to requests still booting
 
+    def drain(self) -> None:
+        """Take no more boots (shutting down); reports show the worker as full."""
+        with self._lock:
+            self.limit = 0
+
     def running(self) -> int:
         return sum(1 for sb in self.worker.list() if sb.state in BUSY)
 

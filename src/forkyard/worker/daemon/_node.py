@@ -148,8 +148,15 @@ class Node:
 
     # ------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Leave no VM behind: destroy or hibernate every sandbox, then tell the server."""
-        self.link.stop()
+        """Leave no VM behind: destroy or hibernate every sandbox, then tell the server.
+
+        Heartbeats go on until the sandboxes are settled: a hibernation can take
+        longer than the control plane's heartbeat timeout, and a worker declared
+        dead in the meantime would have its hibernated sandboxes marked lost.
+        They report no free slot, so placement looks elsewhere meanwhile.
+        """
+        self.capacity.drain()
+        self.kick()
         hibernated: list[WorkerCheckpoint] = []
         busy = [sb for sb in self.worker.list() if sb.state in BUSY]
         if self.on_shutdown == "hibernate":
@@ -162,6 +169,7 @@ class Node:
                 with contextlib.suppress(Exception):
                     sb.destroy()
         self.publisher.close()  # publishes in flight finish: they may be needed
+        self.link.stop()
         self.link.leave(WorkerLeaving(
             sandboxes=[sandbox_json(sb) for sb in self.worker.list()], checkpoints=hibernated))
         self.worker.close()
