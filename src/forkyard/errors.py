@@ -38,6 +38,7 @@ only ever need to catch this tree::
     │   └── ObjectNotFound
     ├── IntegrityError             bytes do not match the digest/size they must have
     ├── UnsafePath                 a name from untrusted input would leave its directory
+    ├── InsufficientCapacity       a worker has no room for another sandbox
     ├── FleetError                 the control plane cannot use its workers as asked
     │   ├── WorkerNotFound         no worker by that name
     │   ├── WorkerConflict         a worker's report contradicts the cluster (name, store)
@@ -86,6 +87,7 @@ __all__ = [
     "ImageError",
     "ImageNotFound",
     "IncompatibleCheckpoint",
+    "InsufficientCapacity",
     "IntegrityError",
     "ManifestError",
     "ObjectNotFound",
@@ -399,3 +401,14 @@ class DatabaseError(ForkyardError):
 
 class DatabaseUnavailable(DatabaseError):
     """A transaction failed (connection lost, database locked, ...): retry later."""
+
+
+class InsufficientCapacity(ForkyardError):
+    """A worker has no room for another sandbox; nothing was started."""
+
+    def __init__(self, message: str, *, worker: str = "", resource: str = "sandboxes",
+                 limit: int | None = None) -> None:
+        self.worker = worker
+        self.resource = resource
+        self.limit = limit
+        super().__init__(message)

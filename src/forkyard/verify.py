@@ -14,14 +14,21 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from forkyard.errors import GuestError
-from forkyard.guest.client import ExecResult
 
 __all__ = ["VerifyReport", "verify_files"]
 
 
+class _Output(Protocol):
+    # a local sandbox's ExecResult or the SDK's CommandResult
+    @property
+    def stdout(self) -> str: ...
+    @property
+    def stderr(self) -> str: ...
+
+
 class _Execs(Protocol):
     def exec(self, cmd: str, *, timeout: float | None = ..., stdin: bytes | None = ...
-             ) -> ExecResult: ...
+             ) -> _Output: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from forkyard.errors import GuestError
 from forkyard.guest.client import ExecResult
 from forkyard.image import ImageCatalog
 from forkyard.verify import verify_files
+from forkyard.wire.output import decode_output
 from forkyard.wire.serving import bind
 from tests.conftest import qemu_pids
 from tests.fixtures.postgres import find_bindir, running_postgres
@@ -152,9 +153,9 @@ class RemoteSandbox:
         if resp.status_code == 422 and resp.json()["error"]["type"] == "guest_error":
             raise GuestError("exec", resp.json()["error"]["message"])
         d = self.cluster.ok(resp)
-        return ExecResult(d["exit_code"], base64.b64decode(d["stdout_b64"]),
-                          base64.b64decode(d["stderr_b64"]), pid=d["pid"], signal=d["signal"],
-                          timed_out=d["timed_out"], truncated=d["truncated"])
+        return ExecResult(d["exit_code"], decode_output(d["stdout"], d["stdout_encoding"]),
+                          decode_output(d["stderr"], d["stderr_encoding"]), pid=d["pid"],
+                          signal=d["signal"], timed_out=d["timed_out"], truncated=d["truncated"])
 
 
 def start_daemon(root: Path, name: str, server_url: str, store_url: str,
@@ -293,12 +294,12 @@ def test_sandbox_exec_files_and_destroy(cluster: Cluster) -> None:
     try:
         r = c.run(sid, "echo out; echo err >&2; exit 3")
         assert (r["exit_code"], r["stdout"], r["stderr"]) == (3, "out\n", "err\n")
-        assert base64.b64decode(r["stdout_b64"]) == b"out\n"
+        assert r["stdout_encoding"] == "utf-8" and "stdout_b64" not in r  # sent once
         r = c.run(sid, ["sh", "-c", 'printf "%s|" "$@"', "x", "a b", "c"])
         assert r["stdout"] == "a b|c|"
         r = c.run(sid, "echo $FOO; pwd; cat", env={"FOO": "bar"}, cwd="/srv",
                   stdin_b64=base64.b64encode(b"in\x00put").decode())
-        assert base64.b64decode(r["stdout_b64"]) == b"bar\n/srv\nin\x00put"
+        assert decode_output(r["stdout"], r["stdout_encoding"]) == b"bar\n/srv\nin\x00put"
         # guest errors and timeouts keep their documented shape through the relay
         err = c.error(c.api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": ["/no/such"]}),
                       404, "not_found")

@@ -75,8 +75,10 @@ def test_command_timeout_detail_carries_the_partial_output():
     status, body = error_body(e.CommandTimeout("sleep 30", 1.0, result))
     assert status == 504 and body["error"]["type"] == "timeout"
     detail = body["error"]["detail"]
-    assert detail["stdout"] == "started\n\ufffd" and detail["stderr"] == "warn\n"
-    assert detail["stdout_b64"] == "c3RhcnRlZAr/"
+    # each stream once, exactly: text when it is UTF-8, else base64
+    assert detail["stdout"] == "c3RhcnRlZAr/" and detail["stdout_encoding"] == "base64"
+    assert detail["stderr"] == "warn\n" and detail["stderr_encoding"] == "utf-8"
+    assert "stdout_b64" not in detail and "stderr_b64" not in detail
 
 
 def test_worker_error_bodies_are_relayed_unchanged():

@@ -29,6 +29,7 @@ def _err(status: int, type_: str, detail: object = None, message: str = "msg"
         (400, "bad_request", e.InvalidRequest),
         (401, "unauthorized", e.AuthenticationError),
         (404, "not_found", e.NotFoundError),
+        (405, "method_not_allowed", e.InvalidRequest),
         (409, "conflict", e.ConflictError),
         (409, "integrity", e.IntegrityFailure),
         (409, "incompatible", e.IncompatibleError),
@@ -53,7 +54,7 @@ def test_every_documented_status_maps_to_its_class(status, type_, cls):
 def test_table_rows_are_unique_and_cover_the_api_statuses():
     keys = [(r.status, r.type_) for r in e.ERROR_TABLE]
     assert len(keys) == len(set(keys))
-    documented = {400, 401, 404, 409, 413, 422, 500, 502, 503, 504}  # docs/api.md
+    documented = {400, 401, 404, 405, 409, 413, 422, 500, 502, 503, 504}  # docs/api.md
     assert {s for s, t in keys if t is None} == documented
 
 
@@ -76,14 +77,53 @@ def test_conflict_detail_becomes_attributes():
 
 
 def test_timeout_carries_the_commands_output_exactly():
-    err = _err(504, "timeout", {"kind": "timeout", "timeout": 2.0, "stdout": "part\ufffd",
-                                "stderr": "", "stdout_b64": "cGFydP8=", "stderr_b64": ""})
+    err = _err(504, "timeout", {"kind": "timeout", "timeout": 2.0, "stdout": "cGFydP8=",
+                                "stdout_encoding": "base64", "stderr": "w\u00e4rn",
+                                "stderr_encoding": "utf-8"})
     assert isinstance(err, e.SandboxTimeout)
     assert isinstance(err, TimeoutError)  # `except TimeoutError` catches it too
     assert err.stdout == "part\ufffd"
     assert err.stdout_bytes == b"part\xff"
-    assert err.stderr_bytes == b""
+    assert err.stderr == "w\u00e4rn" and err.stderr_bytes == "w\u00e4rn".encode()
     assert err.timeout == 2.0
+
+
+def test_timeout_detail_from_the_server_table_round_trips():
+    # the server's own detail for a CommandTimeout, read back by the SDK
+    from forkyard.errors import CommandTimeout
+    from forkyard.guest.client import ExecResult
+    from forkyard.wire.errors import error_body
+
+    status, body = error_body(CommandTimeout("yes", 1.0, ExecResult(-9, b"y\n\xfe", b"")))
+    err = _err(status, body["error"]["type"], body["error"]["detail"])
+    assert isinstance(err, e.SandboxTimeout)
+    assert err.stdout_bytes == b"y\n\xfe" and err.stderr_bytes == b"" and err.stderr == ""
+    assert "stdout_b64" not in body["error"]["detail"]  # carried once
+
+
+def test_timeout_without_output_or_with_a_garbled_one():
+    bare = _err(504, "timeout")
+    assert bare.stdout is None and bare.stdout_bytes == b""
+    # an error is being reported: a malformed stream must not hide it behind another error
+    bad = _err(504, "timeout", {"stdout": "not base64!", "stdout_encoding": "base64"})
+    assert bad.stdout_bytes == b"not base64!"
+    odd = _err(504, "timeout", {"stdout": "x", "stdout_encoding": "rot13"})
+    assert odd.stdout == "x"
+
+
+def test_every_error_the_servers_can_emit_has_its_own_row():
+    # the wire table is the servers' side of this one table: each (status, type)
+    # either has an exact row or its status has one; none falls to the 4xx/5xx guess
+    from forkyard.wire.errors import emitted_types
+
+    by_key = {(r.status, r.type_): r.cls for r in e.ERROR_TABLE}
+    emitted = emitted_types()
+    assert (409, "integrity") in emitted and (404, "not_found") in emitted
+    for status, type_ in emitted:
+        assert (status, type_) in by_key or (status, None) in by_key, (status, type_)
+        cls = e.error_class(status, type_)
+        if type_ in ("integrity", "incompatible", "guest_error"):
+            assert by_key.get((status, type_)) is cls, type_  # the specific class, not the base
 
 
 def test_guest_error_detail():

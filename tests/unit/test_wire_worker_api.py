@@ -19,10 +19,10 @@ CP = "c" * 64
 
 
 def _daemon_routes() -> set[tuple[str, str]]:
-    from forkyard.worker import daemon
+    from forkyard.worker.daemon._routes import add_routes
 
     app = FastAPI()
-    daemon._add_routes(app, SimpleNamespace(worker=None))  # type: ignore[arg-type]
+    add_routes(app, SimpleNamespace(worker=None))  # type: ignore[arg-type]
     return {(m, r.path) for r in app.routes if isinstance(r, APIRoute)
             for m in r.methods if m != "HEAD"}
 

@@ -13,7 +13,6 @@ from urllib.parse import quote
 
 import httpx
 
-from forkyard.guest.client import MAX_FILE_SIZE
 from forkyard.sdk._http import Call, json_body, no_body
 from forkyard.sdk.errors import ResponseFormatError, TooLarge
 from forkyard.sdk.models import (
@@ -24,6 +23,7 @@ from forkyard.sdk.models import (
     WorkerInfo,
     entry_from_json,
 )
+from forkyard.wire.limits import MAX_FILE_BYTES
 
 __all__ = [
     "BOOT_TIMEOUT",
@@ -180,10 +180,10 @@ def mkdir_argv(path: str, mode: int) -> list[str]:
 def write_file(sandbox_id: str, path: str, data: bytes, mode: int,
                append: bool) -> Call[int]:
     # Refused here rather than after sending 64 MiB+ that the server will refuse.
-    if len(data) > MAX_FILE_SIZE:
+    if len(data) > MAX_FILE_BYTES:
         raise TooLarge(
-            f"file {path} is {len(data)} bytes, over the limit of {MAX_FILE_SIZE} bytes",
-            status=413, type="too_large", detail={"size": len(data), "limit": MAX_FILE_SIZE},
+            f"file {path} is {len(data)} bytes, over the limit of {MAX_FILE_BYTES} bytes",
+            status=413, type="too_large", detail={"size": len(data), "limit": MAX_FILE_BYTES},
         )
 
     def parse(r: httpx.Response) -> int:

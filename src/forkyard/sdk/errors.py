@@ -16,7 +16,7 @@ never see an ``httpx`` exception::
     ├── ConfigurationError          no URL/token given and no running cluster found
     ├── ResponseFormatError         a 2xx reply that does not match docs/api.md
     └── APIError                    .status .type .message .detail .method .url
-        ├── InvalidRequest          400 bad_request, 422 invalid
+        ├── InvalidRequest          400 bad_request, 405 method_not_allowed, 422 invalid
         │   └── GuestOperationError 422 guest_error (.kind .errno)
         ├── AuthenticationError     401
         ├── NotFoundError           404
@@ -38,7 +38,6 @@ same class the worker library raises, with the result in ``.result``.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from typing import Any, ClassVar
 import httpx
 
 from forkyard.errors import CommandFailed, ForkyardError
+from forkyard.wire.output import decode_output
 
 __all__ = [
     "ERROR_TABLE",
@@ -108,7 +108,7 @@ class APIError(ForkyardError):
 
 
 class InvalidRequest(APIError):
-    """400/422: the request was malformed or failed validation."""
+    """400/405/422: the request was malformed or failed validation."""
 
 
 class GuestOperationError(InvalidRequest):
@@ -179,32 +179,46 @@ class Unavailable(APIError):
 class SandboxTimeout(APIError, TimeoutError):
     """504: a guest command or agent call timed out; or the HTTP answer did not come.
 
-    For a command, ``stdout``/``stderr`` hold what it printed before it was killed.
+    For a command, ``stdout``/``stderr`` hold what it printed before it was killed
+    (``None`` when the reply carried no output), ``stdout_bytes``/``stderr_bytes``
+    the exact bytes.
     """
 
-    detail_fields = ("stdout", "stderr", "timeout")
-    stdout: str | None
-    stderr: str | None
+    detail_fields = ("timeout",)
     timeout: float | None
 
     @property
+    def stdout(self) -> str | None:
+        return self._text("stdout")
+
+    @property
+    def stderr(self) -> str | None:
+        return self._text("stderr")
+
+    @property
     def stdout_bytes(self) -> bytes:
-        return _b64_or_text(self.detail, "stdout")
+        return _stream(self.detail, "stdout")
 
     @property
     def stderr_bytes(self) -> bytes:
-        return _b64_or_text(self.detail, "stderr")
+        return _stream(self.detail, "stderr")
+
+    def _text(self, stream: str) -> str | None:
+        if not isinstance(self.detail.get(stream), str):
+            return None
+        return _stream(self.detail, stream).decode("utf-8", "replace")
 
 
-def _b64_or_text(detail: Mapping[str, Any], stream: str) -> bytes:
-    raw = detail.get(f"{stream}_b64")
-    if isinstance(raw, str):
-        try:
-            return base64.b64decode(raw, validate=True)
-        except ValueError:
-            pass
-    text = detail.get(stream)
-    return text.encode() if isinstance(text, str) else b""
+def _stream(detail: Mapping[str, Any], stream: str) -> bytes:
+    # encoded once, as an exec result's streams are (forkyard.wire.output)
+    value = detail.get(stream)
+    if not isinstance(value, str):
+        return b""
+    try:
+        return decode_output(value, str(detail.get(f"{stream}_encoding", "utf-8")))
+    except ValueError:
+        # an error is being reported: keep what it says rather than fail on it
+        return value.encode("utf-8", "replace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,11 +228,14 @@ class _Row:
     cls: type[APIError]
 
 
-# THE table.  Order does not matter: lookup is exact (status, type) first.
+# THE table.  Order does not matter: lookup is exact (status, type) first.  Its
+# other side is the servers' table (forkyard.wire.errors): a test checks that
+# every (status, type) they can emit has a row here.
 ERROR_TABLE: tuple[_Row, ...] = (
     _Row(400, None, InvalidRequest),
     _Row(401, None, AuthenticationError),
     _Row(404, None, NotFoundError),
+    _Row(405, None, InvalidRequest),
     _Row(409, None, ConflictError),
     _Row(409, "integrity", IntegrityFailure),
     _Row(409, "incompatible", IncompatibleError),

@@ -5,21 +5,25 @@ control plane may add fields), but a missing required key or a value of the
 wrong type raises :class:`~forkyard.sdk.errors.ResponseFormatError`, because a
 reply that does not match the contract is a bug to surface, not to paper over.
 
-:class:`CommandResult` and :class:`EntryInfo` are the worker library's own
-types (``forkyard.worker``), so code written against a local ``Worker`` sandbox
-reads the same results from a remote one.
+:class:`CommandResult` and :class:`EntryInfo` have the attributes of the worker
+library's ``ExecResult`` and ``EntryInfo`` (``forkyard.worker``), so code
+written against a local ``Worker`` sandbox reads the same results from a
+remote one; they are the SDK's own types because the SDK imports no worker or
+guest code.  :class:`SandboxState` is the one lifecycle enum of
+:mod:`forkyard.wire.lifecycle`.
 """
 
 from __future__ import annotations
 
-import base64
 import enum
+import stat as stat_mod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from forkyard.guest.client import EntryInfo, ExecResult
 from forkyard.sdk.errors import ResponseFormatError
+from forkyard.wire.lifecycle import SandboxState
+from forkyard.wire.output import decode_output, encode_output
 
 __all__ = [
     "CheckpointInfo",
@@ -30,23 +34,10 @@ __all__ = [
     "SandboxState",
     "WorkerInfo",
     "entry_from_json",
+    "output_bytes",
 ]
 
 T = TypeVar("T")
-
-
-class SandboxState(enum.StrEnum):
-    """Values of :attr:`SandboxInfo.state` (plain strings compare equal to these)."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    HIBERNATING = "hibernating"
-    HIBERNATED = "hibernated"
-    WAKING = "waking"
-    STOPPED = "stopped"
-    DESTROYED = "destroyed"
-    FAILED = "failed"
-    LOST = "lost"
 
 
 class CheckpointState(enum.StrEnum):
@@ -201,10 +192,30 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class CommandResult(ExecResult):
+class CommandResult:
     """Result of :meth:`Sandbox.exec`: ``exit_code``, ``stdout``/``stderr`` (text),
     ``stdout_bytes``/``stderr_bytes`` (exact), ``pid``, ``signal``, ``timed_out``,
     ``truncated``, ``ok``."""
+
+    exit_code: int
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    pid: int = 0
+    signal: int | None = None
+    timed_out: bool = False
+    truncated: bool = False
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
 
     @classmethod
     def from_json(cls, data: object) -> CommandResult:
@@ -212,8 +223,8 @@ class CommandResult(ExecResult):
         w = "exec result"
         return cls(
             exit_code=_get(d, "exit_code", int, w),
-            stdout_bytes=_bytes(d, "stdout", w),
-            stderr_bytes=_bytes(d, "stderr", w),
+            stdout_bytes=output_bytes(d, "stdout", w),
+            stderr_bytes=output_bytes(d, "stderr", w),
             pid=_opt(d, "pid", int, w) or 0,
             signal=_opt(d, "signal", int, w),
             timed_out=bool(d.get("timed_out", False)),
@@ -221,24 +232,46 @@ class CommandResult(ExecResult):
         )
 
     def to_json(self) -> dict[str, Any]:
+        """The API's ExecResult object (docs/api.md): each stream once, exactly."""
+        out, out_enc = encode_output(self.stdout_bytes)
+        err, err_enc = encode_output(self.stderr_bytes)
         return {
-            "exit_code": self.exit_code, "stdout": self.stdout, "stderr": self.stderr,
-            "stdout_b64": base64.b64encode(self.stdout_bytes).decode(),
-            "stderr_b64": base64.b64encode(self.stderr_bytes).decode(),
-            "pid": self.pid, "signal": self.signal, "timed_out": self.timed_out,
-            "truncated": self.truncated,
+            "exit_code": self.exit_code, "stdout": out, "stdout_encoding": out_enc,
+            "stderr": err, "stderr_encoding": err_enc, "pid": self.pid, "signal": self.signal,
+            "timed_out": self.timed_out, "truncated": self.truncated,
         }
 
 
-def _bytes(d: Mapping[str, Any], stream: str, what: str) -> bytes:
-    # The text field has invalid UTF-8 replaced; the _b64 twin is exact.
-    raw = d.get(f"{stream}_b64")
-    if isinstance(raw, str):
-        try:
-            return base64.b64decode(raw, validate=True)
-        except ValueError as exc:
-            raise ResponseFormatError(f"{what}: {stream}_b64 is not base64") from exc
-    return (_opt(d, stream, str, what) or "").encode()
+def output_bytes(d: Mapping[str, Any], stream: str, what: str) -> bytes:
+    """The exact bytes of ``stream`` in an exec result (or a timeout's detail)."""
+    text = _opt(d, stream, str, what) or ""
+    encoding = _opt(d, f"{stream}_encoding", str, what) or "utf-8"
+    try:
+        return decode_output(text, encoding)
+    except ValueError as exc:
+        raise ResponseFormatError(f"{what}: {stream} ({encoding}): {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    """One guest file or directory (``Files.list`` / ``Files.stat``)."""
+
+    name: str
+    mode: int
+    size: int
+    mtime_ns: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat_mod.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat_mod.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat_mod.S_ISLNK(self.mode)
 
 
 def entry_from_json(data: object) -> EntryInfo:

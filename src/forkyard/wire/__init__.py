@@ -5,9 +5,12 @@
 - :mod:`~forkyard.wire.auth`: bearer-token middleware;
 - :mod:`~forkyard.wire.serving`: listening sockets, ready files, bounded bodies;
 - :mod:`~forkyard.wire.lifecycle`: the one sandbox state enum and its transition table;
-- :mod:`~forkyard.wire.ids`: identifiers.
+- :mod:`~forkyard.wire.ids`: identifiers;
+- :mod:`~forkyard.wire.limits`: limits both ends enforce (the file size);
+- :mod:`~forkyard.wire.output`: how a command's output bytes travel in JSON (once, exactly).
 
 The control plane, the worker daemon and the SDK import this package; it
 imports none of them (nor the VM stack).  This ``__init__`` stays empty so
-that importing one light module (``lifecycle``, ``ids``) loads nothing else.
+that importing one light module (``lifecycle``, ``ids``, ``limits``, ``output``) loads
+nothing else: the SDK imports only those.
 """

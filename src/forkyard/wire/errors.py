@@ -8,7 +8,6 @@ is a bug and becomes ``500 internal``.
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +31,7 @@ from forkyard.errors import (
     GuestFileNotFound,
     ImageNotFound,
     IncompatibleCheckpoint,
+    InsufficientCapacity,
     IntegrityError,
     ManifestError,
     ObjectNotFound,
@@ -50,12 +50,14 @@ from forkyard.errors import (
     WorkerTimeout,
     WorkerUnavailable,
 )
+from forkyard.wire.output import encode_output
 
 __all__ = [
     "ERROR_TYPES",
     "ApiError",
     "WorkerReply",
     "allowed_methods",
+    "emitted_types",
     "error_body",
     "install_error_handlers",
     "status_for",
@@ -111,6 +113,7 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
     (AgentError, 502, "worker_error"),
     (ToolError, 502, "worker_error"),
     (StoreError, 502, "worker_error"),
+    (InsufficientCapacity, 503, "unavailable"),
     (ForkyardError, 500, "internal"),
 )
 
@@ -165,20 +168,19 @@ def status_for(exc: ForkyardError) -> tuple[int, str]:
     raise AssertionError("unreachable: ForkyardError is the last row")  # pragma: no cover
 
 
+def emitted_types() -> frozenset[tuple[int, str]]:
+    """Every ``(status, type)`` an error body of either service can carry (the SDK maps each)."""
+    return frozenset(ERROR_TYPES.items()) | {(status, type_) for _, status, type_ in _TABLE}
+
+
 def _detail(exc: ForkyardError) -> dict[str, Any] | None:
     """Machine-readable facts a client can act on (never host paths or tracebacks)."""
     if isinstance(exc, CommandTimeout):
         result = exc.result
-        out: bytes = getattr(result, "stdout_bytes", b"")
-        err: bytes = getattr(result, "stderr_bytes", b"")
-        return {
-            "kind": exc.kind,
-            "timeout": exc.timeout,
-            "stdout": out.decode("utf-8", "replace"),
-            "stderr": err.decode("utf-8", "replace"),
-            "stdout_b64": base64.b64encode(out).decode(),
-            "stderr_b64": base64.b64encode(err).decode(),
-        }
+        out, out_enc = encode_output(getattr(result, "stdout_bytes", b""))
+        err, err_enc = encode_output(getattr(result, "stderr_bytes", b""))
+        return {"kind": exc.kind, "timeout": exc.timeout, "stdout": out,
+                "stdout_encoding": out_enc, "stderr": err, "stderr_encoding": err_enc}
     if isinstance(exc, GuestError):
         return {"kind": exc.kind, "errno": exc.errno}
     if isinstance(exc, SandboxStateError):

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, f
 
 from forkyard.wire.ids import SANDBOX_ID_RE
 from forkyard.wire.lifecycle import SandboxState
+from forkyard.wire.limits import MAX_FILE_BYTES
+from forkyard.wire.output import OutputEncoding, encode_output
 
 __all__ = [
     "CHECKPOINT_NAME_RE",
@@ -60,7 +62,6 @@ __all__ = [
     "dump",
 ]
 
-MAX_FILE_BYTES = 64 * 1024 * 1024  # same as forkyard.guest.client.MAX_FILE_SIZE
 WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # what a checkpoint manifest accepts as a name (forkyard.checkpoint.manifest)
 CHECKPOINT_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._:+@ -]{0,127}$"
@@ -168,15 +169,28 @@ class WorkerOut(_Reply):
 
 
 class ExecResultOut(_Reply):
+    """A command's result; each output stream is sent once (:mod:`forkyard.wire.output`)."""
+
     exit_code: int
-    stdout: str
+    stdout: str = Field(description="the output as text, or base64 (see stdout_encoding)")
+    stdout_encoding: OutputEncoding = Field(
+        "utf-8", description="utf-8: stdout is the exact text; base64: it was not valid UTF-8"
+    )
     stderr: str
-    stdout_b64: str
-    stderr_b64: str
+    stderr_encoding: OutputEncoding = "utf-8"
     pid: int
     signal: int | None
     timed_out: bool
     truncated: bool
+
+    @classmethod
+    def of(cls, exit_code: int, stdout: bytes, stderr: bytes, *, pid: int,
+           signal: int | None, timed_out: bool, truncated: bool) -> ExecResultOut:
+        out, out_enc = encode_output(stdout)
+        err, err_enc = encode_output(stderr)
+        return cls(exit_code=exit_code, stdout=out, stdout_encoding=out_enc, stderr=err,
+                   stderr_encoding=err_enc, pid=pid, signal=signal, timed_out=timed_out,
+                   truncated=truncated)
 
 
 class EntryOut(_Reply):

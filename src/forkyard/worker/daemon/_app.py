@@ -1,0 +1,124 @@
+"""The daemon's app and process: :func:`create_app` over a Worker, :func:`serve` to run one."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio.to_thread
+import uvicorn
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from forkyard.errors import ImageNotFound
+from forkyard.image import MinimalSource, build_image
+from forkyard.wire.auth import BearerAuth
+from forkyard.wire.errors import install_error_handlers
+from forkyard.wire.models import WORKER_NAME_RE
+from forkyard.wire.serving import bind, setup_logging
+from forkyard.worker import Worker
+from forkyard.worker.daemon._link import HEARTBEAT_INTERVAL
+from forkyard.worker.daemon._node import Node, OnShutdown
+from forkyard.worker.daemon._routes import add_routes
+
+__all__ = ["create_app", "serve"]
+
+log = logging.getLogger("forkyard.worker.daemon")
+
+_THREADS = 256  # sync routes: every exec waiting on a guest holds one
+
+
+def create_app(
+    worker: Worker,
+    *,
+    worker_token: str,
+    server_url: str | None = None,
+    public_url: str | None = None,
+    store_url: str | None = None,
+    max_sandboxes: int = 32,
+    on_shutdown: OnShutdown = "destroy",
+    ready_file: Path | None = None,
+    heartbeat_interval: float = HEARTBEAT_INTERVAL,
+) -> FastAPI:
+    """The daemon's app over ``worker``.
+
+    With ``server_url`` and ``public_url`` (the URL this app is reachable at),
+    its lifespan registers with the control plane and heartbeats; its shutdown
+    destroys or hibernates every sandbox and closes ``worker``.
+    """
+    if not worker_token:
+        raise ValueError("worker_token must not be empty")
+    if on_shutdown not in ("destroy", "hibernate"):
+        raise ValueError(f"on_shutdown must be 'destroy' or 'hibernate', not {on_shutdown!r}")
+    if not WORKER_NAME_RE.match(worker.name):
+        raise ValueError(f"bad worker name {worker.name!r} (letters, digits, '._-', ≤ 64)")
+    node = Node(worker, worker_token=worker_token, server_url=server_url,
+                public_url=public_url, store_url=store_url, max_sandboxes=max_sandboxes,
+                on_shutdown=on_shutdown, ready_file=ready_file,
+                heartbeat_interval=heartbeat_interval)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = _THREADS
+        node.link.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(node.shutdown)
+
+    app = FastAPI(title=f"forkyard worker {worker.name}", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.daemon = node
+    install_error_handlers(app)
+    app.add_middleware(BearerAuth, token_for=lambda _path: worker_token)
+    add_routes(app, node)
+    return app
+
+
+def serve(
+    home: Path,
+    *,
+    name: str,
+    server_url: str,
+    worker_token: str,
+    store_url: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    stock_base: bool = False,
+    max_sandboxes: int = 32,
+    on_shutdown: str = "destroy",
+    ready_file: Path | None = None,
+) -> None:
+    """Run a worker daemon until SIGINT/SIGTERM.
+
+    Once registered with the control plane at ``server_url``, writes
+    ``{"url": ..., "name": ...}`` to ``ready_file``.  ``stock_base`` builds
+    this worker's own non-reproducible ``minimal`` image first (unless the home
+    has one), as a fleet whose workers built their bases separately would.
+    """
+    setup_logging()
+    if on_shutdown not in ("destroy", "hibernate"):
+        raise ValueError(f"on_shutdown must be 'destroy' or 'hibernate', not {on_shutdown!r}")
+    policy: OnShutdown = "hibernate" if on_shutdown == "hibernate" else "destroy"
+    worker = Worker(Path(home).expanduser(), name=name, store=store_url,
+                    log=lambda m: log.info("%s", m))
+    try:
+        if stock_base:
+            try:
+                worker.images.get("minimal")
+            except ImageNotFound:
+                info = build_image(worker.home, MinimalSource(), name="minimal", stock=True)
+                log.info("built stock base minimal sha256:%s", info.digest[:12])
+        sock, url = bind(host, port)
+        app = create_app(worker, worker_token=worker_token, server_url=server_url,
+                         public_url=url, store_url=store_url, max_sandboxes=max_sandboxes,
+                         on_shutdown=policy, ready_file=ready_file)
+        log.info("worker %s (pid %d) listening on %s", name, os.getpid(), url)
+        config = uvicorn.Config(app, log_level="info", access_log=False,
+                                timeout_graceful_shutdown=30, lifespan="on")
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        worker.close()  # normally done by the app's shutdown; this is the backstop

@@ -1,0 +1,132 @@
+"""The worker's link to the control plane: register, heartbeat, leave.
+
+It registers at start (retrying until the control plane answers), then
+reports every ``interval`` seconds, or at once when kicked: a change the
+control plane should see without delay.  The reply names sandboxes the
+cluster no longer knows, handed to ``on_orphans``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from forkyard.wire.models import HeartbeatReply, WorkerLeaving, WorkerReport
+from forkyard.wire.serving import write_ready_file
+
+__all__ = ["HEARTBEAT_INTERVAL", "ControlLink"]
+
+log = logging.getLogger("forkyard.worker.daemon")
+
+HEARTBEAT_INTERVAL = 2.0
+_LEAVE_TIMEOUT = 10.0
+_MIN_REPORT_GAP = 0.2
+
+
+class ControlLink:
+    """One background thread reporting to ``server_url``; inert when it is ``None``."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        token: str,
+        server_url: str | None,
+        public_url: str | None,
+        interval: float,
+        ready_file: Path | None,
+        report: Callable[[], WorkerReport],
+        on_orphans: Callable[[list[str]], None],
+    ) -> None:
+        self.name = name
+        self.token = token
+        self.server_url = server_url.rstrip("/") if server_url else None
+        self.public_url = public_url
+        self.interval = interval
+        self.ready_file = ready_file
+        self._report = report
+        self._on_orphans = on_orphans
+        self._stop = threading.Event()
+        self._kick = threading.Event()  # report now instead of at the next tick
+        self._thread: threading.Thread | None = None
+        self.registered = threading.Event()
+
+    def kick(self) -> None:
+        """Send a report now: the control plane should see this change without delay."""
+        self._kick.set()
+
+    def start(self) -> None:
+        if self.server_url is None or self.public_url is None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._kick.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15.0)
+
+    def _post(self, http: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Response:
+        return http.post(path, json=body, timeout=httpx.Timeout(10.0, connect=3.0))
+
+    def _loop(self) -> None:
+        assert self.server_url is not None
+        headers = {"authorization": f"Bearer {self.token}"}
+        backoff = 0.2
+        registered = False
+        complained = 0.0
+        with httpx.Client(base_url=self.server_url, headers=headers) as http:
+            while not self._stop.is_set():
+                path = ("/internal/workers/register" if not registered
+                        else f"/internal/workers/{self.name}/heartbeat")
+                self._kick.clear()  # before the report: a change made during it kicks again
+                try:
+                    resp = self._post(http, path, self._report().model_dump(mode="json"))
+                    if resp.status_code == 404 and registered:
+                        registered = False  # the control plane forgot us: start over
+                        continue
+                    if resp.status_code >= 400:
+                        raise RuntimeError(f"{resp.status_code}: {resp.text[:300]}")
+                    reply = HeartbeatReply.model_validate(resp.json())
+                    if not registered:
+                        registered = True
+                        log.info("registered with %s as %s", self.server_url, self.name)
+                        self._on_registered()
+                    backoff = 0.2
+                    self._on_orphans(reply.destroy)
+                    wait = self.interval
+                except Exception as exc:
+                    now = time.monotonic()
+                    if now - complained > 10.0:  # a down server is not worth a log flood
+                        log.warning("%s %s failed: %s", "heartbeat" if registered
+                                    else "registration", self.server_url, exc)
+                        complained = now
+                    wait = backoff
+                    backoff = min(backoff * 2, self.interval)
+                sent = time.monotonic()
+                self._kick.wait(wait)
+                # a burst of changes (fork count=32) makes one report, not 32
+                self._stop.wait(max(0.0, _MIN_REPORT_GAP - (time.monotonic() - sent)))
+
+    def _on_registered(self) -> None:
+        if self.ready_file is not None and not self.registered.is_set():
+            write_ready_file(self.ready_file, {"url": self.public_url, "name": self.name})
+        self.registered.set()
+
+    def leave(self, body: WorkerLeaving) -> None:
+        """Tell the control plane what became of our sandboxes (if it ever knew us)."""
+        if self.server_url is None or not self.registered.is_set():
+            return
+        try:
+            httpx.post(f"{self.server_url}/internal/workers/{self.name}/leave",
+                       json=body.model_dump(mode="json"), timeout=_LEAVE_TIMEOUT,
+                       headers={"authorization": f"Bearer {self.token}"}).raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("could not tell the control plane we are leaving: %s", exc)
