@@ -1,9 +1,12 @@
-"""The ``forkyard`` command: one typer app, one place where errors become exit codes."""
+"""The ``forkyard`` typer app, and the one place where its errors become exit codes.
+
+``forkyard.cli.main`` runs the hot commands without it (see ``_fast``) and
+hands everything else to this app.
+"""
 
 from __future__ import annotations
 
 import os
-import traceback
 from typing import Annotated, Any
 
 import typer
@@ -11,7 +14,7 @@ from typer.core import TyperGroup
 
 from forkyard import __version__
 from forkyard.cli import _admin, _checkpoints, _cluster, _demo, _sandboxes
-from forkyard.cli._output import err_console, error_line
+from forkyard.cli._output import report_error
 from forkyard.errors import ForkyardError
 
 __all__ = ["app", "main"]
@@ -30,16 +33,8 @@ class _Group(TyperGroup):
         except (ForkyardError, OSError) as exc:
             if isinstance(exc, BrokenPipeError):
                 raise  # `forkyard ls | head`: click exits quietly on EPIPE
-            if _debug(ctx):
-                traceback.print_exc()
-            err_console().print(f"[red]error:[/red] {_escape(error_line(exc))}")
+            report_error(exc, debug=_debug(ctx))
             raise typer.Exit(1) from None
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 def _debug(ctx: Any) -> bool:
@@ -82,5 +77,5 @@ _demo.register(app)
 
 
 def main() -> None:
-    """Console-script entry point (``forkyard = "forkyard.cli:main"``)."""
+    """The full app alone, without the fast path of ``forkyard.cli.main``."""
     app(prog_name="forkyard")

@@ -1,17 +1,23 @@
-"""Sandbox commands: create, ls, exec, files, checkpoint(s), fork, hibernate, wake, rm."""
+"""Sandbox commands: create, ls, exec, files, checkpoint(s), fork, hibernate, wake, rm.
+
+The SDK is imported inside each command (the names from the same SDK modules
+as always), so building the typer app for ``--help`` does not import httpx.
+``ls`` and ``exec`` run their bodies from :mod:`forkyard.cli._hot`, which the
+fast dispatcher shares.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from forkyard.cli._hot import parse_env, run_exec, run_ls
 from forkyard.cli._options import HomeOpt, JsonOpt, TokenOpt, UrlOpt, connect, interactive
 from forkyard.cli._output import (
     console,
-    err_console,
     human_bytes,
     print_json,
     short,
@@ -19,37 +25,15 @@ from forkyard.cli._output import (
     transfer_progress,
     when,
 )
-from forkyard.sdk import _ops
-from forkyard.sdk._common import (
-    CHECKPOINT_TIMEOUT,
-    HIBERNATE_TIMEOUT,
-    WAKE_TIMEOUT,
-    fork_timeout,
-)
-from forkyard.sdk.errors import SandboxTimeout
-from forkyard.sdk.models import CheckpointInfo, SandboxInfo
+
+if TYPE_CHECKING:
+    from forkyard.sdk.models import CheckpointInfo, SandboxInfo
 
 __all__ = ["files_app", "register"]
 
 files_app = typer.Typer(help="Copy files into and out of a sandbox.", no_args_is_help=True)
 
 IdArg = Annotated[str, typer.Argument(help="Sandbox id.", show_default=False)]
-
-
-def _sandbox_table(infos: list[SandboxInfo]) -> None:
-    t = table("id", "state", "worker", "image", "memory", "cpus", "created", "parent")
-    for s in infos:
-        state = s.state if s.error is None else f"{s.state} ({s.error})"
-        t.add_row(s.id, state, s.worker or "-", short(s.image), f"{s.memory_mb or '-'} MiB",
-                  str(s.cpus or "-"), when(s.created), short(s.parent_checkpoint))
-    console().print(t)
-
-
-def _print_sandboxes(infos: list[SandboxInfo], json_: bool) -> None:
-    if json_:
-        print_json([s.to_json() for s in infos])
-    else:
-        _sandbox_table(infos)
 
 
 def _print_sandbox(info: SandboxInfo, json_: bool) -> None:
@@ -77,6 +61,8 @@ def create(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Boot a new sandbox; prints its id."""
+    from forkyard.sdk import _ops
+
     http = connect(home, url, token)
     info = http.call(_ops.create(image, worker, memory, cpus, _ops.BOOT_TIMEOUT))
     if json_:
@@ -88,7 +74,7 @@ def create(
 def ls(home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
        json_: JsonOpt = False) -> None:
     """List sandboxes (all but destroyed)."""
-    _print_sandboxes(connect(home, url, token).call(_ops.list_sandboxes()), json_)
+    run_ls(connect(home, url, token), json_)
 
 
 def exec_(
@@ -109,40 +95,14 @@ def exec_(
     Output is passed through byte for byte; the exit status is the command's
     (128+N if a signal N killed it, 124 if it timed out).
     """
-    env_map: dict[str, str] = {}
-    for item in env or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--env")
-        env_map[key] = value
-    command: str | list[str] = cmd[0] if len(cmd) == 1 else cmd
-    data = sys.stdin.buffer.read() if stdin else None
-    http = connect(home, url, token)
-    call = _ops.exec_(sandbox_id, command, env=env_map, cwd=cwd, timeout=timeout or None,
-                      stdin=data, background=background)
     try:
-        result = http.call(call)
-    except SandboxTimeout as exc:
-        if exc.status != 504:
-            raise
-        sys.stdout.buffer.write(exc.stdout_bytes)
-        sys.stdout.flush()
-        sys.stderr.buffer.write(exc.stderr_bytes)
-        sys.stderr.flush()
-        err_console().print(f"[red]error:[/red] timed out after {timeout:g}s", markup=True)
-        raise typer.Exit(124) from None
-    if json_:
-        print_json(result.to_json())
-    elif background:
-        console().print(str(result.pid))
-    else:
-        sys.stdout.buffer.write(result.stdout_bytes)
-        sys.stdout.flush()
-        sys.stderr.buffer.write(result.stderr_bytes)
-        sys.stderr.flush()
-    code = 128 + result.signal if result.signal else result.exit_code
+        env_map = parse_env(env)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--env") from None
+    code = run_exec(lambda: connect(home, url, token), sandbox_id, cmd, env=env_map, cwd=cwd,
+                    timeout=timeout, stdin=stdin, background=background, json_=json_)
     if code:
-        raise typer.Exit(code & 0xFF or 1)
+        raise typer.Exit(code)
 
 
 @files_app.command("put")
@@ -154,6 +114,8 @@ def files_put(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
 ) -> None:
     """Copy a local file into the sandbox."""
+    from forkyard.sdk import _ops
+
     try:
         file_mode = int(mode, 8)
     except ValueError:
@@ -172,6 +134,8 @@ def files_get(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
 ) -> None:
     """Copy a file out of the sandbox."""
+    from forkyard.sdk import _ops
+
     http = connect(home, url, token)
     with transfer_progress(f"get {src}", enabled=interactive() and dst != "-") as progress:
         data = http.download(_ops.read_file(sandbox_id, src), progress)
@@ -195,6 +159,8 @@ def checkpoint(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Checkpoint a running sandbox (it keeps running); prints the checkpoint id."""
+    from forkyard.sdk import _ops
+    from forkyard.sdk._common import CHECKPOINT_TIMEOUT
     from forkyard.sdk._sync import Checkpoint
 
     http = connect(home, url, token)
@@ -210,6 +176,8 @@ def checkpoint(
 def checkpoints(home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
                 json_: JsonOpt = False) -> None:
     """List checkpoints."""
+    from forkyard.sdk import _ops
+
     infos = connect(home, url, token).call(_ops.list_checkpoints())
     if json_:
         print_json([c.to_json() for c in infos])
@@ -224,6 +192,9 @@ def fork(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """New sandboxes that continue from a checkpoint; prints their ids."""
+    from forkyard.sdk import _ops
+    from forkyard.sdk._common import fork_timeout
+
     http = connect(home, url, token)
     infos = http.call(_ops.fork(checkpoint_id, count, worker, fork_timeout(count, None)))
     if json_:
@@ -240,6 +211,9 @@ def hibernate(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Checkpoint, publish and stop a sandbox; `wake` continues it on any worker."""
+    from forkyard.sdk import _ops
+    from forkyard.sdk._common import HIBERNATE_TIMEOUT
+
     http = connect(home, url, token)
     _print_sandbox(http.call(_ops.hibernate(sandbox_id, not no_wait, HIBERNATE_TIMEOUT)), json_)
 
@@ -250,6 +224,9 @@ def wake(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Resume a hibernated sandbox (same id), optionally on another worker."""
+    from forkyard.sdk import _ops
+    from forkyard.sdk._common import WAKE_TIMEOUT
+
     http = connect(home, url, token)
     _print_sandbox(http.call(_ops.wake(sandbox_id, worker, WAKE_TIMEOUT)), json_)
 
@@ -259,6 +236,8 @@ def rm(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
 ) -> None:
     """Destroy sandboxes."""
+    from forkyard.sdk import _ops
+
     http = connect(home, url, token)
     for sid in sandbox_ids:
         http.call(_ops.kill(sid))
