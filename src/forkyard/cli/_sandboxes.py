@@ -1,16 +1,14 @@
 """Sandbox commands: create, ls, exec, files, checkpoint(s), fork, hibernate, wake, rm.
 
-The SDK is imported inside each command (the names from the same SDK modules
-as always), so building the typer app for ``--help`` does not import httpx.
 ``ls`` and ``exec`` run their bodies from :mod:`forkyard.cli._hot`, which the
-fast dispatcher shares.
+fast path of ``forkyard.cli.main`` runs too.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -25,9 +23,14 @@ from forkyard.cli._output import (
     transfer_progress,
     when,
 )
-
-if TYPE_CHECKING:
-    from forkyard.sdk.models import CheckpointInfo, SandboxInfo
+from forkyard.sdk import _ops
+from forkyard.sdk._common import (
+    CHECKPOINT_TIMEOUT,
+    HIBERNATE_TIMEOUT,
+    WAKE_TIMEOUT,
+    fork_timeout,
+)
+from forkyard.sdk.models import CheckpointInfo, SandboxInfo
 
 __all__ = ["files_app", "register"]
 
@@ -61,8 +64,6 @@ def create(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Boot a new sandbox; prints its id."""
-    from forkyard.sdk import _ops
-
     http = connect(home, url, token)
     info = http.call(_ops.create(image, worker, memory, cpus, _ops.BOOT_TIMEOUT))
     if json_:
@@ -114,8 +115,6 @@ def files_put(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
 ) -> None:
     """Copy a local file into the sandbox."""
-    from forkyard.sdk import _ops
-
     try:
         file_mode = int(mode, 8)
     except ValueError:
@@ -134,8 +133,6 @@ def files_get(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
 ) -> None:
     """Copy a file out of the sandbox."""
-    from forkyard.sdk import _ops
-
     http = connect(home, url, token)
     with transfer_progress(f"get {src}", enabled=interactive() and dst != "-") as progress:
         data = http.download(_ops.read_file(sandbox_id, src), progress)
@@ -159,8 +156,6 @@ def checkpoint(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Checkpoint a running sandbox (it keeps running); prints the checkpoint id."""
-    from forkyard.sdk import _ops
-    from forkyard.sdk._common import CHECKPOINT_TIMEOUT
     from forkyard.sdk._sync import Checkpoint
 
     http = connect(home, url, token)
@@ -176,8 +171,6 @@ def checkpoint(
 def checkpoints(home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
                 json_: JsonOpt = False) -> None:
     """List checkpoints."""
-    from forkyard.sdk import _ops
-
     infos = connect(home, url, token).call(_ops.list_checkpoints())
     if json_:
         print_json([c.to_json() for c in infos])
@@ -192,9 +185,6 @@ def fork(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """New sandboxes that continue from a checkpoint; prints their ids."""
-    from forkyard.sdk import _ops
-    from forkyard.sdk._common import fork_timeout
-
     http = connect(home, url, token)
     infos = http.call(_ops.fork(checkpoint_id, count, worker, fork_timeout(count, None)))
     if json_:
@@ -211,9 +201,6 @@ def hibernate(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Checkpoint, publish and stop a sandbox; `wake` continues it on any worker."""
-    from forkyard.sdk import _ops
-    from forkyard.sdk._common import HIBERNATE_TIMEOUT
-
     http = connect(home, url, token)
     _print_sandbox(http.call(_ops.hibernate(sandbox_id, not no_wait, HIBERNATE_TIMEOUT)), json_)
 
@@ -224,9 +211,6 @@ def wake(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Resume a hibernated sandbox (same id), optionally on another worker."""
-    from forkyard.sdk import _ops
-    from forkyard.sdk._common import WAKE_TIMEOUT
-
     http = connect(home, url, token)
     _print_sandbox(http.call(_ops.wake(sandbox_id, worker, WAKE_TIMEOUT)), json_)
 
@@ -236,8 +220,6 @@ def rm(
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
 ) -> None:
     """Destroy sandboxes."""
-    from forkyard.sdk import _ops
-
     http = connect(home, url, token)
     for sid in sandbox_ids:
         http.call(_ops.kill(sid))
