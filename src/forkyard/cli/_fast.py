@@ -15,11 +15,10 @@ exit 1; ``--debug`` adds the traceback; Ctrl-C is ``Aborted!``, exit 1).
 
 from __future__ import annotations
 
-# Only what the interpreter has loaded anyway: typing, dataclasses and pathlib
-# each cost ~10 ms here, a tenth of the budget of `forkyard --version`.
+# Only what the interpreter has loaded anyway: typing, dataclasses, pathlib,
+# even collections, cost ~1-10 ms each here, all part of `--version`'s budget.
 import os
 import sys
-from collections.abc import Callable, Mapping
 
 __all__ = ["Plan", "main", "plan"]
 
@@ -55,7 +54,7 @@ class Plan:
         return f"Plan({self.command!r}, debug={self.debug}, {self.options}, {self.args})"
 
 
-def _parse(args: list[str], values: Mapping[str, str], flags: Mapping[str, str]
+def _parse(args: list[str], values: dict[str, str], flags: dict[str, str]
            ) -> tuple[dict[str, object], list[str]]:
     """Options and positionals, interspersed as click allows, ``--`` ending options."""
     opts: dict[str, object] = {}
@@ -138,7 +137,7 @@ def _str(opts: dict[str, object], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _runner(p: Plan) -> Callable[[], int]:
+def _execute(p: Plan) -> int:
     from pathlib import Path
 
     from forkyard.cli import _hot
@@ -152,23 +151,16 @@ def _runner(p: Plan) -> Callable[[], int]:
     url, token = _str(opts, "url"), _str(opts, "token")
     json_ = bool(opts.get("json_"))
     if p.command == "ls":
-        def ls() -> int:
-            _hot.run_ls(_hot.connect(home_path, url, token), json_)
-            return 0
-
-        return ls
+        _hot.run_ls(_hot.connect(home_path, url, token), json_)
+        return 0
     env = opts.get("env")
     timeout = opts.get("timeout", 60.0)
     assert isinstance(timeout, float)
-
-    def exec_() -> int:
-        return _hot.run_exec(
-            lambda: _hot.connect(home_path, url, token), p.args[0], p.args[1:],
-            env=_hot.parse_env(env if isinstance(env, list) else None), cwd=_str(opts, "cwd"),
-            timeout=timeout, stdin=bool(opts.get("stdin")),
-            background=bool(opts.get("background")), json_=json_)
-
-    return exec_
+    return _hot.run_exec(
+        lambda: _hot.connect(home_path, url, token), p.args[0], p.args[1:],
+        env=_hot.parse_env(env if isinstance(env, list) else None), cwd=_str(opts, "cwd"),
+        timeout=timeout, stdin=bool(opts.get("stdin")),
+        background=bool(opts.get("background")), json_=json_)
 
 
 def _quiet_stdout() -> None:
@@ -186,7 +178,7 @@ def _run(p: Plan) -> int:
 
     debug = p.debug or os.environ.get("FORKYARD_DEBUG") == "1"
     try:
-        return _runner(p)()
+        return _execute(p)
     except BrokenPipeError:
         _quiet_stdout()
         return 1
