@@ -259,3 +259,14 @@ def test_a_rejected_option_gets_the_typer_apps_usage_error(monkeypatch, capsysbi
                                   ["exec", "-e", "NOEQUALS", "sb-1", "--", "true"])
     assert code == 2 and out == b""
     assert b"'NOEQUALS' is not KEY=VALUE" in err and b"Usage: forkyard exec" in err
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, EOFError, BrokenPipeError])
+def test_interrupts_end_as_in_the_typer_app(both, monkeypatch, capsysbinary, interrupt):
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise interrupt
+
+    monkeypatch.setattr(_hot, "run_ls", interrupted)
+    monkeypatch.setattr(_sandboxes, "run_ls", interrupted)
+    code, out, _ = _same(monkeypatch, capsysbinary, ["ls"])
+    assert code == (130 if interrupt is KeyboardInterrupt else 1) and out == b""

@@ -10,7 +10,7 @@ typer app, which then prints exactly the usage, help or error it always did:
 the fast path never prints a usage error of its own.
 
 Errors of the fast path are reported as the app reports them (one red line,
-exit 1; ``--debug`` adds the traceback; Ctrl-C is ``Aborted!``, exit 1).
+exit 1; ``--debug`` adds the traceback; Ctrl-C exits 130, as typer does).
 """
 
 from __future__ import annotations
@@ -187,8 +187,13 @@ def _run(p: Plan) -> int:
 
         report_error(exc, debug=debug)
         return 1
-    except (KeyboardInterrupt, EOFError):
-        sys.stderr.write("\nAborted!\n")
+    except KeyboardInterrupt:
+        return 130  # typer's answer to Ctrl-C: no message
+    except EOFError:
+        from forkyard.cli._output import err_console
+
+        sys.stderr.write("\n")
+        err_console().print("Aborted.", style="red")  # as typer's rich_abort_error
         return 1
 
 
