@@ -126,10 +126,10 @@ def test_plain_forms_take_the_fast_path(monkeypatch, argv, command, options, arg
 
 def test_home_comes_from_the_environment_only_when_set_and_not_empty(monkeypatch):
     monkeypatch.setenv("FORKYARD_HOME", "")
-    assert _fast.plan(["ls"]).options == {}  # type: ignore[union-attr]
+    assert _fast.plan(["ls"]).options == {}
     monkeypatch.setenv("FORKYARD_HOME", "/e")
-    assert _fast.plan(["ls"]).options == {"home": "/e"}  # type: ignore[union-attr]
-    assert _fast.plan(["ls", "--home", "/a"]).options == {"home": "/a"}  # type: ignore[union-attr]
+    assert _fast.plan(["ls"]).options == {"home": "/e"}
+    assert _fast.plan(["ls", "--home", "/a"]).options == {"home": "/a"}
 
 
 @pytest.mark.parametrize("argv", [
@@ -270,3 +270,23 @@ def test_interrupts_end_as_in_the_typer_app(both, monkeypatch, capsysbinary, int
     monkeypatch.setattr(_sandboxes, "run_ls", interrupted)
     code, out, _ = _same(monkeypatch, capsysbinary, ["ls"])
     assert code == (130 if interrupt is KeyboardInterrupt else 1) and out == b""
+
+
+def test_the_fast_path_knows_options_only_as_the_typer_commands_declare_them():
+    from typer.main import get_command
+
+    group = get_command(app)
+    assert sorted(o for p in group.params for o in p.opts) == ["--debug", "--version"]
+    for name, values, flags in (("ls", _fast._LS_VALUES, _fast._LS_FLAGS),
+                                ("exec", _fast._EXEC_VALUES, _fast._EXEC_FLAGS)):
+        declared = {o: p for p in group.commands[name].params for o in p.opts}
+        for opt, key in {**values, **flags}.items():
+            param = declared[opt]
+            assert param.name == key, opt
+            assert bool(getattr(param, "is_flag", False)) == (opt in flags), opt
+            assert param.multiple == (key in _fast._MULTIPLE), opt
+        assert declared["--home"].envvar == "FORKYARD_HOME"  # _fast reads it by name
+    exec_params = {p.name: p for p in group.commands["exec"].params}
+    assert exec_params["timeout"].default == _hot.EXEC_TIMEOUT
+    assert [(p.name, p.nargs, p.required) for p in exec_params.values()
+            if not p.opts[0].startswith("-")] == [("sandbox_id", 1, True), ("cmd", -1, True)]

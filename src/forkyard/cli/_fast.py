@@ -4,7 +4,7 @@ Importing typer (with its vendored click) and rich, and building the app with
 every command, takes longer than the ``ls`` or ``exec`` an agent runs dozens
 of times.  So :func:`main` first tries to read the arguments itself, for the
 plain forms of those commands only, parsed as click would parse them.  Anything
-else (``--help``, any other command, an unknown, repeated-short or malformed
+else (``--help``, any other command, an unknown, combined-short or malformed
 option, a missing argument, a value that needs checking) goes to the full
 typer app, which then prints exactly the usage, help or error it always did:
 the fast path never prints a usage error of its own.
@@ -154,7 +154,7 @@ def _execute(p: Plan) -> int:
         _hot.run_ls(_hot.connect(home_path, url, token), json_)
         return 0
     env = opts.get("env")
-    timeout = opts.get("timeout", 60.0)
+    timeout = opts.get("timeout", _hot.EXEC_TIMEOUT)
     assert isinstance(timeout, float)
     return _hot.run_exec(
         lambda: _hot.connect(home_path, url, token), p.args[0], p.args[1:],

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from forkyard.sdk._http import SyncHTTP
     from forkyard.sdk.models import SandboxInfo
 
-__all__ = ["connect", "parse_env", "print_sandboxes", "run_exec", "run_ls"]
+__all__ = ["EXEC_TIMEOUT", "connect", "parse_env", "print_sandboxes", "run_exec", "run_ls"]
+
+EXEC_TIMEOUT = 60.0  # seconds, `exec --timeout`'s default on both paths
 
 
 def connect(home: Path | None, url: str | None, token: str | None) -> SyncHTTP:

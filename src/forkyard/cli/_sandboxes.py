@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from forkyard.cli._hot import parse_env, run_exec, run_ls
+from forkyard.cli._hot import EXEC_TIMEOUT, parse_env, run_exec, run_ls
 from forkyard.cli._options import HomeOpt, JsonOpt, TokenOpt, UrlOpt, connect, interactive
 from forkyard.cli._output import (
     console,
@@ -84,7 +84,8 @@ def exec_(
         help="One argument runs under /bin/sh -c; several are an argv.", show_default=False)],
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
     cwd: Annotated[str | None, typer.Option("--cwd")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds; 0 = none.")] = 60.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds; 0 = none.")]
+    = EXEC_TIMEOUT,
     stdin: Annotated[bool, typer.Option("--stdin", help="Send this process's stdin.")]
     = False,
     background: Annotated[bool, typer.Option("--background", "-d",
