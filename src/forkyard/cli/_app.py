@@ -17,7 +17,7 @@ from forkyard.cli import _admin, _checkpoints, _cluster, _demo, _sandboxes
 from forkyard.cli._output import report_error
 from forkyard.errors import ForkyardError
 
-__all__ = ["app", "main"]
+__all__ = ["app"]
 
 
 class _Group(TyperGroup):
@@ -74,8 +74,3 @@ _sandboxes.register(app)
 _checkpoints.register(app)
 _admin.register(app)
 _demo.register(app)
-
-
-def main() -> None:
-    """The full app alone, without the fast path of ``forkyard.cli.main``."""
-    app(prog_name="forkyard")

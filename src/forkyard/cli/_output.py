@@ -1,8 +1,8 @@
 """Printing for the CLI: JSON for scripts, rich tables for people, errors on stderr.
 
-rich is imported inside each function, never at module level: the hot commands
-(``ls``, ``exec``) import this module before their network call and must not
-pay rich's import time until they print something rich renders.
+rich is imported inside the functions that render with it, never at module
+level: ``ls --json`` and a plain ``exec`` never import it, and ``ls`` only
+once its answer is there to print.
 """
 
 from __future__ import annotations
