@@ -1,5 +1,5 @@
 """``python -m forkyard.cli``: how `forkyard up` starts its processes with this interpreter."""
 
-from forkyard.cli._app import main
+from forkyard.cli import main
 
 main()

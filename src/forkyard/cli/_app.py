@@ -1,9 +1,12 @@
-"""The ``forkyard`` command: one typer app, one place where errors become exit codes."""
+"""The ``forkyard`` typer app, and the one place where its errors become exit codes.
+
+``forkyard.cli.main`` runs the hot commands without it (see ``_fast``) and
+hands everything else to this app.
+"""
 
 from __future__ import annotations
 
 import os
-import traceback
 from typing import Annotated, Any
 
 import typer
@@ -11,10 +14,10 @@ from typer.core import TyperGroup
 
 from forkyard import __version__
 from forkyard.cli import _admin, _checkpoints, _cluster, _demo, _sandboxes
-from forkyard.cli._output import err_console, error_line
+from forkyard.cli._output import report_error
 from forkyard.errors import ForkyardError
 
-__all__ = ["app", "main"]
+__all__ = ["app"]
 
 
 class _Group(TyperGroup):
@@ -30,16 +33,8 @@ class _Group(TyperGroup):
         except (ForkyardError, OSError) as exc:
             if isinstance(exc, BrokenPipeError):
                 raise  # `forkyard ls | head`: click exits quietly on EPIPE
-            if _debug(ctx):
-                traceback.print_exc()
-            err_console().print(f"[red]error:[/red] {_escape(error_line(exc))}")
+            report_error(exc, debug=_debug(ctx))
             raise typer.Exit(1) from None
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 def _debug(ctx: Any) -> bool:
@@ -79,8 +74,3 @@ _sandboxes.register(app)
 _checkpoints.register(app)
 _admin.register(app)
 _demo.register(app)
-
-
-def main() -> None:
-    """Console-script entry point (``forkyard = "forkyard.cli:main"``)."""
-    app(prog_name="forkyard")

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from forkyard.sdk._http import SyncHTTP
-from forkyard.sdk.config import ENV_TOKEN, ENV_URL, ConnectionConfig, resolve_home
+from forkyard.cli._hot import connect
+from forkyard.sdk.config import ENV_TOKEN, ENV_URL, resolve_home
 
 __all__ = ["HomeOpt", "JsonOpt", "TokenOpt", "UrlOpt", "connect", "home_dir", "interactive"]
 
@@ -38,10 +38,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 def home_dir(home: Path | None) -> Path:
     return resolve_home(home)
-
-
-def connect(home: Path | None, url: str | None, token: str | None) -> SyncHTTP:
-    return SyncHTTP(ConnectionConfig.resolve(url=url, token=token, home=home))
 
 
 def interactive() -> bool:

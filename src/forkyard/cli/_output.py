@@ -1,4 +1,9 @@
-"""Printing for the CLI: JSON for scripts, rich tables for people, errors on stderr."""
+"""Printing for the CLI: JSON for scripts, rich tables for people, errors on stderr.
+
+rich is imported inside the functions that render with it, never at module
+level: ``ls --json`` and a plain ``exec`` never import it, and ``ls`` only
+once its answer is there to print.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,11 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 __all__ = [
     "console",
@@ -27,6 +23,7 @@ __all__ = [
     "error_line",
     "human_bytes",
     "print_json",
+    "report_error",
     "say",
     "short",
     "steps",
@@ -39,11 +36,15 @@ __all__ = [
 def console() -> Console:
     # Built per call, not at import: sys.stdout is replaced by test runners.
     # Piped tables are read in pagers and logs, not an 80-column terminal.
+    from rich.console import Console
+
     width = None if sys.stdout.isatty() else 160
     return Console(file=sys.stdout, highlight=False, soft_wrap=True, width=width)
 
 
 def err_console() -> Console:
+    from rich.console import Console
+
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
@@ -54,6 +55,8 @@ def print_json(data: Any) -> None:
 
 def say(message: str, *, style: str | None = None) -> None:
     """A progress/status line on stderr, so stdout stays the command's answer."""
+    from rich.text import Text
+
     err_console().print(Text(message, style=style or ""))
 
 
@@ -62,6 +65,18 @@ def error_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     first, _, rest = text.partition("\n")
     return first + (" (more with --debug)" if rest.strip() else "")
+
+
+def report_error(exc: BaseException, *, debug: bool) -> None:
+    """How every command reports a forkyard (or local OS) error: one red line on
+    stderr, the traceback first with ``--debug``; the caller exits 1."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    from rich.markup import escape
+
+    err_console().print(f"[red]error:[/red] {escape(error_line(exc))}")
 
 
 def human_bytes(n: int | None) -> str:
@@ -85,6 +100,8 @@ _WHOLE = {"id", "sandbox"}
 
 
 def table(*columns: str, title: str | None = None) -> Table:
+    from rich.table import Table
+
     t = Table(title=title, show_edge=False, header_style="bold")
     for c in columns:
         t.add_column(c, no_wrap=c in _WHOLE, overflow="fold")
@@ -104,6 +121,8 @@ def transfer_progress(label: str, *, enabled: bool) -> Iterator[Callable[[int, i
     if not enabled:
         yield lambda _done, _total: None
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn())
     with Progress(*columns, console=err_console(), transient=True) as bar:
@@ -121,6 +140,9 @@ def steps(*, enabled: bool) -> Iterator[Callable[[str], None]]:
     if not enabled:
         yield lambda _msg: None
         return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err_console(), transient=True) as bar:
         task = bar.add_task("", total=None)

@@ -1,4 +1,8 @@
-"""Sandbox commands: create, ls, exec, files, checkpoint(s), fork, hibernate, wake, rm."""
+"""Sandbox commands: create, ls, exec, files, checkpoint(s), fork, hibernate, wake, rm.
+
+``ls`` and ``exec`` run their bodies from :mod:`forkyard.cli._hot`, which the
+fast path of ``forkyard.cli.main`` runs too.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ from typing import Annotated
 
 import typer
 
+from forkyard.cli._hot import EXEC_TIMEOUT, parse_env, run_exec, run_ls
 from forkyard.cli._options import HomeOpt, JsonOpt, TokenOpt, UrlOpt, connect, interactive
 from forkyard.cli._output import (
     console,
-    err_console,
     human_bytes,
     print_json,
     short,
@@ -26,7 +30,6 @@ from forkyard.sdk._common import (
     WAKE_TIMEOUT,
     fork_timeout,
 )
-from forkyard.sdk.errors import SandboxTimeout
 from forkyard.sdk.models import CheckpointInfo, SandboxInfo
 
 __all__ = ["files_app", "register"]
@@ -34,22 +37,6 @@ __all__ = ["files_app", "register"]
 files_app = typer.Typer(help="Copy files into and out of a sandbox.", no_args_is_help=True)
 
 IdArg = Annotated[str, typer.Argument(help="Sandbox id.", show_default=False)]
-
-
-def _sandbox_table(infos: list[SandboxInfo]) -> None:
-    t = table("id", "state", "worker", "image", "memory", "cpus", "created", "parent")
-    for s in infos:
-        state = s.state if s.error is None else f"{s.state} ({s.error})"
-        t.add_row(s.id, state, s.worker or "-", short(s.image), f"{s.memory_mb or '-'} MiB",
-                  str(s.cpus or "-"), when(s.created), short(s.parent_checkpoint))
-    console().print(t)
-
-
-def _print_sandboxes(infos: list[SandboxInfo], json_: bool) -> None:
-    if json_:
-        print_json([s.to_json() for s in infos])
-    else:
-        _sandbox_table(infos)
 
 
 def _print_sandbox(info: SandboxInfo, json_: bool) -> None:
@@ -88,7 +75,7 @@ def create(
 def ls(home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
        json_: JsonOpt = False) -> None:
     """List sandboxes (all but destroyed)."""
-    _print_sandboxes(connect(home, url, token).call(_ops.list_sandboxes()), json_)
+    run_ls(connect(home, url, token), json_)
 
 
 def exec_(
@@ -97,7 +84,8 @@ def exec_(
         help="One argument runs under /bin/sh -c; several are an argv.", show_default=False)],
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
     cwd: Annotated[str | None, typer.Option("--cwd")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds; 0 = none.")] = 60.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds; 0 = none.")]
+    = EXEC_TIMEOUT,
     stdin: Annotated[bool, typer.Option("--stdin", help="Send this process's stdin.")]
     = False,
     background: Annotated[bool, typer.Option("--background", "-d",
@@ -109,40 +97,14 @@ def exec_(
     Output is passed through byte for byte; the exit status is the command's
     (128+N if a signal N killed it, 124 if it timed out).
     """
-    env_map: dict[str, str] = {}
-    for item in env or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--env")
-        env_map[key] = value
-    command: str | list[str] = cmd[0] if len(cmd) == 1 else cmd
-    data = sys.stdin.buffer.read() if stdin else None
-    http = connect(home, url, token)
-    call = _ops.exec_(sandbox_id, command, env=env_map, cwd=cwd, timeout=timeout or None,
-                      stdin=data, background=background)
     try:
-        result = http.call(call)
-    except SandboxTimeout as exc:
-        if exc.status != 504:
-            raise
-        sys.stdout.buffer.write(exc.stdout_bytes)
-        sys.stdout.flush()
-        sys.stderr.buffer.write(exc.stderr_bytes)
-        sys.stderr.flush()
-        err_console().print(f"[red]error:[/red] timed out after {timeout:g}s", markup=True)
-        raise typer.Exit(124) from None
-    if json_:
-        print_json(result.to_json())
-    elif background:
-        console().print(str(result.pid))
-    else:
-        sys.stdout.buffer.write(result.stdout_bytes)
-        sys.stdout.flush()
-        sys.stderr.buffer.write(result.stderr_bytes)
-        sys.stderr.flush()
-    code = 128 + result.signal if result.signal else result.exit_code
+        env_map = parse_env(env)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--env") from None
+    code = run_exec(lambda: connect(home, url, token), sandbox_id, cmd, env=env_map, cwd=cwd,
+                    timeout=timeout, stdin=stdin, background=background, json_=json_)
     if code:
-        raise typer.Exit(code & 0xFF or 1)
+        raise typer.Exit(code)
 
 
 @files_app.command("put")
