@@ -18,8 +18,9 @@ The cluster is found from arguments, then ``FORKYARD_URL`` /
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from forkyard.errors import CommandFailed, ForkyardError
-from forkyard.sdk._async import AsyncCheckpoint, AsyncFiles, AsyncSandbox, async_list_workers
 from forkyard.sdk._http import Progress
 from forkyard.sdk._sync import Checkpoint, Files, Sandbox, list_workers
 from forkyard.sdk.cluster import ClusterFile, load_cluster
@@ -51,6 +52,22 @@ from forkyard.sdk.models import (
     SandboxState,
     WorkerInfo,
 )
+
+if TYPE_CHECKING:
+    from forkyard.sdk._async import AsyncCheckpoint, AsyncFiles, AsyncSandbox, async_list_workers
+
+# The asyncio twin loads on first use: a CLI command that only makes one sync
+# request should not pay for asyncio (see cli/_fast).
+_ASYNC = frozenset({"AsyncCheckpoint", "AsyncFiles", "AsyncSandbox", "async_list_workers"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ASYNC:
+        from forkyard.sdk import _async
+
+        return getattr(_async, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "APIError",
