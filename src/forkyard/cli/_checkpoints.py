@@ -151,13 +151,13 @@ def rm(checkpoint_id: Annotated[str, typer.Argument(help="Checkpoint id or prefi
 @store_app.command("ls")
 def store_ls(home: HomeOpt = None, store: StoreOpt = None, json_: JsonOpt = False) -> None:
     """List the checkpoints published in the store, with the bytes each part takes."""
-    from forkyard.store import blob_key
+    from forkyard.checkpoint.archive import stored_bytes
 
     s = _store(home_dir(home), store)
     rows = []
     for cid in list_published(s):
         m = fetch_manifest(s, cid)
-        own = sum(s.size(blob_key(r.digest)) for r in (*m.layers, m.state))
+        own = stored_bytes(s, m)
         rows.append((cid, m, own))
     rows.sort(key=lambda r: r[1].created)
     if json_:

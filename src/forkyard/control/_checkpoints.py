@@ -18,7 +18,7 @@ from forkyard.control._records import (
 from forkyard.control._transitions import Transitions
 from forkyard.control._workers import WorkerClient
 from forkyard.errors import CheckpointNotFound
-from forkyard.store import ObjectStore, blob_key, open_store
+from forkyard.store import ObjectStore, open_store
 from forkyard.wire import worker_api
 from forkyard.wire.ids import new_sandbox_id
 from forkyard.wire.models import (
@@ -82,8 +82,7 @@ class Checkpoints(Transitions):
             manifest = archive.fetch_manifest(self._store, ref)
         except CheckpointNotFound:
             return  # the caller's lookup reports the 404
-        own = sum(self._store.size(blob_key(r.digest))
-                  for role, r in manifest.parts() if role not in archive.SHARED_ROLES)
+        own = archive.stored_bytes(self._store, manifest)
         with self.db.tx() as s:
             adopt_published(s, manifest, self.store_url, stored_bytes=own)
 

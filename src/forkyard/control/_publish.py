@@ -14,11 +14,10 @@ import threading
 from collections.abc import Callable
 
 from forkyard.checkpoint import archive
-from forkyard.checkpoint.archive import SHARED_ROLES
 from forkyard.control._db import ArchiveRow, CheckpointRow, Database, WorkerRow, utcnow
 from forkyard.control._workers import WorkerClients
 from forkyard.errors import FleetError, ForkyardError
-from forkyard.store import ObjectStore, blob_key, open_store
+from forkyard.store import ObjectStore, open_store
 from forkyard.wire import worker_api
 from forkyard.wire.errors import WorkerReply
 from forkyard.wire.models import CheckpointState, WorkerPublishStatus, WorkerState
@@ -99,8 +98,7 @@ class PublishWatcher:
                 self._store = open_store(self.store_url)
             if archive.is_published(self._store, checkpoint_id):
                 m = archive.fetch_manifest(self._store, checkpoint_id)
-                own = sum(self._store.size(blob_key(ref.digest))
-                          for role, ref in m.parts() if role not in SHARED_ROLES)
+                own = archive.stored_bytes(self._store, m)
                 return WorkerPublishStatus(id=checkpoint_id, state=CheckpointState.PUBLISHED,
                                            stored_bytes=own)
         except ForkyardError as exc:

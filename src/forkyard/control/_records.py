@@ -140,7 +140,7 @@ def adopt_published(s: Session, m: Manifest, store_url: str, *, stored_bytes: in
     row = CheckpointRow(
         id=m.id, sandbox=m.sandbox, worker=None, name=m.name, created=created,
         state=CheckpointState.PUBLISHED, base=m.base.digest,
-        changed_bytes=sum(layer.size for layer in m.layers) + m.state.size, error=None,
+        changed_bytes=m.changed_bytes, error=None,
     )
     row.archive = ArchiveRow(checkpoint_id=m.id, store_url=store_url,
                              stored_bytes=stored_bytes, published_at=utcnow())
