@@ -33,6 +33,7 @@ from typing import Any
 
 from forkyard.errors import VMError
 from forkyard.vm._spawn import spawn
+from forkyard.vm.console import ConsoleRing, file_tail, ring_tail
 from forkyard.vm.qmp import QMP
 
 __all__ = [
@@ -153,6 +154,8 @@ class QemuVM:
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _qmp: QMP | None = field(default=None, repr=False)
     _next_node: int = 1
+    console_cap: int | None = None  # bytes of console kept on disk; None: console.default_cap()
+    _console: ConsoleRing | None = field(default=None, repr=False)
 
     def __hash__(self) -> int:
         return id(self)
@@ -170,7 +173,8 @@ class QemuVM:
         return self._proc.pid if self._proc else None
 
     # ------------------------------------------------------------------
-    def argv(self, *, incoming: bool, qmp_fd: int, paused: bool = False) -> list[str]:
+    def argv(self, *, incoming: bool, qmp_fd: int, paused: bool = False,
+             console_fd: int | None = None) -> list[str]:
         s = self.shape
         accel = "kvm" if s.accel == "kvm" else "tcg,tb-size=256"
         return [
@@ -187,7 +191,10 @@ class QemuVM:
             "-append", self.boot.cmdline,
             "-chardev", f"socket,id=qmp,fd={qmp_fd}",
             "-mon", "chardev=qmp,mode=control",
-            "-chardev", f"file,id=console,path={self.console_path}",
+            # the guest's console is a bounded ring fed through this socket (vm/console.py);
+            # without one (an argv only shown, never run) it goes nowhere
+            "-chardev", (f"socket,id=console,fd={console_fd}" if console_fd is not None
+                         else "null,id=console"),
             "-serial", "chardev:console",
             "-blockdev", json.dumps(self.disk.blockdev(self.top_node)),
             "-device", f"virtio-blk-pci,drive={self.top_node},id=disk0,addr=0x4",
@@ -228,20 +235,23 @@ class QemuVM:
         with contextlib.suppress(FileNotFoundError):
             self.agent_socket.unlink()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        console = self._console = ConsoleRing(self.console_path, self.console_cap)
         try:
             argv = self.argv(incoming=incoming_state is not None, qmp_fd=theirs.fileno(),
-                             paused=not run)
+                             paused=not run, console_fd=console.qemu_fd())
             if loadvm is not None:
                 argv += ["-loadvm", loadvm]
             (self.workdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1))
-            self._proc = spawn(argv, pass_fds=[theirs.fileno()], log=self.log_path,
-                               cwd=self.workdir)
+            self._proc = spawn(argv, pass_fds=[theirs.fileno(), console.qemu_fd()],
+                               log=self.log_path, cwd=self.workdir)
         except BaseException:
             ours.close()
+            console.close()
             self.state = VMState.FAILED
             raise
         finally:
             theirs.close()
+        console.start()
         with _live_lock:
             _live.add(self)
         try:
@@ -416,6 +426,9 @@ class QemuVM:
         if self._qmp is not None:
             self._qmp.close()
             self._qmp = None
+        if self._console is not None:
+            self._console.close()
+            self._console = None
         if self.state is not VMState.FAILED:
             self.state = VMState.STOPPED
         with contextlib.suppress(FileNotFoundError):
@@ -435,14 +448,15 @@ class QemuVM:
             raise VMError(f"{self.name}: QEMU is not running")
         return self._qmp
 
-    def log_tail(self, lines: int = 20) -> str:
+    def log_tail(self, lines: int = 20, max_bytes: int = 8192) -> str:
+        """The last lines of qemu.log and of the console, reading at most ``max_bytes`` of each."""
         parts = []
-        for path in (self.log_path, self.console_path):
-            with contextlib.suppress(OSError):
-                text = path.read_bytes()[-8192:].decode("utf-8", "replace")
-                tail = "\n".join(text.splitlines()[-lines:])
-                if tail:
-                    parts.append(f"[{path.name}]\n{tail}")
+        for path, raw in ((self.log_path, file_tail(self.log_path, max_bytes)),
+                          (self.console_path, ring_tail(self.console_path, max_bytes))):
+            text = raw.decode("utf-8", "replace")
+            tail = "\n".join(text.splitlines()[-lines:])
+            if tail:
+                parts.append(f"[{path.name}]\n{tail}")
         return "\n".join(parts)
 
 
