@@ -25,7 +25,7 @@ entry (``ENTRY``) is ``mode u32, size u64, mtime_ns i64, name bytes``.  A
 ``LIST`` request carries ``MAX_ENTRIES``; the reply holds at most that many
 entries and ``TRUNCATED`` = 1 when the directory has more.
 
-Bounds (the guest is hostile, see docs/security.md): every reply is held to a
+Bounds (the guest is hostile): every reply is held to a
 :class:`Limit` chosen by the request it answers *before* its payload is
 buffered.  The decoder reads a header, asks for the limit of that (op, id),
 and a payload over it is skipped without being stored (the call fails with
