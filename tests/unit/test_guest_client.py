@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from forkyard.errors import AgentProtocolError, PayloadTooLarge
+from forkyard.errors import AgentDisconnected, AgentProtocolError, PayloadTooLarge
 from forkyard.guest import protocol as p
 from forkyard.guest.client import MAX_FILE_SIZE, AgentClient
 from forkyard.guest.protocol import Fields, Flag, Frame, FrameDecoder, Limit, Op, Tag
@@ -210,3 +210,9 @@ def test_broken_framing_fails_the_call_with_a_protocol_error(agent):
     with pytest.raises(AgentProtocolError, match="magic"):
         client.sync(timeout=5)
     assert not client.connected
+    # the next call starts a fresh session (the stream cannot be resynchronised in place)
+    assert client.ping() == "fake"
+    assert client.connected
+    client.close()
+    with pytest.raises(AgentDisconnected):  # closed on purpose stays closed
+        client.ping()

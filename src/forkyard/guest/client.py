@@ -157,6 +157,7 @@ class AgentClient:
         self._decoder = FrameDecoder(self._limit_for)
         self._hello_id = 0
         self._broken: str | None = None  # why the reader gave up on the connection
+        self._reset_lock = threading.Lock()
         self.version = ""
 
     # ------------------------------------------------------------------
@@ -250,6 +251,10 @@ class AgentClient:
             self._calls.clear()
 
     def close(self) -> None:
+        self._broken = None  # closed on purpose: nothing to reset
+        self._shutdown()
+
+    def _shutdown(self) -> None:
         with self._lock:
             self._closed = True
             calls = list(self._calls.values())
@@ -282,7 +287,21 @@ class AgentClient:
             pass
         finally:
             if self._sock is sock:  # not a connection that connect() already dropped
-                self.close()
+                self._shutdown()
+
+    def _reset(self, timeout: float) -> None:
+        """After a protocol violation: a fresh session before the next call.
+
+        The guest drops its buffered input and output when we hang up, and a
+        new session skips whatever was still in flight (the HELLO sync), so an
+        agent that sent one bad frame is reachable again; a hostile one only
+        fails its own calls.
+        """
+        with self._reset_lock:
+            if self._broken is None or self._sock is not None:
+                return
+            log.warning("%s: reconnecting after a protocol error (%s)", self._name, self._broken)
+            self.connect(timeout=min(timeout, 30.0), set_time=False)
 
     def _limit_for(self, op: int, flags: int, request_id: int) -> Limit | None:
         """The decoder's question for each header: how much may this frame hold?"""
@@ -366,6 +385,8 @@ class AgentClient:
         payload = p.encode_fields(fields)
         if len(payload) > p.MAX_PAYLOAD:
             raise PayloadTooLarge(f"{op.name.lower()} request", len(payload), p.MAX_PAYLOAD)
+        if self._broken is not None and request_id is None:  # (not the session HELLO)
+            self._reset(timeout)
         rid = request_id if request_id is not None else self._next_id()
         deadline = time.monotonic() + timeout
         call = _Call(op, reply_limit)
