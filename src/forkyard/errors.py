@@ -25,6 +25,7 @@ only ever need to catch this tree::
     │       ├── AgentTimeout       no answer within the call's timeout
     │       ├── AgentDisconnected  the channel closed under the call
     │       ├── PayloadTooLarge    request or reply over the protocol limit
+    │       ├── AgentProtocolError the guest sent a malformed frame or field
     │       └── GuestError         the guest reported a failure (errno, kind)
     │           ├── GuestFileNotFound
     │           ├── CommandTimeout  a command ran past its timeout (killed; .result)
@@ -70,6 +71,7 @@ from collections.abc import Sequence
 __all__ = [
     "AgentDisconnected",
     "AgentError",
+    "AgentProtocolError",
     "AgentTimeout",
     "AmbiguousCheckpoint",
     "BadWorkerReport",
@@ -227,11 +229,18 @@ class AgentDisconnected(AgentError):
 
 
 class PayloadTooLarge(AgentError):
-    def __init__(self, what: str, size: int, limit: int) -> None:
+    """A request or reply over its limit (``unit``: bytes, or e.g. fields)."""
+
+    def __init__(self, what: str, size: int, limit: int, *, unit: str = "bytes") -> None:
         self.what = what
         self.size = size
         self.limit = limit
-        super().__init__(f"{what} is {size} bytes, over the limit of {limit} bytes")
+        self.unit = unit
+        super().__init__(f"{what} is {size} {unit}, over the limit of {limit} {unit}")
+
+
+class AgentProtocolError(AgentError):
+    """The guest agent sent bytes that break the protocol (bad magic, malformed fields)."""
 
 
 class GuestError(AgentError):

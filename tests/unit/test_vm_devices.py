@@ -39,7 +39,7 @@ def _devices(argv: list[str]) -> dict[str, dict[str, str]]:
 def _runtime(shape: VMShape = SHAPE) -> list[str]:
     return qemu_argv(name="sb-x", shape=shape, boot=BootSpec(Path("/k"), Path("/i")),
                      disk=DiskChain(Path("/b.raw"), (), Path("/a.qcow2")), top_node="top0",
-                     qmp_fd=7, console_path=Path("/w/console.log"),
+                     qmp_fd=7, console_fd=8,
                      agent_socket=Path("/r/a.agent"), incoming=True)
 
 

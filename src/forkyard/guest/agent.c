@@ -60,12 +60,18 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_VERSION "forkyard-agent 1"
+#define AGENT_VERSION "forkyard-agent 2"
 #define MAGIC 0x31594b46u /* "FKY1" little endian */
 #define HDR_LEN 16
 #define MAX_PAYLOAD (80u * 1024u * 1024u)
 #define MAX_EXECS 256
 #define DEFAULT_MAX_OUTPUT (16u * 1024u * 1024u)
+/* Reply bounds, the same as the host's (client.py): the host refuses a reply
+   over them, so a bigger one would only fail there after costing guest memory. */
+#define MAX_OUTPUT (64u * 1024u * 1024u)     /* per exec stream */
+#define MAX_FILE (64u * 1024u * 1024u)       /* read_file data */
+#define DEFAULT_LIST_ENTRIES 10000u
+#define MAX_LIST_ENTRIES 100000u
 #define PARTIAL_IDLE_MS 5000
 
 /* ops */
@@ -84,7 +90,7 @@ enum {
     T_SIGNAL = 13, T_TIMED_OUT = 14, T_ERRNO = 15, T_MESSAGE = 16, T_KIND = 17,
     T_TIME_NS = 18, T_VERSION = 19, T_FLAGS = 20, T_PID = 21, T_ENTRY = 22, T_SIZE = 23,
     T_MAX_OUTPUT = 24, T_UPTIME_MS = 25, T_OFFSET = 26, T_LENGTH = 27, T_TRUNCATED = 28,
-    T_NONCE = 29,
+    T_NONCE = 29, T_MAX_ENTRIES = 30,
 };
 
 /* T_FLAGS bits */
@@ -536,6 +542,7 @@ static void op_exec(uint32_t id, const fields_t *fs)
         buf_put(&x->in, stdin_f->val, stdin_f->len);
     }
     x->max_output = field_u64(fs, T_MAX_OUTPUT, DEFAULT_MAX_OUTPUT);
+    if (x->max_output > MAX_OUTPUT) x->max_output = MAX_OUTPUT;
     uint64_t tmo = field_u64(fs, T_TIMEOUT_MS, 0);
     if (tmo) {
         x->deadline = now_mono();
@@ -727,7 +734,8 @@ static void op_read_file(uint32_t id, const fields_t *fs)
         return;
     }
     uint64_t off = field_u64(fs, T_OFFSET, 0);
-    uint64_t maxlen = field_u64(fs, T_LENGTH, 64u * 1024u * 1024u);
+    uint64_t maxlen = field_u64(fs, T_LENGTH, MAX_FILE);
+    if (maxlen > MAX_FILE) maxlen = MAX_FILE;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     struct stat st;
     if (fd < 0) { send_errno(OP_READ_FILE, id, "open", path); free(path); return; }
@@ -812,15 +820,24 @@ static void op_list(uint32_t id, const fields_t *fs)
         free(path);
         return;
     }
+    /* capped: a directory of millions of files must not become one reply the
+       host cannot take (nor a guest buffer of that size) */
+    uint64_t max = field_u64(fs, T_MAX_ENTRIES, DEFAULT_LIST_ENTRIES);
+    if (max > MAX_LIST_ENTRIES) max = MAX_LIST_ENTRIES;
     buf_t b = {0};
     struct dirent *de;
+    uint64_t count = 0;
+    int truncated = 0;
     while ((de = readdir(d))) {
         if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        if (count == max) { truncated = 1; break; }
         struct stat st;
         if (fstatat(dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
         put_entry(&b, de->d_name, &st);
+        count++;
     }
     closedir(d);
+    if (truncated) tlv_u64(&b, T_TRUNCATED, 1);
     send_frame(OP_LIST, FL_RESPONSE, id, &b);
     buf_free(&b);
     free(path);

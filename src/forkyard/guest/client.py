@@ -4,6 +4,14 @@ One :class:`AgentClient` per sandbox connection.  Calls may come from many
 threads at once: each gets a request id, a reader thread routes replies back,
 and every call has a timeout, so a wedged guest produces
 :class:`~forkyard.errors.AgentTimeout` instead of a hung host.
+
+Every reply is bounded by the call that waits for it (see the ``protocol``
+docstring): a reply over its call's limit fails that call with
+:class:`~forkyard.errors.PayloadTooLarge` and is skipped unread, exec output is
+cut at ``max_output`` here as well as in the guest, listings stop at a
+maximum entry count (``Listing.truncated``), and ``read_file`` never returns
+more than :data:`MAX_FILE_SIZE`.  The agent in the guest honours the same
+limits; these checks are for the guest that does not.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from dataclasses import dataclass
 from forkyard.errors import (
     AgentDisconnected,
     AgentError,
+    AgentProtocolError,
     AgentTimeout,
     CommandFailed,
     CommandTimeout,
@@ -31,13 +40,39 @@ from forkyard.errors import (
     PayloadTooLarge,
 )
 from forkyard.guest import protocol as p
-from forkyard.guest.protocol import Fields, Flag, Frame, FrameDecoder, Op, Tag
+from forkyard.guest.protocol import (
+    SMALL_REPLY,
+    Fields,
+    Flag,
+    Frame,
+    FrameDecoder,
+    Limit,
+    Op,
+    Oversized,
+    Tag,
+)
 
-__all__ = ["MAX_FILE_SIZE", "AgentClient", "EntryInfo", "ExecResult"]
+__all__ = [
+    "DEFAULT_LIST_ENTRIES",
+    "DEFAULT_MAX_OUTPUT",
+    "MAX_FILE_SIZE",
+    "MAX_LIST_ENTRIES",
+    "MAX_OUTPUT",
+    "AgentClient",
+    "EntryInfo",
+    "ExecResult",
+    "Listing",
+]
 
 log = logging.getLogger("forkyard.agent")
 
 MAX_FILE_SIZE = 64 * 1024 * 1024
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024  # per stream (stdout, stderr)
+MAX_OUTPUT = 64 * 1024 * 1024  # the largest max_output a caller may ask for
+DEFAULT_LIST_ENTRIES = 10_000
+MAX_LIST_ENTRIES = 100_000
+# room in a reply for the small fields around its data (exit code, pid, flags, ...)
+_REPLY_SLACK = 64 * 1024
 _GRACE = 10.0  # on top of a command's own timeout: reply transfer under TCG
 
 
@@ -84,13 +119,24 @@ class EntryInfo:
         return stat_mod.S_ISLNK(self.mode)
 
 
-class _Call:
-    __slots__ = ("acked", "done", "reply")
+class Listing(list[EntryInfo]):
+    """A directory listing; ``truncated`` when the directory held more entries than asked."""
 
-    def __init__(self) -> None:
+    def __init__(self, entries: list[EntryInfo], *, truncated: bool = False) -> None:
+        super().__init__(entries)
+        self.truncated = truncated
+
+
+class _Call:
+    __slots__ = ("acked", "done", "error", "limit", "op", "reply")
+
+    def __init__(self, op: Op, limit: Limit) -> None:
+        self.op = op
+        self.limit = limit
         self.acked = threading.Event()
         self.done = threading.Event()
         self.reply: Frame | None = None
+        self.error: AgentError | None = None
 
 
 class AgentClient:
@@ -108,8 +154,10 @@ class AgentClient:
         self._quiesced = False
         self._closed = True
         self._ids = itertools.count(secrets.randbelow(1 << 30) + 1)
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(self._limit_for)
         self._hello_id = 0
+        self._broken: str | None = None  # why the reader gave up on the connection
+        self._reset_lock = threading.Lock()
         self.version = ""
 
     # ------------------------------------------------------------------
@@ -168,7 +216,8 @@ class AgentClient:
         # Until the reply to our HELLO, everything on the channel belongs to an
         # earlier session: the decoder skips to that reply's header.
         self._hello_id = self._next_id()
-        self._decoder = FrameDecoder()
+        self._broken = None
+        self._decoder = FrameDecoder(self._limit_for)
         self._decoder.sync_on(Op.HELLO, int(Flag.RESPONSE), self._hello_id)
         with self._lock:
             self._closed = False
@@ -202,6 +251,10 @@ class AgentClient:
             self._calls.clear()
 
     def close(self) -> None:
+        self._broken = None  # closed on purpose: nothing to reset
+        self._shutdown()
+
+    def _shutdown(self) -> None:
         with self._lock:
             self._closed = True
             calls = list(self._calls.values())
@@ -226,17 +279,51 @@ class AgentClient:
                     break
                 for frame in decoder.feed(data):
                     self._route(frame)
-        except (OSError, ValueError):
+        except AgentProtocolError as exc:
+            # framing is lost: nothing after this can be trusted to start a frame
+            log.warning("%s: %s; closing the agent connection", self._name, exc)
+            self._broken = str(exc)
+        except OSError:
             pass
         finally:
             if self._sock is sock:  # not a connection that connect() already dropped
-                self.close()
+                self._shutdown()
 
-    def _route(self, frame: Frame) -> None:
+    def _reset(self, timeout: float) -> None:
+        """After a protocol violation: a fresh session before the next call.
+
+        The guest drops its buffered input and output when we hang up, and a
+        new session skips whatever was still in flight (the HELLO sync), so an
+        agent that sent one bad frame is reachable again; a hostile one only
+        fails its own calls.
+        """
+        with self._reset_lock:
+            if self._broken is None or self._sock is not None:
+                return
+            log.warning("%s: reconnecting after a protocol error (%s)", self._name, self._broken)
+            self.connect(timeout=min(timeout, 30.0), set_time=False)
+
+    def _limit_for(self, op: int, flags: int, request_id: int) -> Limit | None:
+        """The decoder's question for each header: how much may this frame hold?"""
+        with self._lock:
+            call = self._calls.get(request_id)
+        if call is None:
+            return None  # a reply to a request of an earlier session (before a restore)
+        return Limit(0, 0) if op == Op.ACK else call.limit
+
+    def _route(self, frame: Frame | Oversized) -> None:
         with self._lock:
             call = self._calls.get(frame.id)
         if call is None:
-            return  # a reply to a request of an earlier session (before a restore)
+            return  # its call timed out meanwhile
+        if isinstance(frame, Oversized):
+            call.error = PayloadTooLarge(f"{call.op.name.lower()} reply", frame.length,
+                                         frame.limit)
+            call.acked.set()
+            call.done.set()
+            with self._gate:
+                self._gate.notify_all()
+            return
         if frame.op == Op.ACK:
             with self._gate:
                 call.acked.set()
@@ -293,13 +380,16 @@ class AgentClient:
         *,
         timeout: float,
         request_id: int | None = None,
+        reply_limit: Limit = SMALL_REPLY,
     ) -> Fields:
         payload = p.encode_fields(fields)
         if len(payload) > p.MAX_PAYLOAD:
             raise PayloadTooLarge(f"{op.name.lower()} request", len(payload), p.MAX_PAYLOAD)
+        if self._broken is not None and request_id is None:  # (not the session HELLO)
+            self._reset(timeout)
         rid = request_id if request_id is not None else self._next_id()
         deadline = time.monotonic() + timeout
-        call = _Call()
+        call = _Call(op, reply_limit)
         with self._gate:
             while self._quiesced:
                 left = deadline - time.monotonic()
@@ -319,10 +409,14 @@ class AgentClient:
                 self._calls.pop(rid, None)
             with self._gate:
                 self._gate.notify_all()
+        if call.error is not None:
+            raise call.error
         frame = call.reply
         if frame is None:
+            if self._broken is not None:
+                raise AgentProtocolError(f"{self._name}: {self._broken}")
             raise AgentDisconnected(f"{self._name}: agent connection closed during {op.name}")
-        fields_out = Fields.decode(frame.payload)
+        fields_out = Fields.decode(frame.payload, max_fields=reply_limit.fields)
         if frame.is_error:
             raise _guest_error(op, fields_out)
         return fields_out
@@ -350,9 +444,16 @@ class AgentClient:
         stdin: bytes | None = None,
         background: bool = False,
         check: bool = False,
-        max_output: int = 16 * 1024 * 1024,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
-        """Run a command: a string goes through ``/bin/sh -c``, a list is argv."""
+        """Run a command: a string goes through ``/bin/sh -c``, a list is argv.
+
+        stdout and stderr keep at most ``max_output`` bytes each; the rest is
+        dropped and ``truncated`` set (by the guest, and here for a guest that
+        sends more anyway).
+        """
+        if not 0 <= max_output <= MAX_OUTPUT:
+            raise ValueError(f"max_output must be within 0..{MAX_OUTPUT}")
         fields: list[tuple[Tag, p.FieldValue]] = []
         if isinstance(cmd, str):
             fields.append((Tag.SHELL, cmd))
@@ -374,16 +475,19 @@ class AgentClient:
             fields.append((Tag.FLAGS, p.EXEC_BACKGROUND))
         fields.append((Tag.MAX_OUTPUT, max_output))
         call_timeout = (timeout or 24 * 3600.0) + _GRACE
-        r = self._call(Op.EXEC, fields, timeout=call_timeout)
+        limit = Limit(2 * max_output + _REPLY_SLACK, 32)
+        r = self._call(Op.EXEC, fields, timeout=call_timeout, reply_limit=limit)
         sig = r.raw(Tag.SIGNAL)
+        out, err = r.view(Tag.STDOUT), r.view(Tag.STDERR)
+        cut = any(v is not None and len(v) > max_output for v in (out, err))
         result = ExecResult(
             exit_code=r.int(Tag.EXIT_CODE, signed=True),
-            stdout_bytes=r.bytes(Tag.STDOUT),
-            stderr_bytes=r.bytes(Tag.STDERR),
+            stdout_bytes=b"" if out is None else bytes(out[:max_output]),
+            stderr_bytes=b"" if err is None else bytes(err[:max_output]),
             pid=r.int(Tag.PID),
             signal=None if sig is None else r.int(Tag.SIGNAL),
             timed_out=bool(r.int(Tag.TIMED_OUT)),
-            truncated=bool(r.int(Tag.TRUNCATED)),
+            truncated=cut or bool(r.int(Tag.TRUNCATED)),
         )
         if result.timed_out:
             raise CommandTimeout(_describe(cmd), timeout or 0.0, result)
@@ -415,11 +519,14 @@ class AgentClient:
     def read_file(self, path: str, *, timeout: float = 120.0) -> bytes:
         _check_abs(path)
         r = self._call(
-            Op.READ_FILE, [(Tag.PATH, path), (Tag.LENGTH, MAX_FILE_SIZE)], timeout=timeout
+            Op.READ_FILE, [(Tag.PATH, path), (Tag.LENGTH, MAX_FILE_SIZE)], timeout=timeout,
+            reply_limit=Limit(MAX_FILE_SIZE + _REPLY_SLACK, 16),
         )
-        if r.int(Tag.TRUNCATED):
-            raise PayloadTooLarge(f"file {path}", r.int(Tag.SIZE), MAX_FILE_SIZE)
-        return r.bytes(Tag.DATA)
+        data = r.view(Tag.DATA)
+        if r.int(Tag.TRUNCATED) or (data is not None and len(data) > MAX_FILE_SIZE):
+            size = max(r.int(Tag.SIZE), 0 if data is None else len(data))
+            raise PayloadTooLarge(f"file {path}", size, MAX_FILE_SIZE)
+        return b"" if data is None else bytes(data)
 
     def stat(self, path: str, *, timeout: float = 30.0) -> EntryInfo:
         _check_abs(path)
@@ -427,7 +534,7 @@ class AgentClient:
         raw = r.raw(Tag.ENTRY)
         if raw is None:
             raise AgentError("stat reply without an entry")
-        mode, size, mtime, name = p.decode_entry(raw)
+        mode, size, mtime, name = p.decode_entry(raw, max_name=p.PATH_MAX)
         return EntryInfo(name, mode, size, mtime)
 
     def exists(self, path: str) -> bool:
@@ -437,11 +544,28 @@ class AgentClient:
             return False
         return True
 
-    def list(self, path: str, *, timeout: float = 30.0) -> list[EntryInfo]:
+    def list(self, path: str, *, limit: int = DEFAULT_LIST_ENTRIES,
+             timeout: float = 30.0) -> Listing:
+        """Up to ``limit`` entries of a directory, sorted by name.
+
+        A larger directory gives the first ``limit`` entries the guest's
+        ``readdir`` returns (not the first by name) and ``truncated=True``.
+        """
         _check_abs(path)
-        r = self._call(Op.LIST, [(Tag.PATH, path)], timeout=timeout)
-        entries = [EntryInfo(*_reorder(p.decode_entry(e))) for e in r.all(Tag.ENTRY)]
-        return sorted(entries, key=lambda e: e.name)
+        if not 1 <= limit <= MAX_LIST_ENTRIES:
+            raise ValueError(f"limit must be within 1..{MAX_LIST_ENTRIES}")
+        reply_limit = Limit(limit * p.ENTRY_FIELD_MAX + _REPLY_SLACK, limit + 16)
+        r = self._call(Op.LIST, [(Tag.PATH, path), (Tag.MAX_ENTRIES, limit)], timeout=timeout,
+                       reply_limit=reply_limit)
+        entries: list[EntryInfo] = []
+        truncated = bool(r.int(Tag.TRUNCATED))
+        for raw in r.views(Tag.ENTRY):
+            if len(entries) == limit:  # a guest that ignored MAX_ENTRIES
+                truncated = True
+                break
+            entries.append(EntryInfo(*_reorder(p.decode_entry(raw))))
+        entries.sort(key=lambda e: e.name)
+        return Listing(entries, truncated=truncated)
 
     def remove(self, path: str, *, recursive: bool = False, timeout: float = 60.0) -> None:
         _check_abs(path)

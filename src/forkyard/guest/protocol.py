@@ -21,25 +21,45 @@ to the previous host; the host discards every byte until it sees the HELLO
 reply with its nonce.
 
 Integers are u64 fields; strings are UTF-8 bytes without NUL.  A directory
-entry (``ENTRY``) is ``mode u32, size u64, mtime_ns i64, name bytes``.
+entry (``ENTRY``) is ``mode u32, size u64, mtime_ns i64, name bytes``.  A
+``LIST`` request carries ``MAX_ENTRIES``; the reply holds at most that many
+entries and ``TRUNCATED`` = 1 when the directory has more.
+
+Bounds (the guest is hostile): every reply is held to a
+:class:`Limit` chosen by the request it answers *before* its payload is
+buffered.  The decoder reads a header, asks for the limit of that (op, id),
+and a payload over it is skipped without being stored (the call fails with
+``PayloadTooLarge``; framing stays intact, so the channel stays usable).  A
+frame nobody waits for (an earlier session's reply) is skipped the same way.
+Fields are then indexed (not copied) under a field-count limit.  So the host
+holds at most one payload per pending call, each within its call's limit,
+whatever the guest sends.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from forkyard.errors import AgentProtocolError, PayloadTooLarge
 
 __all__ = [
     "HEADER",
     "MAGIC",
     "MAX_PAYLOAD",
+    "NAME_MAX",
+    "PATH_MAX",
+    "SMALL_REPLY",
     "Fields",
     "Flag",
     "Frame",
     "FrameDecoder",
+    "Limit",
     "Op",
+    "Oversized",
     "Tag",
     "decode_entry",
     "encode_fields",
@@ -48,7 +68,10 @@ __all__ = [
 
 MAGIC = 0x31594B46
 HEADER = struct.Struct("<IHHII")
+# the largest request the agent accepts (a 64 MiB file plus its fields)
 MAX_PAYLOAD = 80 * 1024 * 1024
+NAME_MAX = 255  # bytes of a file name in the guest (Linux)
+PATH_MAX = 4096
 
 
 class Op(enum.IntEnum):
@@ -101,6 +124,7 @@ class Tag(enum.IntEnum):
     LENGTH = 27
     TRUNCATED = 28
     NONCE = 29
+    MAX_ENTRIES = 30
 
 
 # T_FLAGS bits, per operation
@@ -114,8 +138,21 @@ SYNC_DROP_CACHES = 1
 _FIELD = struct.Struct("<HI")
 _U64 = struct.Struct("<Q")
 _ENTRY = struct.Struct("<IQq")
+ENTRY_FIELD_MAX = _FIELD.size + _ENTRY.size + NAME_MAX  # one ENTRY field, at most
 
 FieldValue = bytes | str | int
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """What one reply may hold: payload bytes and number of fields."""
+
+    payload: int
+    fields: int
+
+
+# HELLO, STAT, errors, ...: short strings and integers (a path is < 4 KiB)
+SMALL_REPLY = Limit(64 * 1024, 64)
 
 
 def encode_fields(fields: Iterable[tuple[Tag, FieldValue]]) -> bytes:
@@ -138,46 +175,79 @@ def encode_frame(op: Op, request_id: int, payload: bytes, flags: int = 0) -> byt
     return HEADER.pack(MAGIC, int(op), flags, request_id, len(payload)) + payload
 
 
-@dataclass(slots=True)
 class Fields:
-    """Decoded payload fields, in order; tags may repeat."""
+    """Decoded payload fields, in order; tags may repeat.
 
-    items: list[tuple[int, bytes]] = field(default_factory=list)
+    An index into the payload (three compact arrays), not a list of copies:
+    a frame of a million empty fields would otherwise cost ~100 bytes of
+    Python objects per 6 bytes received.  Values are copied out on access.
+    """
+
+    __slots__ = ("_lens", "_offs", "_tags", "_view")
+
+    def __init__(self, payload: bytes | bytearray | memoryview = b"") -> None:
+        self._view = memoryview(payload).cast("B")
+        self._tags = array("H")
+        self._offs = array("Q")
+        self._lens = array("Q")
 
     @classmethod
-    def decode(cls, payload: bytes) -> Fields:
-        items: list[tuple[int, bytes]] = []
-        off = 0
-        while off < len(payload):
-            if len(payload) - off < _FIELD.size:
-                raise ValueError("truncated field header")
-            tag, n = _FIELD.unpack_from(payload, off)
+    def decode(cls, payload: bytes | bytearray | memoryview, *,
+               max_fields: int = SMALL_REPLY.fields) -> Fields:
+        """Index ``payload``; over ``max_fields`` fields raises before indexing more."""
+        f = cls(payload)
+        view, size, off = f._view, len(f._view), 0
+        while off < size:
+            if len(f._tags) >= max_fields:
+                raise PayloadTooLarge("guest agent reply", _count_fields(view, off, max_fields),
+                                      max_fields, unit="fields")
+            if size - off < _FIELD.size:
+                raise AgentProtocolError("guest agent reply: truncated field header")
+            tag, n = _FIELD.unpack_from(view, off)
             off += _FIELD.size
-            if n > len(payload) - off:
-                raise ValueError("field overruns payload")
-            items.append((tag, payload[off : off + n]))
+            if n > size - off:
+                raise AgentProtocolError("guest agent reply: a field overruns its frame")
+            f._tags.append(tag)
+            f._offs.append(off)
+            f._lens.append(n)
             off += n
-        return cls(items)
+        return f
 
-    def raw(self, tag: Tag) -> bytes | None:
-        for t, v in self.items:
+    def __len__(self) -> int:
+        return len(self._tags)
+
+    def view(self, tag: Tag) -> memoryview | None:
+        """The first ``tag`` field, without copying it."""
+        for i, t in enumerate(self._tags):
             if t == tag:
-                return v
+                return self._view[self._offs[i] : self._offs[i] + self._lens[i]]
         return None
 
+    def views(self, tag: Tag) -> Iterator[memoryview]:
+        for i, t in enumerate(self._tags):
+            if t == tag:
+                yield self._view[self._offs[i] : self._offs[i] + self._lens[i]]
+
+    def count(self, tag: Tag) -> int:
+        return sum(1 for t in self._tags if t == tag)
+
+    def raw(self, tag: Tag) -> bytes | None:
+        v = self.view(tag)
+        return None if v is None else bytes(v)
+
     def all(self, tag: Tag) -> Iterator[bytes]:
-        return (v for t, v in self.items if t == tag)
+        return (bytes(v) for v in self.views(tag))
 
     def bytes(self, tag: Tag, default: bytes = b"") -> bytes:
-        v = self.raw(tag)
-        return default if v is None else v
+        v = self.view(tag)
+        return default if v is None else bytes(v)
 
     def str(self, tag: Tag, default: str = "") -> str:
-        v = self.raw(tag)
-        return default if v is None else v.decode("utf-8", "replace")
+        v = self.view(tag)
+        return default if v is None else bytes(v).decode("utf-8", "replace")
 
     def int(self, tag: Tag, default: int = 0, *, signed: bool = False) -> int:
-        v = self.raw(tag)
+        v = self.view(tag)
         if v is None or len(v) != 8:
             return default
         n: int = _U64.unpack(v)[0]
@@ -186,62 +256,139 @@ class Fields:
         return n
 
 
+def _count_fields(view: memoryview, off: int, seen: int) -> int:
+    """How many fields the rest of a too-full payload holds (for the error message)."""
+    while len(view) - off >= _FIELD.size:
+        _, n = _FIELD.unpack_from(view, off)
+        off += _FIELD.size + n
+        seen += 1
+    return seen
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     op: int
     flags: int
     id: int
-    payload: bytes
+    payload: bytes | bytearray
 
     @property
     def is_error(self) -> bool:
         return bool(self.flags & Flag.ERROR)
 
 
-def decode_entry(raw: bytes) -> tuple[int, int, int, str]:
-    """``(mode, size, mtime_ns, name)`` of an ENTRY field."""
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """A frame whose payload was over its limit: skipped, never stored."""
+
+    op: int
+    flags: int
+    id: int
+    length: int
+    limit: int
+
+
+def decode_entry(raw: bytes | memoryview, *, max_name: int = NAME_MAX) -> tuple[int, int, int, str]:
+    """``(mode, size, mtime_ns, name)`` of an ENTRY field (a STAT's name is its path)."""
     if len(raw) < _ENTRY.size:
-        raise ValueError("truncated directory entry")
+        raise AgentProtocolError("guest agent reply: truncated directory entry")
+    if len(raw) > _ENTRY.size + max_name:
+        raise AgentProtocolError(f"guest agent reply: entry name over {max_name} bytes")
     mode, size, mtime_ns = _ENTRY.unpack_from(raw)
-    return mode, size, mtime_ns, raw[_ENTRY.size :].decode("utf-8", "surrogateescape")
+    return mode, size, mtime_ns, bytes(raw[_ENTRY.size :]).decode("utf-8", "surrogateescape")
+
+
+# (op, flags, id) -> the limit of that frame, or None: nobody waits for it, skip it
+LimitFor = Callable[[int, int, int], Limit | None]
 
 
 class FrameDecoder:
     """Incremental frame parser for the host side of the channel.
+
+    ``limit`` is a fixed :class:`Limit` or a function of each frame's header
+    (see the module docstring).  Memory held: a header, at most one payload
+    within its limit, and while syncing a tail shorter than a header.
 
     ``sync_on`` makes the decoder drop everything before the first frame whose
     first 12 header bytes equal it (see "Sessions" above); until then no frame
     is produced.
     """
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buf = bytearray()
-        self._max = max_payload
+    def __init__(self, limit: Limit | LimitFor = Limit(MAX_PAYLOAD, 1 << 20)) -> None:
+        self._limit_for: LimitFor = (lambda _o, _f, _i: limit) if isinstance(limit, Limit) \
+            else limit
         self._sync: bytes | None = None
+        self._scan = bytearray()  # while syncing: bytes that may start the marker
+        self._hdr = bytearray()
+        self._head: tuple[int, int, int, int] | None = None  # op, flags, id, length
+        self._payload = bytearray()
+        self._skip = 0
 
     def sync_on(self, op: Op, flags: int, request_id: int) -> None:
         self._sync = HEADER.pack(MAGIC, int(op), flags, request_id, 0)[:12]
+        self._scan.clear()
 
-    def feed(self, data: bytes) -> list[Frame]:
-        self._buf += data
-        frames: list[Frame] = []
+    @property
+    def buffered(self) -> int:
+        """Bytes held right now (for tests of the bounds)."""
+        return len(self._scan) + len(self._hdr) + len(self._payload)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame | Oversized]:
+        """Consume ``data``; raises ``AgentProtocolError`` on a bad magic (stream lost)."""
+        out: list[Frame | Oversized] = []
+        view = memoryview(data).cast("B")
         if self._sync is not None:
-            at = self._buf.find(self._sync)
+            self._scan += view
+            at = self._scan.find(self._sync)
             if at < 0:
                 # keep a tail that may hold the start of the marker
-                del self._buf[: max(0, len(self._buf) - len(self._sync) + 1)]
-                return frames
-            del self._buf[:at]
+                del self._scan[: max(0, len(self._scan) - len(self._sync) + 1)]
+                return out
+            view = memoryview(bytes(self._scan[at:]))
+            self._scan.clear()
             self._sync = None
-        while len(self._buf) >= HEADER.size:
-            magic, op, flags, rid, n = HEADER.unpack_from(self._buf)
-            if magic != MAGIC:
-                raise ValueError("bad frame magic from the guest agent")
-            if n > self._max:
-                raise ValueError(f"guest agent frame of {n} bytes exceeds {self._max}")
-            if len(self._buf) < HEADER.size + n:
-                break
-            payload = bytes(self._buf[HEADER.size : HEADER.size + n])
-            del self._buf[: HEADER.size + n]
-            frames.append(Frame(op, flags, rid, payload))
-        return frames
+        pos, end = 0, len(view)
+        while pos < end:
+            if self._skip:
+                k = min(self._skip, end - pos)
+                self._skip -= k
+                pos += k
+            elif self._head is None:
+                k = min(HEADER.size - len(self._hdr), end - pos)
+                self._hdr += view[pos : pos + k]
+                pos += k
+                if len(self._hdr) == HEADER.size:
+                    self._start_frame(out)
+            else:
+                n = self._head[3]
+                k = min(n - len(self._payload), end - pos)
+                self._payload += view[pos : pos + k]
+                pos += k
+                if len(self._payload) == n:
+                    self._end_frame(out)
+        return out
+
+    def _start_frame(self, out: list[Frame | Oversized]) -> None:
+        magic, op, flags, rid, n = HEADER.unpack(self._hdr)
+        self._hdr.clear()
+        if magic != MAGIC:
+            raise AgentProtocolError("bad frame magic from the guest agent")
+        limit = self._limit_for(op, flags, rid)
+        if limit is None:
+            self._skip = n
+            return
+        if n > limit.payload:
+            out.append(Oversized(op, flags, rid, n, limit.payload))
+            self._skip = n
+            return
+        self._head = (op, flags, rid, n)
+        if n == 0:
+            self._end_frame(out)
+
+    def _end_frame(self, out: list[Frame | Oversized]) -> None:
+        assert self._head is not None
+        op, flags, rid, _ = self._head
+        # the bytearray itself: copying 64 MiB into a bytes object would double the peak
+        out.append(Frame(op, flags, rid, self._payload))
+        self._payload = bytearray()
+        self._head = None

@@ -33,7 +33,7 @@ def machine_args(shape: VMShape, *, tb_size: bool = True) -> list[str]:
 
 
 def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top_node: str,
-              qmp_fd: int, console_path: Path, agent_socket: Path, incoming: bool,
+              qmp_fd: int, console_fd: int | None, agent_socket: Path, incoming: bool,
               paused: bool = False) -> list[str]:
     """The command line of one forkyard VM (see ``QemuVM.launch``)."""
     return [
@@ -47,7 +47,10 @@ def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top
         # backends, one per role the profile's devices plug into
         "-chardev", f"socket,id=qmp,fd={qmp_fd}",
         "-mon", "chardev=qmp,mode=control",
-        "-chardev", f"file,id=console,path={console_path}",
+        # the guest's console is a bounded ring fed through this socket (vm/console.py);
+        # without one (an argv only shown, never run) it goes nowhere
+        "-chardev", (f"socket,id=console,fd={console_fd}" if console_fd is not None
+                     else "null,id=console"),
         "-blockdev", json.dumps(disk.blockdev(top_node)),
         "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
         *shape.profile.args({"console": "console", "disk": top_node, "agent": "agent"}),

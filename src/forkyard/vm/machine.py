@@ -28,6 +28,7 @@ from typing import Any
 from forkyard.errors import VMError
 from forkyard.vm._spawn import spawn
 from forkyard.vm.cmdline import qemu_argv
+from forkyard.vm.console import ConsoleRing, file_tail, ring_tail
 from forkyard.vm.devices import DEVICE_PROFILE
 from forkyard.vm.disks import DiskChain, qcow2_top_node
 from forkyard.vm.qmp import QMP
@@ -86,6 +87,8 @@ class QemuVM:
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _qmp: QMP | None = field(default=None, repr=False)
     _next_node: int = 1
+    console_cap: int | None = None  # bytes of console kept on disk; None: console.default_cap()
+    _console: ConsoleRing | None = field(default=None, repr=False)
 
     def __hash__(self) -> int:
         return id(self)
@@ -103,9 +106,10 @@ class QemuVM:
         return self._proc.pid if self._proc else None
 
     # ------------------------------------------------------------------
-    def argv(self, *, incoming: bool, qmp_fd: int, paused: bool = False) -> list[str]:
+    def argv(self, *, incoming: bool, qmp_fd: int, paused: bool = False,
+             console_fd: int | None = None) -> list[str]:
         return qemu_argv(name=self.name, shape=self.shape, boot=self.boot, disk=self.disk,
-                         top_node=self.top_node, qmp_fd=qmp_fd, console_path=self.console_path,
+                         top_node=self.top_node, qmp_fd=qmp_fd, console_fd=console_fd,
                          agent_socket=self.agent_socket, incoming=incoming, paused=paused)
 
     def launch(self, *, incoming_state: Path | int | None = None, timeout: float = 60.0,
@@ -138,20 +142,23 @@ class QemuVM:
         with contextlib.suppress(FileNotFoundError):
             self.agent_socket.unlink()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        console = self._console = ConsoleRing(self.console_path, self.console_cap)
         try:
             argv = self.argv(incoming=incoming_state is not None, qmp_fd=theirs.fileno(),
-                             paused=not run)
+                             paused=not run, console_fd=console.qemu_fd())
             if loadvm is not None:
                 argv += ["-loadvm", loadvm]
             (self.workdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1))
-            self._proc = spawn(argv, pass_fds=[theirs.fileno()], log=self.log_path,
-                               cwd=self.workdir)
+            self._proc = spawn(argv, pass_fds=[theirs.fileno(), console.qemu_fd()],
+                               log=self.log_path, cwd=self.workdir)
         except BaseException:
             ours.close()
+            console.close()
             self.state = VMState.FAILED
             raise
         finally:
             theirs.close()
+        console.start()
         with _live_lock:
             _live.add(self)
         try:
@@ -321,6 +328,9 @@ class QemuVM:
         if self._qmp is not None:
             self._qmp.close()
             self._qmp = None
+        if self._console is not None:
+            self._console.close()
+            self._console = None
         if self.state is not VMState.FAILED:
             self.state = VMState.STOPPED
         with contextlib.suppress(FileNotFoundError):
@@ -340,14 +350,15 @@ class QemuVM:
             raise VMError(f"{self.name}: QEMU is not running")
         return self._qmp
 
-    def log_tail(self, lines: int = 20) -> str:
+    def log_tail(self, lines: int = 20, max_bytes: int = 8192) -> str:
+        """The last lines of qemu.log and of the console, reading at most ``max_bytes`` of each."""
         parts = []
-        for path in (self.log_path, self.console_path):
-            with contextlib.suppress(OSError):
-                text = path.read_bytes()[-8192:].decode("utf-8", "replace")
-                tail = "\n".join(text.splitlines()[-lines:])
-                if tail:
-                    parts.append(f"[{path.name}]\n{tail}")
+        for path, raw in ((self.log_path, file_tail(self.log_path, max_bytes)),
+                          (self.console_path, ring_tail(self.console_path, max_bytes))):
+            text = raw.decode("utf-8", "replace")
+            tail = "\n".join(text.splitlines()[-lines:])
+            if tail:
+                parts.append(f"[{path.name}]\n{tail}")
         return "\n".join(parts)
 
 
