@@ -55,7 +55,7 @@ def test_v1_renders_exactly_the_devices_v1_checkpoints_were_saved_with() -> None
     argv = _runtime()
     assert argv[argv.index("-serial") + 1] == "chardev:console"
     assert argv.count("-serial") == 1
-    assert "file,id=console,path=/w/console.log" in argv
+    assert "socket,id=console,fd=8" in argv  # the console ring (vm/console.py)
     assert argv[-2:] == ["-incoming", "defer"]
 
 
@@ -76,7 +76,7 @@ def test_qemu_vm_argv_is_the_one_rendering() -> None:
     vm = QemuVM(name="sb-x", workdir=Path("/w"), agent_socket=Path("/r/a.agent"), shape=SHAPE,
                 boot=BootSpec(Path("/k"), Path("/i")),
                 disk=DiskChain(Path("/b.raw"), (), Path("/a.qcow2")))
-    assert vm.argv(incoming=True, qmp_fd=7) == _runtime()
+    assert vm.argv(incoming=True, qmp_fd=7, console_fd=8) == _runtime()
 
 
 def test_registry_knows_v1_and_refuses_unknown_profiles() -> None:
