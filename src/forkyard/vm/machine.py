@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import enum
 import json
+import logging
 import os
 import signal
 import socket
@@ -33,7 +34,8 @@ from typing import Any
 
 from forkyard.errors import VMError
 from forkyard.vm._spawn import spawn
-from forkyard.vm.qmp import QMP
+from forkyard.vm.jail import Jail, JailedFiles, PlainFiles, VMFiles, can_confine, qcow2_virtual_size
+from forkyard.vm.qmp import QMP, Event
 
 __all__ = [
     "DEVICE_PROFILE",
@@ -45,6 +47,8 @@ __all__ = [
     "kill_all",
     "live_vms",
 ]
+
+log = logging.getLogger("forkyard.vm")
 
 DEVICE_PROFILE = "forkyard-v1"
 _MIGRATION_BANDWIDTH = 64 * 1024**3  # bytes/s: effectively unlimited (default cap is slow)
@@ -90,33 +94,39 @@ class DiskChain:
     layers: tuple[Path, ...]  # qcow2, read-only, bottom first
     active: Path  # qcow2, writable
 
-    def blockdev(self, top_name: str) -> dict[str, Any]:
+    def blockdev(self, top_name: str, opener: _Opener | None = None) -> dict[str, Any]:
         node: dict[str, Any] | None = None
         if self.base is not None:
             node = {
                 "driver": "raw",
                 "node-name": "base",
                 "read-only": True,
-                "file": _file_node(self.base, read_only=True),
+                "file": _file_node(self.base, read_only=True, opener=opener),
             }
         for i, layer in enumerate(self.layers):
             node = {
                 "driver": "qcow2",
                 "node-name": f"layer{i}",
                 "read-only": True,
-                "file": _file_node(layer, read_only=True),
+                "file": _file_node(layer, read_only=True, opener=opener),
                 "backing": node,
             }
+        top_file = _file_node(self.active, read_only=False, opener=opener)
         return {
             "driver": "qcow2",
             "node-name": top_name,
-            "file": {**_file_node(self.active, read_only=False), "node-name": f"{top_name}-file"},
+            "file": {**top_file, "node-name": f"{top_name}-file"},
             "backing": node,  # None: no backing (yet), whatever the header says
         }
 
 
-def _file_node(path: Path, *, read_only: bool) -> dict[str, Any]:
-    node: dict[str, Any] = {"driver": "file", "filename": str(path)}
+# confine: how a confined QEMU names a file it gets as an fd (jail.VMFiles)
+_Opener = Callable[[Path, bool], str]  # (path, writable) -> filename for QEMU
+
+
+def _file_node(path: Path, *, read_only: bool, opener: _Opener | None = None) -> dict[str, Any]:
+    name = str(path) if opener is None else opener(path, not read_only)
+    node: dict[str, Any] = {"driver": "file", "filename": name}
     if read_only:
         # Many VMs share read-only layers and bases; the write lock is taken by
         # whoever writes, readers need no exclusive lock.
@@ -153,6 +163,14 @@ class QemuVM:
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _qmp: QMP | None = field(default=None, repr=False)
     _next_node: int = 1
+    # confine: jail QEMU (vm/jail.py); False only to measure what it costs
+    confine: bool = True
+    # confine: called (from a helper thread) when a guest disk write failed on
+    # the host; the VM is killed right after and ``fault`` keeps the reason
+    on_fault: Callable[[str], None] | None = field(default=None, repr=False)
+    fault: str | None = None
+    _files: VMFiles = field(default_factory=PlainFiles, repr=False)
+    _jail: Jail | None = field(default=None, repr=False)
 
     def __hash__(self) -> int:
         return id(self)
@@ -170,8 +188,14 @@ class QemuVM:
         return self._proc.pid if self._proc else None
 
     # ------------------------------------------------------------------
-    def argv(self, *, incoming: bool, qmp_fd: int, paused: bool = False) -> list[str]:
+    def argv(self, *, incoming: bool, qmp_fd: int, paused: bool = False,
+             files: VMFiles | None = None) -> list[str]:
         s = self.shape
+        f = files or PlainFiles()  # confine: fds instead of paths when jailed
+
+        def opener(path: Path, writable: bool) -> str:
+            return f.disk(path, writable=writable)
+
         accel = "kvm" if s.accel == "kvm" else "tcg,tb-size=256"
         return [
             "qemu-system-x86_64",
@@ -187,15 +211,16 @@ class QemuVM:
             "-append", self.boot.cmdline,
             "-chardev", f"socket,id=qmp,fd={qmp_fd}",
             "-mon", "chardev=qmp,mode=control",
-            "-chardev", f"file,id=console,path={self.console_path}",
+            "-chardev", f"file,id=console,path={f.console(self.console_path)}",
             "-serial", "chardev:console",
-            "-blockdev", json.dumps(self.disk.blockdev(self.top_node)),
+            "-blockdev", json.dumps(self.disk.blockdev(self.top_node, opener)),
             "-device", f"virtio-blk-pci,drive={self.top_node},id=disk0,addr=0x4",
             "-device", "virtio-serial-pci,id=vser0,addr=0x5",
-            "-chardev", f"socket,id=agent,path={self.agent_socket},server=on,wait=off",
+            "-chardev", f"socket,id=agent,{f.agent(self.agent_socket)}",
             "-device", "virtserialport,bus=vser0.0,nr=1,chardev=agent,name=agent,id=agentport",
             *(["-incoming", "defer"] if incoming else []),
             *(["-S"] if paused else []),
+            *f.args(),
         ]
 
     def launch(self, *, incoming_state: Path | int | None = None, timeout: float = 60.0,
@@ -228,24 +253,38 @@ class QemuVM:
         with contextlib.suppress(FileNotFoundError):
             self.agent_socket.unlink()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        files = JailedFiles() if self.confine else PlainFiles()  # confine
+        self._files = files
         try:
             argv = self.argv(incoming=incoming_state is not None, qmp_fd=theirs.fileno(),
-                             paused=not run)
+                             paused=not run, files=files)
             if loadvm is not None:
                 argv += ["-loadvm", loadvm]
             (self.workdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1))
-            self._proc = spawn(argv, pass_fds=[theirs.fileno()], log=self.log_path,
-                               cwd=self.workdir)
+            fds = [theirs.fileno(), *(files.pass_fds if isinstance(files, JailedFiles) else ())]
+            if self.confine and can_confine():  # confine: uid, namespaces, cgroup, rlimits
+                self._jail = Jail(self.name, memory_mb=self.shape.memory_mb,
+                                  cpus=self.shape.cpus, accel=self.shape.accel,
+                                  boot_files=(self.boot.kernel, self.boot.initrd),
+                                  disk_bytes=qcow2_virtual_size(self.disk.active))
+                self._proc = spawn(self._jail.command(argv), pass_fds=fds, log=self.log_path,
+                                   cwd=self.workdir, jailed=True)
+            else:
+                self._proc = spawn(argv, pass_fds=fds, log=self.log_path, cwd=self.workdir)
         except BaseException:
             ours.close()
             self.state = VMState.FAILED
+            self._release_jail()
             raise
         finally:
             theirs.close()
+            if isinstance(files, JailedFiles):
+                files.handed_over()
         with _live_lock:
             _live.add(self)
         try:
             self._qmp = QMP(ours, self.name)
+            self._qmp.watch(self._on_event)  # confine: disk faults (issue 9 item 6)
             self._qmp.connect(timeout=timeout)
             self._qmp.execute("migrate-set-parameters",
                               {"max-bandwidth": _MIGRATION_BANDWIDTH})
@@ -329,10 +368,11 @@ class QemuVM:
         """
         qmp = self._require_qmp()
         node = f"top{self._next_node}"
+        new_file = _file_node(new_active, read_only=False, opener=self._late_opener(qmp))
         qmp.execute("blockdev-add", {
             "driver": "qcow2",
             "node-name": node,
-            "file": {**_file_node(new_active, read_only=False), "node-name": f"{node}-file"},
+            "file": {**new_file, "node-name": f"{node}-file"},
             "backing": None,
         })
         qmp.execute("blockdev-snapshot", {"node": self.top_node, "overlay": node})
@@ -352,7 +392,13 @@ class QemuVM:
         if self.state is not VMState.PAUSED or self.disk.base is not None:
             raise VMError(f"{self.name}: can only attach a chain to a paused VM without one")
         qmp = self._require_qmp()
-        chain = DiskChain(base, layers, self.disk.active).blockdev(self.top_node)["backing"]
+        late = self._late_opener(qmp)
+        active = self.disk.active  # already open: only the chain below it is new
+
+        def opener(path: Path, writable: bool) -> str:
+            return str(path) if path == active else late(path, writable)
+
+        chain = DiskChain(base, layers, active).blockdev(self.top_node, opener)["backing"]
         qmp.execute("blockdev-add", chain)
         qmp.execute("blockdev-reopen", {"options": [{
             "driver": "qcow2",
@@ -361,6 +407,39 @@ class QemuVM:
             "backing": chain["node-name"],
         }]})
         self.disk = DiskChain(base, layers, self.disk.active)
+
+    def _late_opener(self, qmp: QMP) -> _Opener:
+        """confine: files opened after start reach a jailed QEMU as fds over QMP."""
+        files = self._files
+
+        def opener(path: Path, writable: bool) -> str:
+            return files.late_disk(qmp, path, writable=writable)
+
+        return opener
+
+    def _on_event(self, event: Event) -> None:
+        """QMP loop thread: a host-side disk failure fails the VM (not a silent pause)."""
+        if event.get("event") != "BLOCK_IO_ERROR" or self.fault is not None:
+            return
+        data = event.get("data") or {}
+        why = str(data.get("reason") or "I/O error")
+        if data.get("nospace"):
+            why += " (the host's filesystem is full)"
+        self.fault = f"guest disk {data.get('operation', 'access')} failed on the host: {why}"
+        log.error("%s: %s; stopping the VM", self.name, self.fault)
+        threading.Thread(target=self._fail_on_fault, name=f"fault-{self.name}",
+                         daemon=True).start()
+
+    def _fail_on_fault(self) -> None:
+        self.state = VMState.FAILED
+        if self.on_fault is not None and self.fault is not None:
+            self.on_fault(self.fault)
+        self.kill()
+
+    def _release_jail(self) -> None:
+        jail, self._jail = self._jail, None
+        if jail is not None:
+            jail.release()
 
     def set_parent_marker(self, marker: str) -> None:
         """Rewrite the active layer's recorded backing name (see checkpoint.qcow2)."""
@@ -416,6 +495,8 @@ class QemuVM:
         if self._qmp is not None:
             self._qmp.close()
             self._qmp = None
+        if self._proc is not None and self._proc.poll() is not None:
+            self._release_jail()  # confine: the cgroup can go once QEMU is gone
         if self.state is not VMState.FAILED:
             self.state = VMState.STOPPED
         with contextlib.suppress(FileNotFoundError):

@@ -54,6 +54,7 @@ class SandboxInfo:
     parent_checkpoint: str | None
     last_checkpoint: str | None
     pid: int | None
+    error: str | None = None  # why it failed, when known (e.g. a host-side disk fault)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +68,7 @@ class SandboxInfo:
             "parent_checkpoint": self.parent_checkpoint,
             "last_checkpoint": self.last_checkpoint,
             "pid": self.pid,
+            "error": self.error,
         }
 
 
@@ -129,6 +131,7 @@ class Sandbox:
         # manifest parts of the running chain, so a checkpoint never re-hashes old layers
         self._layer_refs: tuple[PartRef, ...] = ()
         self._boot_ref: BootRef | None = None
+        self.error: str | None = None
         self.files = Files(self)
 
     # ------------------------------------------------------------------
@@ -157,6 +160,7 @@ class Sandbox:
             parent_checkpoint=self.parent_checkpoint,
             last_checkpoint=self.last_checkpoint,
             pid=vm.pid if vm is not None and vm.alive() else None,
+            error=self.error,
         )
 
     def __repr__(self) -> str:
@@ -203,7 +207,8 @@ class Sandbox:
             vm = self._vm
             if vm is not None and not vm.alive():
                 self._mark_failed()
-                raise VMError(f"sandbox {self.id}: QEMU exited", log_tail=vm.log_tail()) from None
+                raise VMError(f"sandbox {self.id}: {vm.fault or 'QEMU exited'}",
+                              log_tail=vm.log_tail()) from None
             raise
 
     # ------------------------------------------------------------------
@@ -241,6 +246,7 @@ class Sandbox:
         the rest of its disk chain.
         """
         self._vm = vm
+        vm.on_fault = self._disk_fault  # confine: host-side disk faults fail the sandbox
         agent = AgentClient(vm.agent_socket, name=self.id)
 
         def connect_early() -> None:
@@ -274,6 +280,12 @@ class Sandbox:
         self._agent = agent
         self._state = SandboxState.RUNNING
         self._save_meta()
+
+    def _disk_fault(self, reason: str) -> None:
+        """A guest disk write failed on the host (``QemuVM.on_fault``; QEMU is killed next)."""
+        self.error = reason
+        log.error("sandbox %s failed: %s", self.id, reason)
+        self._mark_failed()
 
     def _mark_failed(self) -> None:
         if self._state not in (SandboxState.DESTROYED, SandboxState.HIBERNATED):
@@ -388,7 +400,8 @@ class Sandbox:
             raise SandboxStateError(self.id, self._state.value, op)
         if not vm.alive():
             self._mark_failed()
-            raise VMError(f"sandbox {self.id}: QEMU exited", log_tail=vm.log_tail())
+            raise VMError(f"sandbox {self.id}: {vm.fault or 'QEMU exited'}",
+                          log_tail=vm.log_tail())
         return vm, agent
 
 
