@@ -127,6 +127,13 @@ _Opener = Callable[[Path, bool], str]  # (path, writable) -> filename for QEMU
 def _file_node(path: Path, *, read_only: bool, opener: _Opener | None = None) -> dict[str, Any]:
     name = str(path) if opener is None else opener(path, not read_only)
     node: dict[str, Any] = {"driver": "file", "filename": name}
+    if name.startswith("/dev/fdset/"):
+        # confine: image locks are per open file description, and the fd set
+        # keeps every description QEMU was given alive: locks of a layer that
+        # a checkpoint reopened read-only would stay behind and refuse the
+        # next activation (``cont``) or a fork.  The worker alone opens these
+        # files and never hands a writable one to two VMs.
+        node["locking"] = "off"
     if read_only:
         # Many VMs share read-only layers and bases; the write lock is taken by
         # whoever writes, readers need no exclusive lock.
