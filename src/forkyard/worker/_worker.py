@@ -101,7 +101,10 @@ class Worker:
         store: str | ObjectStore | None = None,
         install: bool = True,
         log: Callable[[str], None] | None = None,
+        confine: bool = True,
     ) -> None:
+        # confine: False only to measure what the jail costs (benchmarks/bench_confine.py)
+        self.confine = confine
         self.home = home if isinstance(home, Home) else Home.at(home)
         self.home.ensure()
         self._home_lock = _lock_home(self.home)
@@ -586,6 +589,7 @@ class Worker:
             shape=shape,
             boot=boot,
             disk=disk,
+            confine=self.confine,
         )
 
     def _register(self, sandbox_id: str | None, **kw: Any) -> Sandbox:
