@@ -37,8 +37,8 @@ confinement costs (``benchmarks/bench_confine.py``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import marshal
 import os
 import shutil
 import socket
@@ -236,7 +236,7 @@ class Jail:
 
             raise SetupError(f"{argv[0]} is not installed (run `forkyard setup`)")
         spec = {**self._spec, "exe": exe}
-        return [sys.executable, "-I", "-S", str(JAILER), json.dumps(spec), "--", *argv]
+        return [sys.executable, "-I", "-S", str(JAILER), marshal.dumps(spec).hex(), "--", *argv]
 
     def release(self) -> None:
         self.cgroup.remove()
