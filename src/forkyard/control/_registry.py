@@ -156,7 +156,7 @@ class Registry:
                     destroy.append(sb.id)
             elif row.state == S.RUNNING and sb.state in ("failed", "stopped"):
                 row.state = S.FAILED if sb.state == "failed" else S.STOPPED
-                row.error = f"the VM stopped on worker {name} (it reports {sb.state})"
+                row.error = sb.error or f"the VM stopped on worker {name} (it reports {sb.state})"
                 row.updated = utcnow()
             elif row.state == S.LOST and sb.state == "running":
                 # the worker only missed heartbeats; its VM kept running
