@@ -190,3 +190,15 @@ def test_block_io_error_fails_the_vm_with_its_reason(tmp_path):
     assert vm.state is VMState.FAILED
     vm._on_event({"event": "BLOCK_IO_ERROR", "data": {"operation": "read"}})
     assert len(got) == 1  # reported once
+
+
+def test_not_root_falls_back_with_one_warning(monkeypatch, caplog):
+    from forkyard.vm import jail
+
+    monkeypatch.setattr(jail.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(jail, "_warned", threading.Event())
+    with caplog.at_level("WARNING", logger="forkyard.vm"):
+        assert jail.can_confine() is False
+        assert jail.can_confine() is False
+    warnings = [r for r in caplog.records if "not running as root" in r.getMessage()]
+    assert len(warnings) == 1
