@@ -33,6 +33,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--forks", type=int, default=3, help="forks timed per trial")
     ap.add_argument("--home", type=Path, default=None)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -51,9 +52,10 @@ def main() -> None:
                     t, sb = timed(lambda: w.create("minimal"))
                     times.setdefault(("boot", confine), []).append(t)
                     cp = sb.checkpoint()  # type: ignore[attr-defined]
-                    t, fork = timed(lambda cp=cp: w.fork(cp))  # type: ignore[misc]
-                    times.setdefault(("fork", confine), []).append(t)
-                    fork.destroy()  # type: ignore[attr-defined]
+                    for _ in range(args.forks):  # forks are short: more samples, less noise
+                        t, fork = timed(lambda cp=cp: w.fork(cp))  # type: ignore[misc]
+                        times.setdefault(("fork", confine), []).append(t)
+                        fork.destroy()  # type: ignore[attr-defined]
                     sb.destroy()  # type: ignore[attr-defined]
     table = Table(title=f"confinement cost, minimal image, {args.trials} trials (median s)")
     for col in ("operation", "unconfined", "confined", "confined / unconfined"):

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from forkyard.errors import SetupError
 from forkyard.host import vmuser
 from forkyard.vm.cgroup import VMCgroup, limits_for
 
@@ -232,8 +233,6 @@ class Jail:
         JAIL_ROOT.mkdir(parents=True, exist_ok=True, mode=0o755)
         exe = shutil.which(argv[0], path=ENV["PATH"])
         if exe is None:
-            from forkyard.errors import SetupError
-
             raise SetupError(f"{argv[0]} is not installed (run `forkyard setup`)")
         spec = {**self._spec, "exe": exe}
         return [sys.executable, "-I", "-S", str(JAILER), marshal.dumps(spec).hex(), "--", *argv]
