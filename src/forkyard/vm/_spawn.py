@@ -8,7 +8,7 @@ and memory.  An unconfined QEMU gets the signal from ``setpriv --pdeathsig
 KILL``; a confined one from the jail launcher (``vm/_jailer.py``), which arms
 it again after dropping privileges, because a credential change clears it.
 
-Either way QEMU's environment is ``jail.ENV`` only: nothing of the worker's
+Either way QEMU's environment is ``ENV`` only: nothing of the worker's
 (API or worker tokens, store credentials) reaches a process a guest may own.
 """
 
@@ -22,9 +22,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-from forkyard.vm.jail import ENV
+__all__ = ["ENV", "spawn"]
 
-__all__ = ["spawn"]
+ENV = {"PATH": "/usr/bin:/bin"}
 
 
 @dataclass(frozen=True, slots=True)

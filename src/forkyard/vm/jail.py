@@ -43,6 +43,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -51,15 +52,15 @@ from typing import Protocol
 
 from forkyard.errors import SetupError
 from forkyard.host import vmuser
+from forkyard.vm._spawn import ENV, spawn
 from forkyard.vm.cgroup import VMCgroup, limits_for
 
 __all__ = ["ENV", "SANDBOX", "Jail", "JailedFiles", "PlainFiles", "VMFiles", "can_confine",
-           "qcow2_virtual_size"]
+           "files_for", "qcow2_virtual_size", "start"]
 
 log = logging.getLogger("forkyard.vm")
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-ENV = {"PATH": "/usr/bin:/bin"}
 JAILER = Path(__file__).with_name("_jailer.py")
 JAIL_ROOT = Path("/run/forkyard/jail")  # an empty mount point; each VM mounts its own tmpfs
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
@@ -91,6 +92,7 @@ class VMFiles(Protocol):
     def console(self, path: Path) -> str: ...
     def agent(self, path: Path) -> str: ...
     def args(self) -> list[str]: ...
+    def handed_over(self) -> None: ...
 
 
 class PlainFiles:
@@ -110,6 +112,9 @@ class PlainFiles:
 
     def args(self) -> list[str]:
         return []
+
+    def handed_over(self) -> None:
+        pass
 
 
 @dataclass
@@ -240,6 +245,30 @@ class Jail:
     def release(self) -> None:
         self.cgroup.remove()
         self.identity.release()
+
+
+def files_for(confine: bool) -> VMFiles:
+    return JailedFiles() if confine else PlainFiles()
+
+
+def start(argv: list[str], files: VMFiles, *, name: str, memory_mb: int, cpus: int, accel: str,
+          boot_files: tuple[Path, ...], active: Path, pass_fds: tuple[int, ...], log: Path,
+          cwd: Path) -> tuple[subprocess.Popen[bytes], Jail | None]:
+    """Spawn QEMU jailed if ``files`` are a jail's (and we can), else as before.
+
+    The caller owns the returned jail and releases it once QEMU exited, and
+    calls ``files.handed_over()`` after this returns or raises.
+    """
+    fds = (*pass_fds, *files.pass_fds) if isinstance(files, JailedFiles) else pass_fds
+    if not isinstance(files, JailedFiles) or not can_confine():
+        return spawn(argv, pass_fds=fds, log=log, cwd=cwd), None
+    jail = Jail(name, memory_mb=memory_mb, cpus=cpus, accel=accel, boot_files=boot_files,
+                disk_bytes=qcow2_virtual_size(active))
+    try:
+        return spawn(jail.command(argv), pass_fds=fds, log=log, cwd=cwd, jailed=True), jail
+    except BaseException:
+        jail.release()
+        raise
 
 
 def qcow2_virtual_size(path: Path) -> int:

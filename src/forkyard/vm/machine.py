@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from forkyard.errors import VMError
-from forkyard.vm._spawn import spawn
-from forkyard.vm.jail import Jail, JailedFiles, PlainFiles, VMFiles, can_confine, qcow2_virtual_size
-from forkyard.vm.qmp import QMP, Event
+from forkyard.vm import jail
+from forkyard.vm.jail import Jail, PlainFiles, VMFiles
+from forkyard.vm.qmp import QMP, Event, io_error_reason
 
 __all__ = [
     "DEVICE_PROFILE",
@@ -260,33 +260,26 @@ class QemuVM:
         with contextlib.suppress(FileNotFoundError):
             self.agent_socket.unlink()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        files = JailedFiles() if self.confine else PlainFiles()  # confine
-        self._files = files
+        self._files = files = jail.files_for(self.confine)  # confine: fds, not paths
         try:
             argv = self.argv(incoming=incoming_state is not None, qmp_fd=theirs.fileno(),
                              paused=not run, files=files)
             if loadvm is not None:
                 argv += ["-loadvm", loadvm]
             (self.workdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1))
-            fds = [theirs.fileno(), *(files.pass_fds if isinstance(files, JailedFiles) else ())]
-            if self.confine and can_confine():  # confine: uid, namespaces, cgroup, rlimits
-                self._jail = Jail(self.name, memory_mb=self.shape.memory_mb,
-                                  cpus=self.shape.cpus, accel=self.shape.accel,
-                                  boot_files=(self.boot.kernel, self.boot.initrd),
-                                  disk_bytes=qcow2_virtual_size(self.disk.active))
-                self._proc = spawn(self._jail.command(argv), pass_fds=fds, log=self.log_path,
-                                   cwd=self.workdir, jailed=True)
-            else:
-                self._proc = spawn(argv, pass_fds=fds, log=self.log_path, cwd=self.workdir)
+            # confine: uid, namespaces, cgroup, rlimits (vm/jail.py)
+            self._proc, self._jail = jail.start(
+                argv, files, name=self.name, memory_mb=self.shape.memory_mb,
+                cpus=self.shape.cpus, accel=self.shape.accel,
+                boot_files=(self.boot.kernel, self.boot.initrd), active=self.disk.active,
+                pass_fds=(theirs.fileno(),), log=self.log_path, cwd=self.workdir)
         except BaseException:
             ours.close()
             self.state = VMState.FAILED
-            self._release_jail()
             raise
         finally:
             theirs.close()
-            if isinstance(files, JailedFiles):
-                files.handed_over()
+            files.handed_over()  # confine: QEMU has its copies (or never will)
         with _live_lock:
             _live.add(self)
         try:
@@ -426,13 +419,10 @@ class QemuVM:
 
     def _on_event(self, event: Event) -> None:
         """QMP loop thread: a host-side disk failure fails the VM (not a silent pause)."""
-        if event.get("event") != "BLOCK_IO_ERROR" or self.fault is not None:
+        reason = io_error_reason(event)
+        if reason is None or self.fault is not None:
             return
-        data = event.get("data") or {}
-        why = str(data.get("reason") or "I/O error")
-        if data.get("nospace"):
-            why += " (the host's filesystem is full)"
-        self.fault = f"guest disk {data.get('operation', 'access')} failed on the host: {why}"
+        self.fault = reason
         log.error("%s: %s; stopping the VM", self.name, self.fault)
         threading.Thread(target=self._fail_on_fault, name=f"fault-{self.name}",
                          daemon=True).start()
@@ -444,9 +434,9 @@ class QemuVM:
         self.kill()
 
     def _release_jail(self) -> None:
-        jail, self._jail = self._jail, None
-        if jail is not None:
-            jail.release()
+        held, self._jail = self._jail, None
+        if held is not None:
+            held.release()
 
     def set_parent_marker(self, marker: str) -> None:
         """Rewrite the active layer's recorded backing name (see checkpoint.qcow2)."""

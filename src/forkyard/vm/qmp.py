@@ -21,9 +21,20 @@ from qemu.qmp.qmp_client import ExecuteError
 from forkyard.errors import VMError
 from forkyard.vm._loop import run_sync
 
-__all__ = ["QMP", "QMPCommandError"]
+__all__ = ["QMP", "QMPCommandError", "io_error_reason"]
 
 Event = dict[str, Any]
+
+
+def io_error_reason(event: dict[str, Any]) -> str | None:
+    """What a ``BLOCK_IO_ERROR`` event says went wrong on the host; None for other events."""
+    if event.get("event") != "BLOCK_IO_ERROR":
+        return None
+    data = event.get("data") or {}
+    why = str(data.get("reason") or "I/O error")
+    if data.get("nospace"):
+        why += " (the host's filesystem is full)"
+    return f"guest disk {data.get('operation', 'access')} failed on the host: {why}"
 
 
 class QMPCommandError(VMError):
