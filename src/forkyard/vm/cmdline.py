@@ -12,7 +12,6 @@ per role the profile's devices plug into.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 from forkyard.vm.disks import DiskChain, Opener
@@ -36,12 +35,12 @@ def machine_args(shape: VMShape, *, tb_size: bool = True) -> list[str]:
 def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top_node: str,
               qmp_fd: int, console_fd: int | None, agent_socket: Path, incoming: bool,
               paused: bool = False, opener: Opener | None = None,
-              agent_chardev: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+              agent_chardev: str | None = None) -> list[str]:
     """The command line of one forkyard VM (see ``QemuVM.launch``).
 
     A confined QEMU (``vm.jail``) gets its files as fds: ``opener`` names each
-    disk file, ``agent_chardev`` is the agent socket's chardev options, and
-    ``extra`` (seccomp, ``-add-fd``) goes last.
+    disk file and ``agent_chardev`` is the agent socket's chardev options; the
+    jail's own arguments (seccomp, ``-add-fd``) are appended by the caller.
     """
     agent = agent_chardev or f"path={agent_socket},server=on,wait=off"
     return [
@@ -64,7 +63,6 @@ def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top
         *shape.profile.args({"console": "console", "disk": top_node, "agent": "agent"}),
         *(["-incoming", "defer"] if incoming else []),
         *(["-S"] if paused else []),
-        *extra,
     ]
 
 

@@ -125,11 +125,12 @@ class QemuVM:
         def opener(path: Path, writable: bool) -> str:
             return f.disk(path, writable=writable)
 
-        return qemu_argv(name=self.name, shape=self.shape, boot=self.boot, disk=self.disk,
+        argv = qemu_argv(name=self.name, shape=self.shape, boot=self.boot, disk=self.disk,
                          top_node=self.top_node, qmp_fd=qmp_fd, console_fd=console_fd,
                          agent_socket=self.agent_socket, incoming=incoming, paused=paused,
-                         opener=opener, agent_chardev=f.agent(self.agent_socket),
-                         extra=f.args())
+                         opener=opener, agent_chardev=f.agent(self.agent_socket))
+        # after the rendering: the jail's -add-fd list grows as the opener is called
+        return argv + f.args()
 
     def launch(self, *, incoming_state: Path | int | None = None, timeout: float = 60.0,
                run: bool = True, loadvm: str | None = None,

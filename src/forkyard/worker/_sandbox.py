@@ -168,9 +168,11 @@ class Sandbox:
         try:
             return fn(agent)
         except AgentError:
-            # A dead QEMU explains a broken channel better than the channel does.
+            # A dead QEMU (or the disk fault it is being killed for) explains a
+            # broken channel better than the channel does; the fault is checked
+            # first because the kill may still be reaping QEMU.
             vm = self._vm
-            if vm is not None and not vm.alive():
+            if vm is not None and (vm.fault is not None or not vm.alive()):
                 self._mark_failed()
                 raise VMError(f"sandbox {self.id}: {vm.fault or 'QEMU exited'}",
                               log_tail=vm.log_tail()) from None
