@@ -191,8 +191,9 @@ def fork(
     if json_:
         print_json([s.to_json() for s in infos])
     else:
+        # bare ids, one a line, like `create`: `for sb in $(forkyard fork ...)` works
         for s in infos:
-            console().print(f"{s.id} {s.state} on {s.worker}")
+            console().print(s.id)
 
 
 def hibernate(

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from forkyard.checkpoint import archive
 from forkyard.control._db import CheckpointRow, SandboxRow, utcnow
 from forkyard.control._placement import Candidate, Placement
+from forkyard.control._publish import PUBLISH_WAIT
 from forkyard.control._records import (
     adopt_published,
     checkpoint_out,
@@ -17,7 +18,7 @@ from forkyard.control._records import (
 )
 from forkyard.control._transitions import Transitions
 from forkyard.control._workers import WorkerClient
-from forkyard.errors import CheckpointNotFound
+from forkyard.errors import CheckpointNotFound, PlacementConflict, WorkerUnavailable
 from forkyard.store import ObjectStore, open_store
 from forkyard.wire import worker_api
 from forkyard.wire.ids import new_sandbox_id
@@ -90,8 +91,28 @@ class Checkpoints(Transitions):
         with self.db.tx() as s:
             s.delete(checkpoint_row(s, ref))
 
+    publish_wait = PUBLISH_WAIT
+
     def fork(self, ref: str, req: ForkRequest) -> list[SandboxOut]:
         self._adopt_if_unknown(ref)
+        try:
+            cp_id, plan = self._plan_fork(ref, req)
+        except (PlacementConflict, WorkerUnavailable):
+            # An unpublished checkpoint starts only where it was taken; if its
+            # publish is under way (``checkpoint`` returns at once), waiting for
+            # it lets the fork go anywhere instead of failing.
+            with self.db.tx() as s:
+                cp = checkpoint_row(s, ref)
+                publishing = cp.state == CheckpointState.PUBLISHING and cp.worker is not None
+                origin = cp.worker or ""
+            if not publishing:
+                raise
+            self.publishes.wait_settled(cp.id, origin, self.publish_wait)
+            cp_id, plan = self._plan_fork(ref, req)
+        return self._start_forks(cp_id, plan)
+
+    def _plan_fork(self, ref: str, req: ForkRequest) -> tuple[str, list[tuple[str, WorkerClient]]]:
+        """Place every fork and record it ``starting`` (one transaction)."""
         now = utcnow()
         with self.db.tx() as s:
             cp = checkpoint_row(s, ref)
@@ -115,7 +136,10 @@ class Checkpoints(Transitions):
                 s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image=cp.base,
                                  parent_checkpoint=cp.id, created=now, updated=now))
             cp_id = cp.id
+        return cp_id, plan
 
+    def _start_forks(self, cp_id: str, plan: list[tuple[str, WorkerClient]]
+                     ) -> list[SandboxOut]:
         def start(item: tuple[str, WorkerClient]) -> WorkerSandbox:
             sid, client = item
             return client.send(worker_api.fork(cp_id, sid))
