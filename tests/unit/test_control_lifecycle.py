@@ -25,6 +25,7 @@ from tests.fixtures.fake_worker import FakeWorker, fake_worker
 
 API = "api-" + "l" * 40
 WORKER = "wrk-" + "m" * 40
+TICK = 0.1  # the timer loop's period here (1 s in production)
 
 
 @dataclass
@@ -71,6 +72,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # the fakes send no heartbeats: they must not be declared dead mid-test
     app = create_app(db_url=f"sqlite:///{home}/control.db", api_token=API,
                      worker_token=WORKER, store_url=store_url, heartbeat_timeout=3600)
+    app.state.plane.timer_tick = TICK
     url, srv, thread = _serve(app)
     store: dict[str, WorkerCheckpoint] = {}
     with (fake_worker("w1", server_url=url, worker_token=WORKER, store_url=store_url,
@@ -128,3 +130,140 @@ def test_a_local_checkpoint_elsewhere_is_still_a_prompt_409(cluster: Cluster) ->
     started = time.monotonic()
     resp = cluster.api.post(f"/v1/checkpoints/{cp['id']}/fork", json={"worker": "w2"})
     assert resp.status_code == 409 and time.monotonic() - started < 5
+
+
+# --- labels -------------------------------------------------------------------------------
+def _ids(resp: httpx.Response) -> set[str]:
+    assert resp.status_code == 200, resp.text
+    return {s["id"] for s in resp.json()}
+
+
+def test_label_filters_over_http_and_forks_inherit_labels(cluster: Cluster) -> None:
+    a = cluster.create(labels={"team": "red", "env": "ci"})
+    b = cluster.create(labels={"team": "blue", "env": "ci"})
+    assert a["labels"] == {"team": "red", "env": "ci"}
+    api = cluster.api
+    assert _ids(api.get("/v1/sandboxes", params={"label": "team=red"})) == {a["id"]}
+    assert _ids(api.get("/v1/sandboxes", params=[("label", "env=ci")])) >= {a["id"], b["id"]}
+    assert _ids(api.get("/v1/sandboxes", params=[("label", "env=ci"), ("label", "team=blue")])
+                ) == {b["id"]}
+    assert _ids(api.get("/v1/sandboxes", params={"label": "team=green"})) == set()
+    cp = api.post(f"/v1/sandboxes/{a['id']}/checkpoint", json={"labels": {"stage": "warm"}})
+    assert cp.status_code == 201 and cp.json()["labels"] == {"team": "red", "env": "ci",
+                                                              "stage": "warm"}
+    forks = api.post(f"/v1/checkpoints/{cp.json()['id']}/fork",
+                     json={"count": 2, "worker": "w2", "labels": {"env": "prod"}}).json()
+    assert all(f["labels"] == {"team": "red", "env": "prod", "stage": "warm"} for f in forks)
+    assert _ids(api.get("/v1/sandboxes", params=[("label", "team=red"), ("label", "env=prod")])
+                ) == {f["id"] for f in forks}
+    # state filter: a destroyed one only shows when asked for
+    api.delete(f"/v1/sandboxes/{forks[0]['id']}")
+    assert forks[0]["id"] not in _ids(api.get("/v1/sandboxes", params={"label": "env=prod"}))
+    gone = _ids(api.get("/v1/sandboxes", params={"label": "env=prod", "state": "destroyed"}))
+    assert gone == {forks[0]["id"]}
+    assert _ids(api.get("/v1/sandboxes", params={"state": "running", "label": "env=prod"})
+                ) == {forks[1]["id"]}
+
+
+@pytest.mark.parametrize("labels", [
+    {"": "x"}, {"-lead": "x"}, {"k": "line\nbreak"}, {"k": "v" * 257}, {"k" * 64: "v"},
+    {f"k{i}": "v" for i in range(33)}, {"k": 1}, ["k=v"],
+])
+def test_bad_labels_are_422(cluster: Cluster, labels: Any) -> None:
+    resp = cluster.api.post("/v1/sandboxes", json={"worker": "w1", "labels": labels})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["type"] == "invalid"
+
+
+@pytest.mark.parametrize("params", [
+    {"label": "novalue"}, {"label": "=v"}, {"label": "k=\x01"}, {"state": "sleepy"},
+    [("label", f"k{i}=v") for i in range(33)],
+])
+def test_bad_label_filters_are_422(cluster: Cluster, params: Any) -> None:
+    resp = cluster.api.get("/v1/sandboxes", params=params)
+    assert resp.status_code == 422, resp.text
+
+
+# --- timeouts, idle hibernation, auto-wake ------------------------------------------------
+def _state(cluster: Cluster, sid: str) -> str:
+    return str(cluster.api.get(f"/v1/sandboxes/{sid}").json()["state"])
+
+
+def test_timeout_kill_destroys_it_and_reading_it_does_not_reset_the_timer(
+        cluster: Cluster) -> None:
+    sb = cluster.create(timeout=2, on_timeout="kill")
+    assert sb["timeout"] == 2 and sb["on_timeout"] == "kill" and sb["expires_at"]
+    started = time.monotonic()
+    # polling get (what `connect` does) all along must not postpone it
+    wait_for(lambda: _state(cluster, sb["id"]) == "destroyed", 10, "the timeout")
+    assert time.monotonic() - started >= 1.5
+    assert sb["id"] not in cluster.w1.sandboxes
+
+
+def test_set_timeout_moves_the_timer(cluster: Cluster) -> None:
+    sb = cluster.create(timeout=3600)
+    resp = cluster.api.post(f"/v1/sandboxes/{sb['id']}/timeout", json={"timeout": 1})
+    assert resp.status_code == 200 and resp.json()["timeout"] == 1
+    wait_for(lambda: _state(cluster, sb["id"]) == "destroyed", 10, "the new timeout")
+    other = cluster.create(timeout=1)
+    assert cluster.api.post(f"/v1/sandboxes/{other['id']}/timeout",
+                            json={"timeout": None}).json()["expires_at"] is None
+    time.sleep(1.5)
+    assert _state(cluster, other["id"]) == "running"
+    for bad in ({"timeout": 0}, {"timeout": -1}, {"timeout": 10**9}, {}):
+        assert cluster.api.post(f"/v1/sandboxes/{other['id']}/timeout",
+                                json=bad).status_code == 422
+
+
+def test_timeout_hibernate_then_an_exec_wakes_it(cluster: Cluster) -> None:
+    sb = cluster.create(timeout=1, on_timeout="hibernate", auto_wake=True)
+    wait_for(lambda: _state(cluster, sb["id"]) == "hibernated", 10, "hibernation")
+    resp = cluster.api.post(f"/v1/sandboxes/{sb['id']}/exec", json={"cmd": "true"})
+    assert resp.status_code == 200, resp.text
+    assert _state(cluster, sb["id"]) == "running"
+    # without auto_wake the same request is refused
+    plain = cluster.create(timeout=1, on_timeout="hibernate")
+    wait_for(lambda: _state(cluster, plain["id"]) == "hibernated", 10, "hibernation")
+    resp = cluster.api.post(f"/v1/sandboxes/{plain['id']}/exec", json={"cmd": "true"})
+    assert resp.status_code == 409 and "wake it first" in resp.json()["error"]["message"]
+
+
+def test_idle_hibernate_takes_the_idle_one_and_not_the_busy_one(cluster: Cluster) -> None:
+    idle = cluster.create(idle_hibernate=2)
+    busy = cluster.create(idle_hibernate=2)
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert cluster.api.put(f"/v1/sandboxes/{busy['id']}/files", params={"path": "/x"},
+                                content=b"x").status_code == 200
+        time.sleep(0.3)
+    assert _state(cluster, idle["id"]) == "hibernated"
+    assert _state(cluster, busy["id"]) == "running"
+
+
+def test_timers_survive_a_control_plane_restart(tmp_path: Any) -> None:
+    db_url = f"sqlite:///{tmp_path}/control.db"
+    store_url = f"file://{tmp_path / 'store'}"
+
+    def plane() -> tuple[str, uvicorn.Server, threading.Thread]:
+        app = create_app(db_url=db_url, api_token=API, worker_token=WORKER,
+                         store_url=store_url, heartbeat_timeout=3600)
+        app.state.plane.timer_tick = TICK
+        return _serve(app)
+
+    url, srv, thread = plane()
+    headers = {"authorization": f"Bearer {API}"}
+    with fake_worker("w1", server_url=url, worker_token=WORKER, store_url=store_url) as w1:
+        sid = httpx.post(f"{url}/v1/sandboxes", json={"timeout": 3}, headers=headers
+                         ).json()["id"]
+        srv.should_exit = True
+        thread.join(timeout=30)
+        assert sid in w1.sandboxes
+        time.sleep(3.5)  # it expires while no control plane runs
+        url, srv, thread = plane()
+        try:
+            wait_for(lambda: httpx.get(f"{url}/v1/sandboxes/{sid}", headers=headers
+                                       ).json()["state"] == "destroyed", 10, "the timer")
+            assert sid not in w1.sandboxes
+        finally:
+            srv.should_exit = True
+            thread.join(timeout=30)

@@ -46,6 +46,8 @@ class Checkpoints(Transitions):
         with self.db.tx() as s:
             row = store_checkpoint(s, info, client.name, self.store_url)
             sb = s.get(SandboxRow, sandbox_id, with_for_update=True)
+            # the sandbox's labels as they are now, plus the checkpoint's own: what forks get
+            row.labels = {**(sb.labels if sb is not None else {}), **req.labels}
             if sb is not None:
                 sb.last_checkpoint = info.id
                 sb.updated = utcnow()
@@ -134,7 +136,8 @@ class Checkpoints(Transitions):
                 sid = new_sandbox_id()
                 plan.append((sid, self.workers.client(s, target)))
                 s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image=cp.base,
-                                 parent_checkpoint=cp.id, created=now, updated=now))
+                                 parent_checkpoint=cp.id, created=now, updated=now,
+                                 labels={**(cp.labels or {}), **req.labels}))
             cp_id = cp.id
         return cp_id, plan
 
