@@ -268,3 +268,70 @@ def test_timers_survive_a_control_plane_restart(tmp_path: Any) -> None:
         finally:
             srv.should_exit = True
             thread.join(timeout=30)
+
+
+# --- labels and timeouts through the SDK and the CLI -----------------------------------------
+def test_sdk_labels_state_and_timeouts(cluster: Cluster) -> None:
+    from forkyard.sdk import Sandbox
+
+    conn = {"url": cluster.url, "token": API}
+    sb = Sandbox.create(worker="w1", labels={"owner": "sdk", "n": "1"}, timeout=3600,
+                        on_timeout="hibernate", idle_hibernate=600, auto_wake=True, **conn)
+    info = sb.info
+    assert dict(info.labels) == {"owner": "sdk", "n": "1"}
+    assert (info.timeout, info.on_timeout, info.idle_hibernate, info.auto_wake) == \
+        (3600, "hibernate", 600, True)
+    other = Sandbox.create(worker="w1", labels={"owner": "sdk", "n": "2"}, **conn)
+    assert {s.id for s in Sandbox.list(labels={"owner": "sdk"}, **conn)} == {sb.id, other.id}
+    assert [s.id for s in Sandbox.list(labels={"owner": "sdk", "n": "2"}, state="running",
+                                       **conn)] == [other.id]
+    cp = sb.checkpoint(labels={"cp": "yes"})
+    assert dict(cp.info.labels) == {"owner": "sdk", "n": "1", "cp": "yes"}
+    fork = Sandbox.fork(cp, worker="w2")
+    assert dict(fork.info.labels) == {"owner": "sdk", "n": "1", "cp": "yes"}
+    before = sb.refresh().expires_at
+    assert Sandbox.connect(sb.id, **conn).info.expires_at == before  # connect resets nothing
+    assert sb.set_timeout(1).timeout == 1
+    wait_for(lambda: sb.refresh().state == "hibernated", 10, "the timeout")
+    sb.exec("true")  # auto_wake
+    assert sb.refresh().state == "running"
+    for s in (sb, other, fork):
+        s.kill()
+
+
+def test_cli_labels_and_state_filter_on_both_paths(cluster: Cluster,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from forkyard.cli import _fast, app
+
+    conn = ["--url", cluster.url, "--token", API]
+    runner = CliRunner()
+    res = runner.invoke(app, ["create", "--worker", "w1", "--label", "cli=yes", "-l", "k=1",
+                              "--timeout", "3600", "--on-timeout", "hibernate",
+                              "--idle-hibernate", "600", "--auto-wake", "--json", *conn])
+    assert res.exit_code == 0, res.output
+    made = json.loads(res.stdout)
+    assert made["labels"] == {"cli": "yes", "k": "1"} and made["auto_wake"] is True
+    assert (made["timeout"], made["on_timeout"], made["idle_hibernate"]) == \
+        (3600, "hibernate", 600)
+    argv = ["ls", "--label", "cli=yes", "--state", "running", "--json", *conn]
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    assert [s["id"] for s in json.loads(res.stdout)] == [made["id"]]
+    plan = _fast.plan(argv)
+    assert plan is not None  # the fast path handles it too
+    capsys.readouterr()
+    assert _fast._execute(plan) == 0
+    assert [s["id"] for s in json.loads(capsys.readouterr().out)] == [made["id"]]
+    res = runner.invoke(app, ["ls", "--label", "cli=yes", "--state", "hibernated", "--json",
+                              *conn])
+    assert json.loads(res.stdout) == []
+    bad = runner.invoke(app, ["ls", "--label", "novalue", *conn])
+    assert bad.exit_code == 2 and _fast.plan(["ls", "--label", "novalue"]) is None
+    cp = runner.invoke(app, ["checkpoint", made["id"], "--label", "cp=1", "--json", *conn])
+    assert json.loads(cp.stdout)["labels"] == {"cli": "yes", "k": "1", "cp": "1"}
+    bad = runner.invoke(app, ["create", "--on-timeout", "sleep", *conn])
+    assert bad.exit_code == 2
