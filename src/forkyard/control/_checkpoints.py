@@ -52,6 +52,11 @@ class Checkpoints(Transitions):
                 sb.last_checkpoint = info.id
                 sb.updated = utcnow()
             out = checkpoint_out(row)
+        self.events.emit("checkpointed", sandbox=sandbox_id, checkpoint=info.id,
+                         worker=client.name)
+        if info.state == CheckpointState.PUBLISHED:  # published at once (a tiny one)
+            self.events.emit("published", sandbox=sandbox_id, checkpoint=info.id,
+                             worker=client.name)
         if info.state == CheckpointState.PUBLISHING:
             self.publishes.watch(info.id, client.name)
         return out
@@ -167,8 +172,11 @@ class Checkpoints(Transitions):
                     self._settle(sid, S.STARTING, r, state=S.RUNNING)
                     self.destroy_sandbox(sid)
             raise errors[0]
-        return [
+        outs = [
             self._settle(sid, S.STARTING, r, state=S.RUNNING)
             for (sid, _), r in zip(plan, results, strict=True)
             if isinstance(r, WorkerSandbox)
         ]
+        for out in outs:
+            self.events.emit("forked", sandbox=out.id, checkpoint=cp_id, worker=out.worker)
+        return outs

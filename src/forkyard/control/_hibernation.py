@@ -64,6 +64,8 @@ class Hibernation(Transitions):
             raise
         with self.db.tx() as s:
             store_checkpoint(s, reply.checkpoint, client.name, self.store_url)
+        self.events.emit("hibernated", sandbox=sandbox_id, checkpoint=reply.checkpoint.id,
+                         worker=client.name)
         return self._settle(sandbox_id, S.HIBERNATING, None, state=S.HIBERNATED,
                             last_checkpoint=reply.checkpoint.id,
                             error=reply.checkpoint.error and
@@ -129,7 +131,9 @@ class Hibernation(Transitions):
             self._settle(sandbox_id, S.WAKING, None, state=S.HIBERNATED, worker=old,
                          error=f"wake on {target} failed: {describe(exc)}")
             raise
-        return self._settle(sandbox_id, S.WAKING, info, state=S.RUNNING)
+        out = self._settle(sandbox_id, S.WAKING, info, state=S.RUNNING)
+        self.events.emit("woken", sandbox=sandbox_id, checkpoint=cp_id, worker=target)
+        return out
 
     def _resync(self, sandbox_id: str, state: SandboxState, worker: str | None) -> None:
         """Settle a transition whose request died with the previous server process."""

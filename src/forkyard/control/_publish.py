@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from forkyard.checkpoint import archive
 from forkyard.control._db import ArchiveRow, CheckpointRow, Database, WorkerRow, utcnow
+from forkyard.control._events import EventLog
 from forkyard.control._workers import WorkerClients
 from forkyard.errors import FleetError, ForkyardError, WorkerTimeout
 from forkyard.store import ObjectStore, open_store
@@ -45,8 +46,10 @@ class PublishTimeout(WorkerTimeout):
 
 class PublishWatcher:
     def __init__(self, db: Database, clients: WorkerClients, *, store_url: str,
-                 spawn: Callable[..., None], stopping: threading.Event) -> None:
+                 spawn: Callable[..., None], stopping: threading.Event,
+                 events: EventLog) -> None:
         self.db = db
+        self.events = events
         self.clients = clients
         self.store_url = store_url
         self._spawn = spawn
@@ -147,12 +150,16 @@ class PublishWatcher:
             row = s.get(CheckpointRow, checkpoint_id, with_for_update=True)
             if row is None or row.state != CheckpointState.PUBLISHING:
                 return
+            sandbox, worker = row.sandbox, row.worker
             row.state = status.state
             row.error = status.error
             if status.state == CheckpointState.PUBLISHED and row.archive is None:
                 row.archive = ArchiveRow(checkpoint_id=row.id, store_url=self.store_url,
                                          stored_bytes=status.stored_bytes,
                                          published_at=utcnow())
+        self.events.emit("published" if status.state == CheckpointState.PUBLISHED
+                         else "publish_failed", sandbox=sandbox, checkpoint=checkpoint_id,
+                         worker=worker, detail=status.error)
         with self._settled:
             self._settled.notify_all()
         log.info("checkpoint %s: %s%s", checkpoint_id[:12], status.state,

@@ -9,6 +9,7 @@ requests (a starved heartbeat would get a healthy worker declared dead).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Annotated, Any, TypeVar
@@ -29,11 +30,14 @@ from forkyard.wire.models import (
     LABEL_FILTER_RE,
     MAX_GUEST_PATH,
     MAX_LABELS,
+    SANDBOX_ID_RE,
     CheckpointOut,
     CheckpointRequest,
     CreateSandboxRequest,
     EntryOut,
     ErrorBody,
+    EventKind,
+    EventOut,
     ExecRequest,
     ExecResultOut,
     FileWritten,
@@ -52,6 +56,8 @@ from forkyard.wire.models import (
 from forkyard.wire.serving import check_length, limited_body
 
 __all__ = ["add_routes"]
+
+MAX_EVENT_WAIT = 10.0
 
 T = TypeVar("T")
 
@@ -243,6 +249,21 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
               responses=_errors(*_WORKER))
     def fork(checkpoint_id: CheckpointRef, req: ForkRequest | None = None) -> list[SandboxOut]:
         return plane.fork(checkpoint_id, req or ForkRequest())
+
+    # --- events -----------------------------------------------------------
+    @app.get("/v1/events", tags=["events"], responses=_errors(422, 503))
+    async def list_events(
+        sandbox: Annotated[str | None, Query(pattern=SANDBOX_ID_RE.pattern)] = None,
+        kind: EventKind | None = None,
+        after: Annotated[int, Query(ge=0, le=2**62, description="only events with a "
+                                                                "larger id")] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        wait: Annotated[float, Query(ge=0, le=MAX_EVENT_WAIT, description=(
+            "seconds to hold the request open until an event comes (`--follow`)"))] = 0,
+    ) -> list[EventOut]:
+        return await threaded(functools.partial(
+            plane.events.list, sandbox=sandbox, kind=kind, after=after, limit=limit,
+            wait=wait))
 
     # --- worker daemons ---------------------------------------------------
 

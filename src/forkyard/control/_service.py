@@ -51,7 +51,9 @@ class ControlPlane(Checkpoints, Timers):
         except BaseException as exc:
             self._start_failed([sid], exc)
             raise
-        return self._settle(sid, S.STARTING, info, state=S.RUNNING)
+        out = self._settle(sid, S.STARTING, info, state=S.RUNNING)
+        self.events.emit("created", sandbox=sid, worker=target)
+        return out
 
     def list_sandboxes(self, labels: Mapping[str, str] | None = None,
                        state: SandboxState | None = None) -> list[SandboxOut]:
@@ -82,6 +84,7 @@ class ControlPlane(Checkpoints, Timers):
     def start(self) -> None:
         self._spawn(self._monitor, "liveness")
         self._spawn(self._timer_loop, "timers")
+        self.events.start()
         self._spawn(self._recover_quietly, "recover")
 
     def _recover_quietly(self) -> None:

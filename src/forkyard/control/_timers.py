@@ -20,7 +20,6 @@ from typing import Any
 from sqlalchemy import select
 
 from forkyard.control._db import SandboxRow, utcnow
-from forkyard.control._events import record
 from forkyard.control._hibernation import Hibernation
 from forkyard.control._records import describe, sandbox_out, sandbox_row
 from forkyard.control._transitions import refused
@@ -163,14 +162,14 @@ class Timers(Hibernation):
                 row.expires_at = None  # one-shot: set_timeout arms it again
                 if action == OnTimeout.HIBERNATE and row.state == S.HIBERNATED:
                     return None
-                record(s, "timed_out", sandbox=row.id, worker=row.worker,
-                       detail=f"timeout of {row.timeout_s}s: {action.value}")
-                return action
-            if row.idle_hibernate_s is None or row.state != S.RUNNING:
-                return None
-            since = max(row.last_activity or row.updated, row.updated)
-            if since + dt.timedelta(seconds=row.idle_hibernate_s) > now:
-                return None  # traffic since the loop looked
-            record(s, "idle", sandbox=row.id, worker=row.worker,
-                   detail=f"idle for {row.idle_hibernate_s}s: hibernate")
-            return OnTimeout.HIBERNATE
+                event = ("timed_out", row.worker, f"timeout of {row.timeout_s}s: {action.value}")
+            else:
+                if row.idle_hibernate_s is None or row.state != S.RUNNING:
+                    return None
+                since = max(row.last_activity or row.updated, row.updated)
+                if since + dt.timedelta(seconds=row.idle_hibernate_s) > now:
+                    return None  # traffic since the loop looked
+                action = OnTimeout.HIBERNATE
+                event = ("idle", row.worker, f"idle for {row.idle_hibernate_s}s: hibernate")
+        self.events.emit(event[0], sandbox=sandbox_id, worker=event[1], detail=event[2])
+        return action

@@ -41,6 +41,8 @@ def create_app(
     store_url: str,
     heartbeat_timeout: float = 10.0,
     on_ready: Callable[[], None] | None = None,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
 ) -> FastAPI:
     """The control-plane app; the database is migrated to the newest schema here.
 
@@ -58,6 +60,8 @@ def create_app(
     db.migrate()
     clients = WorkerClients(worker_token)
     plane = ControlPlane(db, clients, store_url=store_url, heartbeat_timeout=heartbeat_timeout)
+    # every event is POSTed there, signed with the secret (docs/api.md, "Events")
+    plane.events.configure_webhook(webhook_url, webhook_secret)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -37,6 +37,8 @@ __all__ = [
     "EntryOut",
     "ErrorBody",
     "ErrorInfo",
+    "EventKind",
+    "EventOut",
     "ExecRequest",
     "ExecResultOut",
     "FileWritten",
@@ -194,6 +196,34 @@ class CheckpointOut(_Reply):
     stored_bytes: int | None
     error: str | None
     labels: dict[str, str] = Field(default_factory=dict)
+
+
+class EventKind(enum.StrEnum):
+    CREATED = "created"
+    CHECKPOINTED = "checkpointed"
+    PUBLISHED = "published"
+    PUBLISH_FAILED = "publish_failed"
+    FORKED = "forked"
+    HIBERNATED = "hibernated"
+    WOKEN = "woken"
+    TIMED_OUT = "timed_out"
+    IDLE = "idle"
+    FAILED = "failed"
+    LOST = "lost"
+    DESTROYED = "destroyed"
+
+
+class EventOut(_Reply):
+    id: int
+    time: str
+    kind: EventKind
+    sandbox: str | None
+    checkpoint: str | None
+    worker: str | None
+    detail: str | None
+    delivery: str | None = Field(None, description="the webhook's delivery: pending, "
+                                 "retrying, delivered, failed or dropped (null: no webhook)")
+    attempts: int = 0
 
 
 class WorkerOut(_Reply):
