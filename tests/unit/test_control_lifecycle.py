@@ -335,3 +335,120 @@ def test_cli_labels_and_state_filter_on_both_paths(cluster: Cluster,
     assert json.loads(cp.stdout)["labels"] == {"cli": "yes", "k": "1", "cp": "1"}
     bad = runner.invoke(app, ["create", "--on-timeout", "sleep", *conn])
     assert bad.exit_code == 2
+
+
+# --- events and webhooks ----------------------------------------------------------------------
+class Receiver:
+    """A webhook receiver on loopback; fails the first ``fail`` deliveries with a 500."""
+
+    def __init__(self, fail: int = 0) -> None:
+        import http.server
+
+        self.got: list[tuple[bytes, str]] = []
+        self.calls = 0
+        self.fail = fail
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.calls += 1
+                if outer.calls <= outer.fail:
+                    self.send_response(500)
+                else:
+                    outer.got.append((body, self.headers.get("x-forkyard-signature", "")))
+                    self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+SECRET = "hook-secret"
+
+
+def test_events_arrive_in_order_over_http_cli_and_a_signed_webhook_with_a_retry(
+        tmp_path: Any) -> None:
+    import hashlib
+    import hmac
+    import json
+
+    from typer.testing import CliRunner
+
+    from forkyard.cli import app as cli
+
+    receiver = Receiver(fail=1)
+    store_url = f"file://{tmp_path / 'store'}"
+    app = create_app(db_url=f"sqlite:///{tmp_path}/control.db", api_token=API,
+                     worker_token=WORKER, store_url=store_url, heartbeat_timeout=3600,
+                     webhook_url=receiver.url, webhook_secret=SECRET)
+    app.state.plane.events.backoff = 0.2
+    url, srv, thread = _serve(app)
+    store: dict[str, WorkerCheckpoint] = {}
+    try:
+        with (fake_worker("w1", server_url=url, worker_token=WORKER, store_url=store_url,
+                          store=store),
+              fake_worker("w2", server_url=url, worker_token=WORKER, store_url=store_url,
+                          store=store),
+              httpx.Client(base_url=url, headers={"authorization": f"Bearer {API}"},
+                           timeout=30) as api):
+            sid = api.post("/v1/sandboxes", json={"worker": "w1"}).json()["id"]
+            cp = api.post(f"/v1/sandboxes/{sid}/checkpoint", json={}).json()["id"]
+            fork = api.post(f"/v1/checkpoints/{cp}/fork", json={"worker": "w2"}).json()[0]["id"]
+            assert api.post(f"/v1/sandboxes/{sid}/hibernate", json={}).status_code == 200
+            assert api.post(f"/v1/sandboxes/{sid}/wake", json={}).status_code == 200
+            assert api.delete(f"/v1/sandboxes/{sid}").status_code == 204
+            expected = ["created", "checkpointed", "published", "forked", "hibernated",
+                        "woken", "destroyed"]
+            events = api.get("/v1/events", params={"limit": 1000}).json()
+            assert [e["kind"] for e in events] == expected
+            assert [e["id"] for e in events] == sorted(e["id"] for e in events)
+            assert events[3]["sandbox"] == fork and events[3]["checkpoint"] == cp
+            assert events[3]["worker"] == "w2"
+            mine = api.get("/v1/events", params={"sandbox": sid}).json()
+            assert [e["kind"] for e in mine] == [k for k in expected if k != "forked"]
+            later = api.get("/v1/events", params={"after": events[-1]["id"], "wait": 0.3})
+            assert later.status_code == 200 and later.json() == []
+            for bad in ({"sandbox": "nope"}, {"kind": "exploded"}, {"limit": 0},
+                        {"wait": 3600}, {"after": -1}):
+                assert api.get("/v1/events", params=bad).status_code == 422, bad
+            # the CLI prints the same, oldest first
+            res = CliRunner().invoke(cli, ["events", "--sandbox", sid, "--json", "--url", url,
+                                           "--token", API])
+            assert res.exit_code == 0, res.output
+            lines = [json.loads(line) for line in res.stdout.splitlines()]
+            assert [e["kind"] for e in lines] == [k for k in expected if k != "forked"]
+            # the webhook: every event, signed; the first delivery failed once and was retried
+            wait_for(lambda: len(receiver.got) == len(expected), 15, "webhook deliveries")
+            kinds = []
+            for body, signature in receiver.got:
+                good = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+                assert hmac.compare_digest(signature, good)
+                kinds.append(json.loads(body)["kind"])
+            assert kinds == expected and receiver.calls == len(expected) + 1
+            wait_for(lambda: all(e["delivery"] == "delivered" for e in api.get(
+                "/v1/events").json()), 10, "delivery states")
+            first = api.get("/v1/events").json()[0]
+            assert first["attempts"] == 2  # visible in the log: it took a retry
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        receiver.close()
+
+
+def test_the_event_log_is_capped(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    from forkyard.control import _events
+
+    monkeypatch.setattr(_events, "MAX_EVENTS", 50)
+    log = cluster.plane.events
+    for _ in range(_events._PRUNE_EVERY * 2):
+        log.emit("created", sandbox="sb-" + "f" * 20)
+    rows = cluster.api.get("/v1/events", params={"limit": 1000}).json()
+    assert len(rows) <= 50 + _events._PRUNE_EVERY

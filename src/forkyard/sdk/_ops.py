@@ -19,6 +19,7 @@ from forkyard.sdk.models import (
     CheckpointInfo,
     CommandResult,
     EntryInfo,
+    EventInfo,
     SandboxInfo,
     WorkerInfo,
     entry_from_json,
@@ -89,6 +90,17 @@ def health() -> Call[dict[str, Any]]:
         return data
 
     return Call("GET", "/health", parse)
+
+
+def events(sandbox: str | None = None, after: int = 0, wait: float = 0.0,
+           limit: int = 100) -> Call[list[EventInfo]]:
+    params: dict[str, str | int] = {"after": after, "limit": limit}
+    if sandbox is not None:
+        params["sandbox"] = sandbox
+    if wait:
+        params["wait"] = str(wait)
+    return Call("GET", "/v1/events", lambda r: [EventInfo.from_json(x) for x in _array(r)],
+                params=params, timeout=wait + 30.0)
 
 
 def list_workers() -> Call[list[WorkerInfo]]:

@@ -30,6 +30,7 @@ __all__ = [
     "CheckpointState",
     "CommandResult",
     "EntryInfo",
+    "EventInfo",
     "SandboxInfo",
     "SandboxState",
     "WorkerInfo",
@@ -176,6 +177,34 @@ class CheckpointInfo:
             "changed_bytes": self.changed_bytes, "stored_bytes": self.stored_bytes,
             "error": self.error, "labels": dict(self.labels),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class EventInfo:
+    """One lifecycle event of ``GET /v1/events``."""
+
+    id: int
+    time: str
+    kind: str
+    sandbox: str | None
+    checkpoint: str | None
+    worker: str | None
+    detail: str | None
+    delivery: str | None
+
+    @classmethod
+    def from_json(cls, data: object) -> EventInfo:
+        d = _obj(data, "event")
+        w = "event"
+        return cls(id=_get(d, "id", int, w), time=_get(d, "time", str, w),
+                   kind=_get(d, "kind", str, w), sandbox=_opt(d, "sandbox", str, w),
+                   checkpoint=_opt(d, "checkpoint", str, w), worker=_opt(d, "worker", str, w),
+                   detail=_opt(d, "detail", str, w), delivery=_opt(d, "delivery", str, w))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "time": self.time, "kind": self.kind, "sandbox": self.sandbox,
+                "checkpoint": self.checkpoint, "worker": self.worker, "detail": self.detail,
+                "delivery": self.delivery}
 
 
 @dataclass(frozen=True, slots=True)
