@@ -452,3 +452,46 @@ def test_the_event_log_is_capped(cluster: Cluster, monkeypatch: pytest.MonkeyPat
         log.emit("created", sandbox="sb-" + "f" * 20)
     rows = cluster.api.get("/v1/events", params={"limit": 1000}).json()
     assert len(rows) <= 50 + _events._PRUNE_EVERY
+
+
+# --- metrics --------------------------------------------------------------------------------
+def _scrape(cluster: Cluster) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = cluster.api.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(resp.text) for s in fam.samples}
+
+
+def test_metrics_parse_as_prometheus_text_and_move(cluster: Cluster) -> None:
+    before = _scrape(cluster)
+
+    def ops(m: dict[Any, float], op: str, outcome: str = "ok") -> float:
+        return m.get(("forkyard_operations_total",
+                      (("operation", op), ("outcome", outcome))), 0.0)
+
+    sb = cluster.create(memory_mb=512, cpus=2)
+    cp = cluster.api.post(f"/v1/sandboxes/{sb['id']}/checkpoint", json={}).json()
+    cluster.api.post(f"/v1/checkpoints/{cp['id']}/fork", json={"worker": "w2"})
+    cluster.api.post(f"/v1/sandboxes/{sb['id']}/hibernate", json={})
+    cluster.api.post(f"/v1/sandboxes/{sb['id']}/wake", json={})
+    bad = cluster.api.post("/v1/sandboxes", json={"worker": "no-such-worker"})
+    assert bad.status_code == 404
+    after = _scrape(cluster)
+    for op in ("create", "checkpoint", "fork", "hibernate", "wake"):
+        assert ops(after, op) == ops(before, op) + 1, op
+        count = ("forkyard_operation_seconds_count", (("operation", op),))
+        assert after[count] == before[count] + 1, op
+    assert ops(after, "create", "error") == ops(before, "create", "error") + 1
+    w1 = (("worker", "w1"),)
+    assert after[("forkyard_worker_memory_in_use_mb", w1)] >= 512
+    assert after[("forkyard_worker_cpus_in_use", w1)] >= 2
+    assert after[("forkyard_worker_alive", w1)] == 1
+    assert after[("forkyard_sandboxes", (("state", "running"),))] >= 1
+    assert after[("forkyard_stored_bytes", ())] >= 1024
+    assert ("forkyard_worker_memory_free_mb", w1) in after
+
+
+def test_metrics_need_the_api_token(cluster: Cluster) -> None:
+    assert httpx.get(f"{cluster.url}/metrics").status_code == 401

@@ -8,6 +8,7 @@ from sqlalchemy import select
 
 from forkyard.checkpoint import archive
 from forkyard.control._db import CheckpointRow, SandboxRow, utcnow
+from forkyard.control._metrics import timed
 from forkyard.control._placement import Candidate, Placement
 from forkyard.control._publish import PUBLISH_WAIT
 from forkyard.control._records import (
@@ -40,6 +41,7 @@ S = SandboxState
 class Checkpoints(Transitions):
     _store: ObjectStore | None = None
 
+    @timed("checkpoint")
     def checkpoint(self, sandbox_id: str, req: CheckpointRequest) -> CheckpointOut:
         client = self.running(sandbox_id, "checkpoint")
         info = client.send(worker_api.checkpoint(sandbox_id, req.name, req.publish))
@@ -100,6 +102,7 @@ class Checkpoints(Transitions):
 
     publish_wait = PUBLISH_WAIT
 
+    @timed("fork")
     def fork(self, ref: str, req: ForkRequest) -> list[SandboxOut]:
         self._adopt_if_unknown(ref)
         try:

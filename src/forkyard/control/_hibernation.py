@@ -6,6 +6,7 @@ import logging
 import time
 
 from forkyard.control._db import CheckpointRow
+from forkyard.control._metrics import timed
 from forkyard.control._placement import Placement
 from forkyard.control._records import describe, move, sandbox_out, sandbox_row, store_checkpoint
 from forkyard.control._transitions import Transitions, refused
@@ -56,6 +57,7 @@ class Hibernation(Transitions):
         except Exception as exc:
             log.warning("hibernating %s failed: %s", sandbox_id, describe(exc))
 
+    @timed("hibernate")
     def _hibernate_on(self, sandbox_id: str, client: WorkerClient) -> SandboxOut:
         try:
             reply = client.send(worker_api.hibernate(sandbox_id))
@@ -96,6 +98,7 @@ class Hibernation(Transitions):
                 return out
             time.sleep(0.1)
 
+    @timed("wake")
     def wake(self, sandbox_id: str, req: WakeRequest) -> SandboxOut:
         with self.db.tx() as s:
             row = sandbox_row(s, sandbox_id, lock=True)

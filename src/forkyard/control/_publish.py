@@ -17,6 +17,7 @@ from collections.abc import Callable
 from forkyard.checkpoint import archive
 from forkyard.control._db import ArchiveRow, CheckpointRow, Database, WorkerRow, utcnow
 from forkyard.control._events import EventLog
+from forkyard.control._metrics import Metrics
 from forkyard.control._workers import WorkerClients
 from forkyard.errors import FleetError, ForkyardError, WorkerTimeout
 from forkyard.store import ObjectStore, open_store
@@ -47,9 +48,11 @@ class PublishTimeout(WorkerTimeout):
 class PublishWatcher:
     def __init__(self, db: Database, clients: WorkerClients, *, store_url: str,
                  spawn: Callable[..., None], stopping: threading.Event,
-                 events: EventLog) -> None:
+                 events: EventLog, metrics: Metrics) -> None:
         self.db = db
         self.events = events
+        self.metrics = metrics
+        self._started: dict[str, float] = {}  # checkpoint -> monotonic start of the watch
         self.clients = clients
         self.store_url = store_url
         self._spawn = spawn
@@ -84,9 +87,11 @@ class PublishWatcher:
             if checkpoint_id in self._watching:
                 return
             self._watching.add(checkpoint_id)
+            self._started.setdefault(checkpoint_id, time.monotonic())
         self._spawn(self._run, f"publish-{checkpoint_id[:12]}", checkpoint_id, worker)
 
     def _run(self, checkpoint_id: str, worker: str) -> None:
+        settled: CheckpointState | None = None
         try:
             while not self._stopping.is_set():
                 status = self._poll(checkpoint_id, worker)
@@ -94,12 +99,17 @@ class PublishWatcher:
                     return
                 if status.state != CheckpointState.PUBLISHING:
                     self._record(checkpoint_id, status)
+                    settled = status.state
                     return
         except Exception:
             log.exception("following the publish of %s", checkpoint_id)
         finally:
             with self._lock:
                 self._watching.discard(checkpoint_id)
+                started = self._started.pop(checkpoint_id, None)
+            if started is not None and settled is not None:
+                self.metrics.observe("publish", time.monotonic() - started,
+                                     settled == CheckpointState.PUBLISHED)
 
     def _poll(self, checkpoint_id: str, worker: str) -> WorkerPublishStatus | None:
         """The publish's status now (or after a long-poll); None: stop watching."""

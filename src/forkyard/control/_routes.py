@@ -22,6 +22,7 @@ from pydantic import StringConstraints
 from starlette.background import BackgroundTask
 
 import forkyard
+from forkyard.control._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from forkyard.control._service import ControlPlane
 from forkyard.wire import worker_api
 from forkyard.wire.models import (
@@ -121,6 +122,13 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     @app.get("/health", tags=["meta"])
     def health() -> Health:
         return Health(status="ok", version=forkyard.__version__)
+
+    @app.get("/metrics", tags=["meta"], response_class=Response, responses={
+        200: {"description": "Prometheus text exposition format",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **_DB})
+    def metrics() -> Response:
+        return Response(plane.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/workers", tags=["workers"], responses=_DB)
     def list_workers() -> list[WorkerOut]:

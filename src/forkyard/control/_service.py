@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from forkyard.control._checkpoints import Checkpoints
 from forkyard.control._db import CheckpointRow, SandboxRow, utcnow
+from forkyard.control._metrics import timed
 from forkyard.control._placement import Placement
 from forkyard.control._records import TRANSITIONAL, sandbox_out
 from forkyard.control._timers import Timers, timer_fields
@@ -36,6 +37,7 @@ S = SandboxState
 class ControlPlane(Checkpoints, Timers):
     """Sandboxes and checkpoints; ``workers`` is the fleet, ``publishes`` follows uploads."""
 
+    @timed("create")
     def create_sandbox(self, req: CreateSandboxRequest) -> SandboxOut:
         sid = new_sandbox_id()
         now = utcnow()

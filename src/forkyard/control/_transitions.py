@@ -24,6 +24,7 @@ from typing import Any
 
 from forkyard.control._db import Database, SandboxRow
 from forkyard.control._events import EventLog
+from forkyard.control._metrics import Metrics
 from forkyard.control._placement import Candidate, Placement, choose
 from forkyard.control._publish import PublishWatcher
 from forkyard.control._records import (
@@ -69,8 +70,10 @@ class Transitions:
         self.workers = Registry(db, clients, store_url=store_url,
                                 heartbeat_timeout=heartbeat_timeout)
         self.events = EventLog(db, spawn=self._spawn, stopping=self.stopping)
+        self.metrics = Metrics(db)
         self.publishes = PublishWatcher(db, clients, store_url=store_url, spawn=self._spawn,
-                                        stopping=self.stopping, events=self.events)
+                                        stopping=self.stopping, events=self.events,
+                                        metrics=self.metrics)
 
     def running(self, sandbox_id: str, operation: str) -> WorkerClient:
         """The client of the worker running ``sandbox_id``, or why it cannot ``operation``."""
