@@ -174,6 +174,8 @@ def serve(
     store_url: str,
     heartbeat_timeout: float = 10.0,
     ready_file: Path | None = None,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
 ) -> None:
     """Run the control plane until SIGINT/SIGTERM.
 
@@ -197,6 +199,8 @@ def serve(
         store_url=store_url,
         heartbeat_timeout=heartbeat_timeout,
         on_ready=ready,
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
     )
     config = uvicorn.Config(app, log_level="info", access_log=False,
                             timeout_graceful_shutdown=30, lifespan="on")
