@@ -22,6 +22,7 @@ from forkyard.control.server import create_app
 from forkyard.wire.models import WorkerCheckpoint
 from forkyard.wire.serving import bind
 from tests.fixtures.fake_worker import FakeWorker, fake_worker
+from tests.fixtures.postgres import PostgresServer, postgres_fixture
 
 API = "api-" + "l" * 40
 WORKER = "wrk-" + "m" * 40
@@ -65,12 +66,28 @@ def _serve(app: FastAPI) -> tuple[str, uvicorn.Server, threading.Thread]:
     return url, srv, thread
 
 
+postgres_server = postgres_fixture()
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres",
+                                                                marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('lcdb')}/control.db"
+        return
+    pg: PostgresServer = request.getfixturevalue("postgres_server")
+    url = pg.create_database()
+    yield url
+    pg.drop_database(url)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     home = tmp_path_factory.mktemp("lc")
     store_url = f"file://{home / 'store'}"
     # the fakes send no heartbeats: they must not be declared dead mid-test
-    app = create_app(db_url=f"sqlite:///{home}/control.db", api_token=API,
+    app = create_app(db_url=db_url, api_token=API,
                      worker_token=WORKER, store_url=store_url, heartbeat_timeout=3600)
     app.state.plane.timer_tick = TICK
     url, srv, thread = _serve(app)
