@@ -512,3 +512,18 @@ def test_metrics_parse_as_prometheus_text_and_move(cluster: Cluster) -> None:
 
 def test_metrics_need_the_api_token(cluster: Cluster) -> None:
     assert httpx.get(f"{cluster.url}/metrics").status_code == 401
+
+
+def test_a_worker_restarting_without_a_sandbox_logs_it_lost(cluster: Cluster) -> None:
+    # last in this module: every sandbox w1 still runs is lost by this re-registration
+    sb = cluster.create()
+    w1 = next(w for w in cluster.api.get("/v1/workers").json() if w["name"] == "w1")
+    report = {"name": "w1", "url": w1["url"], "running": 0, "free_memory_mb": 1 << 20,
+              "max_sandboxes": 1 << 20, "cached_bases": [], "checkpoints": [],
+              "sandboxes": []}
+    resp = httpx.post(f"{cluster.url}/internal/workers/register", json=report,
+                      headers={"authorization": f"Bearer {WORKER}"})
+    assert resp.status_code == 200, resp.text
+    events = cluster.api.get("/v1/events", params={"sandbox": sb["id"]}).json()
+    assert [e["kind"] for e in events] == ["created", "lost"]
+    assert "restarted" in events[-1]["detail"]

@@ -67,9 +67,9 @@ class Transitions:
         self._threads: list[threading.Thread] = []
         self._threads_lock = threading.Lock()
         self._last_used: dict[str, float] = {}  # worker -> when placement last chose it
-        self.workers = Registry(db, clients, store_url=store_url,
-                                heartbeat_timeout=heartbeat_timeout)
         self.events = EventLog(db, spawn=self._spawn, stopping=self.stopping)
+        self.workers = Registry(db, clients, store_url=store_url,
+                                heartbeat_timeout=heartbeat_timeout, events=self.events)
         self.metrics = Metrics(db)
         self.publishes = PublishWatcher(db, clients, store_url=store_url, spawn=self._spawn,
                                         stopping=self.stopping, events=self.events,
