@@ -24,6 +24,7 @@ from forkyard.control._hibernation import Hibernation
 from forkyard.control._records import describe, sandbox_out, sandbox_row
 from forkyard.control._transitions import refused
 from forkyard.control._workers import WorkerClient
+from forkyard.errors import SandboxStateError
 from forkyard.wire.models import (
     CreateSandboxRequest,
     OnTimeout,
@@ -78,18 +79,27 @@ class Timers(Hibernation):
     def serving(self, sandbox_id: str, operation: str) -> WorkerClient:
         """``running`` for exec and file requests: they count as activity, and wake an
         ``auto_wake`` sandbox that sleeps."""
+        try:
+            client = self.running(sandbox_id, operation)
+        except SandboxStateError:
+            if not self._auto_wake(sandbox_id):
+                raise
+            client = self.running(sandbox_id, operation)
+        self._touch(sandbox_id)
+        return client
+
+    def _auto_wake(self, sandbox_id: str) -> bool:
+        """Wake the sandbox if it sleeps and asked for that; False: it did not."""
         with self.db.tx() as s:
             row = sandbox_row(s, sandbox_id)
             state, auto = S(row.state), row.auto_wake
-        if auto and state in (S.HIBERNATING, S.HIBERNATED):
-            if state == S.HIBERNATING:
-                self._wait_settled(sandbox_id, S.HIBERNATING)
-            out = self.get_sandbox(sandbox_id)
-            if out.state == S.HIBERNATED:
-                self.wake(sandbox_id, WakeRequest())
-        client = self.running(sandbox_id, operation)
-        self._touch(sandbox_id)
-        return client
+        if not auto or state not in (S.HIBERNATING, S.HIBERNATED):
+            return False
+        if state == S.HIBERNATING:
+            self._wait_settled(sandbox_id, S.HIBERNATING)
+        if self.get_sandbox(sandbox_id).state == S.HIBERNATED:
+            self.wake(sandbox_id, WakeRequest())
+        return True
 
     def _touch(self, sandbox_id: str) -> None:
         now = time.monotonic()
