@@ -133,8 +133,10 @@ class Processes:
                               reply_limit=Limit(2 * max_bytes + _SLACK, 16))
         out, err = r.bytes(Tag.STDOUT), r.bytes(Tag.STDERR)
         o, e = r.int(Tag.OFFSET), r.int(Tag.ERR_OFFSET)
-        # a guest that ignores LENGTH, or answers from before the asked offset
-        if len(out) > max_bytes or len(err) > max_bytes or o < out_offset or e < err_offset:
+        # a guest that ignores LENGTH, or sends bytes from before the asked offset (an
+        # offset past the end is clamped to the end, with nothing to send)
+        if (len(out) > max_bytes or len(err) > max_bytes or (o < out_offset and out)
+                or (e < err_offset and err)):
             raise AgentProtocolError("proc_read reply out of the asked bounds")
         exited = bool(r.int(Tag.EXITED))
         sig = r.raw(Tag.SIGNAL)
