@@ -157,7 +157,7 @@ class MinimalSource:
         for name, text in _ETC_FILES:
             _write_file(root / "etc" / name, text.encode())
         home = _mkdirs(root, "home/user")
-        os.chmod(home, 0o755)
+        os.chmod(home, 0o700)
         # mkfs -d copies owners; only root can give the home to the account (a
         # non-root builder's tree keeps its own uid, as in _tree._chown_root)
         if os.geteuid() == 0:

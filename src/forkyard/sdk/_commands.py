@@ -23,8 +23,15 @@ from forkyard.sdk.models import CommandResult
 if TYPE_CHECKING:
     from forkyard.sdk._http import SyncHTTP
 
-__all__ = ["DEFAULT_MAX_OUTPUT", "CommandHandle", "Commands", "OutputFollower", "Pty",
-           "ProcessInfo", "TextSink"]
+__all__ = [
+    "DEFAULT_MAX_OUTPUT",
+    "CommandHandle",
+    "Commands",
+    "OutputFollower",
+    "ProcessInfo",
+    "Pty",
+    "TextSink",
+]
 
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 TextSink = Callable[[str], object]
@@ -94,6 +101,11 @@ class CommandHandle:
     @property
     def exit_code(self) -> int | None:
         return self._f.last.exit_code if self._f.exited and self._f.last else None
+
+    @property
+    def last(self) -> Output | None:
+        """The latest read (its ``exited``, ``exit_code``, ``signal``, ``timed_out``)."""
+        return self._f.last
 
     def read(self, wait: float = ops.POLL_WAIT) -> list[tuple[str, bytes]]:
         """One read: the events that came within ``wait`` seconds (maybe none)."""
