@@ -122,7 +122,7 @@ def test_exec_killed_by_a_signal_exits_128_plus_n(api, monkeypatch):
 
     def killed(req: httpx.Request) -> httpx.Response:
         resp = orig(req)
-        if req.url.path.endswith("/exec"):
+        if req.url.path.endswith(("/exec", "/output")):  # buffered or live
             data = json.loads(resp.content)
             data.update(exit_code=-1, signal=9)
             return httpx.Response(200, json=data)
