@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -218,3 +219,22 @@ def test_a_client_that_stops_reading_a_flood_grows_no_memory(home, sb):
         next(lines)  # and the stream is still usable
     h.kill(9)
     assert h.wait().signal == 9
+
+
+def test_async_twin_streams_too(sb):
+    from forkyard.sdk import AsyncSandbox
+
+    async def main() -> tuple[list[float], float, int | None, list[tuple[str, bytes]]]:
+        asb = await AsyncSandbox.connect(sb.id)
+        seen: list[float] = []
+        t0 = time.monotonic()
+        r = await asb.exec(TICKS, on_stdout=lambda _s: seen.append(time.monotonic() - t0))
+        took = time.monotonic() - t0
+        h = await asb.commands.start("echo x; exit 9")
+        events = [ev async for ev in h]
+        return seen, took, r.exit_code if r.stdout == "tick1\ntick2\ntick3\n" else None, \
+            [*events, ("code", str(h.exit_code).encode())]
+
+    seen, took, code, events = asyncio.run(main())
+    assert code == 0 and seen[0] < took - 1.5
+    assert ("stdout", b"x\n") in events and events[-1] == ("code", b"9")

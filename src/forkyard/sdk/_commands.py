@@ -30,6 +30,7 @@ __all__ = [
     "OutputFollower",
     "ProcessInfo",
     "Pty",
+    "PtyHandle",
     "TextSink",
 ]
 
