@@ -10,6 +10,7 @@ import pty
 import select
 import struct
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import httpx
 import pytest
 
 from forkyard.sdk import Sandbox
-from tests.fixtures.cli import FORKYARD, fy, up_cluster
+from tests.fixtures.cli import FORKYARD, fy, readme_example, up_cluster
 
 pytestmark = pytest.mark.vm
 
@@ -238,3 +239,21 @@ def test_async_twin_streams_too(sb):
     seen, took, code, events = asyncio.run(main())
     assert code == 0 and seen[0] < took - 1.5
     assert ("stdout", b"x\n") in events and events[-1] == ("code", b"9")
+
+
+def test_the_readme_live_examples_run(home, tmp_path):
+    env = _env(home)
+    env["PATH"] = f"{Path(FORKYARD).parent}:{env.get('PATH', '')}"
+    cli = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_example("live")],
+                         cwd=tmp_path, env=env, capture_output=True, timeout=600, check=False)
+    out = cli.stdout.decode(errors="replace")
+    assert cli.returncode == 0, out + cli.stderr.decode(errors="replace")
+    assert "step 1\nstep 2\nstep 3\n100000\n" in out
+    assert "tick\n" in out and "ended with 143" in out
+    assert "user" in out and "shell exited 3" in out
+    sdk = subprocess.run([sys.executable, "-c", readme_example("sdk-live")], env=env,
+                         capture_output=True, timeout=600, check=False)
+    lines = sdk.stdout.decode().splitlines()
+    assert sdk.returncode == 0, sdk.stdout.decode() + sdk.stderr.decode()
+    assert lines[:2] == ["step 1", "step 2"] and "while true" in lines[2]
+    assert lines[3] == "143" and lines[-1] == "3"
