@@ -771,9 +771,9 @@ static void reap(void)
  * An exited process stays in the table (exit status + scrollback) until a
  * new one needs its slot, oldest first.
  */
-#define MAX_PROCS 64
-#define RING_CAP (256u * 1024u)
-#define PROC_READ_MAX (256u * 1024u)
+#define MAX_PROCS 64 /* rings are allocated on first output: idle ones cost nothing */
+#define RING_CAP (1024u * 1024u)
+#define PROC_READ_MAX (1024u * 1024u)
 #define PROC_IN_MAX (1u * 1024u * 1024u)
 #define MAX_WAITERS 128
 #define PROC_CMD_MAX 256

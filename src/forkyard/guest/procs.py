@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LIST_MAX", "MAX_WAIT", "READ_MAX", "STDIN_MAX", "Chunk", "ProcInfo", "Processes"]
 
-READ_MAX = 256 * 1024  # bytes per stream in one read (the agent's PROC_READ_MAX)
+READ_MAX = 1024 * 1024  # bytes per stream in one read (the agent's PROC_READ_MAX)
 STDIN_MAX = 1024 * 1024  # bytes the agent buffers for one process's stdin
 LIST_MAX = 64  # processes the agent keeps (MAX_PROCS)
 MAX_WAIT = 60.0  # seconds one read may wait in the guest

@@ -1,7 +1,7 @@
 """The process endpoints (``/v1/sandboxes/{id}/procs...``) as :class:`Call` descriptions.
 
 Output is pulled by offset with a long poll (``wait``): each reply is
-bounded (256 KiB a stream), and the next one is asked for only when the
+bounded (1 MiB a stream), and the next one is asked for only when the
 caller has taken the last, so a slow consumer slows the command (lossless
 mode) or loses old output, never grows this process's memory.
 """

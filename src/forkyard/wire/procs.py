@@ -31,7 +31,7 @@ from forkyard.wire.output import OutputEncoding, encode_output
 __all__ = ["MAX_WAIT", "READ_MAX", "STDIN_MAX", "ProcOut", "ProcOutput", "ProcStarted",
            "PtySize", "ResizeRequest", "SignalRequest", "SpawnRequest", "StdinWritten"]
 
-READ_MAX = 256 * 1024
+READ_MAX = 1024 * 1024
 STDIN_MAX = 1024 * 1024
 MAX_WAIT = 30.0
 

@@ -416,7 +416,7 @@ class GuestProcs:
         return self._sb._agent_call(lambda a: a.procs.spawn(cmd, **kw))  # type: ignore[arg-type]
 
     def read(self, pid: int, out_offset: int = 0, err_offset: int = 0, *,
-             max_bytes: int = 256 * 1024, wait: float = 0.0) -> Chunk:
+             max_bytes: int = 1024 * 1024, wait: float = 0.0) -> Chunk:
         return self._sb._agent_call(lambda a: a.procs.read(pid, out_offset, err_offset,
                                                            max_bytes=max_bytes, wait=wait))
 
