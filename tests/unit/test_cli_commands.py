@@ -98,7 +98,8 @@ def test_exec_passes_bytes_through_and_exits_with_the_guest_code(api):
     res = runner.invoke(app, ["exec", sid, "--", "cat"], input=b"")
     assert res.exit_code == 7
     assert res.stdout_bytes == b"\xff" and res.stderr_bytes == b"e"
-    assert json.loads(api.last("/exec").content)["cmd"] == "cat"  # one arg: shell
+    # live: started as a process, one arg: shell
+    assert json.loads(api.last("/procs").content)["cmd"] == "cat"
 
 
 def test_exec_argv_env_stdin_and_json(api):
@@ -122,7 +123,7 @@ def test_exec_killed_by_a_signal_exits_128_plus_n(api, monkeypatch):
 
     def killed(req: httpx.Request) -> httpx.Response:
         resp = orig(req)
-        if req.url.path.endswith("/exec"):
+        if req.url.path.endswith(("/exec", "/output")):  # buffered or live
             data = json.loads(resp.content)
             data.update(exit_code=-1, signal=9)
             return httpx.Response(200, json=data)

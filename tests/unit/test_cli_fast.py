@@ -143,7 +143,7 @@ def test_home_comes_from_the_environment_only_when_set_and_not_empty(monkeypatch
     ["exec", "-e", "NOEQUALS", "sb", "--", "true"], ["exec", "-e", "=v", "sb", "true"],
     ["exec", "-eA=1", "sb", "true"], ["exec", "-de", "A=1", "sb", "true"],
     ["exec", "--timeout", "soon", "sb", "true"], ["exec", "--timeout", "-1", "sb", "true"],
-    ["exec", "--cwd", "--", "sb", "true"], ["exec", "-t", "sb", "true"],
+    ["exec", "--cwd", "--", "sb", "true"], ["exec", "-z", "sb", "true"],
 ])
 def test_everything_else_goes_to_the_typer_app(argv):
     assert _fast.plan(argv) is None
@@ -221,7 +221,7 @@ def test_exec_killed_by_a_signal_exits_128_plus_n_on_the_fast_path(both, monkeyp
 
     def killed(req: httpx.Request) -> httpx.Response:
         resp = plain(req)
-        if req.url.path.endswith("/exec"):
+        if req.url.path.endswith(("/exec", "/output")):  # buffered or live
             return httpx.Response(200, json={**json.loads(resp.content), "exit_code": -1,
                                              "signal": 9})
         return resp

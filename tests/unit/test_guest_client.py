@@ -216,3 +216,35 @@ def test_broken_framing_fails_the_call_with_a_protocol_error(agent):
     client.close()
     with pytest.raises(AgentDisconnected):  # closed on purpose stays closed
         client.ping()
+
+
+def test_process_reads_are_bounded_whatever_the_guest_sends(agent):
+    """A guest that floods a PROC_READ reply: refused unbuffered; one that breaks the
+    offset contract: a protocol error, not bytes the caller would place wrongly."""
+    from forkyard.errors import AgentProtocolError
+    from forkyard.guest.procs import READ_MAX
+
+    fake, client = agent
+    flood = hostile(Op.PROC_READ, [(Tag.STDOUT, b"o" * (40 * MiB))])
+    fake.script = lambda op, f: flood if op == Op.PROC_READ else None
+    err, peak = traced_peak(lambda: client.procs.read(42, 0, 0, max_bytes=READ_MAX * 8))
+    assert isinstance(err, PayloadTooLarge) and err.limit < 3 * READ_MAX, err
+    assert peak < 4 * MiB, f"{peak} bytes allocated for a refused reply"
+    # over the asked max (within the frame limit), and bytes from before the asked offset
+    for fields in ([(Tag.STDOUT, b"x" * 2000), (Tag.OFFSET, 0), (Tag.ERR_OFFSET, 0)],
+                   [(Tag.STDOUT, b"x"), (Tag.OFFSET, 5), (Tag.ERR_OFFSET, 0)]):
+        fake.script = lambda op, f, fl=fields: hostile(Op.PROC_READ, fl) \
+            if op == Op.PROC_READ else None
+        with pytest.raises(AgentProtocolError):
+            client.procs.read(42, 10, 0, max_bytes=1000)
+    # an offset past the end is clamped by the guest: an empty answer there is fine
+    fake.script = lambda op, f: hostile(Op.PROC_READ, [
+        (Tag.STDOUT, b""), (Tag.OFFSET, 3), (Tag.ERR_OFFSET, 0)]) if op == Op.PROC_READ else None
+    c = client.procs.read(42, 10, 0)
+    assert (c.out_offset, c.stdout, c.exited) == (3, b"", False)
+    # a process list with a malformed entry
+    fake.script = lambda op, f: hostile(Op.PROC_LIST, [(Tag.PROC, b"short")]) \
+        if op == Op.PROC_LIST else None
+    with pytest.raises(AgentProtocolError):
+        client.procs.list()
+    assert client.ping() == "fake"

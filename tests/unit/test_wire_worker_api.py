@@ -13,6 +13,7 @@ from forkyard._digest import resolve_prefix
 from forkyard.errors import AmbiguousCheckpoint, CheckpointNotFound
 from forkyard.wire import worker_api as api
 from forkyard.wire.models import ExecRequest, WorkerSandbox
+from forkyard.wire.procs import ResizeRequest, SignalRequest, SpawnRequest
 
 SID = "sb-" + "a" * 20
 CP = "c" * 64
@@ -52,6 +53,14 @@ CALLS = [
     (api.fork(CP, SID), "POST", f"/checkpoints/{CP}/fork"),
     (api.hibernate(SID), "POST", f"/sandboxes/{SID}/hibernate"),
     (api.wake(SID, CP), "POST", f"/sandboxes/{SID}/wake"),
+    (api.spawn(SID, SpawnRequest(cmd="true")), "POST", f"/sandboxes/{SID}/procs"),
+    (api.list_procs(SID), "GET", f"/sandboxes/{SID}/procs"),
+    (api.proc_output(SID, 42, 0, 0, 5.0, 1024), "GET", f"/sandboxes/{SID}/procs/42/output"),
+    (api.proc_stdin(SID, 42, True), "POST", f"/sandboxes/{SID}/procs/42/stdin"),
+    (api.proc_resize(SID, 42, ResizeRequest(rows=5, cols=9)), "POST",
+     f"/sandboxes/{SID}/procs/42/resize"),
+    (api.proc_signal(SID, 42, SignalRequest(signal=9)), "POST",
+     f"/sandboxes/{SID}/procs/42/signal"),
 ]
 
 

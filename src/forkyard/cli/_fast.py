@@ -27,9 +27,9 @@ _CONNECTION = {"--home": "home", "--url": "url", "--token": "token"}
 _LS_VALUES = {**_CONNECTION, "--label": "label", "-l": "label", "--state": "state"}
 _LS_FLAGS = {"--json": "json_"}
 _EXEC_VALUES = {**_CONNECTION, "--env": "env", "-e": "env", "--cwd": "cwd",
-                "--timeout": "timeout"}
-_EXEC_FLAGS = {"--json": "json_", "--stdin": "stdin", "--background": "background",
-               "-d": "background"}
+                "--timeout": "timeout", "--user": "user", "-u": "user"}
+_EXEC_FLAGS = {"--json": "json_", "--stdin": "stdin", "-i": "stdin", "--background": "background",
+               "-d": "background", "--tty": "tty", "-t": "tty"}
 _MULTIPLE = {"env", "label"}
 
 
@@ -167,7 +167,8 @@ def _execute(p: Plan) -> int:
         lambda: _hot.connect(home_path, url, token), p.args[0], p.args[1:],
         env=_hot.parse_env(env if isinstance(env, list) else None), cwd=_str(opts, "cwd"),
         timeout=timeout, stdin=bool(opts.get("stdin")),
-        background=bool(opts.get("background")), json_=json_)
+        background=bool(opts.get("background")), json_=json_, tty=bool(opts.get("tty")),
+        user=_str(opts, "user"))
 
 
 def _quiet_stdout() -> None:

@@ -89,17 +89,30 @@ def _write(out: bytes, err: bytes) -> None:
 
 def run_exec(connect: Callable[[], SyncHTTP], sandbox_id: str, cmd: list[str], *,
              env: Mapping[str, str], cwd: str | None, timeout: float, stdin: bool,
-             background: bool, json_: bool) -> int:
+             background: bool, json_: bool, tty: bool = False, user: str | None = None) -> int:
     """Run one command; returns this process's exit status (the guest's, 128+N
-    for a signal N, 124 for a timeout)."""
+    for a signal N, 124 for a timeout).
+
+    Output is live (``forkyard.cli._term``) unless ``--json`` asks for one
+    result document; ``--tty`` runs it on a terminal.
+    """
+    command: str | list[str] = cmd[0] if len(cmd) == 1 else cmd
+    if tty and not json_:
+        from forkyard.cli._term import run_tty
+
+        return run_tty(connect(), sandbox_id, command, env=dict(env), cwd=cwd, user=user)
+    if not json_:
+        from forkyard.cli._term import run_live
+
+        return run_live(connect(), sandbox_id, command, env=dict(env), cwd=cwd,
+                        timeout=timeout or None, stdin=stdin, background=background, user=user)
     from forkyard.sdk import _ops
     from forkyard.sdk.errors import SandboxTimeout
 
-    command: str | list[str] = cmd[0] if len(cmd) == 1 else cmd
     data = sys.stdin.buffer.read() if stdin else None
     http = connect()
     call = _ops.exec_(sandbox_id, command, env=dict(env), cwd=cwd, timeout=timeout or None,
-                      stdin=data, background=background)
+                      stdin=data, background=background, user=user)
     try:
         result = http.call(call)
     except SandboxTimeout as exc:

@@ -115,23 +115,27 @@ def exec_(
     cwd: Annotated[str | None, typer.Option("--cwd")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds; 0 = none.")]
     = EXEC_TIMEOUT,
-    stdin: Annotated[bool, typer.Option("--stdin", help="Send this process's stdin.")]
+    stdin: Annotated[bool, typer.Option("--stdin", "-i", help="Forward this process's stdin.")]
     = False,
     background: Annotated[bool, typer.Option("--background", "-d",
                                              help="Start it and print its pid.")] = False,
+    tty: Annotated[bool, typer.Option("--tty", "-t", help="Run it on a terminal.")] = False,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Guest account.")] = None,
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Run a command in a sandbox: `forkyard exec ID -- CMD...`.
 
-    Output is passed through byte for byte; the exit status is the command's
-    (128+N if a signal N killed it, 124 if it timed out).
+    Output is passed through live, byte for byte; the exit status is the
+    command's (128+N if a signal N killed it, 124 if it timed out).  `-d`
+    starts it in the background (see `ps`, `attach`, `kill`).
     """
     try:
         env_map = parse_env(env)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--env") from None
     code = run_exec(lambda: connect(home, url, token), sandbox_id, cmd, env=env_map, cwd=cwd,
-                    timeout=timeout, stdin=stdin, background=background, json_=json_)
+                    timeout=timeout, stdin=stdin, background=background, json_=json_, tty=tty,
+                    user=user)
     if code:
         raise typer.Exit(code)
 

@@ -23,6 +23,7 @@ from starlette.background import BackgroundTask
 
 import forkyard
 from forkyard.control._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from forkyard.control._proc_routes import add_proc_routes
 from forkyard.control._service import ControlPlane
 from forkyard.wire import worker_api
 from forkyard.wire.models import (
@@ -118,6 +119,8 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
 
     async def threaded(fn: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(fn, *args)
+
+    add_proc_routes(app, plane, _errors)
 
     @app.get("/health", tags=["meta"])
     def health() -> Health:

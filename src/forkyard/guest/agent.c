@@ -37,6 +37,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <ftw.h>
 #include <limits.h>
 #include <net/if.h>
@@ -78,7 +79,8 @@
 enum {
     OP_HELLO = 1, OP_EXEC = 2, OP_WRITE_FILE = 3, OP_READ_FILE = 4, OP_STAT = 5,
     OP_LIST = 6, OP_REMOVE = 7, OP_MKDIR = 8, OP_SYNC = 9, OP_KILL = 10,
-    OP_POWEROFF = 11, OP_ACK = 0x7fff,
+    OP_POWEROFF = 11, OP_SPAWN = 12, OP_PROC_READ = 13, OP_PROC_INPUT = 14,
+    OP_PROC_LIST = 15, OP_PTY_RESIZE = 16, OP_ACK = 0x7fff,
 };
 #define FL_RESPONSE 1u
 #define FL_ERROR 2u
@@ -90,7 +92,8 @@ enum {
     T_SIGNAL = 13, T_TIMED_OUT = 14, T_ERRNO = 15, T_MESSAGE = 16, T_KIND = 17,
     T_TIME_NS = 18, T_VERSION = 19, T_FLAGS = 20, T_PID = 21, T_ENTRY = 22, T_SIZE = 23,
     T_MAX_OUTPUT = 24, T_UPTIME_MS = 25, T_OFFSET = 26, T_LENGTH = 27, T_TRUNCATED = 28,
-    T_NONCE = 29, T_MAX_ENTRIES = 30,
+    T_NONCE = 29, T_MAX_ENTRIES = 30, T_ERR_OFFSET = 31, T_WAIT_MS = 32, T_EXITED = 33,
+    T_PROC = 34, T_ROWS = 35, T_COLS = 36, T_USER = 37,
 };
 
 /* T_FLAGS bits */
@@ -330,6 +333,101 @@ static void drop_session(void)
 }
 
 /* ------------------------------------------------------------------ */
+/* users                                                              */
+
+/*
+ * /etc/passwd and /etc/group are parsed here rather than with getpwnam():
+ * a static glibc's NSS needs shared libraries the image may not have.
+ */
+typedef struct {
+    uid_t uid;
+    gid_t gid;
+    char name[64], home[256], shell[256];
+    gid_t groups[64];
+    int ngroups;
+} user_t;
+
+static int lookup_user(const char *name, user_t *u)
+{
+    FILE *f = fopen("/etc/passwd", "re");
+    if (!f) return -1;
+    char line[1024];
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f)) {
+        char *save = NULL, *fld[7] = {0};
+        int k = 0;
+        for (char *t = strtok_r(line, ":\n", &save); t && k < 7; t = strtok_r(NULL, ":\n", &save))
+            fld[k++] = t;
+        /* strtok collapses an empty password field ("user::1000:..."): accept 6 fields */
+        if (k < 6 || strcmp(fld[0], name) != 0) continue;
+        int off = k == 7 ? 0 : -1;
+        char *end;
+        unsigned long uid = strtoul(fld[2 + off], &end, 10);
+        unsigned long gid = strtoul(fld[3 + off], &end, 10);
+        snprintf(u->name, sizeof u->name, "%s", fld[0]);
+        u->uid = (uid_t)uid;
+        u->gid = (gid_t)gid;
+        snprintf(u->home, sizeof u->home, "%s", fld[5 + off] ? fld[5 + off] : "/");
+        snprintf(u->shell, sizeof u->shell, "%s", (k == 7 && fld[6]) ? fld[6] : "/bin/sh");
+        found = 1;
+    }
+    fclose(f);
+    if (!found) { errno = ENOENT; return -1; }
+    u->groups[0] = u->gid;
+    u->ngroups = 1;
+    FILE *g = fopen("/etc/group", "re");
+    while (g && fgets(line, sizeof line, g) && u->ngroups < 64) {
+        char *c1 = strchr(line, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+        char *c3 = c2 ? strchr(c2 + 1, ':') : NULL;
+        if (!c3) continue;
+        gid_t gid = (gid_t)strtoul(c2 + 1, NULL, 10);
+        char *save = NULL;
+        for (char *t = strtok_r(c3 + 1, ",\n", &save); t; t = strtok_r(NULL, ",\n", &save))
+            if (strcmp(t, name) == 0 && gid != u->gid) u->groups[u->ngroups++] = gid;
+    }
+    if (g) fclose(g);
+    return 0;
+}
+
+/* in the child, after fork: become `u` (groups first, then gid, then uid) */
+static int become_user(const user_t *u)
+{
+    if (setgroups((size_t)u->ngroups, u->groups) != 0) return -1;
+    if (setgid(u->gid) != 0) return -1;
+    if (setuid(u->uid) != 0) return -1;
+    return 0;
+}
+
+/* the user's identity in the environment, unless the caller set those names */
+static char **user_env(char **uenv, const user_t *u, int pty, char *store[5])
+{
+    size_t n = 0;
+    while (uenv[n]) n++;
+    char **v = calloc(n + 6, sizeof *v);
+    if (!v) die_oom();
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) v[k++] = uenv[i];
+    const char *names[5] = {"HOME=", "USER=", "LOGNAME=", "SHELL=", "TERM="};
+    const char *vals[5] = {u ? u->home : NULL, u ? u->name : NULL, u ? u->name : NULL,
+                           u ? u->shell : NULL, pty ? "xterm-256color" : NULL};
+    for (int j = 0; j < 5; j++) {
+        store[j] = NULL;
+        if (!vals[j]) continue;
+        int given = 0;
+        for (size_t i = 0; i < n; i++)
+            if (strncmp(uenv[i], names[j], strlen(names[j])) == 0) given = 1;
+        if (given) continue;
+        size_t len = strlen(names[j]) + strlen(vals[j]) + 1;
+        store[j] = malloc(len);
+        if (!store[j]) die_oom();
+        snprintf(store[j], len, "%s%s", names[j], vals[j]);
+        v[k++] = store[j];
+    }
+    v[k] = NULL;
+    return v;
+}
+
+/* ------------------------------------------------------------------ */
 /* exec                                                               */
 
 typedef struct {
@@ -458,8 +556,19 @@ static void op_exec(uint32_t id, const fields_t *fs)
         send_error(OP_EXEC, id, "bad_request", EINVAL, "exec needs argv or a shell command");
         return;
     }
+    char *uname = field_str(fs, T_USER);
+    user_t user, *u = NULL;
+    if (uname) {
+        int found = lookup_user(uname, &user) == 0;
+        if (!found) send_error(OP_EXEC, id, "not_found", ENOENT, "no user %s in /etc/passwd", uname);
+        free(uname);
+        if (!found) { free_strs(argv); return; }
+        u = &user;
+    }
     char **uenv = collect_strs(fs, T_ENV, NULL);
-    char **env = build_env(uenv);
+    char *store[5];
+    char **wenv = user_env(uenv, u, 0, store);
+    char **env = build_env(wenv);
     char *cwd = field_str(fs, T_CWD);
     uint64_t flags = field_u64(fs, T_FLAGS, 0);
     int background = (flags & F_EXEC_BACKGROUND) != 0;
@@ -489,13 +598,19 @@ static void op_exec(uint32_t id, const fields_t *fs)
         dup2(inp[0] >= 0 ? inp[0] : devnull, 0);
         dup2(background ? devnull : outp[1], 1);
         dup2(background ? devnull : errp[1], 2);
-        int report[2] = {1, 0}; /* stage (1 chdir, 2 exec), errno */
+        int report[2] = {1, 0}; /* stage (1 chdir, 2 exec, 3 user), errno */
+        if (u && become_user(u) != 0) {
+            report[0] = 3;
+            report[1] = errno;
+            if (write(errpipe[1], report, sizeof report) < 0) { /* parent sees EOF */ }
+            _exit(127);
+        }
         if (cwd && chdir(cwd) != 0) {
             report[1] = errno;
             if (write(errpipe[1], report, sizeof report) < 0) { /* parent sees EOF */ }
             _exit(127);
         }
-        if (!cwd && chdir("/root") != 0 && chdir("/") != 0) { /* stay */ }
+        if (!cwd && chdir(u ? u->home : "/root") != 0 && chdir("/") != 0) { /* stay */ }
         execvpe(argv[0], argv, env);
         report[0] = 2;
         report[1] = errno;
@@ -513,6 +628,7 @@ static void op_exec(uint32_t id, const fields_t *fs)
         waitpid(pid, NULL, 0);
         errno = report[1];
         if (report[0] == 1) send_errno(OP_EXEC, id, "chdir", cwd);
+        else if (report[0] == 3) send_errno(OP_EXEC, id, "become user", "");
         else send_errno(OP_EXEC, id, "exec", argv[0]);
         goto out;
     }
@@ -562,6 +678,8 @@ out:
     }
     free_strs(argv);
     free(env); /* entries belong to uenv / default_env */
+    free(wenv);
+    for (int j = 0; j < 5; j++) free(store[j]);
     free_strs(uenv);
     free(cwd);
 }
@@ -617,6 +735,8 @@ static void finish_exec(exec_t *x)
     x->used = 0;
 }
 
+static void proc_reaped(pid_t p, int st);
+
 static void reap(void)
 {
     for (;;) {
@@ -629,6 +749,548 @@ static void reap(void)
                 execs[i].status = st;
             }
         }
+        proc_reaped(p, st);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* processes: spawned commands with a scrollback the host reads       */
+
+/*
+ * Live output without unbounded replies: a spawned process's stdout and
+ * stderr go to two rings of RING_CAP bytes, addressed by absolute offsets.
+ * The host pulls with PROC_READ(offsets, max bytes, wait): the reply holds
+ * what lies at those offsets, at most PROC_READ_MAX per stream, or waits up
+ * to WAIT_MS for some.  So every reply stays bounded and a client that never
+ * reads costs nothing on the channel.
+ *  - Lossless processes (F_SPAWN_LOSSLESS: a foreground exec) stop being
+ *    read once a ring holds RING_CAP bytes the host has not asked past:
+ *    the command blocks in write(), as behind a slow terminal.
+ *  - Others (background) overwrite their oldest output: the host sees the
+ *    gap as a start offset beyond the one it asked for.
+ * An exited process stays in the table (exit status + scrollback) until a
+ * new one needs its slot, oldest first.
+ */
+#define MAX_PROCS 64 /* rings are allocated on first output: idle ones cost nothing */
+#define RING_CAP (1024u * 1024u)
+#define PROC_READ_MAX (1024u * 1024u)
+#define PROC_IN_MAX (1u * 1024u * 1024u)
+#define MAX_WAITERS 128
+#define PROC_CMD_MAX 256
+#define PROC_OWNER 100000 /* poll owner ids of process fds start here */
+
+typedef struct {
+    uint8_t *p;          /* RING_CAP bytes, allocated on first output */
+    uint64_t start, end; /* absolute offsets of the bytes held */
+} ring_t;
+
+typedef struct {
+    int used, pty, lossless, exited, timed_out, status, keep_stdin, in_eof;
+    pid_t pid;
+    int out_fd, err_fd, in_fd, master_fd;
+    ring_t out, err;
+    uint64_t ack_out, ack_err; /* the host has everything before these */
+    buf_t in;
+    size_t in_off;
+    uint64_t seq, start_ns;
+    struct timespec deadline;
+    char cmd[PROC_CMD_MAX];
+} proc_t;
+
+typedef struct {
+    int used;
+    uint32_t id, session;
+    int slot;
+    pid_t pid;
+    uint64_t out_off, err_off, max;
+    struct timespec deadline;
+} waiter_t;
+
+static proc_t procs[MAX_PROCS];
+static waiter_t waiters[MAX_WAITERS];
+static uint64_t proc_seq;
+
+static void ring_put(ring_t *r, const uint8_t *d, size_t n)
+{
+    if (!r->p) {
+        r->p = malloc(RING_CAP);
+        if (!r->p) die_oom();
+    }
+    for (size_t i = 0; i < n; i++) r->p[(r->end + i) % RING_CAP] = d[i];
+    r->end += n;
+    if (r->end - r->start > RING_CAP) r->start = r->end - RING_CAP;
+}
+
+/* bytes of `r` from `*off` (moved up to the ring's start if it was dropped) */
+static void ring_get(const ring_t *r, uint64_t *off, uint64_t max, buf_t *b, uint16_t tag)
+{
+    if (*off < r->start) *off = r->start;
+    if (*off > r->end) *off = r->end;
+    uint64_t n = r->end - *off;
+    if (n > max) n = max;
+    put_u16(b, tag);
+    put_u32(b, (uint32_t)n);
+    buf_reserve(b, n);
+    for (uint64_t i = 0; i < n; i++) b->p[b->len + i] = r->p[(*off + i) % RING_CAP];
+    b->len += n;
+}
+
+static int proc_find(pid_t pid)
+{
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (procs[i].used && procs[i].pid == pid) return i;
+    return -1;
+}
+
+static void proc_close_fds(proc_t *x)
+{
+    if (x->out_fd >= 0) { if (x->pty) close(x->out_fd); else keep_draining(x->out_fd); }
+    if (x->err_fd >= 0) keep_draining(x->err_fd);
+    if (x->in_fd >= 0) close(x->in_fd);
+    if (x->master_fd >= 0) close(x->master_fd);
+    x->out_fd = x->err_fd = x->in_fd = x->master_fd = -1;
+}
+
+static void proc_free(proc_t *x)
+{
+    proc_close_fds(x);
+    free(x->out.p);
+    free(x->err.p);
+    buf_free(&x->in);
+    memset(x, 0, sizeof *x);
+}
+
+/* a free slot, evicting the oldest exited process if need be */
+static int proc_slot(void)
+{
+    int oldest = -1;
+    for (int i = 0; i < MAX_PROCS; i++) {
+        if (!procs[i].used) return i;
+        if (procs[i].exited && (oldest < 0 || procs[i].seq < procs[oldest].seq)) oldest = i;
+    }
+    if (oldest >= 0) {
+        for (int w = 0; w < MAX_WAITERS; w++)
+            if (waiters[w].used && waiters[w].slot == oldest) waiters[w].slot = -1;
+        proc_free(&procs[oldest]);
+    }
+    return oldest;
+}
+
+/* how much more the host may be sent of one stream before a lossless process waits */
+static size_t ring_room(const proc_t *x, const ring_t *r, uint64_t ack)
+{
+    if (!x->lossless) return 65536;
+    uint64_t unacked = r->end > ack ? r->end - ack : 0;
+    return unacked >= RING_CAP ? 0 : RING_CAP - unacked;
+}
+
+/* read what is there (within the room); 1 on EOF/error (fd closed) */
+static int proc_drain(proc_t *x, int *fd, ring_t *r, uint64_t ack)
+{
+    uint8_t tmp[65536];
+    for (;;) {
+        size_t room = ring_room(x, r, ack);
+        if (room == 0) return 0;
+        ssize_t n = read(*fd, tmp, room < sizeof tmp ? room : sizeof tmp);
+        if (n > 0) { ring_put(r, tmp, (size_t)n); continue; }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) return 0;
+        /* EOF, or EIO from a pty master once the last slave fd closed */
+        close(*fd);
+        *fd = -1;
+        return 1;
+    }
+}
+
+static void proc_finish(proc_t *x)
+{
+    /* what the command wrote before it exited is in the pipe already */
+    if (x->out_fd >= 0) proc_drain(x, &x->out_fd, &x->out, x->ack_out);
+    if (x->err_fd >= 0) proc_drain(x, &x->err_fd, &x->err, x->ack_err);
+    /* a lossless process's unread tail must stay readable: keep fds until
+       the host caught up, then drop them (a `sleep &` child may hold them) */
+    if (!x->lossless || (x->out.end <= x->ack_out && x->err.end <= x->ack_err)) proc_close_fds(x);
+}
+
+/* spawn flags */
+#define F_SPAWN_LOSSLESS 1u
+#define F_SPAWN_PTY 2u
+#define F_SPAWN_KEEP_STDIN 4u
+/* proc input flags */
+#define F_INPUT_EOF 1u
+
+static int open_pty(int *master, char *slave_name, size_t len, uint16_t rows, uint16_t cols)
+{
+    int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m < 0) return -1;
+    if (grantpt(m) != 0 || unlockpt(m) != 0 || ptsname_r(m, slave_name, len) != 0) {
+        close(m);
+        return -1;
+    }
+    struct winsize ws = {.ws_row = rows ? rows : 24, .ws_col = cols ? cols : 80};
+    ioctl(m, TIOCSWINSZ, &ws);
+    *master = m;
+    return 0;
+}
+
+static void op_spawn(uint32_t id, const fields_t *fs)
+{
+    uint64_t flags = field_u64(fs, T_FLAGS, 0);
+    int pty = (flags & F_SPAWN_PTY) != 0;
+    char *uname = field_str(fs, T_USER);
+    user_t user, *u = NULL;
+    if (uname) {
+        if (lookup_user(uname, &user) != 0) {
+            send_error(OP_SPAWN, id, "not_found", ENOENT, "no user %s in /etc/passwd", uname);
+            free(uname);
+            return;
+        }
+        u = &user;
+    }
+    free(uname);
+    size_t argc = 0;
+    char **argv = collect_strs(fs, T_ARGV, &argc);
+    char *shell = field_str(fs, T_SHELL);
+    if (shell || (argc == 0 && pty)) {
+        free_strs(argv);
+        argv = calloc(4, sizeof *argv);
+        if (!argv) die_oom();
+        /* no command on a terminal: the user's login shell */
+        argv[0] = strdup(shell ? "/bin/sh" : (u && u->shell[0] ? u->shell : "/bin/sh"));
+        argv[1] = strdup(shell ? "-c" : "-l");
+        argv[2] = shell;
+        argc = shell ? 3 : 2;
+    }
+    if (argc == 0) {
+        free_strs(argv);
+        send_error(OP_SPAWN, id, "bad_request", EINVAL, "spawn needs argv or a shell command");
+        return;
+    }
+    int slot = proc_slot();
+    if (slot < 0) {
+        free_strs(argv);
+        send_error(OP_SPAWN, id, "busy", EAGAIN, "too many running processes (%d)", MAX_PROCS);
+        return;
+    }
+    char **uenv = collect_strs(fs, T_ENV, NULL);
+    char *store[5];
+    char **wenv = user_env(uenv, u, pty, store);
+    char **env = build_env(wenv);
+    char *cwd = field_str(fs, T_CWD);
+    const field_t *stdin_f = field(fs, T_STDIN);
+    int keep_stdin = (flags & F_SPAWN_KEEP_STDIN) != 0;
+
+    int outp[2] = {-1, -1}, errp[2] = {-1, -1}, inp[2] = {-1, -1}, errpipe[2] = {-1, -1};
+    int master = -1;
+    char slave[128] = {0};
+    int ok = pipe2(errpipe, O_CLOEXEC) == 0;
+    if (ok && pty)
+        ok = open_pty(&master, slave, sizeof slave, (uint16_t)field_u64(fs, T_ROWS, 24),
+                      (uint16_t)field_u64(fs, T_COLS, 80)) == 0;
+    else if (ok)
+        ok = pipe2(outp, O_CLOEXEC) == 0 && pipe2(errp, O_CLOEXEC) == 0 && pipe2(inp, O_CLOEXEC) == 0;
+    if (!ok) {
+        send_errno(OP_SPAWN, id, pty ? "openpty" : "pipe", "");
+        goto out;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        send_errno(OP_SPAWN, id, "fork", "");
+        goto out;
+    }
+    if (pid == 0) {
+        sigset_t all;
+        sigemptyset(&all);
+        sigprocmask(SIG_SETMASK, &all, NULL);
+        for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
+        setsid();
+        int report[2] = {1, 0}; /* stage (1 chdir, 2 exec, 3 pty, 4 user), errno */
+        if (pty) {
+            int s = open(slave, O_RDWR);
+            if (s < 0 || ioctl(s, TIOCSCTTY, 0) != 0) { report[0] = 3; goto fail; }
+            dup2(s, 0); dup2(s, 1); dup2(s, 2);
+            if (s > 2) close(s);
+        } else {
+            dup2(inp[0], 0);
+            dup2(outp[1], 1);
+            dup2(errp[1], 2);
+        }
+        if (u && become_user(u) != 0) { report[0] = 4; goto fail; }
+        if (cwd && chdir(cwd) != 0) goto fail;
+        if (!cwd && chdir(u ? u->home : "/root") != 0 && chdir("/") != 0) { /* stay */ }
+        execvpe(argv[0], argv, env);
+        report[0] = 2;
+    fail:
+        report[1] = errno;
+        if (write(errpipe[1], report, sizeof report) < 0) { /* parent sees EOF */ }
+        _exit(127);
+    }
+    close(errpipe[1]);
+    errpipe[1] = -1;
+    int report[2] = {0, 0};
+    ssize_t r;
+    do r = read(errpipe[0], report, sizeof report);
+    while (r < 0 && errno == EINTR);
+    if (r == (ssize_t)sizeof report) {
+        waitpid(pid, NULL, 0);
+        errno = report[1];
+        static const char *what[] = {"?", "chdir", "exec", "pty", "become user"};
+        send_errno(OP_SPAWN, id, what[report[0] >= 1 && report[0] <= 4 ? report[0] : 0], report[0] == 2 ? argv[0] : cwd);
+        goto out;
+    }
+    proc_t *x = &procs[slot];
+    memset(x, 0, sizeof *x);
+    x->used = 1;
+    x->pid = pid;
+    x->pty = pty;
+    x->seq = ++proc_seq;
+    x->lossless = (flags & F_SPAWN_LOSSLESS) != 0;
+    x->keep_stdin = keep_stdin;
+    struct timespec rt;
+    clock_gettime(CLOCK_REALTIME, &rt);
+    x->start_ns = (uint64_t)rt.tv_sec * 1000000000ULL + (uint64_t)rt.tv_nsec;
+    size_t k = 0;
+    for (char **a = argv; *a && k + 1 < sizeof x->cmd; a++) {
+        int w = snprintf(x->cmd + k, sizeof x->cmd - k, "%s%s", k ? " " : "", *a);
+        if (w < 0) break;
+        k += (size_t)w;
+        if (k >= sizeof x->cmd) { k = sizeof x->cmd - 1; break; }
+    }
+    if (pty) {
+        x->master_fd = master;
+        x->out_fd = dup(master);
+        x->in_fd = dup(master);
+        x->err_fd = -1;
+        master = -1;
+        set_nonblock(x->out_fd);
+        set_nonblock(x->in_fd);
+    } else {
+        x->master_fd = -1;
+        x->out_fd = outp[0];
+        x->err_fd = errp[0];
+        x->in_fd = inp[1];
+        outp[0] = errp[0] = inp[1] = -1;
+        set_nonblock(x->out_fd);
+        set_nonblock(x->err_fd);
+        set_nonblock(x->in_fd);
+    }
+    if (stdin_f) buf_put(&x->in, stdin_f->val, stdin_f->len);
+    if (!keep_stdin) x->in_eof = 1;
+    uint64_t tmo = field_u64(fs, T_TIMEOUT_MS, 0);
+    if (tmo) {
+        x->deadline = now_mono();
+        x->deadline.tv_sec += (time_t)(tmo / 1000);
+        x->deadline.tv_nsec += (long)(tmo % 1000) * 1000000L;
+        if (x->deadline.tv_nsec >= 1000000000L) { x->deadline.tv_sec++; x->deadline.tv_nsec -= 1000000000L; }
+    }
+    buf_t b = {0};
+    tlv_u64(&b, T_PID, (uint64_t)pid);
+    send_frame(OP_SPAWN, FL_RESPONSE, id, &b);
+    buf_free(&b);
+out:
+    for (int i = 0; i < 2; i++) {
+        if (outp[i] >= 0) close(outp[i]);
+        if (errp[i] >= 0) close(errp[i]);
+        if (inp[i] >= 0) close(inp[i]);
+        if (errpipe[i] >= 0) close(errpipe[i]);
+    }
+    if (master >= 0) close(master);
+    free_strs(argv);
+    free(env);
+    free(wenv);
+    for (int j = 0; j < 5; j++) free(store[j]);
+    free_strs(uenv);
+    free(cwd);
+}
+
+static int proc_status_code(const proc_t *x, int *sig)
+{
+    *sig = 0;
+    if (WIFSIGNALED(x->status)) { *sig = WTERMSIG(x->status); return 128 + *sig; }
+    return WIFEXITED(x->status) ? WEXITSTATUS(x->status) : -1;
+}
+
+/* has `w` something to send: data at its offsets, or the end of the process? */
+static int waiter_ready(const waiter_t *w)
+{
+    if (w->slot < 0) return 1;
+    const proc_t *x = &procs[w->slot];
+    if (x->out.end > w->out_off || x->err.end > w->err_off) return 1;
+    return x->exited && x->out_fd < 0 && x->err_fd < 0;
+}
+
+static void send_proc_read(uint32_t id, int slot, uint64_t out_off, uint64_t err_off, uint64_t max)
+{
+    if (slot < 0) {
+        send_error(OP_PROC_READ, id, "not_found", ESRCH, "no such process (its slot was reused)");
+        return;
+    }
+    proc_t *x = &procs[slot];
+    buf_t b = {0};
+    tlv_u64(&b, T_PID, (uint64_t)x->pid);
+    uint64_t o = out_off, e = err_off;
+    ring_get(&x->out, &o, max, &b, T_STDOUT);
+    ring_get(&x->err, &e, max, &b, T_STDERR);
+    tlv_u64(&b, T_OFFSET, o);
+    tlv_u64(&b, T_ERR_OFFSET, e);
+    /* the end only once the host has every byte (and the pipes are closed) */
+    if (x->exited && x->out_fd < 0 && x->err_fd < 0 && x->out.end - o <= max &&
+        x->err.end - e <= max) {
+        int sig;
+        int code = proc_status_code(x, &sig);
+        tlv_u64(&b, T_EXITED, 1);
+        tlv_u64(&b, T_EXIT_CODE, (uint64_t)(int64_t)code);
+        if (sig) tlv_u64(&b, T_SIGNAL, (uint64_t)sig);
+        if (x->timed_out) tlv_u64(&b, T_TIMED_OUT, 1);
+    }
+    send_frame(OP_PROC_READ, FL_RESPONSE, id, &b);
+    buf_free(&b);
+}
+
+static void op_proc_read(uint32_t id, const fields_t *fs)
+{
+    pid_t pid = (pid_t)field_u64(fs, T_PID, 0);
+    int slot = proc_find(pid);
+    if (slot < 0) {
+        send_error(OP_PROC_READ, id, "not_found", ESRCH, "no process %d", (int)pid);
+        return;
+    }
+    proc_t *x = &procs[slot];
+    uint64_t o = field_u64(fs, T_OFFSET, 0), e = field_u64(fs, T_ERR_OFFSET, 0);
+    uint64_t max = field_u64(fs, T_LENGTH, PROC_READ_MAX);
+    if (max > PROC_READ_MAX) max = PROC_READ_MAX;
+    /* asking from an offset acknowledges everything before it */
+    if (o > x->ack_out) x->ack_out = o < x->out.end ? o : x->out.end;
+    if (e > x->ack_err) x->ack_err = e < x->err.end ? e : x->err.end;
+    if (x->exited && x->lossless && x->out_fd >= 0) proc_drain(x, &x->out_fd, &x->out, x->ack_out);
+    if (x->exited && x->lossless && x->err_fd >= 0) proc_drain(x, &x->err_fd, &x->err, x->ack_err);
+    if (x->exited) proc_finish(x);
+    uint64_t wait = field_u64(fs, T_WAIT_MS, 0);
+    waiter_t probe = {1, id, session, slot, pid, o, e, max, {0, 0}};
+    if (wait == 0 || waiter_ready(&probe)) {
+        send_proc_read(id, slot, o, e, max);
+        return;
+    }
+    for (int w = 0; w < MAX_WAITERS; w++) {
+        if (waiters[w].used) continue;
+        if (wait > 60000) wait = 60000;
+        probe.deadline = now_mono();
+        probe.deadline.tv_sec += (time_t)(wait / 1000);
+        probe.deadline.tv_nsec += (long)(wait % 1000) * 1000000L;
+        if (probe.deadline.tv_nsec >= 1000000000L) { probe.deadline.tv_sec++; probe.deadline.tv_nsec -= 1000000000L; }
+        waiters[w] = probe;
+        return;
+    }
+    send_proc_read(id, slot, o, e, max); /* no room to wait: an empty reply, the host asks again */
+}
+
+static void op_proc_input(uint32_t id, const fields_t *fs)
+{
+    pid_t pid = (pid_t)field_u64(fs, T_PID, 0);
+    int slot = proc_find(pid);
+    if (slot < 0) {
+        send_error(OP_PROC_INPUT, id, "not_found", ESRCH, "no process %d", (int)pid);
+        return;
+    }
+    proc_t *x = &procs[slot];
+    const field_t *d = field(fs, T_DATA);
+    size_t pending = x->in.len - x->in_off;
+    if (d && d->len) {
+        if (x->in_fd < 0 || x->exited) {
+            send_error(OP_PROC_INPUT, id, "closed", EPIPE, "the process's stdin is closed");
+            return;
+        }
+        if (pending + d->len > PROC_IN_MAX) {
+            send_error(OP_PROC_INPUT, id, "busy", EAGAIN, "stdin buffer full");
+            return;
+        }
+        if (x->in_off) { /* compact: keep the buffer at what is pending */
+            memmove(x->in.p, x->in.p + x->in_off, pending);
+            x->in.len = pending;
+            x->in_off = 0;
+        }
+        buf_put(&x->in, d->val, d->len);
+    }
+    if (field_u64(fs, T_FLAGS, 0) & F_INPUT_EOF) x->in_eof = 1;
+    buf_t b = {0};
+    tlv_u64(&b, T_SIZE, (uint64_t)(x->in.len - x->in_off));
+    send_frame(OP_PROC_INPUT, FL_RESPONSE, id, &b);
+    buf_free(&b);
+}
+
+static void op_proc_list(uint32_t id, const fields_t *fs)
+{
+    (void)fs;
+    buf_t b = {0};
+    for (int i = 0; i < MAX_PROCS; i++) {
+        proc_t *x = &procs[i];
+        if (!x->used) continue;
+        int sig;
+        int code = x->exited ? proc_status_code(x, &sig) : 0;
+        size_t clen = strlen(x->cmd);
+        put_u16(&b, T_PROC);
+        put_u32(&b, (uint32_t)(24 + clen));
+        put_u32(&b, (uint32_t)x->pid);
+        put_u32(&b, (uint32_t)((x->exited ? 1 : 0) | (x->pty ? 2 : 0) | (x->timed_out ? 4 : 0)));
+        put_u32(&b, (uint32_t)code);
+        put_u32(&b, 0);
+        put_u64(&b, x->start_ns);
+        buf_put(&b, x->cmd, clen);
+    }
+    send_frame(OP_PROC_LIST, FL_RESPONSE, id, &b);
+    buf_free(&b);
+}
+
+static void proc_reaped(pid_t p, int st)
+{
+    for (int i = 0; i < MAX_PROCS; i++) {
+        if (procs[i].used && procs[i].pid == p && !procs[i].exited) {
+            procs[i].exited = 1;
+            procs[i].status = st;
+        }
+    }
+}
+
+static void op_pty_resize(uint32_t id, const fields_t *fs)
+{
+    pid_t pid = (pid_t)field_u64(fs, T_PID, 0);
+    int slot = proc_find(pid);
+    if (slot < 0 || procs[slot].master_fd < 0) {
+        send_error(OP_PTY_RESIZE, id, "not_found", ESRCH, "no terminal of process %d", (int)pid);
+        return;
+    }
+    struct winsize ws = {.ws_row = (uint16_t)field_u64(fs, T_ROWS, 24),
+                         .ws_col = (uint16_t)field_u64(fs, T_COLS, 80)};
+    if (ioctl(procs[slot].master_fd, TIOCSWINSZ, &ws) != 0) send_errno(OP_PTY_RESIZE, id, "resize", "");
+    else send_frame(OP_PTY_RESIZE, FL_RESPONSE, id, NULL);
+}
+
+/* one pass of the main loop: answer waiters that can be answered */
+static void serve_waiters(void)
+{
+    for (int w = 0; w < MAX_WAITERS; w++) {
+        waiter_t *q = &waiters[w];
+        if (!q->used) continue;
+        if (q->session != session) { q->used = 0; continue; }
+        if (q->slot >= 0 && q->slot < MAX_PROCS && procs[q->slot].exited) proc_finish(&procs[q->slot]);
+        if (waiter_ready(q) || ms_until(q->deadline) <= 0) {
+            q->used = 0;
+            send_proc_read(q->id, q->slot, q->out_off, q->err_off, q->max);
+        }
+    }
+}
+
+static void proc_write_stdin(proc_t *x)
+{
+    if (x->in.len > x->in_off) {
+        ssize_t w = write(x->in_fd, x->in.p + x->in_off, x->in.len - x->in_off);
+        if (w > 0) x->in_off += (size_t)w;
+        if (w < 0 && errno != EAGAIN && errno != EINTR) { x->in.len = x->in_off = 0; x->in_eof = 1; }
+    }
+    if (x->in_off >= x->in.len) {
+        x->in.len = x->in_off = 0;
+        /* a terminal has no EOF to send (a program sees ^D as input) */
+        if (x->in_eof && !x->pty && x->in_fd >= 0) { close(x->in_fd); x->in_fd = -1; }
     }
 }
 
@@ -954,6 +1616,11 @@ static void dispatch(uint16_t op, uint32_t id, const uint8_t *payload, size_t le
     case OP_MKDIR: op_mkdir(id, &fs); break;
     case OP_SYNC: op_sync(id, &fs); break;
     case OP_KILL: op_kill(id, &fs); break;
+    case OP_SPAWN: op_spawn(id, &fs); break;
+    case OP_PROC_READ: op_proc_read(id, &fs); break;
+    case OP_PROC_INPUT: op_proc_input(id, &fs); break;
+    case OP_PROC_LIST: op_proc_list(id, &fs); break;
+    case OP_PTY_RESIZE: op_pty_resize(id, &fs); break;
     case OP_POWEROFF:
         sync();
         reboot(RB_POWER_OFF);
@@ -1103,8 +1770,9 @@ int main(void)
     epoll_ctl(ep, EPOLL_CTL_ADD, port_fd, &ev);
     logmsg("forkyard-agent: ready\n");
 
-    static struct pollfd pfds[2 + 3 * MAX_EXECS + MAX_DISCARD];
-    static int owner[2 + 3 * MAX_EXECS + MAX_DISCARD]; /* exec slot * 3 + stream */
+    static struct pollfd pfds[2 + 3 * MAX_EXECS + 3 * MAX_PROCS + MAX_DISCARD];
+    /* exec slot * 3 + stream; PROC_OWNER + proc slot * 3 + stream */
+    static int owner[2 + 3 * MAX_EXECS + 3 * MAX_PROCS + MAX_DISCARD];
     for (;;) {
         int n = 0;
         if (host_up) {
@@ -1136,6 +1804,33 @@ int main(void)
                 if (ms < 0) ms = 0;
                 if (timeout < 0 || ms < timeout) timeout = ms;
             }
+        }
+        for (int i = 0; i < MAX_PROCS; i++) {
+            proc_t *x = &procs[i];
+            if (!x->used) continue;
+            if (x->out_fd >= 0 && ring_room(x, &x->out, x->ack_out)) {
+                pfds[n] = (struct pollfd){x->out_fd, POLLIN, 0};
+                owner[n++] = PROC_OWNER + i * 3;
+            }
+            if (x->err_fd >= 0 && ring_room(x, &x->err, x->ack_err)) {
+                pfds[n] = (struct pollfd){x->err_fd, POLLIN, 0};
+                owner[n++] = PROC_OWNER + i * 3 + 1;
+            }
+            if (x->in_fd >= 0 && (x->in.len > x->in_off || (x->in_eof && !x->pty))) {
+                pfds[n] = (struct pollfd){x->in_fd, POLLOUT, 0};
+                owner[n++] = PROC_OWNER + i * 3 + 2;
+            }
+            if (x->deadline.tv_sec && !x->timed_out && !x->exited) {
+                long ms = ms_until(x->deadline);
+                if (ms < 0) ms = 0;
+                if (timeout < 0 || ms < timeout) timeout = ms;
+            }
+        }
+        for (int i = 0; i < MAX_WAITERS; i++) {
+            if (!waiters[i].used) continue;
+            long ms = ms_until(waiters[i].deadline);
+            if (ms < 0) ms = 0;
+            if (timeout < 0 || ms < timeout) timeout = ms;
         }
         for (int i = 0; i < n_discard; i++) {
             pfds[n] = (struct pollfd){discard_fds[i], POLLIN, 0};
@@ -1171,6 +1866,13 @@ int main(void)
                 struct signalfd_siginfo si;
                 while (read(sfd, &si, sizeof si) > 0) { /* drain */ }
                 reap();
+            } else if (owner[k] >= PROC_OWNER) {
+                proc_t *x = &procs[(owner[k] - PROC_OWNER) / 3];
+                int stream = (owner[k] - PROC_OWNER) % 3;
+                if (!x->used) continue;
+                if (stream == 0 && x->out_fd >= 0) proc_drain(x, &x->out_fd, &x->out, x->ack_out);
+                else if (stream == 1 && x->err_fd >= 0) proc_drain(x, &x->err_fd, &x->err, x->ack_err);
+                else if (stream == 2 && x->in_fd >= 0) proc_write_stdin(x);
             } else {
                 exec_t *x = &execs[owner[k] / 3];
                 int stream = owner[k] % 3;
@@ -1210,6 +1912,16 @@ int main(void)
             }
             if (x->exited) finish_exec(x);
         }
+        for (int i = 0; i < MAX_PROCS; i++) {
+            proc_t *x = &procs[i];
+            if (!x->used) continue;
+            if (x->deadline.tv_sec && !x->timed_out && !x->exited && ms_until(x->deadline) <= 0) {
+                x->timed_out = 1;
+                kill(-x->pid, SIGKILL);
+            }
+            if (x->exited && (x->out_fd >= 0 || x->err_fd >= 0 || x->in_fd >= 0)) proc_finish(x);
+        }
+        serve_waiters();
         /* write eagerly: most replies fit in the port buffer right away */
         port_flush();
     }

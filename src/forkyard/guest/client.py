@@ -40,6 +40,7 @@ from forkyard.errors import (
     PayloadTooLarge,
 )
 from forkyard.guest import protocol as p
+from forkyard.guest.procs import Processes
 from forkyard.guest.protocol import (
     SMALL_REPLY,
     Fields,
@@ -445,6 +446,7 @@ class AgentClient:
         background: bool = False,
         check: bool = False,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        user: str | None = None,
     ) -> ExecResult:
         """Run a command: a string goes through ``/bin/sh -c``, a list is argv.
 
@@ -473,6 +475,8 @@ class AgentClient:
             fields.append((Tag.STDIN, stdin))
         if background:
             fields.append((Tag.FLAGS, p.EXEC_BACKGROUND))
+        if user:
+            fields.append((Tag.USER, user))
         fields.append((Tag.MAX_OUTPUT, max_output))
         call_timeout = (timeout or 24 * 3600.0) + _GRACE
         limit = Limit(2 * max_output + _REPLY_SLACK, 32)
@@ -586,6 +590,11 @@ class AgentClient:
 
     def kill(self, pid: int, signal: int = 9) -> None:
         self._call(Op.KILL, [(Tag.PID, pid), (Tag.SIGNAL, signal)], timeout=10.0)
+
+    @property
+    def procs(self) -> Processes:
+        """Spawned processes: live output, stdin, list, terminals (:mod:`forkyard.guest.procs`)."""
+        return Processes(self)
 
     def ping(self, *, timeout: float = 10.0) -> str:
         r = self._call(Op.HELLO, [], timeout=timeout)

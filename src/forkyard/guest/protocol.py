@@ -25,6 +25,20 @@ entry (``ENTRY``) is ``mode u32, size u64, mtime_ns i64, name bytes``.  A
 ``LIST`` request carries ``MAX_ENTRIES``; the reply holds at most that many
 entries and ``TRUNCATED`` = 1 when the directory has more.
 
+Processes (``SPAWN``): the guest keeps each spawned command's stdout and
+stderr in a ring of scrollback addressed by absolute byte offsets.
+``PROC_READ(PID, OFFSET, ERR_OFFSET, LENGTH, WAIT_MS)`` answers with the
+bytes at those offsets (``STDOUT``/``STDERR``, at most ``LENGTH`` each, and
+the offsets they really start at: later than asked when the ring dropped
+them), waiting up to ``WAIT_MS`` for some; ``EXITED`` + ``EXIT_CODE``
+(+ ``SIGNAL``) once the host has every byte.  Asking from an offset
+acknowledges what lies before it: a ``SPAWN_LOSSLESS`` process stops being
+read (blocks in write) while a ring holds a full ring of unacknowledged
+output, the others overwrite their oldest output.  So live output costs the
+host one bounded reply per read, and a reader that stops costs nothing.
+A ``PROC`` entry is ``pid u32, flags u32, exit_code i32, 0 u32,
+start_ns u64, command bytes`` (flags: ``PROC_*``).
+
 Bounds (the guest is hostile): every reply is held to a
 :class:`Limit` chosen by the request it answers *before* its payload is
 buffered.  The decoder reads a header, asks for the limit of that (op, id),
@@ -86,6 +100,11 @@ class Op(enum.IntEnum):
     SYNC = 9
     KILL = 10
     POWEROFF = 11
+    SPAWN = 12
+    PROC_READ = 13
+    PROC_INPUT = 14
+    PROC_LIST = 15
+    PTY_RESIZE = 16
     ACK = 0x7FFF
 
 
@@ -125,6 +144,13 @@ class Tag(enum.IntEnum):
     TRUNCATED = 28
     NONCE = 29
     MAX_ENTRIES = 30
+    ERR_OFFSET = 31
+    WAIT_MS = 32
+    EXITED = 33
+    PROC = 34
+    ROWS = 35
+    COLS = 36
+    USER = 37
 
 
 # T_FLAGS bits, per operation
@@ -134,6 +160,14 @@ WRITE_APPEND = 2
 REMOVE_RECURSIVE = 1
 MKDIR_PARENTS = 1
 SYNC_DROP_CACHES = 1
+SPAWN_LOSSLESS = 1
+SPAWN_PTY = 2
+SPAWN_KEEP_STDIN = 4
+INPUT_EOF = 1
+# PROC field flags
+PROC_EXITED = 1
+PROC_PTY = 2
+PROC_TIMED_OUT = 4
 
 _FIELD = struct.Struct("<HI")
 _U64 = struct.Struct("<Q")

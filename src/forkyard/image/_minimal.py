@@ -103,12 +103,16 @@ _MINIMAL_DIRS: tuple[tuple[str, int], ...] = (
     ("mnt", 0o755),
 )
 
+# the image's non-root account (`exec --user user`), with a home it owns
+USER_ID = 1000
+
 _ETC_FILES: tuple[tuple[str, str], ...] = (
     (
         "passwd",
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+        f"user:x:{USER_ID}:{USER_ID}:user:/home/user:/bin/sh\n",
     ),
-    ("group", "root:x:0:\nnogroup:x:65534:\n"),
+    ("group", f"root:x:0:\nnogroup:x:65534:\nuser:x:{USER_ID}:\n"),
     ("hostname", "forkyard\n"),
     (
         "os-release",
@@ -152,6 +156,12 @@ class MinimalSource:
                 link.symlink_to("/bin/busybox")
         for name, text in _ETC_FILES:
             _write_file(root / "etc" / name, text.encode())
+        home = _mkdirs(root, "home/user")
+        os.chmod(home, 0o700)
+        # mkfs -d copies owners; only root can give the home to the account (a
+        # non-root builder's tree keeps its own uid, as in _tree._chown_root)
+        if os.geteuid() == 0:
+            os.chown(home, USER_ID, USER_ID)
         ctx.progress(f"writing test tree ({self.files} files)")
         tree = _mkdirs(root, TEST_TREE.strip("/"))
         for rel, data in iter_test_tree(self.files):

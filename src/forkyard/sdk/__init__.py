@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from forkyard.errors import CommandFailed, ForkyardError
+from forkyard.sdk._commands import CommandHandle, Commands, ProcessInfo, Pty, PtyHandle
 from forkyard.sdk._http import Progress
 from forkyard.sdk._sync import Checkpoint, Files, Sandbox, list_workers
 from forkyard.sdk.cluster import ClusterFile, load_cluster
@@ -80,7 +81,9 @@ __all__ = [
     "CheckpointState",
     "ClusterFile",
     "CommandFailed",
+    "CommandHandle",
     "CommandResult",
+    "Commands",
     "ConfigurationError",
     "ConflictError",
     "ConnectionConfig",
@@ -93,7 +96,10 @@ __all__ = [
     "InternalError",
     "InvalidRequest",
     "NotFoundError",
+    "ProcessInfo",
     "Progress",
+    "Pty",
+    "PtyHandle",
     "PublishFailed",
     "ResponseFormatError",
     "Sandbox",

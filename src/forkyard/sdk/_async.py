@@ -16,6 +16,8 @@ from types import TracebackType
 from typing import IO, overload
 
 from forkyard.sdk import _ops
+from forkyard.sdk._acommands import AsyncCommands, AsyncPty
+from forkyard.sdk._commands import TextSink
 from forkyard.sdk._common import (
     CHECKPOINT_TIMEOUT,
     HIBERNATE_TIMEOUT,
@@ -263,10 +265,25 @@ class AsyncSandbox:
         stdin: bytes | str | None = None,
         background: bool = False,
         check: bool = False,
+        on_stdout: TextSink | None = None,
+        on_stderr: TextSink | None = None,
+        user: str | None = None,
     ) -> CommandResult:
+        if (on_stdout or on_stderr) and not background:
+            r = await self.commands.run(cmd, on_stdout=on_stdout, on_stderr=on_stderr, env=env,
+                                        cwd=cwd, timeout=timeout, stdin=stdin, user=user)
+            return check_result(cmd, r, check)
         call = _ops.exec_(self.id, cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
-                          background=background)
+                          background=background, user=user)
         return check_result(cmd, await self._http.call(call), check)
+
+    @property
+    def commands(self) -> AsyncCommands:
+        return AsyncCommands(self._http, self.id)
+
+    @property
+    def pty(self) -> AsyncPty:
+        return AsyncPty(self._http, self.id)
 
     async def checkpoint(self, name: str | None = None, *, publish: bool = True,
                          labels: Mapping[str, str] | None = None,

@@ -156,6 +156,7 @@ def exec_(
     timeout: float | None,
     stdin: bytes | str | None,
     background: bool,
+    user: str | None = None,
 ) -> Call[CommandResult]:
     if not isinstance(cmd, str):
         cmd = [str(a) for a in cmd]
@@ -170,6 +171,8 @@ def exec_(
         "stdin_b64": None if data is None else base64.b64encode(data).decode(),
         "background": background,
     }
+    if user is not None:  # only when asked: older servers refuse unknown fields
+        body["user"] = user
     return Call(
         "POST", f"/v1/sandboxes/{_sid(sandbox_id)}/exec",
         lambda r: CommandResult.from_json(json_body(r)),

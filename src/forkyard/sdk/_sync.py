@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import IO, overload
 
 from forkyard.sdk import _ops
+from forkyard.sdk._commands import Commands, Pty, TextSink
 from forkyard.sdk._common import (
     CHECKPOINT_TIMEOUT,
     HIBERNATE_TIMEOUT,
@@ -314,6 +315,9 @@ class Sandbox:
         stdin: bytes | str | None = None,
         background: bool = False,
         check: bool = False,
+        on_stdout: TextSink | None = None,
+        on_stderr: TextSink | None = None,
+        user: str | None = None,
     ) -> CommandResult:
         """Run a command in the guest: a string runs under ``/bin/sh -c``, a list is argv.
 
@@ -321,10 +325,27 @@ class Sandbox:
         command is killed and ``SandboxTimeout`` carries its output so far.
         ``background=True`` returns at once with the ``pid``.  ``check=True``
         raises :class:`~forkyard.errors.CommandFailed` on a non-zero exit.
+        ``on_stdout``/``on_stderr`` get the output live, as text, while the
+        command runs (see :attr:`commands` for handles).  ``user`` runs it as
+        that guest account.
         """
+        if (on_stdout or on_stderr) and not background:
+            r = self.commands.run(cmd, on_stdout=on_stdout, on_stderr=on_stderr, env=env,
+                                  cwd=cwd, timeout=timeout, stdin=stdin, user=user)
+            return check_result(cmd, r, check)
         call = _ops.exec_(self.id, cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
-                          background=background)
+                          background=background, user=user)
         return check_result(cmd, self._http.call(call), check)
+
+    @property
+    def commands(self) -> Commands:
+        """Processes: ``start``/``run`` with live output, ``list``, ``kill``, ``connect``."""
+        return Commands(self._http, self.id)
+
+    @property
+    def pty(self) -> Pty:
+        """Terminal sessions: ``create``, ``resize``, ``send_stdin``, ``kill``."""
+        return Pty(self._http, self.id)
 
     # --- lifecycle -----------------------------------------------------------------
     def checkpoint(self, name: str | None = None, *, publish: bool = True,

@@ -329,9 +329,13 @@ class QemuVM:
 
     def _fail_on_fault(self) -> None:
         self.state = VMState.FAILED
-        if self.on_fault is not None and self.fault is not None:
-            self.on_fault(self.fault)
-        self.kill()
+        try:
+            if self.on_fault is not None and self.fault is not None:
+                self.on_fault(self.fault)
+        finally:
+            # whatever the callback met (a full disk refuses its records too),
+            # a faulted VM never stays paused
+            self.kill()
 
     def _release_jail(self) -> None:
         held, self._jail = self._jail, None

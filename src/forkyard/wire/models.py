@@ -73,6 +73,8 @@ WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CHECKPOINT_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._:+@ -]{0,127}$"
 _DIGEST = r"^[0-9a-f]{64}$"
 MAX_EXEC_TIMEOUT = 24 * 3600.0
+# a guest account name (/etc/passwd), for `user=`
+USER_RE = r"^[a-z_][a-z0-9_.-]{0,31}$"
 # Guest paths: absolute, no NUL (the agent's protocol is NUL-free).  A *file*
 # path (read, write, remove) also names something below "/": no trailing "/",
 # no "." or ".." as its last part -- the guest could only refuse those, and
@@ -321,6 +323,7 @@ class ExecRequest(_Request):
     )
     stdin_b64: Annotated[str, Field(pattern=_BASE64)] | None = None
     background: StrictBool = False
+    user: Annotated[str, Field(pattern=USER_RE)] | None = None
 
     @field_validator("cmd")
     @classmethod

@@ -31,6 +31,15 @@ from forkyard.wire.models import (
     WorkerSandbox,
     WorkerWakeRequest,
 )
+from forkyard.wire.procs import (
+    ProcOut,
+    ProcOutput,
+    ProcStarted,
+    ResizeRequest,
+    SignalRequest,
+    SpawnRequest,
+    StdinWritten,
+)
 
 __all__ = [
     "BOOT_TIMEOUT",
@@ -52,9 +61,15 @@ __all__ = [
     "get_sandbox",
     "hibernate",
     "list_files",
+    "list_procs",
+    "proc_output",
+    "proc_resize",
+    "proc_signal",
+    "proc_stdin",
     "publish_status",
     "read_file",
     "remove_file",
+    "spawn",
     "stat_file",
     "wake",
     "write_file",
@@ -119,9 +134,17 @@ FORK = Route("POST", "/checkpoints/{checkpoint_id}/fork")
 HIBERNATE = Route("POST", "/sandboxes/{sandbox_id}/hibernate")
 WAKE = Route("POST", "/sandboxes/{sandbox_id}/wake")
 
+SPAWN = Route("POST", "/sandboxes/{sandbox_id}/procs")
+LIST_PROCS = Route("GET", "/sandboxes/{sandbox_id}/procs")
+PROC_OUTPUT = Route("GET", "/sandboxes/{sandbox_id}/procs/{pid}/output")
+PROC_STDIN = Route("POST", "/sandboxes/{sandbox_id}/procs/{pid}/stdin")
+PROC_RESIZE = Route("POST", "/sandboxes/{sandbox_id}/procs/{pid}/resize")
+PROC_SIGNAL = Route("POST", "/sandboxes/{sandbox_id}/procs/{pid}/signal")
+
 ROUTES: tuple[Route, ...] = (CREATE, SANDBOX, DESTROY, EXEC, WRITE_FILE, READ_FILE,
                              LIST_FILES, STAT_FILE, REMOVE_FILE, CHECKPOINT, CHECKPOINT_INFO,
-                             FORK, HIBERNATE, WAKE)
+                             FORK, HIBERNATE, WAKE, SPAWN, LIST_PROCS, PROC_OUTPUT, PROC_STDIN,
+                             PROC_RESIZE, PROC_SIGNAL)
 
 
 def _none(_: Any) -> None:
@@ -159,6 +182,46 @@ def destroy(sandbox_id: str) -> Call[None]:
 def exec_(sandbox_id: str, req: ExecRequest) -> Call[ExecResultOut]:
     return Call(EXEC, EXEC.path(sandbox_id=sandbox_id), ExecResultOut.model_validate,
                 req.effective_timeout + EXEC_MARGIN, req)
+
+
+# --- processes -----------------------------------------------------------------------
+def spawn(sandbox_id: str, req: SpawnRequest) -> Call[ProcStarted]:
+    return Call(SPAWN, SPAWN.path(sandbox_id=sandbox_id), ProcStarted.model_validate,
+                QUICK_TIMEOUT * 3, req)
+
+
+def list_procs(sandbox_id: str) -> Call[list[ProcOut]]:
+    return Call(LIST_PROCS, LIST_PROCS.path(sandbox_id=sandbox_id), _procs, QUICK_TIMEOUT * 3)
+
+
+def proc_output(sandbox_id: str, pid: int, out: int, err: int, wait: float,
+                max_bytes: int) -> Call[ProcOutput]:
+    """Long-polled: the worker answers once there is output (or the end), or after ``wait``."""
+    return Call(PROC_OUTPUT, PROC_OUTPUT.path(sandbox_id=sandbox_id, pid=str(pid)),
+                ProcOutput.model_validate, wait + QUICK_TIMEOUT * 3,
+                params={"out": out, "err": err, "wait": wait, "max_bytes": max_bytes})
+
+
+def proc_stdin(sandbox_id: str, pid: int, eof: bool) -> Call[StdinWritten]:
+    """The body (raw bytes, at most ``wire.procs.STDIN_MAX``) is given by the caller."""
+    return Call(PROC_STDIN, PROC_STDIN.path(sandbox_id=sandbox_id, pid=str(pid)),
+                StdinWritten.model_validate, QUICK_TIMEOUT * 3, params={"eof": eof})
+
+
+def proc_resize(sandbox_id: str, pid: int, req: ResizeRequest) -> Call[None]:
+    return Call(PROC_RESIZE, PROC_RESIZE.path(sandbox_id=sandbox_id, pid=str(pid)), _none,
+                QUICK_TIMEOUT, req)
+
+
+def proc_signal(sandbox_id: str, pid: int, req: SignalRequest) -> Call[None]:
+    return Call(PROC_SIGNAL, PROC_SIGNAL.path(sandbox_id=sandbox_id, pid=str(pid)), _none,
+                QUICK_TIMEOUT, req)
+
+
+def _procs(data: Any) -> list[ProcOut]:
+    if not isinstance(data, list):
+        raise ValueError("expected a JSON array of processes")
+    return [ProcOut.model_validate(e) for e in data]
 
 
 # --- files -------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from forkyard.errors import (
     VMError,
 )
 from forkyard.guest.client import AgentClient, ExecResult
+from forkyard.guest.procs import Chunk, ProcInfo
 from forkyard.tools import qemu_img
 from forkyard.vm.machine import QemuVM
 from forkyard.wire.lifecycle import Lifecycle, SandboxState
@@ -148,13 +149,19 @@ class Sandbox:
         stdin: bytes | str | None = None,
         background: bool = False,
         check: bool = False,
+        user: str | None = None,
     ) -> ExecResult:
         """Run a command in the guest; a string runs under ``/bin/sh -c``."""
         data = stdin.encode() if isinstance(stdin, str) else stdin
         return self._agent_call(
             lambda a: a.exec(cmd, env=env, cwd=cwd, timeout=timeout, stdin=data,
-                             background=background, check=check)
+                             background=background, check=check, user=user)
         )
+
+    @property
+    def procs(self) -> GuestProcs:
+        """Spawned processes (live output, stdin, terminals): :class:`GuestProcs`."""
+        return GuestProcs(self)
 
     def ping(self, *, timeout: float = 10.0) -> str:
         """The agent's version, proving the guest answers within ``timeout``."""
@@ -410,3 +417,30 @@ def _drop_page_cache(agent: AgentClient, sandbox_id: str) -> None:
         log.warning("sandbox %s: page cache not dropped before the checkpoint: %s",
                     sandbox_id, exc)
 
+
+
+class GuestProcs:
+    """:class:`forkyard.guest.procs.Processes` of a sandbox, under its lifecycle checks."""
+
+    def __init__(self, sb: Sandbox) -> None:
+        self._sb = sb
+
+    def spawn(self, cmd: str | Sequence[str] | None, **kw: object) -> int:
+        return self._sb._agent_call(lambda a: a.procs.spawn(cmd, **kw))  # type: ignore[arg-type]
+
+    def read(self, pid: int, out_offset: int = 0, err_offset: int = 0, *,
+             max_bytes: int = 1024 * 1024, wait: float = 0.0) -> Chunk:
+        return self._sb._agent_call(lambda a: a.procs.read(pid, out_offset, err_offset,
+                                                           max_bytes=max_bytes, wait=wait))
+
+    def write(self, pid: int, data: bytes, *, eof: bool = False) -> int:
+        return self._sb._agent_call(lambda a: a.procs.write(pid, data, eof=eof))
+
+    def list(self) -> list[ProcInfo]:
+        return self._sb._agent_call(lambda a: a.procs.list())
+
+    def resize(self, pid: int, rows: int, cols: int) -> None:
+        self._sb._agent_call(lambda a: a.procs.resize(pid, rows, cols))
+
+    def kill(self, pid: int, signal: int = 15) -> None:
+        self._sb._agent_call(lambda a: a.kill(pid, signal))

@@ -27,6 +27,7 @@ from forkyard.wire.models import (
 )
 from forkyard.wire.serving import check_length, limited_body
 from forkyard.worker.daemon._node import Node, sandbox_json
+from forkyard.worker.daemon._proc_routes import add_proc_routes
 from forkyard.worker.daemon._publish import MAX_WAIT
 
 __all__ = ["add_routes", "exec_json"]
@@ -50,6 +51,7 @@ def _entry_json(e: EntryInfo) -> EntryOut:
 
 def add_routes(app: FastAPI, d: Node) -> None:
     w = d.worker
+    add_proc_routes(app, d)
 
     async def threaded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await run_in_threadpool(fn, *args, **kwargs)
@@ -85,7 +87,7 @@ def add_routes(app: FastAPI, d: Node) -> None:
     def exec_in(sandbox_id: SandboxId, req: ExecRequest) -> Response:
         r = w.get(sandbox_id).exec(req.cmd, env=req.env, cwd=req.cwd,
                                    timeout=req.effective_timeout, stdin=req.stdin_bytes(),
-                                   background=req.background)
+                                   background=req.background, user=req.user)
         # serialized straight to JSON bytes: the output is held once more, not twice
         return Response(exec_json(r).model_dump_json(), media_type="application/json")
 
