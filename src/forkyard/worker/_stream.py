@@ -55,7 +55,8 @@ def fetch_chunked(cache: BlobCache, blobs: BlobStore, ref: PartRef,
         with atomic_write(tmp) as f:  # fsync'd: cache entries are trusted without re-hashing
             whole = hashlib.sha256()
             sink = _Hashing(f, whole)
-            read_fd = os.open(f.name, os.O_RDONLY | os.O_CLOEXEC)
+            # a read-only fd of the same (still unnamed) temp file, for the feeder's preads
+            read_fd = os.open(f"/proc/self/fd/{f.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
             try:
                 for i, chunk in enumerate(chunks):
                     _fetch_chunk(blobs, i, chunk, cast(BinaryIO, sink), what)
