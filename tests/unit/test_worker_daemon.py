@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -206,6 +207,23 @@ def test_a_sandbox_over_the_memory_or_vcpu_budget_is_refused_before_the_library(
         err = resp.json()["error"]
         assert resp.status_code == 503 and err["detail"]["resource"] == "cpus", err
         assert w.created == 2
+
+
+def test_a_fork_wider_than_the_worker_is_refused_before_anything_is_fetched():
+    w = _Worker()
+    big = types.SimpleNamespace(manifest=types.SimpleNamespace(
+        vm=types.SimpleNamespace(memory_mb=200 * 1024, cpus=1)))
+    forks: list[object] = []
+    w.checkpoints = types.SimpleNamespace(has=lambda _id: False)  # type: ignore[attr-defined]
+    w.resolve_checkpoint = lambda _id: big  # type: ignore[attr-defined]
+    w.fork = lambda cp, **_: forks.append(cp)  # type: ignore[attr-defined]
+    with _client(w, memory_mb=4096, cpus=4) as c:
+        resp = c.post(f"/checkpoints/{'c' * 64}/fork", json={}, headers=AUTH)
+    assert resp.status_code == 503, resp.text
+    err = resp.json()["error"]
+    assert err["type"] == "insufficient_capacity" and err["detail"]["resource"] == "memory"
+    assert err["detail"]["needed"] == 200 * 1024 + 448
+    assert forks == []  # the library never started the fork (nor fetched its parts)
 
 
 def test_concurrent_boots_hold_their_memory_until_they_finish():
