@@ -3,20 +3,26 @@
 A fork on a worker that lacks the checkpoint's VM state would otherwise
 download it, then have QEMU read it back: two sequential passes over the
 largest part.  Here the state's chunks (archive format v2,
-:mod:`forkyard.checkpoint.chunks`) are downloaded one after the other into a
-file beside the blob cache; a chunk is handed to the feeder only once its
-bytes matched its digest, and the feeder copies it from that file into the
-pipe of a *paused* QEMU.  So:
+:mod:`forkyard.checkpoint.chunks`) are downloaded one after the other, each
+into a buffer of its own size; a chunk goes on only once its bytes matched its
+digest, to two consumers at once: the feeder, which writes it into the pipe
+of a *paused* QEMU, and the cache writer, which appends it to the file that
+becomes the state's cache entry.  So:
 
 - QEMU never parses a byte whose digest was not checked first (it trusts its
-  migration stream); a corrupt or missing chunk stops the feed before it;
-- the state travels through disk (page cache), never whole in RAM: memory
-  stays at the store reader's buffers plus the feeder's one read;
-- the whole state is checked against the manifest's ``state`` digest too
-  before the VM may run (:meth:`StateStream.finish`) and before the file is
-  filed in the cache under that digest (cache entries are trusted later).
+  migration stream); a corrupt or missing chunk stops the feed before it, and
+  the fork fails with an IntegrityError naming that chunk;
+- memory is bounded by a few chunks (:data:`_FEED_AHEAD` + :data:`_DISK_AHEAD`
+  + the ones being fetched, fed and written), never the whole state: the state
+  travels on into the blob cache on disk, and the disk is off the path to a
+  running VM (writes here are slower than the network of a directory store);
+- the chunks put together must hash to the manifest's ``state`` digest before
+  the file is filed in the cache under that digest (cache entries are trusted
+  later without re-hashing).
 
-v1 checkpoints (one whole state blob) are not streamed: their state is
+:func:`fetch_chunked` is the same without QEMU: the state assembled into the
+cache (a fork that waited for another's download, ``materialize``).  v1
+checkpoints (one whole state blob) are not streamed at all: their state is
 fetched and verified whole into the cache first, then loaded from the file.
 """
 
@@ -25,12 +31,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Protocol, cast
+from types import TracebackType
+from typing import BinaryIO, cast
 
 from forkyard._fs import atomic_write
 from forkyard.checkpoint import ChunkRef, PartRef
@@ -39,71 +47,109 @@ from forkyard.store import BlobCache, BlobStore
 
 __all__ = ["StateStream", "fetch_chunked"]
 
-_FEED = 1024 * 1024  # bytes per copy into the pipe
-
+log = logging.getLogger("forkyard.worker")
 
 def fetch_chunked(cache: BlobCache, blobs: BlobStore, ref: PartRef,
-                  chunks: tuple[ChunkRef, ...], *, what: str,
-                  feed: _Feed | None = None) -> Path:
+                  chunks: tuple[ChunkRef, ...], *, what: str) -> Path:
     """Assemble ``chunks`` into the cache entry of ``ref``, verifying each chunk and the whole.
 
-    With ``feed``, each chunk is offered to it once verified (see :class:`_Feed`).
     Nothing is filed in the cache unless every check passed.
     """
-    tmp = cache.root / ".streams" / f"{ref.digest[:16]}.{os.getpid()}.{threading.get_ident():x}"
-    try:
-        with atomic_write(tmp) as f:  # fsync'd: cache entries are trusted without re-hashing
-            whole = hashlib.sha256()
-            sink = _Hashing(f, whole)
-            # a read-only fd of the same (still unnamed) temp file, for the feeder's preads
-            read_fd = os.open(f"/proc/self/fd/{f.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                for i, chunk in enumerate(chunks):
-                    _fetch_chunk(blobs, i, chunk, cast(BinaryIO, sink), what)
-                    f.flush()
-                    if feed is not None:
-                        feed.chunk(read_fd, chunk)
-            finally:
-                if feed is not None:
-                    feed.end()  # the feeder is done with read_fd
-                os.close(read_fd)
-            actual = whole.hexdigest()
-            if actual != ref.digest or sink.size != ref.size:
-                raise IntegrityError(f"{what} (its chunks put together)",
-                                     expected=f"sha256 {ref.digest}, {ref.size} bytes",
-                                     actual=f"sha256 {actual}, {sink.size} bytes")
-            if feed is not None:
-                feed.verified()  # before the fsync: the VM need not wait for the disk
-        return cache.add_local(ref.digest, tmp, verify=False, link=True)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    with _CacheFile(cache, ref, what) as out:
+        for i, chunk in enumerate(chunks):
+            out.write(_fetch_chunk(blobs, i, chunk, what))
+    assert out.path is not None
+    return out.path
 
 
-class _Feed(Protocol):
-    def chunk(self, fd: int, chunk: ChunkRef) -> None:
-        """Bytes ``chunk`` of the file open at ``fd`` are verified: they may be used."""
-
-    def end(self) -> None:
-        """No more chunks; return only once ``fd`` is no longer read."""
-
-    def verified(self) -> None:
-        """The whole state matched its digest."""
-
-
-def _fetch_chunk(blobs: BlobStore, i: int, chunk: ChunkRef, sink: BinaryIO, what: str) -> None:
+def _fetch_chunk(blobs: BlobStore, i: int, chunk: ChunkRef, what: str) -> bytes:
+    """The bytes of chunk ``i``, verified (IntegrityError naming the chunk otherwise)."""
     name = f"{what} chunk {i} (bytes {chunk.offset}+{chunk.size}, sha256:{chunk.digest})"
+    buf = _Buffer(chunk.size)
     try:
-        blobs.read_blob_into(chunk.digest, sink, size=chunk.size)
+        blobs.read_blob_into(chunk.digest, cast(BinaryIO, buf), size=chunk.size)
     except IntegrityError as exc:
         raise IntegrityError(name, expected=exc.expected, actual=exc.actual) from exc
     except ObjectNotFound as exc:
         raise IntegrityError(name, expected=f"blob sha256:{chunk.digest} in "
                              f"{blobs.store.url}", actual="no such blob") from exc
+    return buf.take()
+
+
+class _Buffer:
+    """A write-only "file" of at most ``limit`` bytes (the store reader stops beyond)."""
+
+    def __init__(self, limit: int) -> None:
+        self._data = bytearray()
+        self._limit = limit
+
+    def write(self, data: bytes) -> int:
+        if len(self._data) + len(data) > self._limit:
+            raise IntegrityError("state chunk", expected=f"{self._limit} bytes",
+                                 actual=f"more than {self._limit} bytes")
+        self._data += data
+        return len(data)
+
+    def take(self) -> bytes:
+        out = bytes(self._data)
+        self._data = bytearray()
+        return out
+
+
+class _CacheFile:
+    """The file that becomes the state's cache entry: hashed as it is appended to, filed
+    under ``ref.digest`` on a clean exit only if the whole matches."""
+
+    def __init__(self, cache: BlobCache, ref: PartRef, what: str) -> None:
+        self._cache = cache
+        self._ref = ref
+        self._what = what
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._tmp = cache.root / ".streams" / (
+            f"{ref.digest[:16]}.{os.getpid()}.{threading.get_ident():x}")
+        self._cm = atomic_write(self._tmp)  # fsync'd on commit: cache entries are trusted
+        self._file: BinaryIO | None = None
+        self.path: Path | None = None
+
+    def __enter__(self) -> _CacheFile:
+        self._file = self._cm.__enter__()
+        return self
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._hash.update(data)
+        self._size += len(data)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if exc_type is not None:
+                self._cm.__exit__(exc_type, exc, tb)  # the temp file goes
+                return
+            actual = self._hash.hexdigest()
+            if actual != self._ref.digest or self._size != self._ref.size:
+                problem = IntegrityError(
+                    f"{self._what} (its chunks put together)",
+                    expected=f"sha256 {self._ref.digest}, {self._ref.size} bytes",
+                    actual=f"sha256 {actual}, {self._size} bytes")
+                self._cm.__exit__(IntegrityError, problem, None)
+                raise problem
+            self._cm.__exit__(None, None, None)
+            self.path = self._cache.add_local(self._ref.digest, self._tmp, verify=False,
+                                              link=True)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+
+
+_FEED_AHEAD = 1  # verified chunks waiting for QEMU to read
+_DISK_AHEAD = 4  # verified chunks waiting for the cache file (the disk is slower here)
 
 
 class StateStream:
-    """A chunked state on its way into the cache and, verified chunk by chunk, into a pipe."""
+    """A chunked state on its way, verified chunk by chunk, into a pipe and the cache."""
 
     def __init__(self, cache: BlobCache, blobs: BlobStore, ref: PartRef,
                  chunks: tuple[ChunkRef, ...], *, what: str = "VM state",
@@ -115,9 +161,9 @@ class StateStream:
         self._what = what
         self._on_done = on_done
         self._done = threading.Event()  # set once the bytes are filed in the cache (or failed)
-        # verified spans for the feeder: (fd, offset, size); None ends the feed
-        self._ready: queue.Queue[tuple[int, int, int] | None] = queue.Queue(maxsize=2)
-        self._fed_done = threading.Event()
+        # verified chunks for the feeder and for the cache writer; None ends each
+        self._ready: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=_FEED_AHEAD)
+        self._disk: queue.Queue[bytes | None] = queue.Queue(maxsize=_DISK_AHEAD)
         self._error: BaseException | None = None
         self._verdict = threading.Event()  # set once the bytes are verified (or failed)
         self.fed: list[int] = []  # offsets of the chunks QEMU was given, in order
@@ -125,14 +171,16 @@ class StateStream:
         with contextlib.suppress(OSError):  # fewer wake-ups of QEMU and of us
             fcntl.fcntl(self._write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
         self.read_fd: int | None = read_fd
-        self._download = threading.Thread(target=self._run_download, daemon=True,
-                                          name=f"fetch-{ref.digest[:12]}")
-        self._feeder = threading.Thread(target=self._run_feeder, daemon=True,
-                                        name=f"feed-{ref.digest[:12]}")
+        name = ref.digest[:12]
+        self._threads = [
+            threading.Thread(target=self._run_download, daemon=True, name=f"fetch-{name}"),
+            threading.Thread(target=self._run_feeder, daemon=True, name=f"feed-{name}"),
+            threading.Thread(target=self._run_writer, daemon=True, name=f"file-{name}"),
+        ]
 
     def start(self) -> None:
-        self._download.start()
-        self._feeder.start()
+        for t in self._threads:
+            t.start()
 
     def take_fd(self) -> int:
         """The pipe's read end; the caller (QEMU's launcher) now owns and closes it."""
@@ -143,7 +191,11 @@ class StateStream:
         return fd
 
     def finish(self, timeout: float) -> None:
-        """Wait for the verdict on the downloaded bytes; a failure is raised here."""
+        """Wait for the verdict on the downloaded bytes; a failure is raised here.
+
+        Filing the bytes in the blob cache (fsync, link) continues in the
+        background: the VM need not wait for the disk.
+        """
         if not self._verdict.wait(timeout):
             raise ForkyardError(f"VM state {self._ref.digest[:12]} still downloading "
                                 f"after {timeout:g}s")
@@ -159,39 +211,31 @@ class StateStream:
             os.close(self.read_fd)
             self.read_fd = None
 
-    # --- _Feed, called by fetch_chunked on the download thread ---------------
-    def chunk(self, fd: int, chunk: ChunkRef) -> None:
-        self._ready.put((fd, chunk.offset, chunk.size))
-
-    def end(self) -> None:
-        self._ready.put(None)
-        self._fed_done.wait()
-
-    def verified(self) -> None:
-        self._verdict.set()  # every chunk and the whole checked: the paused VM may run
-
     def _run_download(self) -> None:
+        failed: BaseException | None = None
         try:
-            fetch_chunked(self._cache, self._blobs, self._ref, self._chunks,
-                          what=self._what, feed=self)
+            for i, chunk in enumerate(self._chunks):
+                data = _fetch_chunk(self._blobs, i, chunk, self._what)
+                self._ready.put((chunk.offset, data))  # verified: QEMU may have it
+                self._disk.put(data)
         except BaseException as exc:
-            if not self._verdict.is_set():
-                self._error = exc
-            self._verdict.set()
+            failed = exc
+            self._error = exc
         finally:
-            if self._on_done is not None:
-                self._on_done()
-            self._done.set()
+            self._ready.put(None)
+            # a failed download must not be filed: the writer sees it as an abort
+            self._disk.put(None if failed is None else b"")
+            self._verdict.set()  # every chunk verified (or the failure): the VM may run
 
     def _run_feeder(self) -> None:
         broken = False
         try:
             while (item := self._ready.get()) is not None:
-                fd, offset, size = item
+                offset, data = item
                 if broken:
                     continue
                 try:
-                    _copy(fd, offset, size, self._write_fd)
+                    _write_all(self._write_fd, data)
                     self.fed.append(offset)
                 except OSError:
                     broken = True  # QEMU stopped reading (it failed); the launcher says why
@@ -200,32 +244,30 @@ class StateStream:
             # fails to load, and the launcher reports this stream's verdict instead)
             with contextlib.suppress(OSError):
                 os.close(self._write_fd)
-            self._fed_done.set()
+
+    def _run_writer(self) -> None:
+        ended = False  # the download's terminator was taken off the queue
+        try:
+            with _CacheFile(self._cache, self._ref, self._what) as out:
+                while data := self._disk.get():
+                    out.write(data)
+                ended = True
+                if data is not None:
+                    raise _Aborted  # the download failed: nothing to file
+        except _Aborted:
+            pass
+        except Exception as exc:  # the VM runs on verified chunks; only the cache misses out
+            log.warning("not caching %s: %s", self._what, exc)
+            while not ended:  # let the download finish
+                ended = not self._disk.get()
+        finally:
+            if self._on_done is not None:
+                self._on_done()
+            self._done.set()
 
 
-def _copy(src_fd: int, offset: int, size: int, dst_fd: int) -> None:
-    end = offset + size
-    while offset < end:
-        data = os.pread(src_fd, min(_FEED, end - offset), offset)
-        if not data:
-            raise OSError("state file shorter than its verified chunk")
-        _write_all(dst_fd, data)
-        offset += len(data)
-
-
-class _Hashing:
-    """A write-only "file": appends to the assembling file and the whole-state hash."""
-
-    def __init__(self, f: BinaryIO, h: hashlib._Hash) -> None:
-        self._f = f
-        self._h = h
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self._f.write(data)
-        self._h.update(data)
-        self.size += len(data)
-        return len(data)
+class _Aborted(Exception):
+    pass
 
 
 def _write_all(fd: int, data: bytes) -> None:
