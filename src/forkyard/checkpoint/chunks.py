@@ -26,9 +26,10 @@ from forkyard.errors import ManifestError
 __all__ = ["MAX_CHUNKS", "MAX_CHUNK_SIZE", "STATE_CHUNK_SIZE", "ChunkRef", "check_cover",
            "split_file"]
 
-# 8 MiB: a few hundred objects for a large state (per-object store overhead stays
-# small next to the transfer), while a reader holds at most a couple of them
-STATE_CHUNK_SIZE = 8 * 1024 * 1024
+# 4 MiB: QEMU waits for one verified chunk before its first byte, and a reader holds
+# a few of them; still few objects for a large state (per-object store overhead
+# stays small next to the transfer)
+STATE_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024  # what a reader accepts from a manifest
 MAX_CHUNKS = 1 << 16  # keeps a manifest well under its 1 MiB limit
 _READ = 1024 * 1024
