@@ -91,9 +91,9 @@ class _Buffer:
         return len(data)
 
     def take(self) -> bytes:
-        out = bytes(self._data)
-        self._data = bytearray()
-        return out
+        # handed over as is (no copy): the feeder and the cache writer only read it
+        out, self._data = self._data, bytearray()
+        return cast(bytes, out)
 
 
 class _CacheFile:
@@ -145,7 +145,7 @@ class _CacheFile:
 
 
 _FEED_AHEAD = 1  # verified chunks waiting for QEMU to read
-_DISK_AHEAD = 4  # verified chunks waiting for the cache file (the disk is slower here)
+_DISK_AHEAD = 8  # verified chunks (32 MiB) waiting for the disk: it is slower than the feed
 
 
 class StateStream:
