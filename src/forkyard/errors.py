@@ -39,7 +39,6 @@ only ever need to catch this tree::
     │   └── ObjectNotFound
     ├── IntegrityError             bytes do not match the digest/size they must have
     ├── UnsafePath                 a name from untrusted input would leave its directory
-    ├── InsufficientCapacity       a worker has no room for another sandbox
     ├── FleetError                 the control plane cannot use its workers as asked
     │   ├── WorkerNotFound         no worker by that name
     │   ├── WorkerConflict         a worker's report contradicts the cluster (name, store)
@@ -47,6 +46,7 @@ only ever need to catch this tree::
     │   ├── PlacementConflict      an unpublished checkpoint asked to start elsewhere
     │   ├── WorkerUnavailable      no worker can take the work (unknown, dead, full,
     │   │                          unreachable)
+    │   ├── InsufficientCapacity   no room (memory, vCPUs, sandbox slots) for that sandbox
     │   ├── WorkerTimeout          a worker did not answer in time
     │   └── WorkerReplyError       a worker's answer is unusable (or it refused our token)
     ├── DatabaseError              the control plane's database cannot be opened/migrated
@@ -412,12 +412,20 @@ class DatabaseUnavailable(DatabaseError):
     """A transaction failed (connection lost, database locked, ...): retry later."""
 
 
-class InsufficientCapacity(ForkyardError):
-    """A worker has no room for another sandbox; nothing was started."""
+class InsufficientCapacity(FleetError):
+    """No worker (or not this one) has room for the sandbox; nothing was started.
+
+    ``resource`` is what was short: ``"memory"`` (MiB), ``"cpus"`` or
+    ``"sandboxes"``; ``needed`` is what the sandbox asked for of it, ``free``
+    what was left (for ``"sandboxes"``: 1 and the free slots).
+    """
 
     def __init__(self, message: str, *, worker: str = "", resource: str = "sandboxes",
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, needed: int | None = None,
+                 free: int | None = None) -> None:
         self.worker = worker
         self.resource = resource
         self.limit = limit
+        self.needed = needed
+        self.free = free
         super().__init__(message)

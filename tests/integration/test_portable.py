@@ -9,9 +9,11 @@ local directory store and via S3 (a real S3 server on 127.0.0.1).
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,8 @@ from forkyard.store import BlobStore, blob_key, open_store
 from forkyard.tools import qemu_img
 from forkyard.verify import verify_files
 from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape
-from forkyard.worker import Worker
+from forkyard.worker import Worker, _parts, _stream
+from forkyard.worker._stream import StateStream, fetch_chunked
 from tests.conftest import qemu_pids
 from tests.fixtures.s3server import s3_server_fixture
 
@@ -108,7 +111,7 @@ def test_naive_thin_archive_on_the_other_base_is_corrupt(pair: Pair) -> None:
     """Negative control: the check above can fail.  This is the upstream bug."""
     b, m = pair.b, pair.cp.manifest
     layers = tuple(b.blobs.fetch(ref.digest, b.blobstore) for ref in m.layers)
-    state = b.blobs.fetch(m.state.digest, b.blobstore)
+    state = fetch_chunked(b.blobs, b.blobstore, m.state, m.state_chunks, what="VM state")
     own_base = b.images.get("minimal")
     assert own_base.digest != m.base.digest
     work = pair.root / "naive"
@@ -170,7 +173,8 @@ def test_concurrent_forks_download_the_state_once(pair: Pair, monkeypatch: pytes
     m = pair.cp.manifest
     for _role, ref in m.parts():
         assert reads.count(blob_key(ref.digest)) <= 1, (_role, reads)
-    assert reads.count(blob_key(m.state.digest)) == 1
+    for _role, ref in m.state_parts():  # every chunk of the state came over once
+        assert reads.count(blob_key(ref.digest)) == 1, (_role, reads)
 
 
 def test_hibernate_on_a_wake_on_b(pair: Pair) -> None:
@@ -231,7 +235,7 @@ def test_corrupt_byte_in_a_layer(damaged) -> None:
 
 def test_truncated_state_then_repaired(damaged, pair: Pair) -> None:
     c, store, m = damaged
-    key = blob_key(m.state.digest)
+    key = blob_key(m.state_parts()[len(m.state_parts()) // 2][1].digest)
     good = store.store.get_bytes(key, max_size=1 << 31)
     _rewrite(store, key, good[: len(good) // 3])
     with pytest.raises(IntegrityError):
@@ -242,6 +246,78 @@ def test_truncated_state_then_repaired(damaged, pair: Pair) -> None:
     fork = c.fork(m.id)
     assert fork.files.read_text("/root/marker") == "from A\n"
     fork.destroy()
+
+
+@pytest.fixture
+def fed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[StateStream, list[bytes]]]:
+    """Every state stream the workers open, with the bytes it wrote into QEMU's pipe."""
+    streams: list[tuple[StateStream, list[bytes]]] = []
+    by_thread: dict[int, list[bytes]] = {}
+    real_write = _stream._write_all
+
+    class Recording(StateStream):
+        def __init__(self, *a: object, **k: object) -> None:
+            super().__init__(*a, **k)  # type: ignore[arg-type]
+            streams.append((self, []))
+
+        def _run_feeder(self) -> None:
+            by_thread[threading.get_ident()] = next(b for s, b in streams if s is self)
+            super()._run_feeder()
+
+    def write_all(fd: int, data: bytes) -> None:
+        by_thread[threading.get_ident()].append(bytes(data))
+        real_write(fd, data)
+
+    monkeypatch.setattr(_parts, "StateStream", Recording)
+    monkeypatch.setattr(_stream, "_write_all", write_all)
+    return streams
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_a_bad_state_chunk_is_never_fed_to_qemu(damaged, pair: Pair, fed, damage: str
+                                                ) -> None:
+    c, store, m = damaged
+    bad = len(m.state_chunks) // 2
+    chunk = m.state_chunks[bad]
+    key = blob_key(chunk.digest)
+    if damage == "corrupt":
+        raw = bytearray(store.store.get_bytes(key, max_size=1 << 31))
+        raw[len(raw) // 2] ^= 0x40
+        _rewrite(store, key, bytes(raw))
+    else:
+        store.store.delete(key)
+    with pytest.raises(IntegrityError) as e:
+        c.fork(m.id)
+    assert f"chunk {bad} " in str(e.value) and chunk.digest in str(e.value)
+    if damage == "missing":
+        assert e.value.actual == "no such blob"
+    # what QEMU received: exactly the verified chunks before the bad one, nothing of it
+    [(stream, wrote)] = fed
+    assert stream.fed == [ch.offset for ch in m.state_chunks[:bad]]
+    got = b"".join(wrote)
+    assert len(got) == chunk.offset
+    source = pair.a.blobs.path_if_present(m.state.digest)
+    assert source is not None
+    with open(source, "rb") as f:
+        assert hashlib.sha256(got).digest() == hashlib.sha256(f.read(chunk.offset)).digest()
+    _assert_clean_failure(c, m.state.digest)
+
+
+def test_a_v1_checkpoint_with_one_state_part_still_forks(damaged, pair: Pair, fed) -> None:
+    c, store, m = damaged
+    assert m.state_chunks  # written as v2
+    v1 = replace(m, state_chunks=())
+    source = pair.a.blobs.path_if_present(m.state.digest)
+    assert source is not None
+    store.put_blob(source, digest=m.state.digest)
+    store.store.put_bytes(manifest_key(v1.id), v1.canonical())
+    fork = c.fork(v1.id)
+    try:
+        assert fork.files.read_text("/root/marker") == "from A\n"
+        assert fork.exec(f"kill -0 {pair.sleeper}").exit_code == 0
+    finally:
+        fork.destroy()
+    assert fed == []  # not streamed: fetched and verified whole before QEMU read it
 
 
 def test_deleted_base(damaged) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
-from forkyard.errors import SandboxNotFound
+from forkyard.config import Settings
+from forkyard.errors import InsufficientCapacity, SandboxNotFound
 from forkyard.guest.client import ExecResult
 from forkyard.wire.lifecycle import SandboxState
 from forkyard.wire.output import decode_output
 from forkyard.worker.daemon import create_app
+from forkyard.worker.daemon._capacity import Capacity, host_budget
 
 TOKEN = "worker-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -44,6 +47,8 @@ class _Sandbox:
     result: ExecResult
     state: SandboxState = SandboxState.RUNNING
     last_checkpoint: str | None = None
+    memory_mb: int = 256
+    cpus: int = 1
 
     def info(self) -> _Info:
         return _Info(self.id)
@@ -62,11 +67,24 @@ class _Images:
 
 
 @dataclass
+class _Host:
+    accel: str = "tcg"
+
+
+@dataclass
+class _Home:
+    def settings(self) -> Settings:
+        return Settings()
+
+
+@dataclass
 class _Worker:
     name: str = "w1"
     sandboxes: dict[str, _Sandbox] = field(default_factory=dict)
     images: _Images = field(default_factory=_Images)
     created: int = 0
+    host: _Host = field(default_factory=_Host)
+    home: _Home = field(default_factory=_Home)
 
     def list(self) -> list[_Sandbox]:
         return [s for s in self.sandboxes.values() if s.state is not SandboxState.DESTROYED]
@@ -77,10 +95,12 @@ class _Worker:
         except KeyError:
             raise SandboxNotFound(sandbox_id) from None
 
-    def create(self, image: str, *, sandbox_id: str | None, **_: object) -> _Sandbox:
+    def create(self, image: str, *, sandbox_id: str | None, memory_mb: int = 256,
+               cpus: int = 1, **_: object) -> _Sandbox:
         self.created += 1
         sid = sandbox_id or f"sb-{self.created:020x}"
-        sb = self.sandboxes[sid] = _Sandbox(sid, ExecResult(0, b"", b""))
+        sb = self.sandboxes[sid] = _Sandbox(sid, ExecResult(0, b"", b""), memory_mb=memory_mb,
+                                            cpus=cpus)
         return sb
 
     def cached_bases(self) -> list[str]:
@@ -149,12 +169,76 @@ def test_a_full_worker_refuses_with_503_and_boots_nothing():
         resp = c.post("/sandboxes", json={}, headers=AUTH)
         assert resp.status_code == 503
         err = resp.json()["error"]
-        assert err["type"] == "unavailable" and "full (2 sandboxes)" in err["message"]
+        assert err["type"] == "insufficient_capacity" and "full (2 sandboxes)" in err["message"]
+        assert (err["detail"]["resource"], err["detail"]["free"]) == ("sandboxes", 0)
         assert w.created == 2  # the refused request never reached the library
         # a destroyed sandbox frees its slot
         assert c.delete("/sandboxes/sb-" + f"{1:020x}", headers=AUTH).status_code == 204
         assert c.post("/sandboxes", json={}, headers=AUTH).status_code == 201
         assert c.get("/status", headers=AUTH).json()["running"] == 2
+
+
+def test_a_sandbox_over_the_memory_or_vcpu_budget_is_refused_before_the_library():
+    w = _Worker()
+    overhead = 448  # TCG: VM_OVERHEAD_MB["tcg"]
+    budget = host_budget(memory_mb=2 * (256 + overhead), cpus=3)
+    with _client(w, memory_mb=budget.memory_mb, cpus=budget.cpus) as c:
+        cap = c.get("/status", headers=AUTH).json()["capacity"]
+        assert cap["memory_mb"] == 2 * (256 + overhead) and cap["memory_used_mb"] == 0
+        resp = c.post("/sandboxes", json={"memory_mb": 2048}, headers=AUTH)
+        assert resp.status_code == 503, resp.text
+        err = resp.json()["error"]
+        assert err["type"] == "insufficient_capacity" and "memory" in err["message"]
+        assert err["detail"] == {"worker": "w1", "resource": "memory", "needed": 2048 + overhead,
+                                 "free": 2 * (256 + overhead), "limit": 2 * (256 + overhead)}
+        assert w.created == 0
+        # two default sandboxes fill the memory; the third is refused, naming memory
+        for _ in range(2):
+            assert c.post("/sandboxes", json={}, headers=AUTH).status_code == 201
+        resp = c.post("/sandboxes", json={}, headers=AUTH)
+        err = resp.json()["error"]
+        assert resp.status_code == 503 and err["detail"]["resource"] == "memory", err
+        assert err["detail"]["free"] == 0 and w.created == 2
+        cap = c.get("/status", headers=AUTH).json()["capacity"]
+        assert (cap["memory_used_mb"], cap["cpus_used"]) == (2 * (256 + overhead), 2)
+        # wider than the widest VM (min(cores, budget)) is refused whatever is free
+        assert c.delete("/sandboxes/sb-" + f"{1:020x}", headers=AUTH).status_code == 204
+        resp = c.post("/sandboxes", json={"cpus": 64}, headers=AUTH)
+        err = resp.json()["error"]
+        assert resp.status_code == 503 and err["detail"]["resource"] == "cpus", err
+        assert w.created == 2
+
+
+def test_a_fork_wider_than_the_worker_is_refused_before_anything_is_fetched():
+    w = _Worker()
+    big = types.SimpleNamespace(manifest=types.SimpleNamespace(
+        vm=types.SimpleNamespace(memory_mb=200 * 1024, cpus=1)))
+    forks: list[object] = []
+    w.checkpoints = types.SimpleNamespace(has=lambda _id: False)  # type: ignore[attr-defined]
+    w.resolve_checkpoint = lambda _id: big  # type: ignore[attr-defined]
+    w.fork = lambda cp, **_: forks.append(cp)  # type: ignore[attr-defined]
+    with _client(w, memory_mb=4096, cpus=4) as c:
+        resp = c.post(f"/checkpoints/{'c' * 64}/fork", json={}, headers=AUTH)
+    assert resp.status_code == 503, resp.text
+    err = resp.json()["error"]
+    assert err["type"] == "insufficient_capacity" and err["detail"]["resource"] == "memory"
+    assert err["detail"]["needed"] == 200 * 1024 + 448
+    assert forks == []  # the library never started the fork (nor fetched its parts)
+
+
+def test_concurrent_boots_hold_their_memory_until_they_finish():
+    w = _Worker()
+    cap = Capacity(w, 32, on_release=lambda: None,  # type: ignore[arg-type]
+                   budget=host_budget(memory_mb=2 * (256 + 448), cpus=8))
+    with cap.slot(memory_mb=256, cpus=1, sandbox_id="sb-a"):
+        # the booting sandbox appears in the worker's list: it must not count twice
+        w.sandboxes["sb-a"] = _Sandbox("sb-a", ExecResult(0, b"", b""),
+                                       state=SandboxState.STARTING)
+        with cap.slot(memory_mb=256, cpus=1):
+            with pytest.raises(InsufficientCapacity) as e, cap.slot(memory_mb=256, cpus=1):
+                pass
+            assert e.value.resource == "memory"
+    assert cap.report().memory_used_mb == 256 + 448  # sb-a runs; both holds released
 
 
 def test_wake_of_an_unknown_sandbox_without_a_checkpoint_is_404():

@@ -34,13 +34,14 @@ manifest; the manifest's ``vm`` is the runtime's own
 from __future__ import annotations
 
 from forkyard.checkpoint.local import Checkpoint, CheckpointFiles, LocalCheckpoints
-from forkyard.checkpoint.manifest import FORMAT, BootRef, Manifest, PartRef, VMInfo
+from forkyard.checkpoint.manifest import FORMAT, BootRef, ChunkRef, Manifest, PartRef, VMInfo
 
 __all__ = [
     "FORMAT",
     "BootRef",
     "Checkpoint",
     "CheckpointFiles",
+    "ChunkRef",
     "LocalCheckpoints",
     "Manifest",
     "PartRef",

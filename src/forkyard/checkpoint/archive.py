@@ -3,7 +3,8 @@
 Store layout (all objects written once, never modified)::
 
     blobs/<ab>/<sha256>           every part, zstd-compressed, named by the sha256
-                                  of its uncompressed bytes (forkyard.store.blobs)
+                                  of its uncompressed bytes (forkyard.store.blobs);
+                                  a v2 VM state as one blob per chunk
     checkpoints/<id>.json         the manifest; <id> = sha256 of these exact bytes
 
 Publishing uploads every part the store lacks (a base or kernel already there is
@@ -69,12 +70,16 @@ def publish(
     """Upload what the store lacks, then write the manifest (last)."""
     t0 = time.monotonic()
     uploaded = uploaded_bytes = own = shared = 0
+    # a v2 state's chunks are spans of the local state file (no copy is made of them)
+    spans = {f"state.{i}": (c.offset, c.size) for i, c in enumerate(manifest.state_chunks)}
     for role, ref in manifest.parts():
         if blobs.has_blob(ref.digest):
-            stored = blobs.store.size(_key(ref))
+            stored = blobs.store.size(_key(ref))  # dedup: identical chunks travel once
         else:
-            path = local_path(role, ref)
-            result = blobs.put_blob(path, digest=ref.digest, progress=_for_role(progress, role))
+            span = spans.get(role)
+            path = local_path(role, ref) if span is None else local_path("state", manifest.state)
+            result = blobs.put_blob(path, digest=ref.digest, progress=_for_role(progress, role),
+                                    span=span)
             stored = result.stored_size
             uploaded += 1
             uploaded_bytes += stored

@@ -36,6 +36,7 @@ from typing import Protocol
 from forkyard._digest import sha256_file
 from forkyard._fs import fsync_dir
 from forkyard.checkpoint import qcow2
+from forkyard.checkpoint.chunks import split_file
 from forkyard.checkpoint.local import Checkpoint, CheckpointFiles, LocalCheckpoints
 from forkyard.checkpoint.manifest import BootRef, Manifest, PartRef, utcnow
 from forkyard.config import Home
@@ -183,13 +184,14 @@ def import_qcow2(
         qemu_img.rebase_unsafe(layer, qcow2.parent_marker(base_digest), "raw")
         layer_digest = sha256_file(layer)
         worker.blobs.add_local(layer_digest, layer, verify=False, link=False)
-        state_digest = sha256_file(state_file)
+        state_digest, state_size, chunks = split_file(state_file)
         worker.blobs.add_local(state_digest, state_file, verify=False, link=False)
         manifest = Manifest(
             created=utcnow(),
             base=PartRef(base_digest, size),
             layers=(PartRef(layer_digest, layer.stat().st_size),),
-            state=PartRef(state_digest, state_file.stat().st_size),
+            state=PartRef(state_digest, state_size),
+            state_chunks=chunks,
             boot=boot,
             vm=shape,
             sandbox="imported",

@@ -1,4 +1,4 @@
-"""Checkpoint manifests: archive format v1 (see docs/archive-format.md).
+"""Checkpoint manifests: archive format v2, reading v1 too (see docs/archive-format.md).
 
 A manifest names every part of a checkpoint by sha256 and size: the base
 image, the disk layers the sandbox wrote on top of it, the saved VM state, the
@@ -9,6 +9,12 @@ base) makes it a different, unknown checkpoint.
 
 Manifests come from the store, i.e. from untrusted input: :meth:`Manifest.parse`
 validates types, digests, sizes and lengths before anything else looks at them.
+
+v2 adds ``state_chunks``: the VM state travels as fixed-size chunks, each its
+own blob (:mod:`forkyard.checkpoint.chunks`), so a reader verifies every byte
+before QEMU parses it.  ``state`` still names the whole state (the key of the
+local file a worker keeps and forks from).  A v1 manifest (no chunks) keeps its
+exact bytes, hence its id, and still restores.
 """
 
 from __future__ import annotations
@@ -20,19 +26,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 from forkyard._digest import DIGEST_RE, sha256_bytes
+from forkyard.checkpoint.chunks import ChunkRef, check_cover
 from forkyard.errors import IntegrityError, ManifestError
 from forkyard.vm.shape import VMShape
 
-__all__ = ["FORMAT", "MAX_MANIFEST_BYTES", "SHARED_ROLES", "BootRef", "Manifest", "PartRef",
-           "VMInfo", "VMShape", "utcnow"]
+__all__ = ["FORMAT", "FORMAT_V1", "MAX_MANIFEST_BYTES", "SHARED_ROLES", "BootRef", "ChunkRef",
+           "Manifest", "PartRef", "VMInfo", "VMShape", "utcnow"]
 
-FORMAT = "forkyard.checkpoint/v1"
+FORMAT = "forkyard.checkpoint/v2"  # what checkpoints are written as
+FORMAT_V1 = "forkyard.checkpoint/v1"  # one whole state part; still read
 MAX_MANIFEST_BYTES = 1 << 20
 # Parts that many checkpoints share and that travel once per store.
 SHARED_ROLES = frozenset({"base", "kernel", "initrd"})
 MAX_LAYERS = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@ -]{0,127}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_VM_MEMORY_MB = 256 * 1024
+MAX_VM_CPUS = 64
 _MAX_SIZE = 1 << 44  # 16 TiB: anything larger is nonsense, not a disk
 
 
@@ -97,11 +107,23 @@ class Manifest:
     name: str | None = None  # user's label
     agent: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    # v2: the state as chunks (what the store holds of it); empty: a v1 manifest
+    state_chunks: tuple[ChunkRef, ...] = ()
 
     # ------------------------------------------------------------------
+    @property
+    def format(self) -> str:
+        return FORMAT if self.state_chunks else FORMAT_V1
+
     def to_json(self) -> dict[str, Any]:
+        out = self._json()
+        if self.state_chunks:
+            out["state_chunks"] = [c.to_json() for c in self.state_chunks]
+        return out
+
+    def _json(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
+            "format": self.format,
             "created": self.created,
             "base": self.base.to_json(),
             "layers": [layer.to_json() for layer in self.layers],
@@ -142,12 +164,16 @@ class Manifest:
         """Every part with a role name, base first."""
         out = [("base", self.base)]
         out += [(f"layer{i}", layer) for i, layer in enumerate(self.layers)]
-        out += [
-            ("state", self.state),
-            ("kernel", self.boot.kernel),
-            ("initrd", self.boot.initrd),
-        ]
+        out += self.state_parts()
+        out += [("kernel", self.boot.kernel), ("initrd", self.boot.initrd)]
         return out
+
+    def state_parts(self) -> list[tuple[str, PartRef]]:
+        """The blobs the store holds of the VM state: its chunks (v2) or the whole (v1)."""
+        if not self.state_chunks:
+            return [("state", self.state)]
+        return [(f"state.{i}", PartRef(c.digest, c.size))
+                for i, c in enumerate(self.state_chunks)]
 
     # ------------------------------------------------------------------
     @classmethod
@@ -175,12 +201,22 @@ class Manifest:
     def from_json(cls, data: object) -> Manifest:
         d = _obj(data, "manifest")
         fmt = d.get("format")
-        if fmt != FORMAT:
+        if fmt not in (FORMAT, FORMAT_V1):
             raise ManifestError(
-                f"unsupported manifest format {fmt!r} (this forkyard reads {FORMAT})"
+                f"unsupported manifest format {fmt!r} (this forkyard reads {FORMAT_V1} "
+                f"and {FORMAT})"
             )
-        _only(d, {"format", "created", "base", "layers", "state", "boot", "vm", "sandbox",
-                  "parent", "name", "agent", "extra"}, "manifest")
+        keys = {"format", "created", "base", "layers", "state", "boot", "vm", "sandbox",
+                "parent", "name", "agent", "extra"}
+        _only(d, keys | {"state_chunks"} if fmt == FORMAT else keys, "manifest")
+        state = _part(d.get("state"), "state")
+        chunks: tuple[ChunkRef, ...] = ()
+        if fmt == FORMAT:
+            raw_chunks = d.get("state_chunks")
+            if not isinstance(raw_chunks, list) or not raw_chunks:
+                raise ManifestError("manifest.state_chunks must be a non-empty list")
+            chunks = tuple(_chunk(x, f"state_chunks[{i}]") for i, x in enumerate(raw_chunks))
+            check_cover(chunks, state.size, "state_chunks")
         layers_raw = d.get("layers")
         if not isinstance(layers_raw, list) or len(layers_raw) > MAX_LAYERS:
             raise ManifestError(f"manifest.layers must be a list of at most {MAX_LAYERS}")
@@ -199,7 +235,8 @@ class Manifest:
             created=_str(d.get("created"), "created", 64),
             base=_part(d.get("base"), "base"),
             layers=tuple(_part(x, f"layers[{i}]") for i, x in enumerate(layers_raw)),
-            state=_part(d.get("state"), "state"),
+            state=state,
+            state_chunks=chunks,
             boot=BootRef(
                 kernel=_part(boot.get("kernel"), "boot.kernel"),
                 initrd=_part(boot.get("initrd"), "boot.initrd"),
@@ -210,8 +247,10 @@ class Manifest:
                 machine=_token(vm.get("machine"), "vm.machine"),
                 accel=_choice(vm.get("accel"), "vm.accel", ("tcg", "kvm")),
                 cpu=_token(vm.get("cpu"), "vm.cpu"),
-                memory_mb=_int(vm.get("memory_mb"), "vm.memory_mb", 16, 1 << 20),
-                cpus=_int(vm.get("cpus"), "vm.cpus", 1, 256),
+                # no larger than a create may ask for (wire CreateSandboxRequest); what a
+                # given worker can hold, its admission decides
+                memory_mb=_int(vm.get("memory_mb"), "vm.memory_mb", 16, MAX_VM_MEMORY_MB),
+                cpus=_int(vm.get("cpus"), "vm.cpus", 1, MAX_VM_CPUS),
                 devices=_token(vm.get("devices"), "vm.devices"),
                 disk_size=_int(vm.get("disk_size"), "vm.disk_size", 1, _MAX_SIZE),
             ),
@@ -283,3 +322,11 @@ def _part(v: object, where: str) -> PartRef:
     _only(d, {"digest", "size"}, where)
     return PartRef(_digest(d.get("digest"), f"{where}.digest"),
                    _int(d.get("size"), f"{where}.size", 0, _MAX_SIZE))
+
+
+def _chunk(v: object, where: str) -> ChunkRef:
+    d = _obj(v, where)
+    _only(d, {"offset", "size", "digest"}, where)
+    return ChunkRef(_int(d.get("offset"), f"{where}.offset", 0, _MAX_SIZE),
+                    _int(d.get("size"), f"{where}.size", 0, _MAX_SIZE),
+                    _digest(d.get("digest"), f"{where}.digest"))

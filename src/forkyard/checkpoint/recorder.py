@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forkyard._digest import sha256_file
+from forkyard.checkpoint.chunks import split_file
 from forkyard.checkpoint.local import Checkpoint, LocalCheckpoints
 from forkyard.checkpoint.manifest import BootRef, Manifest, PartRef, utcnow
 from forkyard.store import BlobCache
@@ -53,15 +54,16 @@ class Recorder:
 
     def record(self, capture: Capture) -> Checkpoint:
         """Hash and file the capture's VM state, then write its manifest."""
-        state_digest = sha256_file(capture.state_file)
-        state_path = self._blobs.add_local(state_digest, capture.state_file, verify=False,
-                                           link=True)
+        # one pass: the whole state's digest (its local key) and its chunks (what travels)
+        state_digest, state_size, chunks = split_file(capture.state_file)
+        self._blobs.add_local(state_digest, capture.state_file, verify=False, link=True)
         capture.state_file.unlink()
         manifest = Manifest(
             created=utcnow(),
             base=capture.base,
             layers=capture.layers,
-            state=PartRef(state_digest, state_path.stat().st_size),
+            state=PartRef(state_digest, state_size),
+            state_chunks=chunks,
             boot=capture.boot,
             vm=capture.shape,
             sandbox=capture.sandbox,

@@ -130,6 +130,11 @@ def _print_manifest(cp: Checkpoint, where: str) -> None:
               f"devices={v.devices} (saved by QEMU {v.qemu})")
     t = table("part", "sha256", "size")
     for role, ref in m.parts():
+        if role.startswith("state."):  # v2: one row for the state, not one per chunk
+            if role == "state.0":
+                t.add_row(f"state ({len(m.state_chunks)} chunks)", m.state.digest,
+                          human_bytes(m.state.size))
+            continue
         t.add_row(role, ref.digest, human_bytes(ref.size))
     out.print(t)
 

@@ -446,6 +446,11 @@ def worker(
     on_shutdown: Annotated[str, typer.Option("--on-shutdown",
                                              help="destroy or hibernate")] = "destroy",
     ready_file: Annotated[Path | None, typer.Option("--ready-file")] = None,
+    memory_mb: Annotated[int | None, typer.Option(
+        "--memory-mb", min=0, help="Memory guests may hold in all, MiB (per-VM overhead "
+                                   "included; default: the host's less 1 GiB).")] = None,
+    cpus: Annotated[int | None, typer.Option(
+        "--cpus", min=1, help="vCPUs guests may hold in all (default: 16 per core).")] = None,
 ) -> None:
     """Run a worker daemon in the foreground (what `forkyard up` starts)."""
     from forkyard.config import Home
@@ -455,7 +460,7 @@ def worker(
     serve(root, name=name, server_url=server_url, worker_token=worker_token,
           store_url=store or Home.at(root).default_store_url(), host=host, port=port,
           stock_base=stock_bases, max_sandboxes=max_sandboxes, on_shutdown=on_shutdown,
-          ready_file=ready_file)
+          ready_file=ready_file, memory_mb=memory_mb, cpus=cpus)
 
 
 def register(app: typer.Typer) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from sqlalchemy import select
 
 from forkyard.checkpoint import archive
 from forkyard.control._db import CheckpointRow, SandboxRow, utcnow
 from forkyard.control._metrics import timed
-from forkyard.control._placement import Candidate, Placement
+from forkyard.control._placement import Placement
 from forkyard.control._publish import PUBLISH_WAIT
 from forkyard.control._records import (
     adopt_published,
@@ -129,13 +130,18 @@ class Checkpoints(Transitions):
             published = cp.state == CheckpointState.PUBLISHED
             candidates = [
                 # the origin has it even if its last heartbeat predates the checkpoint
-                Candidate(c.name, c.alive, c.running, c.free_memory_mb, c.max_sandboxes,
-                          c.checkpoints | {cp.id}, c.bases, c.images)
+                replace(c, checkpoints=c.checkpoints | {cp.id})
                 if c.name == cp.worker else c
                 for c in self.workers.candidates(s)
             ]
+            # the fork has its source's shape (unknown for a store-only checkpoint: the
+            # worker's own admission, which reads the manifest, decides)
+            source = s.get(SandboxRow, cp.sandbox)
+            memory_mb = source.memory_mb if source is not None else None
+            cpus = source.cpus if source is not None else None
             placement = Placement(checkpoint=cp.id, base=cp.base,
-                                  only_on=None if published else cp.worker)
+                                  only_on=None if published else cp.worker,
+                                  memory_mb=memory_mb, cpus=cpus)
             extra: dict[str, int] = {}
             plan: list[tuple[str, WorkerClient]] = []
             for _ in range(req.count):
@@ -144,6 +150,7 @@ class Checkpoints(Transitions):
                 sid = new_sandbox_id()
                 plan.append((sid, self.workers.client(s, target)))
                 s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image=cp.base,
+                                 memory_mb=memory_mb, cpus=cpus,
                                  parent_checkpoint=cp.id, created=now, updated=now,
                                  labels={**(cp.labels or {}), **req.labels}))
             cp_id = cp.id

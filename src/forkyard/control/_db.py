@@ -121,6 +121,8 @@ class WorkerRow(Base):
     cached_bases: Mapped[list[str]] = mapped_column(JSON, default=list)
     checkpoints: Mapped[list[str]] = mapped_column(JSON, default=list)
     images: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    # the last WorkerCapacity it reported (admission); NULL: it reports none
+    capacity: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
 
 
 class SandboxRow(Base):

@@ -7,7 +7,7 @@ import time
 
 from forkyard.control._db import CheckpointRow
 from forkyard.control._metrics import timed
-from forkyard.control._placement import Placement
+from forkyard.control._placement import Placement, shortage
 from forkyard.control._records import describe, move, sandbox_out, sandbox_row, store_checkpoint
 from forkyard.control._transitions import Transitions, refused
 from forkyard.control._workers import WorkerClient
@@ -117,10 +117,11 @@ class Hibernation(Transitions):
             old = row.worker
             candidates = self.workers.candidates(s)
             placement = Placement(checkpoint=cp_id, base=row.image,
-                                  only_on=None if published else old)
+                                  only_on=None if published else old,
+                                  memory_mb=row.memory_mb, cpus=row.cpus)
             previous = next((c for c in candidates if c.name == old), None)
             if (req.worker is None and previous is not None and previous.alive
-                    and previous.running < previous.max_sandboxes):
+                    and shortage(previous, placement) is None):
                 target = old  # it still has every part locally
             else:
                 target = self._place(candidates, placement, explicit=req.worker)

@@ -11,8 +11,10 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
-from sqlalchemy import func, select
+from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from forkyard.control._db import Database, SandboxRow, WorkerRow, utcnow
@@ -31,6 +33,7 @@ from forkyard.errors import BadWorkerReport, WorkerConflict, WorkerNotFound, Wor
 from forkyard.wire.models import (
     HeartbeatReply,
     SandboxState,
+    WorkerCapacity,
     WorkerLeaving,
     WorkerOut,
     WorkerReport,
@@ -85,6 +88,7 @@ class Registry:
         row.cached_bases = sorted(report.cached_bases)
         row.checkpoints = sorted(report.checkpoints)
         row.images = dict(report.images)
+        row.capacity = None if report.capacity is None else report.capacity.model_dump()
 
     def _taken(self, row: WorkerRow, report: WorkerReport) -> bool:
         """Another live daemon already answers to this name (at another URL)."""
@@ -255,18 +259,32 @@ class Registry:
     def candidates(s: Session) -> list[Candidate]:
         """Every worker as placement sees it; load counts our own sandbox rows,
         which are newer than the worker's last report."""
-        counts: dict[str | None, int] = {
-            w: n for w, n in s.execute(
-                select(SandboxRow.worker, func.count())
-                .where(SandboxRow.state.in_(ACTIVE)).group_by(SandboxRow.worker)
-            )
-        }
-        return [
-            Candidate(
-                name=r.name, alive=r.state == WorkerState.ALIVE,
-                running=counts.get(r.name, 0), free_memory_mb=r.free_memory_mb,
-                max_sandboxes=r.max_sandboxes, checkpoints=frozenset(r.checkpoints),
-                bases=frozenset(r.cached_bases), images=dict(r.images),
-            )
-            for r in s.scalars(select(WorkerRow).order_by(WorkerRow.name))
-        ]
+        active: dict[str | None, list[tuple[int | None, int | None]]] = {}
+        for w, mem, cpus in s.execute(
+            select(SandboxRow.worker, SandboxRow.memory_mb, SandboxRow.cpus)
+            .where(SandboxRow.state.in_(ACTIVE))
+        ):
+            active.setdefault(w, []).append((mem, cpus))
+        return [_candidate(r, active.get(r.name, [])) for r in
+                s.scalars(select(WorkerRow).order_by(WorkerRow.name))]
+
+
+def _candidate(r: WorkerRow, active: list[tuple[int | None, int | None]]) -> Candidate:
+    """Placement's view of ``r``; what its sandboxes hold counts our own rows (newer than
+    its last report) or its report (which also holds what we do not know), the larger."""
+    base = Candidate(name=r.name, alive=r.state == WorkerState.ALIVE, running=len(active),
+                     free_memory_mb=r.free_memory_mb, max_sandboxes=r.max_sandboxes,
+                     checkpoints=frozenset(r.checkpoints), bases=frozenset(r.cached_bases),
+                     images=dict(r.images))
+    try:
+        cap = None if r.capacity is None else WorkerCapacity.model_validate(r.capacity)
+    except ValidationError:
+        cap = None  # a row written by another version: its own admission still holds
+    if cap is None:
+        return base
+    mem = sum((m or cap.default_memory_mb) + cap.vm_overhead_mb for m, _ in active)
+    cpus = sum(c or cap.default_cpus for _, c in active)
+    return replace(base, memory_mb=cap.memory_mb, memory_used_mb=max(mem, cap.memory_used_mb),
+                   cpus=cap.cpus, cpus_used=max(cpus, cap.cpus_used),
+                   max_vm_cpus=cap.max_vm_cpus, vm_overhead_mb=cap.vm_overhead_mb,
+                   default_memory_mb=cap.default_memory_mb, default_cpus=cap.default_cpus)

@@ -42,8 +42,8 @@ class ControlPlane(Checkpoints, Timers):
         sid = new_sandbox_id()
         now = utcnow()
         with self.db.tx() as s:
-            target = self._place(self.workers.candidates(s), Placement(image_ref=req.image),
-                                 explicit=req.worker)
+            placement = Placement(image_ref=req.image, memory_mb=req.memory_mb, cpus=req.cpus)
+            target = self._place(self.workers.candidates(s), placement, explicit=req.worker)
             client = self.workers.client(s, target)
             s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image_ref=req.image,
                              memory_mb=req.memory_mb, cpus=req.cpus, created=now, updated=now,

@@ -28,6 +28,8 @@ never see an ``httpx`` exception::
         ├── InternalError           500, unknown 5xx
         ├── WorkerError             502 (.log_tail)
         ├── Unavailable             503, or the control plane cannot be reached
+        │   └── InsufficientCapacity 503 insufficient_capacity (.resource .needed .free
+        │                           .worker .limit): no worker has room for that shape
         └── SandboxTimeout          504 (.stdout[_bytes] .stderr[_bytes] .timeout), or no
                                     answer in time
                                     (also a builtin ``TimeoutError``)
@@ -57,6 +59,7 @@ __all__ = [
     "ConflictError",
     "GuestOperationError",
     "IncompatibleError",
+    "InsufficientCapacity",
     "IntegrityFailure",
     "InternalError",
     "InvalidRequest",
@@ -176,6 +179,19 @@ class Unavailable(APIError):
     """503: no live worker can take the request; also: control plane unreachable."""
 
 
+class InsufficientCapacity(Unavailable):
+    """503 ``insufficient_capacity``: no worker has the memory, vCPUs or sandbox slot
+    the sandbox needs (``resource``; ``needed`` vs ``free``, MiB for memory).
+    Nothing was started; a smaller sandbox, or later, may fit."""
+
+    detail_fields = ("worker", "resource", "needed", "free", "limit")
+    worker: str | None
+    resource: str | None
+    needed: int | None
+    free: int | None
+    limit: int | None
+
+
 class SandboxTimeout(APIError, TimeoutError):
     """504: a guest command or agent call timed out; or the HTTP answer did not come.
 
@@ -245,6 +261,7 @@ ERROR_TABLE: tuple[_Row, ...] = (
     _Row(500, None, InternalError),
     _Row(502, None, WorkerError),
     _Row(503, None, Unavailable),
+    _Row(503, "insufficient_capacity", InsufficientCapacity),
     _Row(504, None, SandboxTimeout),
 )
 _BY_KEY: dict[tuple[int, str | None], type[APIError]] = {

@@ -129,8 +129,10 @@ class BlobStore:
         *,
         digest: str | None = None,
         progress: ProgressFn | None = None,
+        span: tuple[int, int] | None = None,
     ) -> BlobRef:
-        """Store a local file as a blob unless it is already stored.
+        """Store a local file (or its bytes ``span`` = (offset, size)) as a blob unless
+        it is already stored.
 
         Without ``digest`` the file is hashed first (the key must be known
         before uploading). With ``digest``, an already-stored blob is not read
@@ -139,13 +141,20 @@ class BlobStore:
         ``progress`` reports uncompressed bytes of the upload pass.
         """
         if digest is None:
+            if span is not None:
+                raise ValueError("a span needs its digest")
             digest, _ = hash_file(path)
         key = blob_key(digest)
         if self._store.exists(key):
-            return BlobRef(digest, _file_size(path), self._store.size(key))
+            size = span[1] if span is not None else _file_size(path)
+            return BlobRef(digest, size, self._store.size(key))
         try:
-            with open(path, "rb") as src:
-                size = os.fstat(src.fileno()).st_size
+            with open(path, "rb") as f:
+                src: BinaryIO = f
+                if span is not None:
+                    f.seek(span[0])
+                    src = cast("BinaryIO", _Span(f, span[1]))
+                size = span[1] if span is not None else os.fstat(f.fileno()).st_size
                 pipe = CompressingReader(src, self._compressor(), size, digest, key, progress)
                 written = self._store.put_stream(key, pipe)
         except OSError as exc:  # store errors are StoreErrors by now; this is the file
@@ -293,6 +302,20 @@ class BlobStore:
         except OSError as exc:  # the source raises StoreError, so this is ``out``
             raise StoreError(f"writing blob {key} failed: {exc}") from exc
         return h.hexdigest(), n
+
+
+class _Span:
+    """The next ``left`` bytes of an open file, as a ``read()``-able stream."""
+
+    def __init__(self, f: BinaryIO, left: int) -> None:
+        self._f = f
+        self._left = left
+
+    def read(self, n: int = -1, /) -> bytes:
+        want = self._left if n < 0 else min(n, self._left)
+        data = self._f.read(want) if want else b""
+        self._left -= len(data)
+        return data
 
 
 def _check_digest(what: str, data: bytes, expected: str) -> None:

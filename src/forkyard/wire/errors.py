@@ -105,7 +105,8 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
     (UnsafePath, 400, "bad_request"),
     (UnsafeInput, 400, "bad_request"),
     (BadWorkerReport, 400, "bad_request"),
-    # nothing can take the work now: retry later
+    # nothing can take the work now: retry later (or ask for a smaller sandbox)
+    (InsufficientCapacity, 503, "insufficient_capacity"),
     (WorkerUnavailable, 503, "unavailable"),
     (DatabaseUnavailable, 503, "unavailable"),
     (WorkerReplyError, 502, "worker_error"),
@@ -113,7 +114,6 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
     (AgentError, 502, "worker_error"),
     (ToolError, 502, "worker_error"),
     (StoreError, 502, "worker_error"),
-    (InsufficientCapacity, 503, "unavailable"),
     (ForkyardError, 500, "internal"),
 )
 
@@ -187,6 +187,9 @@ def _detail(exc: ForkyardError) -> dict[str, Any] | None:
         return {"sandbox": exc.sandbox_id, "state": exc.state, "operation": exc.operation}
     if isinstance(exc, PayloadTooLarge):
         return {"size": exc.size, "limit": exc.limit}
+    if isinstance(exc, InsufficientCapacity):
+        return {"worker": exc.worker or None, "resource": exc.resource, "needed": exc.needed,
+                "free": exc.free, "limit": exc.limit}
     if isinstance(exc, IntegrityError):
         return {"what": exc.what, "expected": exc.expected, "actual": exc.actual}
     return None

@@ -51,6 +51,7 @@ __all__ = [
     "SandboxState",
     "TimeoutRequest",
     "WakeRequest",
+    "WorkerCapacity",
     "WorkerCheckpoint",
     "WorkerCheckpointRequest",
     "WorkerCreateRequest",
@@ -431,11 +432,30 @@ class WorkerHibernated(_Reply):
     sandbox: WorkerSandbox
 
 
+class WorkerCapacity(_Reply):
+    """What a worker can give guests and what its sandboxes hold of it (admission).
+
+    Each VM costs its guest RAM plus ``vm_overhead_mb`` (QEMU itself, TCG's
+    translation buffer) against ``memory_mb``, and its vCPUs against ``cpus``.
+    """
+
+    memory_mb: int = Field(ge=0, description="memory usable by guests, overhead included")
+    memory_used_mb: int = Field(ge=0)
+    cpus: int = Field(ge=0, description="vCPUs this worker runs at most")
+    cpus_used: int = Field(ge=0)
+    max_vm_cpus: int = Field(ge=1, description="the most vCPUs one sandbox may have")
+    vm_overhead_mb: int = Field(ge=0)
+    default_memory_mb: int = Field(ge=1, description="the shape of a create that names none")
+    default_cpus: int = Field(ge=1)
+
+
 class WorkerStatus(_Reply):
     name: WorkerName
     running: int = Field(ge=0)
     free_memory_mb: int = Field(ge=0)
     max_sandboxes: int = Field(ge=0)
+    capacity: WorkerCapacity | None = Field(
+        default=None, description="absent: an older worker; it still refuses what does not fit")
     cached_bases: list[str] = Field(default_factory=list)
     checkpoints: list[str] = Field(default_factory=list)
     images: dict[str, str] = Field(

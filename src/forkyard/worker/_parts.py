@@ -1,9 +1,11 @@
 """Bringing a checkpoint's parts to this worker: local files, verified, fetched in parallel.
 
 Disk parts are verified before anything can run on them: a missing or
-corrupt part is an error, never a broken VM.  The VM state may instead come
-as a stream that a paused QEMU loads while it downloads (``worker._stream``);
-concurrent forks of one checkpoint download that state once.
+corrupt part is an error, never a broken VM.  A chunked (v2) VM state may
+instead come as a stream that a paused QEMU loads while it downloads, each
+chunk verified before QEMU sees it (``worker._stream``); a v1 state is
+fetched and verified whole first.  Concurrent forks of one checkpoint
+download that state once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from forkyard.checkpoint.local import CheckpointFiles
 from forkyard.errors import CheckpointError, ForkyardError
 from forkyard.image import ImageCatalog
 from forkyard.store import BlobCache, BlobStore
-from forkyard.worker._stream import StateStream
+from forkyard.worker._stream import StateStream, fetch_chunked
 
 __all__ = ["PartFetcher", "Parts"]
 
@@ -88,8 +90,8 @@ class PartFetcher:
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
         state: Path | StateStream | None = self._blobs.path_if_present(m.state.digest)
         ahead: StateStream | None = None  # another fork's download of this state
-        if state is None and stream_state:
-            state, ahead = self._stream_state(m.state)
+        if state is None and stream_state and m.state_chunks:
+            state, ahead = self._stream_state(cp)
         try:
             f_base = pool.submit(
                 lambda: self.find_base(m.base.digest) or self._fetch(m.base, "base image", cp))
@@ -119,12 +121,13 @@ class PartFetcher:
             raise
         return parts
 
-    def _stream_state(self, ref: PartRef) -> tuple[StateStream | None, StateStream | None]:
+    def _stream_state(self, cp: Checkpoint) -> tuple[StateStream | None, StateStream | None]:
         """A new stream of this VM state, or ``(None, ahead)`` if one is in flight.
 
         Concurrent forks of a checkpoint whose state is not here download it
         once: the first streams it, the others wait for it to be cached.
         """
+        ref = cp.manifest.state
         with self._lock:
             ahead = self._state_downloads.get(ref.digest)
             if ahead is not None:
@@ -134,7 +137,8 @@ class PartFetcher:
                 with self._lock:
                     self._state_downloads.pop(ref.digest, None)
 
-            stream = StateStream(self._blobs, self._blobstore, ref, on_done=landed)
+            stream = StateStream(self._blobs, self._blobstore, ref, cp.manifest.state_chunks,
+                                 what=f"VM state of checkpoint {cp.short_id}", on_done=landed)
             stream.start()
             self._state_downloads[ref.digest] = stream
         return stream, None
@@ -144,7 +148,13 @@ class PartFetcher:
             # Whatever became of that download, the cache now has the state or
             # a fetch of our own reports exactly what is wrong with it.
             ahead.wait_done(_STATE_WAIT)
-        return self._blob(ref, "VM state", cp)
+        found = self._blobs.path_if_present(ref.digest)
+        if found is not None:
+            return found
+        if cp.manifest.state_chunks:
+            return fetch_chunked(self._blobs, self._blobstore, ref, cp.manifest.state_chunks,
+                                 what=f"VM state of checkpoint {cp.short_id}")
+        return self._fetch(ref, "VM state", cp)
 
     def _blob(self, ref: PartRef, what: str, cp: Checkpoint) -> Path:
         return self._blobs.path_if_present(ref.digest) or self._fetch(ref, what, cp)

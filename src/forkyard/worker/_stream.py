@@ -1,57 +1,186 @@
-"""Load a VM state into QEMU while it is still downloading.
+"""Load a chunked VM state into QEMU while it downloads, each chunk verified first.
 
 A fork on a worker that lacks the checkpoint's VM state would otherwise
 download it, then have QEMU read it back: two sequential passes over the
-largest part.  Here the bytes go to the blob cache and, through a pipe, to a
-*paused* QEMU at the same time.  The VM only runs after the download was
-verified against the manifest's digest (:meth:`StateStream.finish`); on a
-mismatch the paused VM is killed and the cache never sees the bytes — nothing
-runs on bad data.
+largest part.  Here the state's chunks (archive format v2,
+:mod:`forkyard.checkpoint.chunks`) are downloaded one after the other, each
+into a buffer of its own size; a chunk goes on only once its bytes matched its
+digest, to two consumers at once: the feeder, which writes it into the pipe
+of a *paused* QEMU, and the cache writer, which appends it to the file that
+becomes the state's cache entry.  So:
+
+- QEMU never parses a byte whose digest was not checked first (it trusts its
+  migration stream); a corrupt or missing chunk stops the feed before it, and
+  the fork fails with an IntegrityError naming that chunk;
+- memory is bounded by a few chunks (:data:`_FEED_AHEAD` + :data:`_DISK_AHEAD`
+  + the ones being fetched, fed and written), never the whole state: the state
+  travels on into the blob cache on disk, and the disk is off the path to a
+  running VM (writes here are slower than the network of a directory store);
+- the chunks put together must hash to the manifest's ``state`` digest before
+  the file is filed in the cache under that digest (cache entries are trusted
+  later without re-hashing).
+
+:func:`fetch_chunked` is the same without QEMU: the state assembled into the
+cache (a fork that waited for another's download, ``materialize``).  v1
+checkpoints (one whole state blob) are not streamed at all: their state is
+fetched and verified whole into the cache first, then loaded from the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import logging
 import os
 import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO, cast
 
 from forkyard._fs import atomic_write
-from forkyard.checkpoint import PartRef
-from forkyard.errors import ForkyardError
+from forkyard.checkpoint import ChunkRef, PartRef
+from forkyard.errors import ForkyardError, IntegrityError, ObjectNotFound
 from forkyard.store import BlobCache, BlobStore
 
-__all__ = ["StateStream"]
+__all__ = ["StateStream", "fetch_chunked"]
+
+log = logging.getLogger("forkyard.worker")
+
+def fetch_chunked(cache: BlobCache, blobs: BlobStore, ref: PartRef,
+                  chunks: tuple[ChunkRef, ...], *, what: str) -> Path:
+    """Assemble ``chunks`` into the cache entry of ``ref``, verifying each chunk and the whole.
+
+    Nothing is filed in the cache unless every check passed.
+    """
+    with _CacheFile(cache, ref, what) as out:
+        for i, chunk in enumerate(chunks):
+            out.write(_fetch_chunk(blobs, i, chunk, what))
+    assert out.path is not None
+    return out.path
+
+
+def _fetch_chunk(blobs: BlobStore, i: int, chunk: ChunkRef, what: str) -> bytes:
+    """The bytes of chunk ``i``, verified (IntegrityError naming the chunk otherwise)."""
+    name = f"{what} chunk {i} (bytes {chunk.offset}+{chunk.size}, sha256:{chunk.digest})"
+    buf = _Buffer(chunk.size)
+    try:
+        blobs.read_blob_into(chunk.digest, cast(BinaryIO, buf), size=chunk.size)
+    except IntegrityError as exc:
+        raise IntegrityError(name, expected=exc.expected, actual=exc.actual) from exc
+    except ObjectNotFound as exc:
+        raise IntegrityError(name, expected=f"blob sha256:{chunk.digest} in "
+                             f"{blobs.store.url}", actual="no such blob") from exc
+    return buf.take()
+
+
+class _Buffer:
+    """A write-only "file" of at most ``limit`` bytes (the store reader stops beyond)."""
+
+    def __init__(self, limit: int) -> None:
+        self._data = bytearray()
+        self._limit = limit
+
+    def write(self, data: bytes) -> int:
+        if len(self._data) + len(data) > self._limit:
+            raise IntegrityError("state chunk", expected=f"{self._limit} bytes",
+                                 actual=f"more than {self._limit} bytes")
+        self._data += data
+        return len(data)
+
+    def take(self) -> bytes:
+        # handed over as is (no copy): the feeder and the cache writer only read it
+        out, self._data = self._data, bytearray()
+        return cast(bytes, out)
+
+
+class _CacheFile:
+    """The file that becomes the state's cache entry: hashed as it is appended to, filed
+    under ``ref.digest`` on a clean exit only if the whole matches."""
+
+    def __init__(self, cache: BlobCache, ref: PartRef, what: str) -> None:
+        self._cache = cache
+        self._ref = ref
+        self._what = what
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._tmp = cache.root / ".streams" / (
+            f"{ref.digest[:16]}.{os.getpid()}.{threading.get_ident():x}")
+        self._cm = atomic_write(self._tmp)  # fsync'd on commit: cache entries are trusted
+        self._file: BinaryIO | None = None
+        self.path: Path | None = None
+
+    def __enter__(self) -> _CacheFile:
+        self._file = self._cm.__enter__()
+        return self
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._hash.update(data)
+        self._size += len(data)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if exc_type is not None:
+                self._cm.__exit__(exc_type, exc, tb)  # the temp file goes
+                return
+            actual = self._hash.hexdigest()
+            if actual != self._ref.digest or self._size != self._ref.size:
+                problem = IntegrityError(
+                    f"{self._what} (its chunks put together)",
+                    expected=f"sha256 {self._ref.digest}, {self._ref.size} bytes",
+                    actual=f"sha256 {actual}, {self._size} bytes")
+                self._cm.__exit__(IntegrityError, problem, None)
+                raise problem
+            self._cm.__exit__(None, None, None)
+            self.path = self._cache.add_local(self._ref.digest, self._tmp, verify=False,
+                                              link=True)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+
+
+_FEED_AHEAD = 1  # verified chunks waiting for QEMU to read
+_DISK_AHEAD = 8  # verified chunks (32 MiB) waiting for the disk: it is slower than the feed
 
 
 class StateStream:
+    """A chunked state on its way, verified chunk by chunk, into a pipe and the cache."""
+
     def __init__(self, cache: BlobCache, blobs: BlobStore, ref: PartRef,
+                 chunks: tuple[ChunkRef, ...], *, what: str = "VM state",
                  on_done: Callable[[], None] | None = None) -> None:
         self._cache = cache
         self._blobs = blobs
         self._ref = ref
+        self._chunks = chunks
+        self._what = what
         self._on_done = on_done
         self._done = threading.Event()  # set once the bytes are filed in the cache (or failed)
-        self._chunks: queue.Queue[bytes | None] = queue.Queue()
+        # verified chunks for the feeder and for the cache writer; None ends each
+        self._ready: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=_FEED_AHEAD)
+        self._disk: queue.Queue[bytes | None] = queue.Queue(maxsize=_DISK_AHEAD)
         self._error: BaseException | None = None
         self._verdict = threading.Event()  # set once the bytes are verified (or failed)
-        self._path: Path | None = None
+        self.fed: list[int] = []  # offsets of the chunks QEMU was given, in order
         read_fd, self._write_fd = os.pipe()
         with contextlib.suppress(OSError):  # fewer wake-ups of QEMU and of us
             fcntl.fcntl(self._write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
         self.read_fd: int | None = read_fd
-        self._download = threading.Thread(target=self._run_download, daemon=True,
-                                          name=f"fetch-{ref.digest[:12]}")
-        self._feeder = threading.Thread(target=self._run_feeder, daemon=True,
-                                        name=f"feed-{ref.digest[:12]}")
+        name = ref.digest[:12]
+        self._threads = [
+            threading.Thread(target=self._run_download, daemon=True, name=f"fetch-{name}"),
+            threading.Thread(target=self._run_feeder, daemon=True, name=f"feed-{name}"),
+            threading.Thread(target=self._run_writer, daemon=True, name=f"file-{name}"),
+        ]
 
     def start(self) -> None:
-        self._download.start()
-        self._feeder.start()
+        for t in self._threads:
+            t.start()
 
     def take_fd(self) -> int:
         """The pipe's read end; the caller (QEMU's launcher) now owns and closes it."""
@@ -83,60 +212,62 @@ class StateStream:
             self.read_fd = None
 
     def _run_download(self) -> None:
-        digest = self._ref.digest
-        tmp: Path | None = None
+        failed: BaseException | None = None
         try:
-            # Keep the chunks in memory and write the cache file only after the
-            # verdict: the disk write is then off the path to a running VM.
-            kept: list[bytes] = []
-            sink = _Collector(kept, self._chunks.put)
-            self._blobs.read_blob_into(digest, cast(BinaryIO, sink), size=self._ref.size)
-            self._chunks.put(None)
-            self._verdict.set()  # verified: the paused VM may run
-            # a name of our own: the cache links it in, then it goes
-            tmp = self._cache.root / ".streams" / f"{digest[:16]}.{os.getpid()}.{id(self):x}"
-            # fsync'd: cache entries are trusted without re-hashing
-            with atomic_write(tmp) as f:
-                for chunk in kept:
-                    f.write(chunk)
-                kept.clear()
-            self._path = self._cache.add_local(digest, tmp, verify=False, link=True)
+            for i, chunk in enumerate(self._chunks):
+                data = _fetch_chunk(self._blobs, i, chunk, self._what)
+                self._ready.put((chunk.offset, data))  # verified: QEMU may have it
+                self._disk.put(data)
         except BaseException as exc:
-            if not self._verdict.is_set():
-                self._error = exc
-            self._chunks.put(None)
-            self._verdict.set()
+            failed = exc
+            self._error = exc
         finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            self._ready.put(None)
+            # a failed download must not be filed: the writer sees it as an abort
+            self._disk.put(None if failed is None else b"")
+            self._verdict.set()  # every chunk verified (or the failure): the VM may run
+
+    def _run_feeder(self) -> None:
+        broken = False
+        try:
+            while (item := self._ready.get()) is not None:
+                offset, data = item
+                if broken:
+                    continue
+                try:
+                    _write_all(self._write_fd, data)
+                    self.fed.append(offset)
+                except OSError:
+                    broken = True  # QEMU stopped reading (it failed); the launcher says why
+        finally:
+            # EOF for QEMU: after the last verified chunk, or early on a failure (QEMU then
+            # fails to load, and the launcher reports this stream's verdict instead)
+            with contextlib.suppress(OSError):
+                os.close(self._write_fd)
+
+    def _run_writer(self) -> None:
+        ended = False  # the download's terminator was taken off the queue
+        try:
+            with _CacheFile(self._cache, self._ref, self._what) as out:
+                while data := self._disk.get():
+                    out.write(data)
+                ended = True
+                if data is not None:
+                    raise _Aborted  # the download failed: nothing to file
+        except _Aborted:
+            pass
+        except Exception as exc:  # the VM runs on verified chunks; only the cache misses out
+            log.warning("not caching %s: %s", self._what, exc)
+            while not ended:  # let the download finish
+                ended = not self._disk.get()
+        finally:
             if self._on_done is not None:
                 self._on_done()
             self._done.set()
 
-    def _run_feeder(self) -> None:
-        try:
-            while (chunk := self._chunks.get()) is not None:
-                _write_all(self._write_fd, chunk)
-        except OSError:
-            pass  # QEMU stopped reading (it failed); the launcher reports why
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(self._write_fd)
 
-
-class _Collector:
-    """A write-only "file" that keeps every chunk and hands it to a callback."""
-
-    def __init__(self, kept: list[bytes], put: Callable[[bytes], None]) -> None:
-        self._kept = kept
-        self._put = put
-
-    def write(self, data: bytes) -> int:
-        chunk = data if isinstance(data, bytes) else bytes(data)
-        self._kept.append(chunk)
-        self._put(chunk)
-        return len(chunk)
+class _Aborted(Exception):
+    pass
 
 
 def _write_all(fd: int, data: bytes) -> None:

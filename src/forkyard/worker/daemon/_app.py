@@ -20,6 +20,7 @@ from forkyard.wire.errors import install_error_handlers
 from forkyard.wire.models import WORKER_NAME_RE
 from forkyard.wire.serving import bind, setup_logging
 from forkyard.worker import Worker
+from forkyard.worker.daemon._capacity import host_budget
 from forkyard.worker.daemon._link import HEARTBEAT_INTERVAL
 from forkyard.worker.daemon._metrics import add_metrics
 from forkyard.worker.daemon._node import Node, OnShutdown
@@ -43,12 +44,15 @@ def create_app(
     on_shutdown: OnShutdown = "destroy",
     ready_file: Path | None = None,
     heartbeat_interval: float = HEARTBEAT_INTERVAL,
+    memory_mb: int | None = None,
+    cpus: int | None = None,
 ) -> FastAPI:
     """The daemon's app over ``worker``.
 
     With ``server_url`` and ``public_url`` (the URL this app is reachable at),
     its lifespan registers with the control plane and heartbeats; its shutdown
-    destroys or hibernates every sandbox and closes ``worker``.
+    destroys or hibernates every sandbox and closes ``worker``.  ``memory_mb`` and
+    ``cpus`` are what guests may hold in all (default: the host's, see ``_capacity``).
     """
     if not worker_token:
         raise ValueError("worker_token must not be empty")
@@ -59,7 +63,7 @@ def create_app(
     node = Node(worker, worker_token=worker_token, server_url=server_url,
                 public_url=public_url, store_url=store_url, max_sandboxes=max_sandboxes,
                 on_shutdown=on_shutdown, ready_file=ready_file,
-                heartbeat_interval=heartbeat_interval)
+                heartbeat_interval=heartbeat_interval, budget=host_budget(memory_mb, cpus))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -93,6 +97,8 @@ def serve(
     max_sandboxes: int = 32,
     on_shutdown: str = "destroy",
     ready_file: Path | None = None,
+    memory_mb: int | None = None,
+    cpus: int | None = None,
 ) -> None:
     """Run a worker daemon until SIGINT/SIGTERM.
 
@@ -117,7 +123,8 @@ def serve(
         sock, url = bind(host, port)
         app = create_app(worker, worker_token=worker_token, server_url=server_url,
                          public_url=url, store_url=store_url, max_sandboxes=max_sandboxes,
-                         on_shutdown=policy, ready_file=ready_file)
+                         on_shutdown=policy, ready_file=ready_file, memory_mb=memory_mb,
+                         cpus=cpus)
         log.info("worker %s (pid %d) listening on %s", name, os.getpid(), url)
         config = uvicorn.Config(app, log_level="info", access_log=False,
                                 timeout_graceful_shutdown=30, lifespan="on")

@@ -24,7 +24,7 @@ from forkyard.wire.models import (
     WorkerStatus,
 )
 from forkyard.worker import Sandbox, Worker
-from forkyard.worker.daemon._capacity import Capacity, free_memory_mb
+from forkyard.worker.daemon._capacity import Budget, Capacity, free_memory_mb
 from forkyard.worker.daemon._link import ControlLink
 from forkyard.worker.daemon._publish import Publisher
 
@@ -52,6 +52,7 @@ class Node:
         on_shutdown: OnShutdown,
         ready_file: Path | None,
         heartbeat_interval: float,
+        budget: Budget | None = None,
     ) -> None:
         self.worker = worker
         self.name = worker.name
@@ -63,7 +64,7 @@ class Node:
             interval=heartbeat_interval, ready_file=ready_file, report=self.report,
             on_orphans=self.destroy_orphans,
         )
-        self.capacity = Capacity(worker, max_sandboxes, on_release=self.kick)
+        self.capacity = Capacity(worker, max_sandboxes, on_release=self.kick, budget=budget)
         self.publisher = Publisher(worker, on_change=self.kick)
 
     def kick(self) -> None:
@@ -81,6 +82,7 @@ class Node:
             name=self.name, running=self.capacity.running(), free_memory_mb=free_memory_mb(),
             max_sandboxes=self.capacity.limit, cached_bases=self.worker.cached_bases(),
             checkpoints=self.worker.local_checkpoint_ids(), images=images,
+            capacity=self.capacity.report(),
         )
 
     def report(self) -> WorkerReport:
@@ -94,15 +96,21 @@ class Node:
     # sandbox operations that are more than one library call
     def create(self, image: str, *, memory_mb: int | None, cpus: int | None,
                sandbox_id: str | None) -> WorkerSandbox:
-        with self.capacity.slot():
+        settings = self.worker.home.settings()
+        memory_mb = memory_mb or settings.memory_mb
+        cpus = cpus or settings.cpus
+        with self.capacity.slot(memory_mb=memory_mb, cpus=cpus, sandbox_id=sandbox_id):
             sb = self.worker.create(image, memory_mb=memory_mb, cpus=cpus, sandbox_id=sandbox_id)
         return sandbox_json(sb)
 
     def fork(self, checkpoint_id: str, sandbox_id: str | None) -> WorkerSandbox:
         """Fork; the library fetches what is not local (once, even for concurrent forks)."""
         fetched = not self.worker.checkpoints.has(checkpoint_id)
-        with self.capacity.slot():
-            sb = self.worker.fork(checkpoint_id, sandbox_id=sandbox_id)
+        # the manifest (verified, small) gives the shape; nothing else moves before admission
+        cp = self.worker.resolve_checkpoint(checkpoint_id)
+        with self.capacity.slot(memory_mb=cp.manifest.vm.memory_mb, cpus=cp.manifest.vm.cpus,
+                                sandbox_id=sandbox_id):
+            sb = self.worker.fork(cp, sandbox_id=sandbox_id)
         if fetched:
             self.kick()  # the control plane should know it is local here now
         return sandbox_json(sb)
@@ -130,7 +138,14 @@ class Node:
                 # broke here.  Waking it would silently go back in time.
                 log.info("dropping stale %s copy of %s", local.state.value, sandbox_id)
                 local.destroy()
-        with self.capacity.slot():
+        if checkpoint_id is not None:
+            vm = self.worker.resolve_checkpoint(checkpoint_id).manifest.vm
+            memory_mb, cpus = vm.memory_mb, vm.cpus
+        elif local is not None:
+            memory_mb, cpus = local.memory_mb, local.cpus
+        else:  # pragma: no cover - SandboxNotFound was raised above
+            raise SandboxNotFound(sandbox_id)
+        with self.capacity.slot(memory_mb=memory_mb, cpus=cpus, sandbox_id=sandbox_id):
             sb = self.worker.wake(sandbox_id, checkpoint=checkpoint_id)
         return sandbox_json(sb)
 
