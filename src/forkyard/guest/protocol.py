@@ -86,6 +86,9 @@ class Op(enum.IntEnum):
     SYNC = 9
     KILL = 10
     POWEROFF = 11
+    # fresh after a restore (numbered apart from the core ops)
+    IDENTITY = 64
+    GROW_FS = 65
     ACK = 0x7FFF
 
 
@@ -125,6 +128,11 @@ class Tag(enum.IntEnum):
     TRUNCATED = 28
     NONCE = 29
     MAX_ENTRIES = 30
+    # HELLO: host randomness the guest reseeds its RNG with; RESEEDED = 1 if it did
+    SEED = 64
+    HOSTNAME = 65
+    MACHINE_ID = 66
+    RESEEDED = 67
 
 
 # T_FLAGS bits, per operation
@@ -134,6 +142,8 @@ WRITE_APPEND = 2
 REMOVE_RECURSIVE = 1
 MKDIR_PARENTS = 1
 SYNC_DROP_CACHES = 1
+IDENTITY_MACHINE_ID = 1  # in the reply: /etc/machine-id was rewritten
+SEED_BYTES = 64  # the agent accepts up to 512
 
 _FIELD = struct.Struct("<HI")
 _U64 = struct.Struct("<Q")

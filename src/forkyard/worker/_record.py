@@ -23,10 +23,11 @@ class SandboxSpec:
     """What a sandbox runs on: set at create/fork, replaced by a restore."""
 
     base_digest: str
-    disk_size: int  # = the raw base's size
+    disk_size: int  # the guest's disk (top layer's virtual size), >= the raw base's size
     memory_mb: int
     cpus: int
     parent: str | None  # checkpoint it was forked/woken/restored from
+    base_size: int = 0  # the raw base's size; 0: the same as disk_size
 
 
 @dataclass(frozen=True, slots=True)

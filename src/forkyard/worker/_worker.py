@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import logging
 import os
 import shutil
 import threading
@@ -28,10 +29,17 @@ from forkyard.checkpoint.local import CheckpointFiles
 from forkyard.checkpoint.recorder import Recorder
 from forkyard.config import Home
 from forkyard.errors import (
+    CheckpointError,
     CheckpointNotFound,
+    ForkyardError,
+    ImageError,
     ImageNotFound,
+    InsufficientCapacity,
+    IntegrityError,
     SandboxNotFound,
     SandboxStateError,
+    StoreError,
+    VMError,
 )
 from forkyard.host.setup import HostInfo, ensure_host
 from forkyard.image import ImageCatalog, ImageInfo, MinimalSource, build_image
@@ -45,10 +53,15 @@ from forkyard.worker._parts import PartFetcher
 from forkyard.worker._record import SandboxSpec
 from forkyard.worker._sandbox import Chain, Sandbox, SandboxState
 from forkyard.worker._stream import StateStream
+from forkyard.worker._templates import TemplateIndex, TemplateKey
 
 __all__ = ["Worker"]
 
+log = logging.getLogger("forkyard.worker")
 BUILTIN_IMAGES = {"minimal": MinimalSource}
+GIB = 1 << 30
+DEFAULT_DISK = 4 * GIB  # thin: only what the guest writes takes host space
+MAX_DISK = 1024 * GIB
 _BOOT_TIMEOUT = 180.0  # a TCG boot is ~3 s, but CI machines are shared and slow
 
 
@@ -89,6 +102,8 @@ class Worker:
         self._lock = threading.Lock()
         self._image_lock = threading.Lock()
         self._closed = False
+        self._templates = TemplateIndex(self.home.root / "templates", self.store)
+        self._background: builtins.list[threading.Thread] = []
         self._revive_hibernated()
         for f in (self.host.kernel, self.host.initrd):
             self.blobs.add_local(f.digest, f.path, verify=False, link=True)
@@ -116,28 +131,146 @@ class Worker:
         *,
         memory_mb: int | None = None,
         cpus: int | None = None,
+        disk_size: int | None = None,
+        cold: bool = False,
         sandbox_id: str | None = None,
         timeout: float = _BOOT_TIMEOUT,
     ) -> Sandbox:
-        """Boot a new sandbox from a base image and wait until its agent answers."""
+        """A new sandbox of ``image`` whose agent answers, with ``disk_size`` bytes of disk.
+
+        It forks the image's template (a checkpoint of the machine just booted)
+        when this worker has one or the store does; otherwise it boots, and that
+        first boot leaves the template behind.  ``cold=True`` always boots (and
+        makes no template).  Either way the guest gets its own hostname (the
+        sandbox id), machine-id and RNG state.
+        """
         self._check_open()
         info = self.image(image)
         settings = self.home.settings()
-        spec = SandboxSpec(base_digest=info.digest, disk_size=info.size,
+        disk = _disk_size(disk_size, info.size)
+        spec = SandboxSpec(base_digest=info.digest, disk_size=disk, base_size=info.size,
                            memory_mb=memory_mb or settings.memory_mb,
                            cpus=cpus or settings.cpus, parent=None)
-        sb = self._register(sandbox_id, spec)
+        shape = VMShape(spec.memory_mb, spec.cpus, self.host.machine_type, self.host.accel,
+                        qemu=self.host.qemu_version, disk_size=disk)
+        key = self._template_key(info.digest, shape)
+        sb = None if cold else self._fork_template(key, sandbox_id, timeout)
+        if sb is None:
+            sb = self._boot(spec, shape, info.path, sandbox_id, timeout)
+            if not cold:
+                self._make_template(sb, key)
         try:
-            active = sb.prepare((), self._host_boot())
-            shape = VMShape(spec.memory_mb, spec.cpus, self.host.machine_type, self.host.accel,
-                            qemu=self.host.qemu_version, disk_size=spec.disk_size)
-            boot = BootSpec(self.host.kernel.path, self.host.initrd.path)
-            vm = self._vm(sb, shape, boot, DiskChain(info.path, (), active))
-            sb.start(vm, incoming=None, timeout=timeout)
+            sb.new_identity()
         except BaseException:
             self._discard(sb)
             raise
         return sb
+
+    def warm(self, image: str = "minimal", *, memory_mb: int | None = None,
+             cpus: int | None = None, disk_size: int | None = None) -> str:
+        """Make sure ``image`` has a template for this shape; returns its checkpoint id."""
+        sb = self.create(image, memory_mb=memory_mb, cpus=cpus, disk_size=disk_size)
+        try:
+            cp = sb.parent_checkpoint or self._templates.local(self._template_key(
+                sb.base_digest, VMShape(sb.memory_mb, sb.cpus, self.host.machine_type,
+                                        self.host.accel, qemu=self.host.qemu_version,
+                                        disk_size=sb.disk_size)))
+        finally:
+            sb.destroy()
+        if cp is None:
+            raise CheckpointNotFound(f"template of {image}")
+        return cp
+
+    def _boot(self, spec: SandboxSpec, shape: VMShape, base: Path, sandbox_id: str | None,
+              timeout: float) -> Sandbox:
+        """Boot a new sandbox from its base image and grow its root filesystem."""
+        sb = self._register(sandbox_id, spec)
+        try:
+            active = sb.prepare((), self._host_boot())
+            boot = BootSpec(self.host.kernel.path, self.host.initrd.path)
+            vm = self._vm(sb, shape, boot, DiskChain(base, (), active))
+            sb.start(vm, incoming=None, timeout=timeout)
+            if spec.disk_size > spec.base_size:
+                sb.grow_root_fs()
+        except BaseException:
+            self._discard(sb)
+            raise
+        return sb
+
+    # ------------------------------------------------------------------
+    # templates
+    def _template_key(self, base_digest: str, shape: VMShape) -> TemplateKey:
+        return TemplateKey(base_digest, self.host.kernel.digest, self.host.initrd.digest,
+                           self.host.agent_digest, shape)
+
+    def _find_template(self, key: TemplateKey) -> Checkpoint | None:
+        """This worker's template for ``key``, else a verified published one."""
+        cp_id = self._templates.local(key)
+        if cp_id is not None:
+            try:
+                return self.checkpoints.get(cp_id)
+            except CheckpointNotFound:
+                self._templates.forget(key)
+        cp_id = self._templates.published(key)
+        if cp_id is None:
+            return None
+        try:
+            cp = self.resolve_checkpoint(cp_id)
+        except ForkyardError as exc:
+            log.warning("template %s: published checkpoint unusable: %s", key.digest[:12], exc)
+            return None
+        if not key.matches(cp):
+            log.warning("template %s: the store points at a checkpoint of another machine",
+                        key.digest[:12])
+            return None
+        return cp
+
+    def _fork_template(self, key: TemplateKey, sandbox_id: str | None,
+                       timeout: float) -> Sandbox | None:
+        cp = self._find_template(key)
+        if cp is None:
+            return None
+        try:
+            sb = self.fork(cp, sandbox_id=sandbox_id, timeout=timeout)
+        except (CheckpointError, IntegrityError, StoreError, VMError) as exc:
+            # a template is only a shortcut: a broken one costs a boot, not the create
+            log.warning("template %s unusable, booting instead: %s", key.digest[:12], exc)
+            self._templates.forget(key)
+            return None
+        self._templates.remember(key, cp.id)
+        return sb
+
+    def _make_template(self, sb: Sandbox, key: TemplateKey) -> None:
+        """Checkpoint a sandbox that has just booted as its image's template, and publish it.
+
+        The sandbox itself carries on; publishing runs in the background.
+        """
+        try:
+            cp = sb.checkpoint(name=f"template-{key.digest[:12]}")
+        except ForkyardError as exc:
+            log.warning("sandbox %s: no template made: %s", sb.id, exc)
+            return
+        sb.last_checkpoint = None  # the template is the worker's, not the user's checkpoint
+        self._templates.remember(key, cp.id)
+
+        def publish() -> None:
+            try:
+                self.publish(cp)
+                self._templates.publish(key, cp.id)
+            except ForkyardError as exc:
+                log.warning("template %s not published: %s", key.digest[:12], exc)
+
+        t = threading.Thread(target=publish, name=f"template-{key.digest[:12]}", daemon=True)
+        with self._lock:
+            self._background.append(t)
+        t.start()
+
+    def wait_background(self, timeout: float = 300.0) -> None:
+        """Wait for template publishes under way (tests, benchmarks, close)."""
+        with self._lock:
+            threads, self._background = self._background, []
+        for t in threads:
+            t.join(timeout)
 
     def fork(
         self,
@@ -223,6 +356,7 @@ class Worker:
         if self._closed:
             return
         self._closed = True
+        self.wait_background(timeout=60.0)
         for sb in self.list():
             with contextlib.suppress(Exception):
                 if sb.state is SandboxState.HIBERNATED:
@@ -400,4 +534,16 @@ class Worker:
 def _spec_of(cp: Checkpoint) -> SandboxSpec:
     m = cp.manifest
     return SandboxSpec(base_digest=m.base.digest, disk_size=m.vm.disk_size,
-                       memory_mb=m.vm.memory_mb, cpus=m.vm.cpus, parent=cp.id)
+                       memory_mb=m.vm.memory_mb, cpus=m.vm.cpus, parent=cp.id,
+                       base_size=m.base.size)
+
+
+def _disk_size(requested: int | None, base_size: int) -> int:
+    """The guest disk for an image of ``base_size`` bytes: whole MiB, never below the image."""
+    size = max(DEFAULT_DISK, base_size) if requested is None else requested
+    if size > MAX_DISK:
+        raise InsufficientCapacity(f"a disk of {size} bytes is over the limit of {MAX_DISK}",
+                                   resource="disk", limit=MAX_DISK)
+    if size < base_size:
+        raise ImageError(f"the image needs a disk of at least {base_size} bytes, not {size}")
+    return -(-size // (1 << 20)) << 20
