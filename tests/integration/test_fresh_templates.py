@@ -98,7 +98,7 @@ def test_create_disk_grows_the_root_filesystem_and_forks_keep_it(pair):
 
 
 def test_template_create_continues_from_the_template(pair):
-    a, _b, first, first_s = pair
+    a, _b, _first, first_s = pair
     t0 = time.monotonic()
     x = a.create("minimal")
     template_s = time.monotonic() - t0
@@ -159,7 +159,7 @@ def test_a_store_pointer_to_another_machine_is_not_used(pair, tmp_path):
 
 
 def test_guest_rejects_a_bad_identity(pair):
-    a, _b, first, _ = pair
+    _a, _b, first, _ = pair
     agent = first._agent
     with pytest.raises(GuestError):
         agent.set_identity(hostname="h" * 100, machine_id="0" * 32)

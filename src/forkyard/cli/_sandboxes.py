@@ -61,11 +61,20 @@ def create(
     = None,
     memory: Annotated[int | None, typer.Option("--memory", "-m", min=64, help="MiB.")] = None,
     cpus: Annotated[int | None, typer.Option("--cpus", min=1)] = None,
+    disk: Annotated[str | None, typer.Option("--disk", help="Disk size, e.g. 4G (thin).")]
+    = None,
+    cold: Annotated[bool, typer.Option("--cold", help="Boot, even if a template exists.")]
+    = False,
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
-    """Boot a new sandbox; prints its id."""
+    """Start a new sandbox (from the image's template, or booting it); prints its id."""
+    try:
+        size = None if disk is None else _ops.disk_bytes(disk)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--disk") from None
     http = connect(home, url, token)
-    info = http.call(_ops.create(image, worker, memory, cpus, _ops.BOOT_TIMEOUT))
+    info = http.call(_ops.create(image, worker, memory, cpus, _ops.BOOT_TIMEOUT,
+                                 disk=size, cold=cold))
     if json_:
         print_json(info.to_json())
     else:

@@ -45,7 +45,8 @@ class ControlPlane(Checkpoints, Hibernation):
             s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image_ref=req.image,
                              memory_mb=req.memory_mb, cpus=req.cpus, created=now, updated=now))
         try:
-            info = client.send(worker_api.create(sid, req.image, req.memory_mb, req.cpus))
+            info = client.send(worker_api.create(sid, req.image, req.memory_mb, req.cpus,
+                                                 disk=req.disk, cold=req.cold))
         except BaseException as exc:
             self._start_failed([sid], exc)
             raise

@@ -151,10 +151,13 @@ class AsyncSandbox:
         url: str | None = None,
         token: str | None = None,
         home: PathLike | None = None,
+        disk: int | str | None = None,
+        cold: bool = False,
         timeout: float | None = _ops.BOOT_TIMEOUT,
     ) -> AsyncSandbox:
         http = _http(url, token, home)
-        return cls(await http.call(_ops.create(image, worker, memory_mb, cpus, timeout)), http)
+        return cls(await http.call(_ops.create(image, worker, memory_mb, cpus, timeout,
+                                                disk=disk, cold=cold)), http)
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, url: str | None = None,

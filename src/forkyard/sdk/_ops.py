@@ -31,6 +31,7 @@ __all__ = [
     "checkpoint",
     "create",
     "delete_checkpoint",
+    "disk_bytes",
     "exec_",
     "fork",
     "get_checkpoint",
@@ -99,9 +100,30 @@ def list_workers() -> Call[list[WorkerInfo]]:
 
 
 def create(image: str, worker: str | None, memory_mb: int | None, cpus: int | None,
-           timeout: float | None) -> Call[SandboxInfo]:
-    body = {"image": image, "worker": worker, "memory_mb": memory_mb, "cpus": cpus}
+           timeout: float | None, *, disk: int | str | None = None,
+           cold: bool = False) -> Call[SandboxInfo]:
+    body: dict[str, Any] = {"image": image, "worker": worker, "memory_mb": memory_mb,
+                            "cpus": cpus}
+    if disk is not None:
+        body["disk"] = disk_bytes(disk)
+    if cold:
+        body["cold"] = True
     return Call("POST", "/v1/sandboxes", _sandbox, json=body, timeout=timeout)
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def disk_bytes(size: int | str) -> int:
+    """A disk size: bytes, or a string like ``4G``, ``512M``, ``4GiB`` (powers of 1024)."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _UNITS and not text[-1:].isdigit() else ""
+    number = text[: len(text) - len(unit)]
+    if not number.isdigit() or len(number) > 15:
+        raise ValueError(f"not a disk size: {size!r} (say e.g. 4G or 512M)")
+    return int(number) * _UNITS[unit]
 
 
 def list_sandboxes() -> Call[list[SandboxInfo]]:

@@ -183,14 +183,19 @@ class Sandbox:
         url: str | None = None,
         token: str | None = None,
         home: PathLike | None = None,
+        disk: int | str | None = None,
+        cold: bool = False,
         timeout: float | None = _ops.BOOT_TIMEOUT,
     ) -> Sandbox:
         """Boot a new sandbox and return once its guest answers.
 
         ``timeout`` bounds the wait for the boot (seconds, None = no limit).
+        ``disk`` is the guest's disk (bytes or e.g. ``"4G"``; thin); ``cold``
+        boots even when the image has a template to fork.
         """
         http = _http(url, token, home)
-        return cls(http.call(_ops.create(image, worker, memory_mb, cpus, timeout)), http)
+        return cls(http.call(_ops.create(image, worker, memory_mb, cpus, timeout,
+                                          disk=disk, cold=cold)), http)
 
     @classmethod
     def connect(cls, sandbox_id: str, *, url: str | None = None, token: str | None = None,

@@ -94,6 +94,10 @@ _ENV_SCHEMA: dict[str, Any] = {
 }
 
 
+# a sandbox disk (bytes): the image must fit, and a worker offers at most 1 TiB
+DISK_MIN = 1 << 20
+DISK_MAX = 1 << 40
+
 class CheckpointState(enum.StrEnum):
     LOCAL = "local"
     PUBLISHING = "publishing"
@@ -227,6 +231,8 @@ class CreateSandboxRequest(_Request):
     worker: WorkerName | None = None
     memory_mb: int | None = Field(default=None, ge=64, le=256 * 1024)
     cpus: int | None = Field(default=None, ge=1, le=64)
+    disk: int | None = Field(default=None, ge=DISK_MIN, le=DISK_MAX)  # bytes (thin)
+    cold: StrictBool = False  # boot even when the image has a template
 
 
 class ExecRequest(_Request):
@@ -386,6 +392,8 @@ class WorkerCreateRequest(_Request):
     memory_mb: int | None = Field(default=None, ge=64, le=256 * 1024)
     cpus: int | None = Field(default=None, ge=1, le=64)
     sandbox_id: str | None = Field(default=None, pattern=SANDBOX_ID_RE.pattern)
+    disk: int | None = Field(default=None, ge=DISK_MIN, le=DISK_MAX)
+    cold: StrictBool = False
 
 
 class WorkerCheckpointRequest(_Request):

@@ -93,9 +93,11 @@ class Node:
     # ------------------------------------------------------------------
     # sandbox operations that are more than one library call
     def create(self, image: str, *, memory_mb: int | None, cpus: int | None,
-               sandbox_id: str | None) -> WorkerSandbox:
+               sandbox_id: str | None, disk: int | None = None,
+               cold: bool = False) -> WorkerSandbox:
         with self.capacity.slot():
-            sb = self.worker.create(image, memory_mb=memory_mb, cpus=cpus, sandbox_id=sandbox_id)
+            sb = self.worker.create(image, memory_mb=memory_mb, cpus=cpus, sandbox_id=sandbox_id,
+                                    disk_size=disk, cold=cold)
         return sandbox_json(sb)
 
     def fork(self, checkpoint_id: str, sandbox_id: str | None) -> WorkerSandbox:
