@@ -12,8 +12,8 @@ from forkyard.sdk._ops import disk_bytes
 from forkyard.store import open_store
 from forkyard.vm.shape import VMShape
 from forkyard.wire.models import CreateSandboxRequest, WorkerCreateRequest
+from forkyard.worker._record import DEFAULT_DISK, MAX_DISK, disk_size_for
 from forkyard.worker._templates import TemplateIndex, TemplateKey
-from forkyard.worker._worker import DEFAULT_DISK, MAX_DISK, _disk_size
 
 SHAPE = VMShape(256, 1, "pc-q35-7.2", "tcg", qemu="7.2.22", disk_size=4 << 30)
 KEY = TemplateKey("b" * 64, "k" * 64, "i" * 64, "a" * 64, SHAPE)
@@ -52,13 +52,13 @@ def test_pointers_round_trip_locally_and_through_the_store(tmp_path):
 
 def test_disk_sizes():
     base = 110 << 20
-    assert _disk_size(None, base) == DEFAULT_DISK
-    assert _disk_size(None, 8 << 30) == 8 << 30  # an image bigger than the default
-    assert _disk_size((4 << 30) + 1, base) == (4 << 30) + (1 << 20)  # whole MiB
+    assert disk_size_for(None, base) == DEFAULT_DISK
+    assert disk_size_for(None, 8 << 30) == 8 << 30  # an image bigger than the default
+    assert disk_size_for((4 << 30) + 1, base) == (4 << 30) + (1 << 20)  # whole MiB
     with pytest.raises(ImageError):
-        _disk_size(base - 1, base)
+        disk_size_for(base - 1, base)
     with pytest.raises(InsufficientCapacity):
-        _disk_size(MAX_DISK + 1, base)
+        disk_size_for(MAX_DISK + 1, base)
 
 
 @pytest.mark.parametrize(("text", "size"), [

@@ -18,17 +18,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from forkyard._fs import atomic_write_bytes
 from forkyard.checkpoint import Checkpoint
-from forkyard.errors import ObjectNotFound, StoreError
+from forkyard.checkpoint.local import LocalCheckpoints
+from forkyard.errors import CheckpointNotFound, ForkyardError, ObjectNotFound, StoreError
 from forkyard.store import ObjectStore
 from forkyard.vm.shape import VMShape
+from forkyard.worker._sandbox import Sandbox
 
-__all__ = ["TemplateIndex", "TemplateKey"]
+__all__ = ["TemplateIndex", "TemplateKey", "Templates"]
+
+log = logging.getLogger("forkyard.worker")
 
 _CHECKPOINT_ID = re.compile(r"^[0-9a-f]{64}$")
 _FORMAT = 1  # bump when what a key covers changes
@@ -112,3 +119,70 @@ def _store_key(key: TemplateKey) -> str:
 def _checkpoint_id(raw: bytes) -> str | None:
     text = raw.decode("ascii", "replace").strip()
     return text if _CHECKPOINT_ID.match(text) else None
+
+
+class Templates:
+    """Finding a usable template, and making one of a sandbox that has just booted."""
+
+    def __init__(self, index: TemplateIndex, checkpoints: LocalCheckpoints, *,
+                 resolve: Callable[[str], Checkpoint],
+                 publish: Callable[[Checkpoint], object]) -> None:
+        self.index = index
+        self._checkpoints = checkpoints
+        self._resolve = resolve  # a local checkpoint, or a published one (verified manifest)
+        self._publish = publish
+        self._lock = threading.Lock()
+        self._background: list[threading.Thread] = []
+
+    def find(self, key: TemplateKey) -> Checkpoint | None:
+        """This worker's template for ``key``, else a verified published one."""
+        cp_id = self.index.local(key)
+        if cp_id is not None:
+            try:
+                return self._checkpoints.get(cp_id)
+            except CheckpointNotFound:
+                self.index.forget(key)
+        cp_id = self.index.published(key)
+        if cp_id is None:
+            return None
+        try:
+            cp = self._resolve(cp_id)
+        except ForkyardError as exc:
+            log.warning("template %s: published checkpoint unusable: %s", key.digest[:12], exc)
+            return None
+        if not key.matches(cp):
+            log.warning("template %s: the store points at a checkpoint of another machine",
+                        key.digest[:12])
+            return None
+        return cp
+
+    def capture(self, sb: Sandbox, key: TemplateKey) -> None:
+        """Checkpoint ``sb`` (just booted) as the template of ``key``; publish it meanwhile.
+
+        The sandbox itself carries on; a failure only costs the template.
+        """
+        try:
+            cp = sb.checkpoint(name=f"template-{key.digest[:12]}")
+        except ForkyardError as exc:
+            log.warning("sandbox %s: no template made: %s", sb.id, exc)
+            return
+        sb.last_checkpoint = None  # the template is the worker's, not the user's checkpoint
+        self.index.remember(key, cp.id)
+
+        def publish() -> None:
+            try:
+                self._publish(cp)
+                self.index.publish(key, cp.id)
+            except ForkyardError as exc:
+                log.warning("template %s not published: %s", key.digest[:12], exc)
+
+        t = threading.Thread(target=publish, name=f"template-{key.digest[:12]}", daemon=True)
+        with self._lock:
+            self._background.append(t)
+        t.start()
+
+    def wait(self, timeout: float) -> None:
+        with self._lock:
+            threads, self._background = self._background, []
+        for t in threads:
+            t.join(timeout)

@@ -31,10 +31,7 @@ from forkyard.config import Home
 from forkyard.errors import (
     CheckpointError,
     CheckpointNotFound,
-    ForkyardError,
-    ImageError,
     ImageNotFound,
-    InsufficientCapacity,
     IntegrityError,
     SandboxNotFound,
     SandboxStateError,
@@ -50,18 +47,15 @@ from forkyard.wire.ids import new_sandbox_id
 from forkyard.worker._compat import check_compatible
 from forkyard.worker._home import hibernated_records, keep_logs, lock_home
 from forkyard.worker._parts import PartFetcher
-from forkyard.worker._record import SandboxSpec
+from forkyard.worker._record import SandboxSpec, disk_size_for
 from forkyard.worker._sandbox import Chain, Sandbox, SandboxState
 from forkyard.worker._stream import StateStream
-from forkyard.worker._templates import TemplateIndex, TemplateKey
+from forkyard.worker._templates import TemplateIndex, TemplateKey, Templates
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("forkyard.worker")
 BUILTIN_IMAGES = {"minimal": MinimalSource}
-GIB = 1 << 30
-DEFAULT_DISK = 4 * GIB  # thin: only what the guest writes takes host space
-MAX_DISK = 1024 * GIB
 _BOOT_TIMEOUT = 180.0  # a TCG boot is ~3 s, but CI machines are shared and slow
 
 
@@ -102,8 +96,9 @@ class Worker:
         self._lock = threading.Lock()
         self._image_lock = threading.Lock()
         self._closed = False
-        self._templates = TemplateIndex(self.home.root / "templates", self.store)
-        self._background: builtins.list[threading.Thread] = []
+        self._templates = Templates(TemplateIndex(self.home.root / "templates", self.store),
+                                    self.checkpoints, resolve=self.resolve_checkpoint,
+                                    publish=self.publish)
         self._revive_hibernated()
         for f in (self.host.kernel, self.host.initrd):
             self.blobs.add_local(f.digest, f.path, verify=False, link=True)
@@ -147,7 +142,7 @@ class Worker:
         self._check_open()
         info = self.image(image)
         settings = self.home.settings()
-        disk = _disk_size(disk_size, info.size)
+        disk = disk_size_for(disk_size, info.size)
         spec = SandboxSpec(base_digest=info.digest, disk_size=disk, base_size=info.size,
                            memory_mb=memory_mb or settings.memory_mb,
                            cpus=cpus or settings.cpus, parent=None)
@@ -158,7 +153,7 @@ class Worker:
         if sb is None:
             sb = self._boot(spec, shape, info.path, sandbox_id, timeout)
             if not cold:
-                self._make_template(sb, key)
+                self._templates.capture(sb, key)
         try:
             sb.new_identity()
         except BaseException:
@@ -171,7 +166,7 @@ class Worker:
         """Make sure ``image`` has a template for this shape; returns its checkpoint id."""
         sb = self.create(image, memory_mb=memory_mb, cpus=cpus, disk_size=disk_size)
         try:
-            cp = sb.parent_checkpoint or self._templates.local(self._template_key(
+            cp = sb.parent_checkpoint or self._templates.index.local(self._template_key(
                 sb.base_digest, VMShape(sb.memory_mb, sb.cpus, self.host.machine_type,
                                         self.host.accel, qemu=self.host.qemu_version,
                                         disk_size=sb.disk_size)))
@@ -203,31 +198,9 @@ class Worker:
         return TemplateKey(base_digest, self.host.kernel.digest, self.host.initrd.digest,
                            self.host.agent_digest, shape)
 
-    def _find_template(self, key: TemplateKey) -> Checkpoint | None:
-        """This worker's template for ``key``, else a verified published one."""
-        cp_id = self._templates.local(key)
-        if cp_id is not None:
-            try:
-                return self.checkpoints.get(cp_id)
-            except CheckpointNotFound:
-                self._templates.forget(key)
-        cp_id = self._templates.published(key)
-        if cp_id is None:
-            return None
-        try:
-            cp = self.resolve_checkpoint(cp_id)
-        except ForkyardError as exc:
-            log.warning("template %s: published checkpoint unusable: %s", key.digest[:12], exc)
-            return None
-        if not key.matches(cp):
-            log.warning("template %s: the store points at a checkpoint of another machine",
-                        key.digest[:12])
-            return None
-        return cp
-
     def _fork_template(self, key: TemplateKey, sandbox_id: str | None,
                        timeout: float) -> Sandbox | None:
-        cp = self._find_template(key)
+        cp = self._templates.find(key)
         if cp is None:
             return None
         try:
@@ -235,42 +208,14 @@ class Worker:
         except (CheckpointError, IntegrityError, StoreError, VMError) as exc:
             # a template is only a shortcut: a broken one costs a boot, not the create
             log.warning("template %s unusable, booting instead: %s", key.digest[:12], exc)
-            self._templates.forget(key)
+            self._templates.index.forget(key)
             return None
-        self._templates.remember(key, cp.id)
+        self._templates.index.remember(key, cp.id)
         return sb
-
-    def _make_template(self, sb: Sandbox, key: TemplateKey) -> None:
-        """Checkpoint a sandbox that has just booted as its image's template, and publish it.
-
-        The sandbox itself carries on; publishing runs in the background.
-        """
-        try:
-            cp = sb.checkpoint(name=f"template-{key.digest[:12]}")
-        except ForkyardError as exc:
-            log.warning("sandbox %s: no template made: %s", sb.id, exc)
-            return
-        sb.last_checkpoint = None  # the template is the worker's, not the user's checkpoint
-        self._templates.remember(key, cp.id)
-
-        def publish() -> None:
-            try:
-                self.publish(cp)
-                self._templates.publish(key, cp.id)
-            except ForkyardError as exc:
-                log.warning("template %s not published: %s", key.digest[:12], exc)
-
-        t = threading.Thread(target=publish, name=f"template-{key.digest[:12]}", daemon=True)
-        with self._lock:
-            self._background.append(t)
-        t.start()
 
     def wait_background(self, timeout: float = 300.0) -> None:
         """Wait for template publishes under way (tests, benchmarks, close)."""
-        with self._lock:
-            threads, self._background = self._background, []
-        for t in threads:
-            t.join(timeout)
+        self._templates.wait(timeout)
 
     def fork(
         self,
@@ -537,13 +482,3 @@ def _spec_of(cp: Checkpoint) -> SandboxSpec:
                        memory_mb=m.vm.memory_mb, cpus=m.vm.cpus, parent=cp.id,
                        base_size=m.base.size)
 
-
-def _disk_size(requested: int | None, base_size: int) -> int:
-    """The guest disk for an image of ``base_size`` bytes: whole MiB, never below the image."""
-    size = max(DEFAULT_DISK, base_size) if requested is None else requested
-    if size > MAX_DISK:
-        raise InsufficientCapacity(f"a disk of {size} bytes is over the limit of {MAX_DISK}",
-                                   resource="disk", limit=MAX_DISK)
-    if size < base_size:
-        raise ImageError(f"the image needs a disk of at least {base_size} bytes, not {size}")
-    return -(-size // (1 << 20)) << 20
