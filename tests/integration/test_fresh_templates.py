@@ -136,6 +136,7 @@ def test_a_worker_that_never_booted_the_image_fetches_the_template(pair):
         assert sb.parent_checkpoint == ref.parent_checkpoint is not None
         assert sb.exec(BOOT_LOG).stdout == ref.exec(BOOT_LOG).stdout
         assert sb.exec("hostname").stdout.strip() == sb.id
+        assert b.warm("minimal") == sb.parent_checkpoint  # `forkyard image warm`
     finally:
         sb.destroy()
         ref.destroy()
@@ -145,15 +146,17 @@ def test_a_store_pointer_to_another_machine_is_not_used(pair, tmp_path):
     """The store is untrusted: a template pointer naming a checkpoint of another
     shape must not be forked for this one (the worker boots instead)."""
     from forkyard.worker import Worker
+    from forkyard.worker._record import SandboxSpec
 
     a, _b, first, _ = pair
     other = first.checkpoint(name="not-a-template")  # a real, published checkpoint...
     a.publish(other)
     w = Worker(tmp_path / "c", name="c", store=a.store)
     try:
-        info = w.image("minimal")
-        key = w._template_key(info.digest, _shape(w, 2 * GIB))  # ...of a 4 GiB disk
-        w._templates.publish(key, other.id)
+        info, s = w.image("minimal"), w.home.settings()
+        spec = SandboxSpec(info.digest, 2 * GIB, s.memory_mb, s.cpus, None, info.size)
+        key = w._template_key(info.digest, w._shape(spec))  # ...of a 4 GiB disk
+        w._templates.index.publish(key, other.id)
         sb = w.create("minimal", disk_size=2 * GIB)
         try:
             assert sb.parent_checkpoint is None  # booted
@@ -192,10 +195,3 @@ def test_v1_checkpoints_of_an_image_sized_disk_still_fork(pair):
     finally:
         sb.destroy()
 
-
-def _shape(w, disk: int):
-    from forkyard.vm.shape import VMShape
-
-    s = w.home.settings()
-    return VMShape(s.memory_mb, s.cpus, w.host.machine_type, w.host.accel,
-                   qemu=w.host.qemu_version, disk_size=disk)

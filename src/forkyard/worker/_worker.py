@@ -146,8 +146,7 @@ class Worker:
         spec = SandboxSpec(base_digest=info.digest, disk_size=disk, base_size=info.size,
                            memory_mb=memory_mb or settings.memory_mb,
                            cpus=cpus or settings.cpus, parent=None)
-        shape = VMShape(spec.memory_mb, spec.cpus, self.host.machine_type, self.host.accel,
-                        qemu=self.host.qemu_version, disk_size=disk)
+        shape = self._shape(spec)
         key = self._template_key(info.digest, shape)
         sb = None if cold else self._fork_template(key, sandbox_id, timeout)
         if sb is None:
@@ -163,16 +162,12 @@ class Worker:
 
     def warm(self, image: str = "minimal", *, memory_mb: int | None = None,
              cpus: int | None = None, disk_size: int | None = None) -> str:
-        """Make sure ``image`` has a template for this shape; returns its checkpoint id."""
+        """Make sure ``image`` has a template for this shape (published); its checkpoint id."""
         sb = self.create(image, memory_mb=memory_mb, cpus=cpus, disk_size=disk_size)
-        try:
-            cp = sb.parent_checkpoint or self._templates.index.local(self._template_key(
-                sb.base_digest, VMShape(sb.memory_mb, sb.cpus, self.host.machine_type,
-                                        self.host.accel, qemu=self.host.qemu_version,
-                                        disk_size=sb.disk_size)))
-        finally:
-            sb.destroy()
-        if cp is None:
+        sb.destroy()
+        self.wait_background()
+        cp = self._templates.index.local(self._template_key(sb.base_digest, self._shape(sb.spec)))
+        if cp is None:  # the boot's checkpoint failed (logged): the create booted
             raise CheckpointNotFound(f"template of {image}")
         return cp
 
@@ -194,6 +189,11 @@ class Worker:
 
     # ------------------------------------------------------------------
     # templates
+    def _shape(self, spec: SandboxSpec) -> VMShape:
+        """The machine a new sandbox of ``spec`` boots as on this host."""
+        return VMShape(spec.memory_mb, spec.cpus, self.host.machine_type, self.host.accel,
+                       qemu=self.host.qemu_version, disk_size=spec.disk_size)
+
     def _template_key(self, base_digest: str, shape: VMShape) -> TemplateKey:
         return TemplateKey(base_digest, self.host.kernel.digest, self.host.initrd.digest,
                            self.host.agent_digest, shape)
