@@ -81,3 +81,13 @@ def test_create_requests_bound_the_disk(model):
     for bad in ({"disk": 1}, {"disk": (1 << 40) + 1}, {"cold": "yes"}, {"cold": 1}):
         with pytest.raises(ValidationError):
             model.model_validate(bad)
+
+
+def test_sdk_create_sends_disk_and_cold_only_when_asked():
+    from forkyard.sdk import _ops
+
+    plain = _ops.create("minimal", None, None, None, 10.0)
+    assert "disk" not in plain.json and "cold" not in plain.json
+    call = _ops.create("minimal", None, None, None, 10.0, disk="4G", cold=True)
+    assert call.json["disk"] == 4 << 30 and call.json["cold"] is True
+    CreateSandboxRequest.model_validate(call.json)  # what the control plane accepts
