@@ -24,6 +24,7 @@ KEY = TemplateKey("b" * 64, "k" * 64, "i" * 64, "a" * 64, SHAPE)
     {"agent_digest": "x" * 64}, {"shape": replace(SHAPE, disk_size=2 << 30)},
     {"shape": replace(SHAPE, memory_mb=512)}, {"shape": replace(SHAPE, cpus=2)},
     {"shape": replace(SHAPE, qemu="8.0.0")}, {"shape": replace(SHAPE, devices="forkyard-v9")},
+    {"cmdline": "console=ttyS0"},
 ])
 def test_every_input_of_a_template_changes_its_key(change):
     assert replace(KEY, **change).digest != KEY.digest

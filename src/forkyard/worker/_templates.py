@@ -30,7 +30,7 @@ from forkyard.checkpoint import Checkpoint
 from forkyard.checkpoint.local import LocalCheckpoints
 from forkyard.errors import CheckpointNotFound, ForkyardError, ObjectNotFound, StoreError
 from forkyard.store import ObjectStore
-from forkyard.vm.shape import VMShape
+from forkyard.vm.shape import DEFAULT_CMDLINE, VMShape
 from forkyard.worker._sandbox import Sandbox
 
 __all__ = ["TemplateIndex", "TemplateKey", "Templates"]
@@ -50,6 +50,7 @@ class TemplateKey:
     initrd_digest: str
     agent_digest: str
     shape: VMShape
+    cmdline: str = DEFAULT_CMDLINE
 
     @property
     def digest(self) -> str:
@@ -60,18 +61,31 @@ class TemplateKey:
             "kernel": self.kernel_digest,
             "initrd": self.initrd_digest,
             "agent": self.agent_digest,
+            "cmdline": self.cmdline,
             "vm": {"memory_mb": s.memory_mb, "cpus": s.cpus, "machine": s.machine,
                    "accel": s.accel, "cpu": s.cpu, "devices": s.devices, "qemu": s.qemu,
                    "disk_size": s.disk_size},
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
+    @property
+    def checkpoint_name(self) -> str:
+        return f"template-{self.digest[:12]}"
+
     def matches(self, cp: Checkpoint) -> bool:
-        """Whether ``cp`` really is a machine of this key (a store pointer may lie)."""
+        """Whether ``cp`` really is a machine of this key (a store pointer may lie).
+
+        Besides the machine, it must be shaped like a template: named for this
+        key, of a sandbox that booted (no parent) and had written one layer.
+        Anyone who can write the store could still forge such a checkpoint; the
+        store's write access is the trust boundary here, as for any pointer.
+        """
         m = cp.manifest
         v, s = m.vm, self.shape
         return (
-            m.base.digest == self.base_digest
+            m.name == self.checkpoint_name and m.parent is None and not m.layers[:-1]
+            and m.base.digest == self.base_digest
+            and m.boot.cmdline == self.cmdline
             and m.boot.kernel.digest == self.kernel_digest
             and m.boot.initrd.digest == self.initrd_digest
             and (v.memory_mb, v.cpus, v.machine, v.accel, v.cpu, v.devices, v.disk_size)
@@ -162,7 +176,7 @@ class Templates:
         The sandbox itself carries on; a failure only costs the template.
         """
         try:
-            cp = sb.checkpoint(name=f"template-{key.digest[:12]}")
+            cp = sb.checkpoint(name=key.checkpoint_name)
         except ForkyardError as exc:
             log.warning("sandbox %s: no template made: %s", sb.id, exc)
             return

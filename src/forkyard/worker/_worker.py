@@ -196,7 +196,7 @@ class Worker:
 
     def _template_key(self, base_digest: str, shape: VMShape) -> TemplateKey:
         return TemplateKey(base_digest, self.host.kernel.digest, self.host.initrd.digest,
-                           self.host.agent_digest, shape)
+                           self.host.agent_digest, shape, self._host_boot().cmdline)
 
     def _fork_template(self, key: TemplateKey, sandbox_id: str | None,
                        timeout: float) -> Sandbox | None:
@@ -210,7 +210,8 @@ class Worker:
             log.warning("template %s unusable, booting instead: %s", key.digest[:12], exc)
             self._templates.index.forget(key)
             return None
-        self._templates.index.remember(key, cp.id)
+        if self._templates.index.local(key) != cp.id:  # fetched: next time it is local
+            self._templates.index.remember(key, cp.id)
         return sb
 
     def wait_background(self, timeout: float = 300.0) -> None:
