@@ -157,7 +157,7 @@ class Registry:
                     destroy.append(sb.id)
             elif row.state == S.RUNNING and sb.state in (S.FAILED, S.STOPPED):
                 move(row, sb.state)
-                row.error = f"the VM stopped on worker {name} (it reports {sb.state})"
+                row.error = sb.error or f"the VM stopped on worker {name} (it reports {sb.state})"
             elif row.state == S.LOST and sb.state == S.RUNNING:
                 # the worker only missed heartbeats; its VM kept running
                 move(row, S.RUNNING)

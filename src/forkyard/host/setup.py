@@ -29,6 +29,7 @@ from forkyard.host.accel import detect_accel
 from forkyard.host.agent import build_agent
 from forkyard.host.initramfs import build_initramfs
 from forkyard.host.kernel import fetch_kernel
+from forkyard.host.vmuser import ensure_vm_ids
 from forkyard.tools import apt, mkfs, qemu_system
 
 __all__ = ["PACKAGES", "BootFile", "HostInfo", "cache_dir", "ensure_host", "load_host"]
@@ -140,6 +141,7 @@ def ensure_host(
             return info
         if install:
             apt.ensure_installed(PACKAGES, log=say)
+        ensure_vm_ids()  # confinement: the uid range confined QEMUs run as is nobody's
         for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs", "gcc"):
             require_tool(tool)
         shared = cache_dir()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from forkyard.vm.disks import DiskChain
+from forkyard.vm.disks import DiskChain, Opener
 from forkyard.vm.shape import BootSpec, VMShape
 
 __all__ = ["machine_args", "qemu_argv", "standalone_argv"]
@@ -34,8 +34,15 @@ def machine_args(shape: VMShape, *, tb_size: bool = True) -> list[str]:
 
 def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top_node: str,
               qmp_fd: int, console_fd: int | None, agent_socket: Path, incoming: bool,
-              paused: bool = False) -> list[str]:
-    """The command line of one forkyard VM (see ``QemuVM.launch``)."""
+              paused: bool = False, opener: Opener | None = None,
+              agent_chardev: str | None = None) -> list[str]:
+    """The command line of one forkyard VM (see ``QemuVM.launch``).
+
+    A confined QEMU (``vm.jail``) gets its files as fds: ``opener`` names each
+    disk file and ``agent_chardev`` is the agent socket's chardev options; the
+    jail's own arguments (seccomp, ``-add-fd``) are appended by the caller.
+    """
+    agent = agent_chardev or f"path={agent_socket},server=on,wait=off"
     return [
         "qemu-system-x86_64",
         "-name", f"forkyard-{name},debug-threads=on",
@@ -51,8 +58,8 @@ def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top
         # without one (an argv only shown, never run) it goes nowhere
         "-chardev", (f"socket,id=console,fd={console_fd}" if console_fd is not None
                      else "null,id=console"),
-        "-blockdev", json.dumps(disk.blockdev(top_node)),
-        "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
+        "-blockdev", json.dumps(disk.blockdev(top_node, opener)),
+        "-chardev", f"socket,id=agent,{agent}",
         *shape.profile.args({"console": "console", "disk": top_node, "agent": "agent"}),
         *(["-incoming", "defer"] if incoming else []),
         *(["-S"] if paused else []),

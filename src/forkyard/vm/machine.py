@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import enum
 import json
+import logging
 import os
 import signal
 import socket
@@ -26,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from forkyard.errors import VMError
-from forkyard.vm._spawn import spawn
+from forkyard.vm import jail
 from forkyard.vm.cmdline import qemu_argv
 from forkyard.vm.console import ConsoleRing, file_tail, ring_tail
 from forkyard.vm.devices import DEVICE_PROFILE
-from forkyard.vm.disks import DiskChain, qcow2_top_node
-from forkyard.vm.qmp import QMP
+from forkyard.vm.disks import DiskChain, Opener, qcow2_top_node
+from forkyard.vm.jail import Jail, PlainFiles, VMFiles
+from forkyard.vm.qmp import QMP, Event, io_error_reason
 from forkyard.vm.shape import DEFAULT_CMDLINE, BootSpec, VMShape
 
 __all__ = [
@@ -45,6 +47,8 @@ __all__ = [
     "kill_all",
     "live_vms",
 ]
+
+log = logging.getLogger("forkyard.vm")
 
 _MIGRATION_BANDWIDTH = 64 * 1024**3  # bytes/s: effectively unlimited (default cap is slow)
 
@@ -89,6 +93,14 @@ class QemuVM:
     _next_node: int = 1
     console_cap: int | None = None  # bytes of console kept on disk; None: console.default_cap()
     _console: ConsoleRing | None = field(default=None, repr=False)
+    # jail QEMU (vm/jail.py); False only to measure what confinement costs
+    confine: bool = True
+    # called (from a helper thread) when a guest disk write failed on the host;
+    # the VM is killed right after and ``fault`` keeps the reason
+    on_fault: Callable[[str], None] | None = field(default=None, repr=False)
+    fault: str | None = None
+    _files: VMFiles = field(default_factory=PlainFiles, repr=False)
+    _jail: Jail | None = field(default=None, repr=False)
 
     def __hash__(self) -> int:
         return id(self)
@@ -107,10 +119,18 @@ class QemuVM:
 
     # ------------------------------------------------------------------
     def argv(self, *, incoming: bool, qmp_fd: int, paused: bool = False,
-             console_fd: int | None = None) -> list[str]:
-        return qemu_argv(name=self.name, shape=self.shape, boot=self.boot, disk=self.disk,
+             console_fd: int | None = None, files: VMFiles | None = None) -> list[str]:
+        f = files or PlainFiles()  # a jail's files are fds, not paths
+
+        def opener(path: Path, writable: bool) -> str:
+            return f.disk(path, writable=writable)
+
+        argv = qemu_argv(name=self.name, shape=self.shape, boot=self.boot, disk=self.disk,
                          top_node=self.top_node, qmp_fd=qmp_fd, console_fd=console_fd,
-                         agent_socket=self.agent_socket, incoming=incoming, paused=paused)
+                         agent_socket=self.agent_socket, incoming=incoming, paused=paused,
+                         opener=opener, agent_chardev=f.agent(self.agent_socket))
+        # after the rendering: the jail's -add-fd list grows as the opener is called
+        return argv + f.args()
 
     def launch(self, *, incoming_state: Path | int | None = None, timeout: float = 60.0,
                run: bool = True, loadvm: str | None = None,
@@ -143,14 +163,20 @@ class QemuVM:
             self.agent_socket.unlink()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         console = self._console = ConsoleRing(self.console_path, self.console_cap)
+        self._files = files = jail.files_for(self.confine)  # fds, not paths, when jailed
         try:
             argv = self.argv(incoming=incoming_state is not None, qmp_fd=theirs.fileno(),
-                             paused=not run, console_fd=console.qemu_fd())
+                             paused=not run, console_fd=console.qemu_fd(), files=files)
             if loadvm is not None:
                 argv += ["-loadvm", loadvm]
             (self.workdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1))
-            self._proc = spawn(argv, pass_fds=[theirs.fileno(), console.qemu_fd()],
-                               log=self.log_path, cwd=self.workdir)
+            # uid, namespaces, cgroup, rlimits (vm/jail.py)
+            self._proc, self._jail = jail.start(
+                argv, files, name=self.name, memory_mb=self.shape.memory_mb,
+                cpus=self.shape.cpus, accel=self.shape.accel,
+                boot_files=(self.boot.kernel, self.boot.initrd), active=self.disk.active,
+                pass_fds=(theirs.fileno(), console.qemu_fd()), log=self.log_path,
+                cwd=self.workdir)
         except BaseException:
             ours.close()
             console.close()
@@ -158,11 +184,13 @@ class QemuVM:
             raise
         finally:
             theirs.close()
+            files.handed_over()  # QEMU has its copies (or never will)
         console.start()
         with _live_lock:
             _live.add(self)
         try:
             self._qmp = QMP(ours, self.name)
+            self._qmp.watch(self._on_event)  # host-side disk faults (issue 9 item 6)
             self._qmp.connect(timeout=timeout)
             self._qmp.execute("migrate-set-parameters",
                               {"max-bandwidth": _MIGRATION_BANDWIDTH})
@@ -246,7 +274,7 @@ class QemuVM:
         """
         qmp = self._require_qmp()
         node = f"top{self._next_node}"
-        qmp.execute("blockdev-add", qcow2_top_node(node, new_active))
+        qmp.execute("blockdev-add", qcow2_top_node(node, new_active, self._late_opener(qmp)))
         qmp.execute("blockdev-snapshot", {"node": self.top_node, "overlay": node})
         frozen = self.disk.active
         self.disk = DiskChain(self.disk.base, (*self.disk.layers, frozen), new_active)
@@ -264,7 +292,13 @@ class QemuVM:
         if self.state is not VMState.PAUSED or self.disk.base is not None:
             raise VMError(f"{self.name}: can only attach a chain to a paused VM without one")
         qmp = self._require_qmp()
-        chain = DiskChain(base, layers, self.disk.active).blockdev(self.top_node)["backing"]
+        late = self._late_opener(qmp)
+        active = self.disk.active  # already open: only the chain below it is new
+
+        def opener(path: Path, writable: bool) -> str:
+            return str(path) if path == active else late(path, writable)
+
+        chain = DiskChain(base, layers, active).blockdev(self.top_node, opener)["backing"]
         qmp.execute("blockdev-add", chain)
         qmp.execute("blockdev-reopen", {"options": [{
             "driver": "qcow2",
@@ -273,6 +307,36 @@ class QemuVM:
             "backing": chain["node-name"],
         }]})
         self.disk = DiskChain(base, layers, self.disk.active)
+
+    def _late_opener(self, qmp: QMP) -> Opener:
+        """Files opened after start reach a jailed QEMU as fds over QMP."""
+        files = self._files
+
+        def opener(path: Path, writable: bool) -> str:
+            return files.late_disk(qmp, path, writable=writable)
+
+        return opener
+
+    def _on_event(self, event: Event) -> None:
+        """QMP loop thread: a host-side disk failure fails the VM (not a silent pause)."""
+        reason = io_error_reason(event)
+        if reason is None or self.fault is not None:
+            return
+        self.fault = reason
+        log.error("%s: %s; stopping the VM", self.name, self.fault)
+        threading.Thread(target=self._fail_on_fault, name=f"fault-{self.name}",
+                         daemon=True).start()
+
+    def _fail_on_fault(self) -> None:
+        self.state = VMState.FAILED
+        if self.on_fault is not None and self.fault is not None:
+            self.on_fault(self.fault)
+        self.kill()
+
+    def _release_jail(self) -> None:
+        held, self._jail = self._jail, None
+        if held is not None:
+            held.release()
 
     def set_parent_marker(self, marker: str) -> None:
         """Rewrite the active layer's recorded backing name (see checkpoint.qcow2)."""
@@ -331,6 +395,8 @@ class QemuVM:
         if self._console is not None:
             self._console.close()
             self._console = None
+        if self._proc is not None and self._proc.poll() is not None:
+            self._release_jail()  # the cgroup can go once QEMU is gone
         if self.state is not VMState.FAILED:
             self.state = VMState.STOPPED
         with contextlib.suppress(FileNotFoundError):

@@ -21,9 +21,20 @@ from qemu.qmp.qmp_client import ExecuteError
 from forkyard.errors import VMError
 from forkyard.vm._loop import run_sync
 
-__all__ = ["QMP", "QMPCommandError"]
+__all__ = ["QMP", "QMPCommandError", "io_error_reason"]
 
 Event = dict[str, Any]
+
+
+def io_error_reason(event: dict[str, Any]) -> str | None:
+    """What a ``BLOCK_IO_ERROR`` event says went wrong on the host; None for other events."""
+    if event.get("event") != "BLOCK_IO_ERROR":
+        return None
+    data = event.get("data") or {}
+    why = str(data.get("reason") or "I/O error")
+    if data.get("nospace"):
+        why += " (the host's filesystem is full)"
+    return f"guest disk {data.get('operation', 'access')} failed on the host: {why}"
 
 
 class QMPCommandError(VMError):
@@ -44,6 +55,14 @@ class QMP:
         self._events: list[Event] = []
         self._cond = threading.Condition()
         self._pump: asyncio.Task[None] | None = None
+        self._watchers: list[Callable[[Event], None]] = []
+
+    def watch(self, callback: Callable[[Event], None]) -> None:
+        """Call ``callback(event)`` for every event, on the QMP loop thread.
+
+        It must not block nor call back into QMP (hand work to a thread).
+        """
+        self._watchers.append(callback)
 
     def connect(self, timeout: float = 30.0) -> None:
         async def go() -> None:
@@ -60,9 +79,12 @@ class QMP:
     async def _collect(self) -> None:
         with self._client.listener() as listener:
             async for event in listener:
+                ev = cast(Event, dict(event))
                 with self._cond:
-                    self._events.append(cast(Event, dict(event)))
+                    self._events.append(ev)
                     self._cond.notify_all()
+                for callback in self._watchers:
+                    callback(ev)
 
     def execute(self, command: str, args: dict[str, Any] | None = None, *,
                 timeout: float = 60.0) -> Any:
@@ -93,6 +115,21 @@ class QMP:
             run_sync(go(), 30.0)
         except ExecuteError as exc:
             raise QMPCommandError("getfd", exc.error_class, str(exc)) from exc
+        except (QMPError, OSError, EOFError, TimeoutError) as exc:
+            raise VMError(f"{self._name}: passing a file descriptor failed: {exc!r}") from exc
+
+    def add_fd(self, fd: int, fdset_id: int) -> None:
+        """Put ``fd`` into QEMU's fd set ``fdset_id`` (QMP ``add-fd``): a file it
+        then opens as ``/dev/fdset/<id>`` without any access to its path."""
+
+        async def go() -> None:
+            self._client.send_fd_scm(fd)
+            await self._client.execute("add-fd", {"fdset-id": fdset_id})
+
+        try:
+            run_sync(go(), 30.0)
+        except ExecuteError as exc:
+            raise QMPCommandError("add-fd", exc.error_class, str(exc)) from exc
         except (QMPError, OSError, EOFError, TimeoutError) as exc:
             raise VMError(f"{self._name}: passing a file descriptor failed: {exc!r}") from exc
 

@@ -320,6 +320,7 @@ class WorkerSandbox(_Reply):
     parent_checkpoint: str | None
     last_checkpoint: str | None
     pid: int | None = None
+    error: str | None = None  # why it failed, e.g. a host-side disk fault
 
 
 class WorkerCheckpoint(_Reply):

@@ -58,6 +58,7 @@ class SandboxInfo:
     parent_checkpoint: str | None
     last_checkpoint: str | None
     pid: int | None
+    error: str | None = None  # why it failed, when known (e.g. a host-side disk fault)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +72,7 @@ class SandboxInfo:
             "parent_checkpoint": self.parent_checkpoint,
             "last_checkpoint": self.last_checkpoint,
             "pid": self.pid,
+            "error": self.error,
         }
 
 

@@ -77,6 +77,7 @@ class Sandbox:
         # manifest parts of the running chain, so a checkpoint never re-hashes old layers
         self._layers: tuple[PartRef, ...] = ()
         self._boot: BootRef | None = None
+        self.error: str | None = None  # why it failed, when known (a host-side disk fault)
 
     # ------------------------------------------------------------------
     @property
@@ -124,6 +125,7 @@ class Sandbox:
             parent_checkpoint=self.parent_checkpoint,
             last_checkpoint=self.last_checkpoint,
             pid=vm.pid if vm is not None and vm.alive() else None,
+            error=self.error,
         )
 
     def __repr__(self) -> str:
@@ -180,11 +182,14 @@ class Sandbox:
         try:
             return fn(agent)
         except AgentError:
-            # A dead QEMU explains a broken channel better than the channel does.
+            # A dead QEMU (or the disk fault it is being killed for) explains a
+            # broken channel better than the channel does; the fault is checked
+            # first because the kill may still be reaping QEMU.
             vm = self._vm
-            if vm is not None and not vm.alive():
+            if vm is not None and (vm.fault is not None or not vm.alive()):
                 self._mark_failed()
-                raise VMError(f"sandbox {self.id}: QEMU exited", log_tail=vm.log_tail()) from None
+                raise VMError(f"sandbox {self.id}: {vm.fault or 'QEMU exited'}",
+                              log_tail=vm.log_tail()) from None
             raise
 
     # ------------------------------------------------------------------
@@ -211,6 +216,7 @@ class Sandbox:
         """
         self.lifecycle.require("start", S.STARTING, S.WAKING)
         self._vm = vm
+        vm.on_fault = self._disk_fault  # host-side disk faults fail the sandbox
         try:
             agent = boot_vm(vm, self.id, incoming=incoming, timeout=timeout,
                             pending_chain=pending_chain)
@@ -270,6 +276,12 @@ class Sandbox:
         qemu_img.create(path, self.disk_size, backing=marker,
                         backing_fmt="qcow2" if self._layers else "raw")
         return path
+
+    def _disk_fault(self, reason: str) -> None:
+        """A guest disk write failed on the host (``QemuVM.on_fault``; QEMU is killed next)."""
+        self.error = reason
+        log.error("sandbox %s failed: %s", self.id, reason)
+        self._mark_failed()
 
     def _mark_failed(self) -> None:
         if self.lifecycle.move_if(_CAN_FAIL, S.FAILED):
@@ -402,7 +414,8 @@ class Sandbox:
             raise SandboxStateError(self.id, self.state.value, op)
         if not vm.alive():
             self._mark_failed()
-            raise VMError(f"sandbox {self.id}: QEMU exited", log_tail=vm.log_tail())
+            raise VMError(f"sandbox {self.id}: {vm.fault or 'QEMU exited'}",
+                          log_tail=vm.log_tail())
         return vm, agent
 
 

@@ -68,7 +68,10 @@ class Worker:
         store: str | ObjectStore | None = None,
         install: bool = True,
         log: Callable[[str], None] | None = None,
+        confine: bool = True,
     ) -> None:
+        # confine: False only to measure what the jail costs (benchmarks/bench_confine.py)
+        self.confine = confine
         self.home = home if isinstance(home, Home) else Home.at(home)
         self.home.ensure()
         self._home_lock = lock_home(self.home)
@@ -427,6 +430,7 @@ class Worker:
             shape=shape,
             boot=boot,
             disk=disk,
+            confine=self.confine,
         )
 
     def _new_sandbox(self, sid: str, spec: SandboxSpec, *,
