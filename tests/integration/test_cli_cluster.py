@@ -163,3 +163,25 @@ def test_readme_cli_example_runs_unchanged(tmp_path):
         assert not qemu_pids(home)
     finally:
         fy("down", home=home, check=False)
+
+
+def test_checkpoint_then_fork_on_the_other_worker_at_once(home):
+    """No --wait: the fork on w2 waits for the publish under way instead of a 409."""
+    sid = fy("create", "--worker", "w1", "--label", "suite=cli", home=home).stdout.decode().strip()
+    try:
+        fy("exec", sid, "--", "echo now > /root/now", home=home)
+        cp = fy("checkpoint", sid, home=home).stdout.decode().strip()
+        out = fy("fork", cp[:12], "--worker", "w2", home=home).stdout.decode()
+        ids = out.split()
+        assert len(ids) == 1 and ids[0].startswith("sb-") and out == f"{ids[0]}\n"
+        fork = ids[0]
+        assert fy("exec", fork, "--", "cat /root/now", home=home).stdout == b"now\n"
+        labelled = json.loads(fy("ls", "--label", "suite=cli", "--state", "running", "--json",
+                                 home=home).stdout)
+        assert {s["id"] for s in labelled} == {sid, fork}  # the fork inherited the label
+        kinds = [json.loads(line)["kind"] for line in fy(
+            "events", "--sandbox", sid, "--json", home=home).stdout.splitlines()]
+        assert kinds[:2] == ["created", "checkpointed"] and "published" in kinds
+        fy("rm", fork, home=home)
+    finally:
+        fy("rm", sid, home=home)

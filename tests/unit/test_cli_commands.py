@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -174,6 +175,10 @@ def test_checkpoint_fork_hibernate_wake_json(api):
     res = runner.invoke(app, ["fork", cp["id"], "--count", "3", "--worker", "w2", "--json"])
     forks = json.loads(res.stdout)
     assert len(forks) == 3 and all(set(f) >= SANDBOX_KEYS for f in forks)
+    bare = runner.invoke(app, ["fork", cp["id"], "--count", "2"])
+    assert bare.exit_code == 0, bare.output
+    ids = bare.stdout.split("\n")[:-1]
+    assert len(ids) == 2 and all(re.fullmatch(r"sb-[0-9a-f]{20}", i) for i in ids), ids
     hib = json.loads(runner.invoke(app, ["hibernate", sid, "--json"]).stdout)
     assert hib["state"] == "hibernated"
     again = runner.invoke(app, ["hibernate", sid])

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from forkyard.errors import SetupError
-from forkyard.host import vmuser
-from forkyard.vm import cgroup
+from forkyard.vm import cgroup, vmuser
 from forkyard.vm.jail import SANDBOX, JailedFiles, PlainFiles, qcow2_virtual_size
 from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape, VMState
 

@@ -210,3 +210,29 @@ def test_shutdown_keeps_heartbeating_as_full_until_it_leaves(monkeypatch):
     assert all(b["max_sandboxes"] == 0 for b in during)  # placement looks elsewhere
     assert sent[-1][1].endswith("/internal/workers/w1/leave") and sent[-1][0] > end
     assert sb.state is SandboxState.DESTROYED
+
+
+def test_metrics_parse_as_prometheus_text_and_count_operations():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape(c: _Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        resp = c.get("/metrics", headers=AUTH)
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(resp.text) for s in f.samples}
+
+    created = ("forkyard_worker_operations_total", (("operation", "create"), ("outcome", "ok")))
+    with _client(_Worker()) as c:
+        assert c.get("/metrics").status_code == 401
+        before = scrape(c)
+        assert c.post("/sandboxes", json={"image": "minimal"}, headers=AUTH).status_code == 201
+        assert c.post("/sandboxes", json={}).status_code == 401  # not counted
+        after = scrape(c)
+    assert after[created] == before[created] + 1
+    count = ("forkyard_worker_operation_seconds_count", (("operation", "create"),))
+    assert after[count] == before[count] + 1
+    assert after[("forkyard_worker_sandboxes", ())] == before[("forkyard_worker_sandboxes", ())] + 1
+    assert after[("forkyard_worker_memory_in_use_mb", ())] == 256
+    assert after[("forkyard_worker_cpus_in_use", ())] == 1
+    assert ("forkyard_worker_cpus_free", ()) in after
+    assert ("forkyard_worker_memory_free_mb", ()) in after

@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from forkyard import __version__
-from forkyard.cli import _admin, _checkpoints, _cluster, _demo, _sandboxes
+from forkyard.cli import _admin, _checkpoints, _cluster, _demo, _events, _sandboxes
 from forkyard.cli._output import report_error
 from forkyard.errors import ForkyardError
 
@@ -71,6 +71,7 @@ def _root(
 
 _cluster.register(app)
 _sandboxes.register(app)
+_events.register(app)
 _checkpoints.register(app)
 _admin.register(app)
 _demo.register(app)

@@ -412,6 +412,12 @@ def server(
     ready_file: Annotated[Path | None, typer.Option("--ready-file", help="Write "
                                                     "{\"url\": ...} here once listening.")]
     = None,
+    webhook_url: Annotated[str | None, typer.Option(
+        "--webhook-url", envvar="FORKYARD_WEBHOOK_URL",
+        help="POST every lifecycle event there (signed).")] = None,
+    webhook_secret: Annotated[str | None, typer.Option(
+        "--webhook-secret", envvar="FORKYARD_WEBHOOK_SECRET", show_default=False,
+        help="HMAC-SHA256 key of X-Forkyard-Signature.")] = None,
 ) -> None:
     """Run the control plane in the foreground (what `forkyard up` starts)."""
     from forkyard.config import Home
@@ -420,7 +426,8 @@ def server(
     root = home.absolute()
     serve(root, host=host, port=port, db_url=db, api_token=api_token,
           worker_token=worker_token, store_url=store or Home.at(root).default_store_url(),
-          heartbeat_timeout=heartbeat_timeout, ready_file=ready_file)
+          heartbeat_timeout=heartbeat_timeout, ready_file=ready_file,
+          webhook_url=webhook_url, webhook_secret=webhook_secret)
 
 
 def worker(

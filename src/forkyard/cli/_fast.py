@@ -24,13 +24,13 @@ __all__ = ["Plan", "main", "plan"]
 
 # option -> parameter name.  Only exact spellings: ``-e`` but not ``-eK=V``.
 _CONNECTION = {"--home": "home", "--url": "url", "--token": "token"}
-_LS_VALUES = _CONNECTION
+_LS_VALUES = {**_CONNECTION, "--label": "label", "-l": "label", "--state": "state"}
 _LS_FLAGS = {"--json": "json_"}
 _EXEC_VALUES = {**_CONNECTION, "--env": "env", "-e": "env", "--cwd": "cwd",
                 "--timeout": "timeout"}
 _EXEC_FLAGS = {"--json": "json_", "--stdin": "stdin", "--background": "background",
                "-d": "background"}
-_MULTIPLE = {"env"}
+_MULTIPLE = {"env", "label"}
 
 
 class _Fallback(Exception):
@@ -116,6 +116,10 @@ def plan(argv: list[str]) -> Plan | None:
             opts, pos = _parse(args, _LS_VALUES, _LS_FLAGS)
             if pos:
                 return None
+            from forkyard.cli._hot import parse_labels
+
+            labels = opts.get("label")
+            parse_labels(labels if isinstance(labels, list) else None)  # bad: typer says so
         else:
             opts, pos = _parse(args, _EXEC_VALUES, _EXEC_FLAGS)
             if len(pos) < 2:
@@ -151,7 +155,10 @@ def _execute(p: Plan) -> int:
     url, token = _str(opts, "url"), _str(opts, "token")
     json_ = bool(opts.get("json_"))
     if p.command == "ls":
-        _hot.run_ls(_hot.connect(home_path, url, token), json_)
+        labels = opts.get("label")
+        _hot.run_ls(_hot.connect(home_path, url, token), json_,
+                    _hot.parse_labels(labels if isinstance(labels, list) else None),
+                    _str(opts, "state"))
         return 0
     env = opts.get("env")
     timeout = opts.get("timeout", _hot.EXEC_TIMEOUT)

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from forkyard.sdk._http import SyncHTTP
     from forkyard.sdk.models import SandboxInfo
 
-__all__ = ["EXEC_TIMEOUT", "connect", "parse_env", "print_sandboxes", "run_exec", "run_ls"]
+__all__ = ["EXEC_TIMEOUT", "connect", "parse_env", "parse_labels", "print_sandboxes",
+           "run_exec", "run_ls"]
 
 EXEC_TIMEOUT = 60.0  # seconds, `exec --timeout`'s default on both paths
 
@@ -41,6 +42,17 @@ def parse_env(items: list[str] | None) -> dict[str, str]:
     return env
 
 
+def parse_labels(items: list[str] | None) -> dict[str, str]:
+    """``--label KEY=VALUE`` options (the server checks keys and values)."""
+    labels: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
 def _sandbox_table(infos: list[SandboxInfo]) -> None:
     from forkyard.cli._output import console, short, table, when
 
@@ -61,10 +73,11 @@ def print_sandboxes(infos: list[SandboxInfo], json_: bool) -> None:
         _sandbox_table(infos)
 
 
-def run_ls(http: SyncHTTP, json_: bool) -> None:
+def run_ls(http: SyncHTTP, json_: bool, labels: dict[str, str] | None = None,
+           state: str | None = None) -> None:
     from forkyard.sdk import _ops
 
-    print_sandboxes(http.call(_ops.list_sandboxes()), json_)
+    print_sandboxes(http.call(_ops.list_sandboxes(labels, state)), json_)
 
 
 def _write(out: bytes, err: bytes) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from forkyard.cli._hot import EXEC_TIMEOUT, parse_env, run_exec, run_ls
+from forkyard.cli._hot import EXEC_TIMEOUT, parse_env, parse_labels, run_exec, run_ls
 from forkyard.cli._options import HomeOpt, JsonOpt, TokenOpt, UrlOpt, connect, interactive
 from forkyard.cli._output import (
     console,
@@ -37,6 +37,15 @@ __all__ = ["files_app", "register"]
 files_app = typer.Typer(help="Copy files into and out of a sandbox.", no_args_is_help=True)
 
 IdArg = Annotated[str, typer.Argument(help="Sandbox id.", show_default=False)]
+LabelOpt = Annotated[list[str] | None, typer.Option(
+    "--label", "-l", help="KEY=VALUE (repeatable).", show_default=False)]
+
+
+def _labels(items: list[str] | None) -> dict[str, str]:
+    try:
+        return parse_labels(items)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--label") from None
 
 
 def _print_sandbox(info: SandboxInfo, json_: bool) -> None:
@@ -65,15 +74,32 @@ def create(
     = None,
     cold: Annotated[bool, typer.Option("--cold", help="Boot, even if a template exists.")]
     = False,
+    label: LabelOpt = None,
+    timeout: Annotated[int | None, typer.Option(
+        "--timeout", min=1, help="Seconds until --on-timeout happens.")] = None,
+    on_timeout: Annotated[str, typer.Option(
+        "--on-timeout", help="kill or hibernate.")] = "kill",
+    idle_hibernate: Annotated[int | None, typer.Option(
+        "--idle-hibernate", min=1, help="Hibernate after this many seconds without "
+                                        "exec or file traffic.")] = None,
+    auto_wake: Annotated[bool, typer.Option(
+        "--auto-wake", help="An exec or file request wakes it when hibernated.")] = False,
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Start a new sandbox (from the image's template, or booting it); prints its id."""
+    if on_timeout not in ("kill", "hibernate"):
+        raise typer.BadParameter(f"{on_timeout!r} is not kill or hibernate",
+                                 param_hint="--on-timeout")
+    labels = _labels(label)
     try:
         size = None if disk is None else _ops.disk_bytes(disk)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--disk") from None
     http = connect(home, url, token)
     info = http.call(_ops.create(image, worker, memory, cpus, _ops.BOOT_TIMEOUT,
+                                 labels=labels, lifetime=timeout,
+                                 on_timeout=on_timeout if timeout else None,
+                                 idle_hibernate=idle_hibernate, auto_wake=auto_wake,
                                  disk=size, cold=cold))
     if json_:
         print_json(info.to_json())
@@ -81,10 +107,13 @@ def create(
         console().print(info.id)
 
 
-def ls(home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
+def ls(label: LabelOpt = None,
+       state: Annotated[str | None, typer.Option(
+           "--state", help="Only this state (default: all but destroyed).")] = None,
+       home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
        json_: JsonOpt = False) -> None:
-    """List sandboxes (all but destroyed)."""
-    run_ls(connect(home, url, token), json_)
+    """List sandboxes (all but destroyed), optionally by label and state."""
+    run_ls(connect(home, url, token), json_, _labels(label), state)
 
 
 def exec_(
@@ -163,13 +192,19 @@ def checkpoint(
     name: Annotated[str | None, typer.Option("--name")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it is in the store.")]
     = False,
+    label: LabelOpt = None,
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
-    """Checkpoint a running sandbox (it keeps running); prints the checkpoint id."""
+    """Checkpoint a running sandbox (it keeps running); prints the checkpoint id.
+
+    Its labels are the sandbox's plus ``--label``s; forks of it inherit them.
+    """
     from forkyard.sdk._sync import Checkpoint
 
+    labels = _labels(label)
     http = connect(home, url, token)
-    cp = Checkpoint(http.call(_ops.checkpoint(sandbox_id, name, True, CHECKPOINT_TIMEOUT)), http)
+    cp = Checkpoint(http.call(_ops.checkpoint(sandbox_id, name, True, CHECKPOINT_TIMEOUT,
+                                              labels)), http)
     if wait:
         cp.wait_published()
     if json_:
@@ -192,16 +227,23 @@ def fork(
     checkpoint_id: Annotated[str, typer.Argument(help="Checkpoint id (or unique prefix).")],
     worker: Annotated[str | None, typer.Option("--worker", "-w")] = None,
     count: Annotated[int, typer.Option("--count", "-n", min=1, max=256)] = 1,
+    label: LabelOpt = None,
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
-    """New sandboxes that continue from a checkpoint; prints their ids."""
+    """New sandboxes that continue from a checkpoint; prints their ids.
+
+    They inherit the checkpoint's labels, plus ``--label``s.
+    """
+    labels = _labels(label)
     http = connect(home, url, token)
-    infos = http.call(_ops.fork(checkpoint_id, count, worker, fork_timeout(count, None)))
+    infos = http.call(_ops.fork(checkpoint_id, count, worker, fork_timeout(count, None),
+                                labels))
     if json_:
         print_json([s.to_json() for s in infos])
     else:
+        # bare ids, one a line, like `create`: `for sb in $(forkyard fork ...)` works
         for s in infos:
-            console().print(f"{s.id} {s.state} on {s.worker}")
+            console().print(s.id)
 
 
 def hibernate(

@@ -8,7 +8,9 @@ from sqlalchemy import select
 
 from forkyard.checkpoint import archive
 from forkyard.control._db import CheckpointRow, SandboxRow, utcnow
+from forkyard.control._metrics import timed
 from forkyard.control._placement import Candidate, Placement
+from forkyard.control._publish import PUBLISH_WAIT
 from forkyard.control._records import (
     adopt_published,
     checkpoint_out,
@@ -17,7 +19,7 @@ from forkyard.control._records import (
 )
 from forkyard.control._transitions import Transitions
 from forkyard.control._workers import WorkerClient
-from forkyard.errors import CheckpointNotFound
+from forkyard.errors import CheckpointNotFound, PlacementConflict, WorkerUnavailable
 from forkyard.store import ObjectStore, open_store
 from forkyard.wire import worker_api
 from forkyard.wire.ids import new_sandbox_id
@@ -39,16 +41,24 @@ S = SandboxState
 class Checkpoints(Transitions):
     _store: ObjectStore | None = None
 
+    @timed("checkpoint")
     def checkpoint(self, sandbox_id: str, req: CheckpointRequest) -> CheckpointOut:
         client = self.running(sandbox_id, "checkpoint")
         info = client.send(worker_api.checkpoint(sandbox_id, req.name, req.publish))
         with self.db.tx() as s:
             row = store_checkpoint(s, info, client.name, self.store_url)
             sb = s.get(SandboxRow, sandbox_id, with_for_update=True)
+            # the sandbox's labels as they are now, plus the checkpoint's own: what forks get
+            row.labels = {**(sb.labels if sb is not None else {}), **req.labels}
             if sb is not None:
                 sb.last_checkpoint = info.id
                 sb.updated = utcnow()
             out = checkpoint_out(row)
+        self.events.emit("checkpointed", sandbox=sandbox_id, checkpoint=info.id,
+                         worker=client.name)
+        if info.state == CheckpointState.PUBLISHED:  # published at once (a tiny one)
+            self.events.emit("published", sandbox=sandbox_id, checkpoint=info.id,
+                             worker=client.name)
         if info.state == CheckpointState.PUBLISHING:
             self.publishes.watch(info.id, client.name)
         return out
@@ -90,8 +100,29 @@ class Checkpoints(Transitions):
         with self.db.tx() as s:
             s.delete(checkpoint_row(s, ref))
 
+    publish_wait = PUBLISH_WAIT
+
+    @timed("fork")
     def fork(self, ref: str, req: ForkRequest) -> list[SandboxOut]:
         self._adopt_if_unknown(ref)
+        try:
+            cp_id, plan = self._plan_fork(ref, req)
+        except (PlacementConflict, WorkerUnavailable):
+            # An unpublished checkpoint starts only where it was taken; if its
+            # publish is under way (``checkpoint`` returns at once), waiting for
+            # it lets the fork go anywhere instead of failing.
+            with self.db.tx() as s:
+                cp = checkpoint_row(s, ref)
+                publishing = cp.state == CheckpointState.PUBLISHING and cp.worker is not None
+                origin = cp.worker or ""
+            if not publishing:
+                raise
+            self.publishes.wait_settled(cp.id, origin, self.publish_wait)
+            cp_id, plan = self._plan_fork(ref, req)
+        return self._start_forks(cp_id, plan)
+
+    def _plan_fork(self, ref: str, req: ForkRequest) -> tuple[str, list[tuple[str, WorkerClient]]]:
+        """Place every fork and record it ``starting`` (one transaction)."""
         now = utcnow()
         with self.db.tx() as s:
             cp = checkpoint_row(s, ref)
@@ -113,9 +144,13 @@ class Checkpoints(Transitions):
                 sid = new_sandbox_id()
                 plan.append((sid, self.workers.client(s, target)))
                 s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image=cp.base,
-                                 parent_checkpoint=cp.id, created=now, updated=now))
+                                 parent_checkpoint=cp.id, created=now, updated=now,
+                                 labels={**(cp.labels or {}), **req.labels}))
             cp_id = cp.id
+        return cp_id, plan
 
+    def _start_forks(self, cp_id: str, plan: list[tuple[str, WorkerClient]]
+                     ) -> list[SandboxOut]:
         def start(item: tuple[str, WorkerClient]) -> WorkerSandbox:
             sid, client = item
             return client.send(worker_api.fork(cp_id, sid))
@@ -140,8 +175,11 @@ class Checkpoints(Transitions):
                     self._settle(sid, S.STARTING, r, state=S.RUNNING)
                     self.destroy_sandbox(sid)
             raise errors[0]
-        return [
+        outs = [
             self._settle(sid, S.STARTING, r, state=S.RUNNING)
             for (sid, _), r in zip(plan, results, strict=True)
             if isinstance(r, WorkerSandbox)
         ]
+        for out in outs:
+            self.events.emit("forked", sandbox=out.id, checkpoint=cp_id, worker=out.worker)
+        return outs

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Engine,
@@ -35,6 +36,8 @@ from sqlalchemy import (
     TypeDecorator,
     create_engine,
     event,
+    false,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -55,6 +58,7 @@ __all__ = [
     "CheckpointRow",
     "Database",
     "DatabaseError",
+    "EventRow",
     "SandboxRow",
     "WorkerRow",
     "iso",
@@ -137,6 +141,15 @@ class SandboxRow(Base):
     last_checkpoint: Mapped[str | None] = mapped_column(String(64))
     recoverable_from: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict,
+                                                   server_default=text("'{}'"))
+    # timers are absolute times in the database: a restarted control plane keeps them
+    timeout_s: Mapped[int | None] = mapped_column(Integer)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(index=True)
+    on_timeout: Mapped[str | None] = mapped_column(String(16))
+    idle_hibernate_s: Mapped[int | None] = mapped_column(Integer)
+    auto_wake: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    last_activity: Mapped[dt.datetime | None]
 
 
 class CheckpointRow(Base):
@@ -152,6 +165,8 @@ class CheckpointRow(Base):
     base: Mapped[str] = mapped_column(String(64))
     changed_bytes: Mapped[int] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict,
+                                                   server_default=text("'{}'"))
 
     archive: Mapped[ArchiveRow | None] = relationship(
         back_populates="checkpoint", cascade="all, delete-orphan", passive_deletes=True,
@@ -172,6 +187,22 @@ class ArchiveRow(Base):
     published_at: Mapped[dt.datetime]
 
     checkpoint: Mapped[CheckpointRow] = relationship(back_populates="archive")
+
+
+class EventRow(Base):
+    """One lifecycle event; ``delivery`` is its webhook's fate (NULL: no webhook)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[dt.datetime]
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    sandbox: Mapped[str | None] = mapped_column(String(32), index=True)
+    checkpoint: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+    delivery: Mapped[str | None] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 def _sqlite_events(engine: Engine) -> None:

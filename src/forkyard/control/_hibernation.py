@@ -6,6 +6,7 @@ import logging
 import time
 
 from forkyard.control._db import CheckpointRow
+from forkyard.control._metrics import timed
 from forkyard.control._placement import Placement
 from forkyard.control._records import describe, move, sandbox_out, sandbox_row, store_checkpoint
 from forkyard.control._transitions import Transitions, refused
@@ -56,6 +57,7 @@ class Hibernation(Transitions):
         except Exception as exc:
             log.warning("hibernating %s failed: %s", sandbox_id, describe(exc))
 
+    @timed("hibernate")
     def _hibernate_on(self, sandbox_id: str, client: WorkerClient) -> SandboxOut:
         try:
             reply = client.send(worker_api.hibernate(sandbox_id))
@@ -64,6 +66,8 @@ class Hibernation(Transitions):
             raise
         with self.db.tx() as s:
             store_checkpoint(s, reply.checkpoint, client.name, self.store_url)
+        self.events.emit("hibernated", sandbox=sandbox_id, checkpoint=reply.checkpoint.id,
+                         worker=client.name)
         return self._settle(sandbox_id, S.HIBERNATING, None, state=S.HIBERNATED,
                             last_checkpoint=reply.checkpoint.id,
                             error=reply.checkpoint.error and
@@ -94,6 +98,7 @@ class Hibernation(Transitions):
                 return out
             time.sleep(0.1)
 
+    @timed("wake")
     def wake(self, sandbox_id: str, req: WakeRequest) -> SandboxOut:
         with self.db.tx() as s:
             row = sandbox_row(s, sandbox_id, lock=True)
@@ -129,7 +134,9 @@ class Hibernation(Transitions):
             self._settle(sandbox_id, S.WAKING, None, state=S.HIBERNATED, worker=old,
                          error=f"wake on {target} failed: {describe(exc)}")
             raise
-        return self._settle(sandbox_id, S.WAKING, info, state=S.RUNNING)
+        out = self._settle(sandbox_id, S.WAKING, info, state=S.RUNNING)
+        self.events.emit("woken", sandbox=sandbox_id, checkpoint=cp_id, worker=target)
+        return out
 
     def _resync(self, sandbox_id: str, state: SandboxState, worker: str | None) -> None:
         """Settle a transition whose request died with the previous server process."""

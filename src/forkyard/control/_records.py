@@ -23,6 +23,7 @@ from forkyard.wire.models import (
     SANDBOX_ID_RE,
     CheckpointOut,
     CheckpointState,
+    OnTimeout,
     SandboxOut,
     SandboxState,
     WorkerCheckpoint,
@@ -84,6 +85,9 @@ def sandbox_out(row: SandboxRow) -> SandboxOut:
         memory_mb=row.memory_mb, cpus=row.cpus, created=iso(row.created) or "",
         parent_checkpoint=row.parent_checkpoint, last_checkpoint=row.last_checkpoint,
         error=row.error, recoverable_from=row.recoverable_from,
+        labels=dict(row.labels or {}), timeout=row.timeout_s, expires_at=iso(row.expires_at),
+        on_timeout=OnTimeout(row.on_timeout) if row.timeout_s and row.on_timeout else None,
+        idle_hibernate=row.idle_hibernate_s, auto_wake=row.auto_wake,
     )
 
 
@@ -93,7 +97,7 @@ def checkpoint_out(row: CheckpointRow) -> CheckpointOut:
         created=iso(row.created) or "", state=CheckpointState(row.state), base=row.base,
         changed_bytes=row.changed_bytes,
         stored_bytes=row.archive.stored_bytes if row.archive is not None else None,
-        error=row.error,
+        error=row.error, labels=dict(row.labels or {}),
     )
 
 
@@ -153,9 +157,11 @@ def store_checkpoint(s: Session, cp: WorkerCheckpoint, worker: str,
     """Record (or update) a checkpoint a worker reported, with its archive if published."""
     row = s.get(CheckpointRow, cp.id, with_for_update=True)
     if row is None:
+        sb = s.get(SandboxRow, cp.sandbox) if SANDBOX_ID_RE.match(cp.sandbox) else None
         row = CheckpointRow(id=cp.id, sandbox=cp.sandbox, worker=worker, name=cp.name,
                             created=parse_time(cp.created), state=cp.state, base=cp.base,
-                            changed_bytes=cp.changed_bytes, error=cp.error)
+                            changed_bytes=cp.changed_bytes, error=cp.error,
+                            labels=dict(sb.labels or {}) if sb is not None else {})
         s.add(row)
     else:
         row.state = cp.state

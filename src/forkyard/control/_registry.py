@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from forkyard.control._db import Database, SandboxRow, WorkerRow, utcnow
+from forkyard.control._events import EventLog
 from forkyard.control._placement import Candidate
 from forkyard.control._records import (
     ACTIVE,
@@ -45,8 +46,9 @@ S = SandboxState
 
 class Registry:
     def __init__(self, db: Database, clients: WorkerClients, *, store_url: str,
-                 heartbeat_timeout: float) -> None:
+                 heartbeat_timeout: float, events: EventLog | None = None) -> None:
         self.db = db
+        self.events = events
         self.clients = clients
         self.store_url = store_url
         self.heartbeat_timeout = heartbeat_timeout
@@ -93,6 +95,7 @@ class Registry:
         """A daemon (re)started: whatever it does not report running is gone."""
         self._check_report(report)
         name = report.name
+        lost: list[str] = []
         with self.db.tx() as s:
             row = s.get(WorkerRow, name, with_for_update=True)
             if row is None:
@@ -110,7 +113,9 @@ class Registry:
             ).with_for_update()):
                 if sb.id not in reported:
                     mark_lost(s, sb, f"worker {name} restarted without it")
+                    lost.append(sb.id)
             destroy = self._reconcile(s, name, report.sandboxes)
+        self._lost(lost, name, "the worker restarted without it")
         self._touch(name)
         log.info("worker %s registered at %s", name, report.url)
         return HeartbeatReply(name=name, state=WorkerState.ALIVE, destroy=destroy)
@@ -208,15 +213,21 @@ class Registry:
             if row is None or row.state != WorkerState.ALIVE or self.fresh(name):
                 return False  # a heartbeat won the race
             row.state = WorkerState.DEAD
-            lost = 0
+            lost: list[str] = []
             for sb in s.scalars(select(SandboxRow).where(
                 SandboxRow.worker == name, SandboxRow.state.in_(ACTIVE)
             ).with_for_update()):
                 mark_lost(s, sb, f"worker {name} died (no heartbeat for "
                                  f"{self.heartbeat_timeout:g}s)")
-                lost += 1
-        log.warning("worker %s is dead; %d sandbox(es) lost", name, lost)
+                lost.append(sb.id)
+        self._lost(lost, name, "the worker died")
+        log.warning("worker %s is dead; %d sandbox(es) lost", name, len(lost))
         return True
+
+    def _lost(self, sandboxes: list[str], worker: str, why: str) -> None:
+        if self.events is not None:
+            for sid in sandboxes:
+                self.events.emit("lost", sandbox=sid, worker=worker, detail=why)
 
     # --- queries ------------------------------------------------------------------
     def all(self) -> list[WorkerOut]:

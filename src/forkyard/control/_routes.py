@@ -9,6 +9,7 @@ requests (a starved heartbeat would get a healthy worker declared dead).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Annotated, Any, TypeVar
@@ -17,20 +18,27 @@ import anyio
 import anyio.to_thread
 from fastapi import Body, FastAPI, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import StringConstraints
 from starlette.background import BackgroundTask
 
 import forkyard
+from forkyard.control._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from forkyard.control._service import ControlPlane
 from forkyard.wire import worker_api
 from forkyard.wire.models import (
     GUEST_FILE_RE,
     GUEST_PATH_RE,
+    LABEL_FILTER_RE,
     MAX_GUEST_PATH,
+    MAX_LABELS,
+    SANDBOX_ID_RE,
     CheckpointOut,
     CheckpointRequest,
     CreateSandboxRequest,
     EntryOut,
     ErrorBody,
+    EventKind,
+    EventOut,
     ExecRequest,
     ExecResultOut,
     FileWritten,
@@ -39,6 +47,8 @@ from forkyard.wire.models import (
     HeartbeatReply,
     HibernateRequest,
     SandboxOut,
+    SandboxState,
+    TimeoutRequest,
     WakeRequest,
     WorkerLeaving,
     WorkerOut,
@@ -47,6 +57,8 @@ from forkyard.wire.models import (
 from forkyard.wire.serving import check_length, limited_body
 
 __all__ = ["add_routes"]
+
+MAX_EVENT_WAIT = 10.0
 
 T = TypeVar("T")
 
@@ -111,6 +123,13 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     def health() -> Health:
         return Health(status="ok", version=forkyard.__version__)
 
+    @app.get("/metrics", tags=["meta"], response_class=Response, responses={
+        200: {"description": "Prometheus text exposition format",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **_DB})
+    def metrics() -> Response:
+        return Response(plane.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/v1/workers", tags=["workers"], responses=_DB)
     def list_workers() -> list[WorkerOut]:
         return plane.workers.all()
@@ -121,13 +140,25 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     def create_sandbox(req: CreateSandboxRequest | None = None) -> SandboxOut:
         return plane.create_sandbox(req or CreateSandboxRequest())
 
-    @app.get("/v1/sandboxes", tags=["sandboxes"], responses=_DB)
-    def list_sandboxes() -> list[SandboxOut]:
-        return plane.list_sandboxes()
+    @app.get("/v1/sandboxes", tags=["sandboxes"], responses=_errors(422, 503))
+    def list_sandboxes(
+        label: Annotated[list[Annotated[str, StringConstraints(pattern=LABEL_FILTER_RE)]],
+                         Query(max_length=MAX_LABELS,
+                               description="`key=value`; repeated: all must match")] = [],  # noqa: B006
+        state: Annotated[SandboxState | None, Query(
+            description="only this state (default: all but destroyed)")] = None,
+    ) -> list[SandboxOut]:
+        wanted = dict(item.split("=", 1) for item in label)
+        return plane.list_sandboxes(wanted, state)
 
     @app.get("/v1/sandboxes/{sandbox_id}", tags=["sandboxes"], responses=_LOOKUP)
     def get_sandbox(sandbox_id: SandboxId) -> SandboxOut:
         return plane.get_sandbox(sandbox_id)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/timeout", tags=["sandboxes"],
+              responses=_errors(404, 409, 422, 503))
+    def set_timeout(sandbox_id: SandboxId, req: TimeoutRequest) -> SandboxOut:
+        return plane.set_timeout(sandbox_id, req)
 
     @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, tags=["sandboxes"],
                 responses=_errors(404, 409, 422, 503))
@@ -138,7 +169,7 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     @app.post("/v1/sandboxes/{sandbox_id}/exec", response_model=ExecResultOut, tags=["sandboxes"],
               responses=_errors(*_WORKER, 413))
     async def exec_in(sandbox_id: SandboxId, req: ExecRequest) -> Response:
-        client = await threaded(plane.running, sandbox_id, "exec in")
+        client = await threaded(plane.serving, sandbox_id, "exec in")
         raw = await client.raw(worker_api.exec_(sandbox_id, req))
         return Response(raw, media_type="application/json")
 
@@ -150,7 +181,7 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
         mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644, append: bool = False,
     ) -> Response:
         check_length(request)
-        client = await threaded(plane.running, sandbox_id, "write files of")
+        client = await threaded(plane.serving, sandbox_id, "write files of")
         async with client.stream(
             worker_api.write_file(sandbox_id, path, mode=mode, append=append),
             content=limited_body(request), content_type="application/octet-stream",
@@ -161,7 +192,7 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     @app.get("/v1/sandboxes/{sandbox_id}/files", tags=["files"], response_class=Response,
             responses=_RAW_REPLY)
     async def read_file(sandbox_id: SandboxId, path: GuestFile) -> Response:
-        client = await threaded(plane.running, sandbox_id, "read files of")
+        client = await threaded(plane.serving, sandbox_id, "read files of")
         stack = AsyncExitStack()
         resp = await stack.enter_async_context(
             client.stream(worker_api.read_file(sandbox_id, path)))
@@ -174,19 +205,19 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     @app.get("/v1/sandboxes/{sandbox_id}/files/list", tags=["files"],
              responses=_errors(*_WORKER, 413))
     def list_files(sandbox_id: SandboxId, path: GuestPath) -> list[EntryOut]:
-        client = plane.running(sandbox_id, "list files of")
+        client = plane.serving(sandbox_id, "list files of")
         return client.send(worker_api.list_files(sandbox_id, path))
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", tags=["files"],
              responses=_errors(*_WORKER))
     def stat_file(sandbox_id: SandboxId, path: GuestPath) -> EntryOut:
-        client = plane.running(sandbox_id, "stat files of")
+        client = plane.serving(sandbox_id, "stat files of")
         return client.send(worker_api.stat_file(sandbox_id, path))
 
     @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, tags=["files"],
                 responses=_errors(*_WORKER))
     def remove_file(sandbox_id: SandboxId, path: GuestFile, recursive: bool = False) -> Response:
-        client = plane.running(sandbox_id, "remove files of")
+        client = plane.serving(sandbox_id, "remove files of")
         client.send(worker_api.remove_file(sandbox_id, path, recursive=recursive))
         return Response(status_code=204)
 
@@ -226,6 +257,21 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
               responses=_errors(*_WORKER))
     def fork(checkpoint_id: CheckpointRef, req: ForkRequest | None = None) -> list[SandboxOut]:
         return plane.fork(checkpoint_id, req or ForkRequest())
+
+    # --- events -----------------------------------------------------------
+    @app.get("/v1/events", tags=["events"], responses=_errors(422, 503))
+    async def list_events(
+        sandbox: Annotated[str | None, Query(pattern=SANDBOX_ID_RE.pattern)] = None,
+        kind: EventKind | None = None,
+        after: Annotated[int, Query(ge=0, le=2**62, description="only events with a "
+                                                                "larger id")] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        wait: Annotated[float, Query(ge=0, le=MAX_EVENT_WAIT, description=(
+            "seconds to hold the request open until an event comes (`--follow`)"))] = 0,
+    ) -> list[EventOut]:
+        return await threaded(functools.partial(
+            plane.events.list, sandbox=sandbox, kind=kind, after=after, limit=limit,
+            wait=wait))
 
     # --- worker daemons ---------------------------------------------------
 

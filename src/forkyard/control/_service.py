@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 
 from sqlalchemy import select
 
 from forkyard.control._checkpoints import Checkpoints
 from forkyard.control._db import CheckpointRow, SandboxRow, utcnow
-from forkyard.control._hibernation import Hibernation
+from forkyard.control._metrics import timed
 from forkyard.control._placement import Placement
 from forkyard.control._records import TRANSITIONAL, sandbox_out
+from forkyard.control._timers import Timers, timer_fields
 from forkyard.wire import worker_api
 from forkyard.wire.ids import new_sandbox_id
 from forkyard.wire.models import CheckpointState, CreateSandboxRequest, SandboxOut, SandboxState
@@ -32,9 +34,10 @@ log = logging.getLogger("forkyard.control")
 S = SandboxState
 
 
-class ControlPlane(Checkpoints, Hibernation):
+class ControlPlane(Checkpoints, Timers):
     """Sandboxes and checkpoints; ``workers`` is the fleet, ``publishes`` follows uploads."""
 
+    @timed("create")
     def create_sandbox(self, req: CreateSandboxRequest) -> SandboxOut:
         sid = new_sandbox_id()
         now = utcnow()
@@ -43,20 +46,29 @@ class ControlPlane(Checkpoints, Hibernation):
                                  explicit=req.worker)
             client = self.workers.client(s, target)
             s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image_ref=req.image,
-                             memory_mb=req.memory_mb, cpus=req.cpus, created=now, updated=now))
+                             memory_mb=req.memory_mb, cpus=req.cpus, created=now, updated=now,
+                             labels=dict(req.labels), **timer_fields(req, now)))
         try:
             info = client.send(worker_api.create(sid, req.image, req.memory_mb, req.cpus,
                                                  disk=req.disk, cold=req.cold))
         except BaseException as exc:
             self._start_failed([sid], exc)
             raise
-        return self._settle(sid, S.STARTING, info, state=S.RUNNING)
+        out = self._settle(sid, S.STARTING, info, state=S.RUNNING)
+        self.events.emit("created", sandbox=sid, worker=target)
+        return out
 
-    def list_sandboxes(self) -> list[SandboxOut]:
+    def list_sandboxes(self, labels: Mapping[str, str] | None = None,
+                       state: SandboxState | None = None) -> list[SandboxOut]:
+        """Every sandbox but destroyed ones (or exactly ``state``) with all of ``labels``."""
+        want = dict(labels or {})
         with self.db.tx() as s:
-            rows = s.scalars(select(SandboxRow).where(SandboxRow.state != S.DESTROYED)
-                             .order_by(SandboxRow.created))
-            return [sandbox_out(r) for r in rows]
+            query = select(SandboxRow).order_by(SandboxRow.created)
+            query = query.where(SandboxRow.state == state) if state is not None else \
+                query.where(SandboxRow.state != S.DESTROYED)
+            # labels are a JSON column: matched here, the same on SQLite and PostgreSQL
+            return [sandbox_out(r) for r in s.scalars(query)
+                    if all((r.labels or {}).get(k) == v for k, v in want.items())]
 
     # --- background work --------------------------------------------------------
     def recover(self) -> None:
@@ -74,6 +86,8 @@ class ControlPlane(Checkpoints, Hibernation):
 
     def start(self) -> None:
         self._spawn(self._monitor, "liveness")
+        self._spawn(self._timer_loop, "timers")
+        self.events.start()
         self._spawn(self._recover_quietly, "recover")
 
     def _recover_quietly(self) -> None:

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from forkyard.control._db import Database, SandboxRow
+from forkyard.control._events import EventLog
+from forkyard.control._metrics import Metrics
 from forkyard.control._placement import Candidate, Placement, choose
 from forkyard.control._publish import PublishWatcher
 from forkyard.control._records import (
@@ -65,10 +67,13 @@ class Transitions:
         self._threads: list[threading.Thread] = []
         self._threads_lock = threading.Lock()
         self._last_used: dict[str, float] = {}  # worker -> when placement last chose it
+        self.events = EventLog(db, spawn=self._spawn, stopping=self.stopping)
         self.workers = Registry(db, clients, store_url=store_url,
-                                heartbeat_timeout=heartbeat_timeout)
+                                heartbeat_timeout=heartbeat_timeout, events=self.events)
+        self.metrics = Metrics(db)
         self.publishes = PublishWatcher(db, clients, store_url=store_url, spawn=self._spawn,
-                                        stopping=self.stopping)
+                                        stopping=self.stopping, events=self.events,
+                                        metrics=self.metrics)
 
     def running(self, sandbox_id: str, operation: str) -> WorkerClient:
         """The client of the worker running ``sandbox_id``, or why it cannot ``operation``."""
@@ -98,6 +103,7 @@ class Transitions:
             # worker's next heartbeat lists it and is told to destroy it.
             move(row, S.DESTROYED, "destroy")
             worker = row.worker
+        self.events.emit("destroyed", sandbox=sandbox_id, worker=worker)
         client = self.workers.client_if_alive(worker)
         if client is None:
             return
@@ -139,6 +145,7 @@ class Transitions:
 
     def _start_failed(self, sandbox_ids: Iterable[str], exc: BaseException) -> None:
         """A create/fork did not start: forget it if it was the caller's fault."""
+        failed: list[tuple[str, str | None]] = []
         with self.db.tx() as s:
             for sid in sandbox_ids:
                 row = s.get(SandboxRow, sid, with_for_update=True)
@@ -149,6 +156,9 @@ class Transitions:
                 else:
                     move(row, S.FAILED)
                     row.error = describe(exc)
+                    failed.append((sid, row.worker))
+        for sid, worker in failed:
+            self.events.emit("failed", sandbox=sid, worker=worker, detail=describe(exc))
 
     def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
         """A daemon thread the server waits for (briefly) when it stops."""

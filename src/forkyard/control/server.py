@@ -41,6 +41,8 @@ def create_app(
     store_url: str,
     heartbeat_timeout: float = 10.0,
     on_ready: Callable[[], None] | None = None,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
 ) -> FastAPI:
     """The control-plane app; the database is migrated to the newest schema here.
 
@@ -58,6 +60,8 @@ def create_app(
     db.migrate()
     clients = WorkerClients(worker_token)
     plane = ControlPlane(db, clients, store_url=store_url, heartbeat_timeout=heartbeat_timeout)
+    # every event is POSTed there, signed with the secret (docs/api.md, "Events")
+    plane.events.configure_webhook(webhook_url, webhook_secret)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -170,6 +174,8 @@ def serve(
     store_url: str,
     heartbeat_timeout: float = 10.0,
     ready_file: Path | None = None,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
 ) -> None:
     """Run the control plane until SIGINT/SIGTERM.
 
@@ -193,6 +199,8 @@ def serve(
         store_url=store_url,
         heartbeat_timeout=heartbeat_timeout,
         on_ready=ready,
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
     )
     config = uvicorn.Config(app, log_level="info", access_log=False,
                             timeout_graceful_shutdown=30, lifespan="on")

@@ -29,8 +29,8 @@ from forkyard.host.accel import detect_accel
 from forkyard.host.agent import build_agent
 from forkyard.host.initramfs import build_initramfs
 from forkyard.host.kernel import fetch_kernel
-from forkyard.host.vmuser import ensure_vm_ids
 from forkyard.tools import apt, mkfs, qemu_system
+from forkyard.vm.vmuser import ensure_vm_ids
 
 __all__ = ["PACKAGES", "BootFile", "HostInfo", "cache_dir", "ensure_host", "load_host"]
 

@@ -151,13 +151,21 @@ class AsyncSandbox:
         url: str | None = None,
         token: str | None = None,
         home: PathLike | None = None,
+        labels: Mapping[str, str] | None = None,
+        timeout: int | None = None,
+        on_timeout: str = "kill",
+        idle_hibernate: int | None = None,
+        auto_wake: bool = False,
         disk: int | str | None = None,
         cold: bool = False,
-        timeout: float | None = _ops.BOOT_TIMEOUT,
+        boot_timeout: float | None = _ops.BOOT_TIMEOUT,
     ) -> AsyncSandbox:
         http = _http(url, token, home)
-        return cls(await http.call(_ops.create(image, worker, memory_mb, cpus, timeout,
-                                                disk=disk, cold=cold)), http)
+        call = _ops.create(image, worker, memory_mb, cpus, boot_timeout, labels=labels,
+                           lifetime=timeout, on_timeout=on_timeout if timeout else None,
+                           idle_hibernate=idle_hibernate, auto_wake=auto_wake,
+                           disk=disk, cold=cold)
+        return cls(await http.call(call), http)
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, url: str | None = None,
@@ -166,9 +174,11 @@ class AsyncSandbox:
         return cls(await http.call(_ops.get_sandbox(sandbox_id)), http)
 
     @classmethod
-    async def list(cls, *, url: str | None = None, token: str | None = None,
-                   home: PathLike | None = None) -> builtins.list[SandboxInfo]:
-        return await _http(url, token, home).call(_ops.list_sandboxes())
+    async def list(cls, *, labels: Mapping[str, str] | None = None, state: str | None = None,
+             url: str | None = None, token: str | None = None,
+             home: PathLike | None = None) -> builtins.list[SandboxInfo]:
+        """Sandboxes with all of ``labels``, in ``state`` (default: all but destroyed)."""
+        return await _http(url, token, home).call(_ops.list_sandboxes(labels, state))
 
     @overload
     @classmethod
@@ -231,6 +241,11 @@ class AsyncSandbox:
         self._info = await self._http.call(_ops.get_sandbox(self.id))
         return self._info
 
+    async def set_timeout(self, timeout: int | None) -> SandboxInfo:
+        """End it ``timeout`` seconds from now (by its ``on_timeout``); None: never."""
+        self._info = await self._http.call(_ops.set_timeout(self.id, timeout))
+        return self._info
+
     def __repr__(self) -> str:
         return f"<AsyncSandbox {self.id} {self.state} on {self.worker}>"
 
@@ -257,8 +272,9 @@ class AsyncSandbox:
         return check_result(cmd, await self._http.call(call), check)
 
     async def checkpoint(self, name: str | None = None, *, publish: bool = True,
+                         labels: Mapping[str, str] | None = None,
                          timeout: float | None = CHECKPOINT_TIMEOUT) -> AsyncCheckpoint:
-        info = await self._http.call(_ops.checkpoint(self.id, name, publish, timeout))
+        info = await self._http.call(_ops.checkpoint(self.id, name, publish, timeout, labels))
         self._info = dataclasses.replace(self._info, last_checkpoint=info.id)
         return AsyncCheckpoint(info, self._http)
 

@@ -32,10 +32,15 @@ WAKE_TIMEOUT = 900.0
 PUBLISH_TIMEOUT = 900.0
 
 
+# a fork on another worker may first wait for its checkpoint's publish (the
+# control plane gives up after 120 s with a 504)
+PUBLISH_WAIT = 120.0
+
+
 def fork_timeout(count: int, timeout: float | None) -> float:
     # forks of one request are started concurrently but placed on shared
     # hardware: allow some time per fork on top of one boot
-    return timeout if timeout is not None else BOOT_TIMEOUT + 30.0 * count
+    return timeout if timeout is not None else PUBLISH_WAIT + BOOT_TIMEOUT + 30.0 * count
 
 
 def describe(cmd: str | Sequence[str]) -> str:

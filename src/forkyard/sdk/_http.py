@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -52,7 +52,8 @@ class Call(Generic[T]):
     path: str
     parse: Callable[[httpx.Response], T]
     json: Any = None
-    params: Mapping[str, str | int] | None = None
+    # pairs when a key repeats (``label=a=1&label=b=2``)
+    params: Mapping[str, str | int] | Sequence[tuple[str, str | int]] | None = None
     content: bytes | None = None
     # seconds to wait for the answer; None waits forever (a command without limit)
     timeout: float | _Default | None = DEFAULT
@@ -83,7 +84,8 @@ def _request(client: httpx.Client | httpx.AsyncClient, call: Call[Any], config: 
         call.method,
         call.path,
         json=call.json,
-        params=dict(call.params) if call.params else None,
+        params=(dict(call.params) if isinstance(call.params, Mapping) else list(call.params))
+        if call.params else None,
         content=call.content if content is None else content,
         headers=headers,
         timeout=_timeout(call, config),

@@ -19,6 +19,7 @@ from forkyard.sdk.models import (
     CheckpointInfo,
     CommandResult,
     EntryInfo,
+    EventInfo,
     SandboxInfo,
     WorkerInfo,
     entry_from_json,
@@ -92,6 +93,17 @@ def health() -> Call[dict[str, Any]]:
     return Call("GET", "/health", parse)
 
 
+def events(sandbox: str | None = None, after: int = 0, wait: float = 0.0,
+           limit: int = 100) -> Call[list[EventInfo]]:
+    params: dict[str, str | int] = {"after": after, "limit": limit}
+    if sandbox is not None:
+        params["sandbox"] = sandbox
+    if wait:
+        params["wait"] = str(wait)
+    return Call("GET", "/v1/events", lambda r: [EventInfo.from_json(x) for x in _array(r)],
+                params=params, timeout=wait + 30.0)
+
+
 def list_workers() -> Call[list[WorkerInfo]]:
     return Call("GET", "/v1/workers", lambda r: [WorkerInfo.from_json(x) for x in _array(r)])
 
@@ -100,14 +112,19 @@ def list_workers() -> Call[list[WorkerInfo]]:
 
 
 def create(image: str, worker: str | None, memory_mb: int | None, cpus: int | None,
-           timeout: float | None, *, disk: int | str | None = None,
-           cold: bool = False) -> Call[SandboxInfo]:
+           timeout: float | None, *, labels: Mapping[str, str] | None = None,
+           lifetime: int | None = None, on_timeout: str | None = None,
+           idle_hibernate: int | None = None, auto_wake: bool = False,
+           disk: int | str | None = None, cold: bool = False) -> Call[SandboxInfo]:
+    """``timeout`` bounds the request; ``lifetime`` is the sandbox's own timeout."""
     body: dict[str, Any] = {"image": image, "worker": worker, "memory_mb": memory_mb,
                             "cpus": cpus}
-    if disk is not None:
-        body["disk"] = disk_bytes(disk)
-    if cold:
-        body["cold"] = True
+    # only what is set: an older control plane refuses fields it does not know
+    extra = {"labels": dict(labels) if labels else None, "timeout": lifetime,
+             "on_timeout": on_timeout, "idle_hibernate": idle_hibernate,
+             "auto_wake": auto_wake or None,
+             "disk": None if disk is None else disk_bytes(disk), "cold": cold or None}
+    body.update({k: v for k, v in extra.items() if v is not None})
     return Call("POST", "/v1/sandboxes", _sandbox, json=body, timeout=timeout)
 
 
@@ -126,8 +143,18 @@ def disk_bytes(size: int | str) -> int:
     return int(number) * _UNITS[unit]
 
 
-def list_sandboxes() -> Call[list[SandboxInfo]]:
-    return Call("GET", "/v1/sandboxes", _sandboxes)
+def list_sandboxes(labels: Mapping[str, str] | None = None,
+                   state: str | None = None) -> Call[list[SandboxInfo]]:
+    params: list[tuple[str, str | int]] = [("label", f"{k}={v}")
+                                           for k, v in (labels or {}).items()]
+    if state is not None:
+        params.append(("state", str(state)))
+    return Call("GET", "/v1/sandboxes", _sandboxes, params=params or None)
+
+
+def set_timeout(sandbox_id: str, timeout: int | None) -> Call[SandboxInfo]:
+    return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/timeout", _sandbox,
+                json={"timeout": timeout})
 
 
 def get_sandbox(sandbox_id: str) -> Call[SandboxInfo]:
@@ -170,9 +197,13 @@ def exec_(
 
 
 def checkpoint(sandbox_id: str, name: str | None, publish: bool,
-               timeout: float | None) -> Call[CheckpointInfo]:
+               timeout: float | None, labels: Mapping[str, str] | None = None
+               ) -> Call[CheckpointInfo]:
+    body: dict[str, Any] = {"name": name, "publish": publish}
+    if labels:
+        body["labels"] = dict(labels)
     return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/checkpoint", _checkpoint,
-                json={"name": name, "publish": publish}, timeout=timeout)
+                json=body, timeout=timeout)
 
 
 def hibernate(sandbox_id: str, wait: bool, timeout: float | None) -> Call[SandboxInfo]:
@@ -261,8 +292,12 @@ def delete_checkpoint(checkpoint_id: str) -> Call[None]:
 
 
 def fork(checkpoint_id: str, count: int, worker: str | None,
-         timeout: float | None) -> Call[list[SandboxInfo]]:
+         timeout: float | None, labels: Mapping[str, str] | None = None
+         ) -> Call[list[SandboxInfo]]:
     if count < 1:
         raise ValueError(f"fork count must be at least 1, got {count}")
+    body: dict[str, Any] = {"count": count, "worker": worker}
+    if labels:
+        body["labels"] = dict(labels)
     return Call("POST", f"/v1/checkpoints/{_sid(checkpoint_id)}/fork", _sandboxes,
-                json={"count": count, "worker": worker}, timeout=timeout)
+                json=body, timeout=timeout)

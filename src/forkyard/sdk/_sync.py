@@ -183,19 +183,31 @@ class Sandbox:
         url: str | None = None,
         token: str | None = None,
         home: PathLike | None = None,
+        labels: Mapping[str, str] | None = None,
+        timeout: int | None = None,
+        on_timeout: str = "kill",
+        idle_hibernate: int | None = None,
+        auto_wake: bool = False,
         disk: int | str | None = None,
         cold: bool = False,
-        timeout: float | None = _ops.BOOT_TIMEOUT,
+        boot_timeout: float | None = _ops.BOOT_TIMEOUT,
     ) -> Sandbox:
         """Boot a new sandbox and return once its guest answers.
 
-        ``timeout`` bounds the wait for the boot (seconds, None = no limit).
+        ``labels`` tag it (``list(labels=...)`` finds it; forks inherit them).
+        ``timeout`` (seconds) ends it by ``on_timeout`` ("kill" or "hibernate"),
+        ``idle_hibernate`` hibernates it after that many seconds without exec or
+        file requests, ``auto_wake`` lets such a request wake it again.
         ``disk`` is the guest's disk (bytes or e.g. ``"4G"``; thin); ``cold``
         boots even when the image has a template to fork.
+        ``boot_timeout`` bounds the wait for the boot (seconds, None = no limit).
         """
         http = _http(url, token, home)
-        return cls(http.call(_ops.create(image, worker, memory_mb, cpus, timeout,
-                                          disk=disk, cold=cold)), http)
+        call = _ops.create(image, worker, memory_mb, cpus, boot_timeout, labels=labels,
+                           lifetime=timeout, on_timeout=on_timeout if timeout else None,
+                           idle_hibernate=idle_hibernate, auto_wake=auto_wake,
+                           disk=disk, cold=cold)
+        return cls(http.call(call), http)
 
     @classmethod
     def connect(cls, sandbox_id: str, *, url: str | None = None, token: str | None = None,
@@ -209,10 +221,11 @@ class Sandbox:
         return cls(http.call(_ops.get_sandbox(sandbox_id)), http)
 
     @classmethod
-    def list(cls, *, url: str | None = None, token: str | None = None,
+    def list(cls, *, labels: Mapping[str, str] | None = None, state: str | None = None,
+             url: str | None = None, token: str | None = None,
              home: PathLike | None = None) -> builtins.list[SandboxInfo]:
-        """Every sandbox that is not destroyed."""
-        return _http(url, token, home).call(_ops.list_sandboxes())
+        """Sandboxes with all of ``labels``, in ``state`` (default: all but destroyed)."""
+        return _http(url, token, home).call(_ops.list_sandboxes(labels, state))
 
     @overload
     @classmethod
@@ -280,6 +293,11 @@ class Sandbox:
         self._info = self._http.call(_ops.get_sandbox(self.id))
         return self._info
 
+    def set_timeout(self, timeout: int | None) -> SandboxInfo:
+        """End it ``timeout`` seconds from now (by its ``on_timeout``); None: never."""
+        self._info = self._http.call(_ops.set_timeout(self.id, timeout))
+        return self._info
+
     def __repr__(self) -> str:
         return f"<Sandbox {self.id} {self.state} on {self.worker}>"
 
@@ -315,6 +333,7 @@ class Sandbox:
 
     # --- lifecycle -----------------------------------------------------------------
     def checkpoint(self, name: str | None = None, *, publish: bool = True,
+                   labels: Mapping[str, str] | None = None,
                    timeout: float | None = CHECKPOINT_TIMEOUT) -> Checkpoint:
         """Capture the running sandbox; it keeps running.
 
@@ -322,7 +341,7 @@ class Sandbox:
         ``publish`` it is uploaded to the store in the background, and
         :meth:`Checkpoint.wait_published` waits until any worker can fork it.
         """
-        info = self._http.call(_ops.checkpoint(self.id, name, publish, timeout))
+        info = self._http.call(_ops.checkpoint(self.id, name, publish, timeout, labels))
         self._info = _with_last_checkpoint(self._info, info.id)
         return Checkpoint(info, self._http)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import stat as stat_mod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from forkyard.sdk.errors import ResponseFormatError
@@ -30,6 +30,7 @@ __all__ = [
     "CheckpointState",
     "CommandResult",
     "EntryInfo",
+    "EventInfo",
     "SandboxInfo",
     "SandboxState",
     "WorkerInfo",
@@ -65,6 +66,13 @@ def _opt(data: Mapping[str, Any], key: str, kind: type[T], what: str) -> T | Non
     return _get(data, key, kind, what)
 
 
+def _labels(data: Mapping[str, Any], what: str) -> dict[str, str]:
+    labels = _opt(data, "labels", dict, what) or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ResponseFormatError(f"{what}: 'labels' is not an object of strings")
+    return dict(labels)
+
+
 def _obj(data: object, what: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ResponseFormatError(f"{what}: expected a JSON object, got {type(data).__name__}")
@@ -86,6 +94,12 @@ class SandboxInfo:
     last_checkpoint: str | None
     error: str | None
     recoverable_from: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    timeout: int | None = None  # seconds, from creation or the last set_timeout
+    expires_at: str | None = None
+    on_timeout: str | None = None
+    idle_hibernate: int | None = None
+    auto_wake: bool = False
 
     @classmethod
     def from_json(cls, data: object) -> SandboxInfo:
@@ -103,6 +117,12 @@ class SandboxInfo:
             last_checkpoint=_opt(d, "last_checkpoint", str, w),
             error=_opt(d, "error", str, w),
             recoverable_from=_opt(d, "recoverable_from", str, w),
+            labels=_labels(d, w),
+            timeout=_opt(d, "timeout", int, w),
+            expires_at=_opt(d, "expires_at", str, w),
+            on_timeout=_opt(d, "on_timeout", str, w),
+            idle_hibernate=_opt(d, "idle_hibernate", int, w),
+            auto_wake=bool(_opt(d, "auto_wake", bool, w)),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -111,7 +131,10 @@ class SandboxInfo:
             "memory_mb": self.memory_mb, "cpus": self.cpus, "created": self.created,
             "parent_checkpoint": self.parent_checkpoint,
             "last_checkpoint": self.last_checkpoint, "error": self.error,
-            "recoverable_from": self.recoverable_from,
+            "recoverable_from": self.recoverable_from, "labels": dict(self.labels),
+            "timeout": self.timeout, "expires_at": self.expires_at,
+            "on_timeout": self.on_timeout, "idle_hibernate": self.idle_hibernate,
+            "auto_wake": self.auto_wake,
         }
 
 
@@ -127,6 +150,7 @@ class CheckpointInfo:
     changed_bytes: int | None
     stored_bytes: int | None
     error: str | None
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: object) -> CheckpointInfo:
@@ -143,6 +167,7 @@ class CheckpointInfo:
             changed_bytes=_opt(d, "changed_bytes", int, w),
             stored_bytes=_opt(d, "stored_bytes", int, w),
             error=_opt(d, "error", str, w),
+            labels=_labels(d, w),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -150,8 +175,36 @@ class CheckpointInfo:
             "id": self.id, "state": self.state, "sandbox": self.sandbox, "worker": self.worker,
             "name": self.name, "created": self.created, "base": self.base,
             "changed_bytes": self.changed_bytes, "stored_bytes": self.stored_bytes,
-            "error": self.error,
+            "error": self.error, "labels": dict(self.labels),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class EventInfo:
+    """One lifecycle event of ``GET /v1/events``."""
+
+    id: int
+    time: str
+    kind: str
+    sandbox: str | None
+    checkpoint: str | None
+    worker: str | None
+    detail: str | None
+    delivery: str | None
+
+    @classmethod
+    def from_json(cls, data: object) -> EventInfo:
+        d = _obj(data, "event")
+        w = "event"
+        return cls(id=_get(d, "id", int, w), time=_get(d, "time", str, w),
+                   kind=_get(d, "kind", str, w), sandbox=_opt(d, "sandbox", str, w),
+                   checkpoint=_opt(d, "checkpoint", str, w), worker=_opt(d, "worker", str, w),
+                   detail=_opt(d, "detail", str, w), delivery=_opt(d, "delivery", str, w))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "time": self.time, "kind": self.kind, "sandbox": self.sandbox,
+                "checkpoint": self.checkpoint, "worker": self.worker, "detail": self.detail,
+                "delivery": self.delivery}
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ A confined QEMU (``QemuVM(confine=True)``, the default):
 
 - runs under QEMU's seccomp filter (:data:`SANDBOX`): no obsolete syscalls, no
   privilege changes, no fork/exec, no scheduler/resource tweaks;
-- runs as a uid/gid of its own, never root (``forkyard.host.vmuser``);
+- runs as a uid/gid of its own, never root (``forkyard.vm.vmuser``);
 - sees none of the host's files: its root is a private tmpfs (in a new mount
   namespace) holding read-only binds of ``/usr`` and the dynamic loader's
   cache, five harmless ``/dev`` nodes (plus ``/dev/kvm`` for KVM) and the
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Protocol
 
 from forkyard.errors import SetupError
-from forkyard.host import vmuser
+from forkyard.vm import vmuser
 from forkyard.vm._spawn import ENV, spawn
 from forkyard.vm.cgroup import VMCgroup, limits_for
 

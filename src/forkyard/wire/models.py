@@ -24,8 +24,10 @@ __all__ = [
     "CHECKPOINT_NAME_RE",
     "GUEST_FILE_RE",
     "GUEST_PATH_RE",
+    "LABEL_FILTER_RE",
     "MAX_FILE_BYTES",
     "MAX_GUEST_PATH",
+    "MAX_LABELS",
     "SANDBOX_ID_RE",
     "WORKER_NAME_RE",
     "CheckpointOut",
@@ -35,6 +37,8 @@ __all__ = [
     "EntryOut",
     "ErrorBody",
     "ErrorInfo",
+    "EventKind",
+    "EventOut",
     "ExecRequest",
     "ExecResultOut",
     "FileWritten",
@@ -42,8 +46,10 @@ __all__ = [
     "Health",
     "HeartbeatReply",
     "HibernateRequest",
+    "OnTimeout",
     "SandboxOut",
     "SandboxState",
+    "TimeoutRequest",
     "WakeRequest",
     "WorkerCheckpoint",
     "WorkerCheckpointRequest",
@@ -98,6 +104,33 @@ _ENV_SCHEMA: dict[str, Any] = {
 DISK_MIN = 1 << 20
 DISK_MAX = 1 << 40
 
+# labels: small, printable metadata to find sandboxes by (bounded: a caller cannot grow rows)
+LABEL_KEY_RE = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
+LABEL_VALUE_RE = r"^[^\x00-\x1f\x7f]{0,256}$"
+MAX_LABELS = 32
+LABEL_FILTER_RE = (r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}=[^\x00-\x1f\x7f]{0,256}$")
+_LABELS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "maxProperties": MAX_LABELS,
+    "propertyNames": {"pattern": LABEL_KEY_RE},
+    "additionalProperties": {"type": "string", "pattern": LABEL_VALUE_RE},
+    "description": f"up to {MAX_LABELS} labels: key (1-63 of A-Z a-z 0-9 . _ / -, "
+                   "starting alphanumeric) -> value (0-256 printable characters)",
+}
+Labels = Annotated[
+    dict[Annotated[str, Field(pattern=LABEL_KEY_RE)],
+         Annotated[str, Field(pattern=LABEL_VALUE_RE)]],
+    Field(max_length=MAX_LABELS),
+    WithJsonSchema(_LABELS_SCHEMA),
+]
+MAX_TIMEOUT = 30 * 24 * 3600  # seconds: a month
+
+
+class OnTimeout(enum.StrEnum):
+    KILL = "kill"
+    HIBERNATE = "hibernate"
+
+
 class CheckpointState(enum.StrEnum):
     LOCAL = "local"
     PUBLISHING = "publishing"
@@ -145,6 +178,14 @@ class SandboxOut(_Reply):
     recoverable_from: str | None = Field(
         None, description="for `lost` sandboxes: the published checkpoint to fork instead"
     )
+    labels: dict[str, str] = Field(default_factory=dict)
+    timeout: int | None = Field(None, description="seconds from creation (or the last "
+                                                  "set_timeout) until `on_timeout`")
+    expires_at: str | None = Field(None, description="when the timeout fires")
+    on_timeout: OnTimeout | None = None
+    idle_hibernate: int | None = Field(None, description="hibernate after this many "
+                                                         "seconds without exec/file traffic")
+    auto_wake: bool = False
 
 
 class CheckpointOut(_Reply):
@@ -158,6 +199,35 @@ class CheckpointOut(_Reply):
     changed_bytes: int
     stored_bytes: int | None
     error: str | None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class EventKind(enum.StrEnum):
+    CREATED = "created"
+    CHECKPOINTED = "checkpointed"
+    PUBLISHED = "published"
+    PUBLISH_FAILED = "publish_failed"
+    FORKED = "forked"
+    HIBERNATED = "hibernated"
+    WOKEN = "woken"
+    TIMED_OUT = "timed_out"
+    IDLE = "idle"
+    FAILED = "failed"
+    LOST = "lost"
+    DESTROYED = "destroyed"
+
+
+class EventOut(_Reply):
+    id: int
+    time: str
+    kind: EventKind
+    sandbox: str | None
+    checkpoint: str | None
+    worker: str | None
+    detail: str | None
+    delivery: str | None = Field(None, description="the webhook's delivery: pending, "
+                                 "retrying, delivered, failed or dropped (null: no webhook)")
+    attempts: int = 0
 
 
 class WorkerOut(_Reply):
@@ -233,6 +303,19 @@ class CreateSandboxRequest(_Request):
     cpus: int | None = Field(default=None, ge=1, le=64)
     disk: int | None = Field(default=None, ge=DISK_MIN, le=DISK_MAX)  # bytes (thin)
     cold: StrictBool = False  # boot even when the image has a template
+    labels: Labels = Field(default_factory=dict)
+    timeout: int | None = Field(default=None, ge=1, le=MAX_TIMEOUT,
+                                description="seconds until `on_timeout` happens")
+    on_timeout: OnTimeout = OnTimeout.KILL
+    idle_hibernate: int | None = Field(default=None, ge=1, le=MAX_TIMEOUT,
+                                       description="hibernate after this many idle seconds")
+    auto_wake: StrictBool = Field(default=False, description="an exec or file request to "
+                                  "the hibernated sandbox wakes it first")
+
+
+class TimeoutRequest(_Request):
+    timeout: int | None = Field(ge=1, le=MAX_TIMEOUT,
+                                description="seconds from now; null: no timeout")
 
 
 class ExecRequest(_Request):
@@ -291,6 +374,8 @@ class ExecRequest(_Request):
 class CheckpointRequest(_Request):
     name: str | None = Field(default=None, pattern=CHECKPOINT_NAME_RE)
     publish: StrictBool = True
+    labels: Labels = Field(default_factory=dict, description="added to the sandbox's "
+                                                             "labels, which forks inherit")
 
 
 class HibernateRequest(_Request):
@@ -304,6 +389,8 @@ class WakeRequest(_Request):
 class ForkRequest(_Request):
     count: int = Field(default=1, ge=1, le=64)
     worker: WorkerName | None = None
+    labels: Labels = Field(default_factory=dict, description="added to the labels the "
+                                                             "forks inherit")
 
 
 # ---------------------------------------------------------------------------

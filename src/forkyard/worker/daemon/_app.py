@@ -21,6 +21,7 @@ from forkyard.wire.models import WORKER_NAME_RE
 from forkyard.wire.serving import bind, setup_logging
 from forkyard.worker import Worker
 from forkyard.worker.daemon._link import HEARTBEAT_INTERVAL
+from forkyard.worker.daemon._metrics import add_metrics
 from forkyard.worker.daemon._node import Node, OnShutdown
 from forkyard.worker.daemon._routes import add_routes
 
@@ -73,6 +74,7 @@ def create_app(
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.daemon = node
     install_error_handlers(app)
+    add_metrics(app, node)  # its timing middleware sits inside the token check
     app.add_middleware(BearerAuth, token_for=lambda _path: worker_token)
     add_routes(app, node)
     return app
