@@ -40,7 +40,7 @@ def main() -> None:
             boots, cps, pauses, forks, restores = [], [], [], [], []
             for i in range(args.trials):
                 console.log(f"trial {i + 1}/{args.trials}")
-                t, sb = timed(lambda: w.create("minimal"))
+                t, sb = timed(lambda: w.create("minimal", cold=True))  # a boot, not a template
                 boots.append(t)
                 sb.files.write("/root/data", b"x" * 1_000_000)  # type: ignore[attr-defined]
                 t, cp = timed(sb.checkpoint)  # type: ignore[attr-defined]

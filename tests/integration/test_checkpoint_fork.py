@@ -154,7 +154,7 @@ def test_a_failed_state_save_leaves_later_checkpoints_consistent(worker_factory,
     from forkyard.errors import VMError
 
     w = worker_factory()
-    sb = w.create("minimal")
+    sb = w.create("minimal", cold=True)  # a plain boot: no template layer under its disk
     sb.files.write("/root/a", "before the failed checkpoint")
 
     def broken_save(dest, **_kw):

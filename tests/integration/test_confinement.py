@@ -133,7 +133,7 @@ def small_sandboxes_fs(worker_factory):
 def test_guest_filling_a_full_host_fs_fails_the_sandbox(small_sandboxes_fs):
     w = small_sandboxes_fs
     w.image("minimal")  # built outside the small filesystem
-    sb = w.create("minimal")
+    sb = w.create("minimal", cold=True)  # no template checkpoint in the small filesystem
     errors: list[BaseException] = []
 
     def fill() -> None:

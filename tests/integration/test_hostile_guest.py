@@ -105,7 +105,9 @@ def ring_bytes(path: Path) -> int:
 def flood_console_then_reboot(worker: object, bystander: object, *, size: int, cap: int,
                               timeout: float) -> None:
     with console_cap(cap):
-        sb = worker.create("minimal")  # type: ignore[attr-defined]
+        sb = worker.create("minimal", cold=True)  # type: ignore[attr-defined]
+    # earlier creates' template publishes run in the background: not the flood's memory
+    worker.wait_background()  # type: ignore[attr-defined]
     vm = sb.vm
     path = vm.console_path
     # through the shell and tr: a stream of 'x', not NULs (the tty would pass those too)

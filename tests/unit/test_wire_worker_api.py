@@ -74,7 +74,11 @@ def test_calls_fill_their_templates(call: api.Call[object], method: str, path: s
 
 def test_bodies_and_timeouts():
     assert api.create(SID, "minimal", 256, None).json() == {
-        "image": "minimal", "memory_mb": 256, "cpus": None, "sandbox_id": SID}
+        "image": "minimal", "memory_mb": 256, "cpus": None, "sandbox_id": SID,
+        "disk": None, "cold": False}
+    assert api.create(SID, "minimal", None, 2, disk=4 << 30, cold=True).json() == {
+        "image": "minimal", "memory_mb": None, "cpus": 2, "sandbox_id": SID,
+        "disk": 4 << 30, "cold": True}
     assert api.checkpoint(SID, None, False).json() == {"name": None, "publish": False}
     assert api.wake(SID, CP).json() == {"checkpoint_id": CP}
     assert api.fork(CP, SID).json() == {"sandbox_id": SID}

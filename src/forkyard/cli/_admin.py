@@ -179,6 +179,36 @@ def image_build(
         out.print(f"path       {i.path}" + (f"  (worker {wname})" if wname else ""))
 
 
+@image_app.command("warm")
+def image_warm(
+    image: Annotated[str, typer.Argument(help="Image name or digest.")] = "minimal",
+    memory: Annotated[int | None, typer.Option("--memory", "-m", min=64, help="MiB.")] = None,
+    cpus: Annotated[int | None, typer.Option("--cpus", min=1)] = None,
+    disk: Annotated[str | None, typer.Option("--disk", help="Disk size, e.g. 4G.")] = None,
+    home: HomeOpt = None,
+    worker: WorkerOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Boot IMAGE once in the worker home(s) of --home and keep it as the template later
+    creates of that image and shape fork (published to the worker's store)."""
+    from forkyard.sdk._ops import disk_bytes
+    from forkyard.worker import Worker
+
+    try:
+        size = None if disk is None else disk_bytes(disk)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--disk") from None
+    done = []
+    for name, path in target_homes(home_dir(home), worker):
+        with Worker(path, name=name) as w:
+            done.append((name, w.warm(image, memory_mb=memory, cpus=cpus, disk_size=size)))
+    if json_:
+        print_json([{"worker": n, "template": cp} for n, cp in done])
+        return
+    for n, cp in done:
+        console().print(cp + (f"  (worker {n})" if n else ""))
+
+
 @image_app.command("ls")
 def image_ls(home: HomeOpt = None, worker: WorkerOpt = None, json_: JsonOpt = False) -> None:
     """List the base images of the worker home(s) of --home."""

@@ -70,6 +70,10 @@ def create(
     = None,
     memory: Annotated[int | None, typer.Option("--memory", "-m", min=64, help="MiB.")] = None,
     cpus: Annotated[int | None, typer.Option("--cpus", min=1)] = None,
+    disk: Annotated[str | None, typer.Option("--disk", help="Disk size, e.g. 4G (thin).")]
+    = None,
+    cold: Annotated[bool, typer.Option("--cold", help="Boot, even if a template exists.")]
+    = False,
     label: LabelOpt = None,
     timeout: Annotated[int | None, typer.Option(
         "--timeout", min=1, help="Seconds until --on-timeout happens.")] = None,
@@ -82,16 +86,21 @@ def create(
         "--auto-wake", help="An exec or file request wakes it when hibernated.")] = False,
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
-    """Boot a new sandbox; prints its id."""
+    """Start a new sandbox (from the image's template, or booting it); prints its id."""
     if on_timeout not in ("kill", "hibernate"):
         raise typer.BadParameter(f"{on_timeout!r} is not kill or hibernate",
                                  param_hint="--on-timeout")
     labels = _labels(label)
+    try:
+        size = None if disk is None else _ops.disk_bytes(disk)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--disk") from None
     http = connect(home, url, token)
     info = http.call(_ops.create(image, worker, memory, cpus, _ops.BOOT_TIMEOUT,
                                  labels=labels, lifetime=timeout,
                                  on_timeout=on_timeout if timeout else None,
-                                 idle_hibernate=idle_hibernate, auto_wake=auto_wake))
+                                 idle_hibernate=idle_hibernate, auto_wake=auto_wake,
+                                 disk=size, cold=cold))
     if json_:
         print_json(info.to_json())
     else:

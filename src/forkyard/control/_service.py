@@ -49,7 +49,8 @@ class ControlPlane(Checkpoints, Timers):
                              memory_mb=req.memory_mb, cpus=req.cpus, created=now, updated=now,
                              labels=dict(req.labels), **timer_fields(req, now)))
         try:
-            info = client.send(worker_api.create(sid, req.image, req.memory_mb, req.cpus))
+            info = client.send(worker_api.create(sid, req.image, req.memory_mb, req.cpus,
+                                                 disk=req.disk, cold=req.cold))
         except BaseException as exc:
             self._start_failed([sid], exc)
             raise

@@ -49,6 +49,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/sysmacros.h>
+#include <sys/vfs.h>
+#include <linux/random.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
@@ -1547,6 +1550,121 @@ static void op_mkdir(uint32_t id, const fields_t *fs)
     free(path);
 }
 
+/* ------------------------------------------------------------------ */
+/* fresh after a restore: entropy, identity, disk size                */
+/* Numbers from 64 up, apart from the core protocol's. */
+enum { OP_IDENTITY = 64, OP_GROW_FS = 65 };
+enum { T_SEED = 64, T_HOSTNAME = 65, T_MACHINE_ID = 66, T_RESEEDED = 67 };
+#define MAX_SEED 512
+#define F_IDENTITY_MACHINE_ID 1u
+#ifndef EXT4_IOC_RESIZE_FS
+#define EXT4_IOC_RESIZE_FS _IOW('f', 16, uint64_t)
+#endif
+
+/* Every fork of one checkpoint resumes with the same kernel RNG state; the
+   host's bytes are credited to the input pool and the crng is rekeyed at once
+   (adding entropy alone would only be used at the next periodic reseed). */
+static int reseed(const field_t *seed)
+{
+    if (!seed || seed->len == 0 || seed->len > MAX_SEED) return 0;
+    struct { int entropy_count; int buf_size; uint8_t buf[MAX_SEED]; } req;
+    req.entropy_count = (int)seed->len * 8;
+    req.buf_size = (int)seed->len;
+    memcpy(req.buf, seed->val, seed->len);
+    int ok = 0;
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        ok = ioctl(fd, RNDADDENTROPY, &req) == 0 && ioctl(fd, RNDRESEEDCRNG) == 0;
+        close(fd);
+    }
+    memset(&req, 0, sizeof req);
+    return ok;
+}
+
+static int is_hex32(const field_t *f)
+{
+    if (!f || f->len != 32) return 0;
+    for (uint32_t i = 0; i < 32; i++) {
+        uint8_t c = f->val[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return 0;
+    }
+    return 1;
+}
+
+/* a template's forks must each look like a machine of their own */
+static void op_identity(uint32_t id, const fields_t *fs)
+{
+    const field_t *h = field(fs, T_HOSTNAME);
+    const field_t *m = field(fs, T_MACHINE_ID);
+    if (h && (h->len == 0 || h->len > 64 || memchr(h->val, 0, h->len))) {
+        send_error(OP_IDENTITY, id, "bad_request", EINVAL, "hostname must be 1-64 bytes");
+        return;
+    }
+    if (m && !is_hex32(m)) {
+        send_error(OP_IDENTITY, id, "bad_request", EINVAL, "machine-id must be 32 hex digits");
+        return;
+    }
+    if (h && sethostname((const char *)h->val, h->len) != 0) {
+        send_errno(OP_IDENTITY, id, "sethostname", "");
+        return;
+    }
+    uint64_t flags = 0;
+    /* only where the image has one: an image without systemd has no use for it */
+    if (m && access("/etc/machine-id", F_OK) == 0) {
+        int fd = open("/etc/machine-id", O_WRONLY | O_TRUNC | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0) { send_errno(OP_IDENTITY, id, "open", "/etc/machine-id"); return; }
+        uint8_t line[33];
+        memcpy(line, m->val, 32);
+        line[32] = '\n';
+        int rc = write_all(fd, line, sizeof line);
+        close(fd);
+        if (rc != 0) { send_errno(OP_IDENTITY, id, "write", "/etc/machine-id"); return; }
+        flags |= F_IDENTITY_MACHINE_ID;
+    }
+    buf_t b = {0};
+    tlv_u64(&b, T_FLAGS, flags);
+    send_frame(OP_IDENTITY, FL_RESPONSE, id, &b);
+    buf_free(&b);
+}
+
+/* Grow the root ext4 online to fill its block device (the host made the
+   disk's top layer larger than the image); replies with the new size. */
+static void op_grow_fs(uint32_t id, const fields_t *fs)
+{
+    (void)fs;
+    int fd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    struct stat st;
+    struct statfs sf;
+    if (fd < 0 || fstat(fd, &st) != 0 || fstatfs(fd, &sf) != 0 || sf.f_bsize <= 0) {
+        send_errno(OP_GROW_FS, id, "stat", "/");
+        if (fd >= 0) close(fd);
+        return;
+    }
+    char path[64];
+    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/size", major(st.st_dev), minor(st.st_dev));
+    FILE *f = fopen(path, "re");
+    unsigned long long sectors = 0;
+    int got = f ? fscanf(f, "%llu", &sectors) : 0;
+    if (f) fclose(f);
+    if (got != 1 || sectors == 0) {
+        send_error(OP_GROW_FS, id, "io", EIO, "cannot read the size of %s", path);
+        close(fd);
+        return;
+    }
+    uint64_t blocks = (uint64_t)sectors * 512u / (uint64_t)sf.f_bsize;
+    if (ioctl(fd, EXT4_IOC_RESIZE_FS, &blocks) != 0) {
+        send_errno(OP_GROW_FS, id, "resize", "/");
+        close(fd);
+        return;
+    }
+    fstatfs(fd, &sf);
+    close(fd);
+    buf_t b = {0};
+    tlv_u64(&b, T_SIZE, (uint64_t)sf.f_blocks * (uint64_t)sf.f_bsize);
+    send_frame(OP_GROW_FS, FL_RESPONSE, id, &b);
+    buf_free(&b);
+}
+
 static void op_hello(uint32_t id, const fields_t *fs)
 {
     uint64_t tns = field_u64(fs, T_TIME_NS, 0);
@@ -1560,6 +1678,7 @@ static void op_hello(uint32_t id, const fields_t *fs)
     buf_t b = {0};
     tlv_str(&b, T_VERSION, AGENT_VERSION);
     tlv_u64(&b, T_UPTIME_MS, (uint64_t)up.tv_sec * 1000 + (uint64_t)up.tv_nsec / 1000000);
+    if (reseed(field(fs, T_SEED))) tlv_u64(&b, T_RESEEDED, 1);
     const field_t *nonce = field(fs, T_NONCE);
     if (nonce) tlv(&b, T_NONCE, nonce->val, nonce->len);
     send_frame(OP_HELLO, FL_RESPONSE, id, &b);
@@ -1621,6 +1740,8 @@ static void dispatch(uint16_t op, uint32_t id, const uint8_t *payload, size_t le
     case OP_PROC_INPUT: op_proc_input(id, &fs); break;
     case OP_PROC_LIST: op_proc_list(id, &fs); break;
     case OP_PTY_RESIZE: op_pty_resize(id, &fs); break;
+    case OP_IDENTITY: op_identity(id, &fs); break;
+    case OP_GROW_FS: op_grow_fs(id, &fs); break;
     case OP_POWEROFF:
         sync();
         reboot(RB_POWER_OFF);

@@ -160,6 +160,7 @@ class AgentClient:
         self._broken: str | None = None  # why the reader gave up on the connection
         self._reset_lock = threading.Lock()
         self.version = ""
+        self.reseeded = False  # whether the last HELLO reseeded the guest RNG
 
     # ------------------------------------------------------------------
     # connection
@@ -232,12 +233,16 @@ class AgentClient:
         nonce = secrets.token_bytes(16)
         fields: list[tuple[Tag, p.FieldValue]] = [(Tag.NONCE, nonce)]
         if set_time:
+            # a fresh session follows a boot, fork or wake: every restore of one
+            # memory image gets its own entropy (and the real clock)
             fields.append((Tag.TIME_NS, time.time_ns()))
+            fields.append((Tag.SEED, secrets.token_bytes(p.SEED_BYTES)))
         reply = self._call(Op.HELLO, fields, timeout=timeout, request_id=self._hello_id)
         if reply.bytes(Tag.NONCE) != nonce:
             self.close()
             raise AgentError(f"{self._name}: agent answered HELLO with the wrong nonce")
         self.version = reply.str(Tag.VERSION)
+        self.reseeded = bool(reply.int(Tag.RESEEDED))
 
     def _drop(self) -> None:
         """Close this connection only; the client stays usable for another."""
@@ -595,6 +600,20 @@ class AgentClient:
     def procs(self) -> Processes:
         """Spawned processes: live output, stdin, list, terminals (:mod:`forkyard.guest.procs`)."""
         return Processes(self)
+
+    def set_identity(self, *, hostname: str, machine_id: str,
+                     timeout: float = 30.0) -> bool:
+        """Give the guest its own hostname and (where the image has one) machine-id.
+
+        Returns whether ``/etc/machine-id`` was rewritten.
+        """
+        r = self._call(Op.IDENTITY, [(Tag.HOSTNAME, hostname), (Tag.MACHINE_ID, machine_id)],
+                       timeout=timeout)
+        return bool(r.int(Tag.FLAGS) & p.IDENTITY_MACHINE_ID)
+
+    def grow_fs(self, *, timeout: float = 120.0) -> int:
+        """Grow the guest's root filesystem to its disk; returns its new size in bytes."""
+        return self._call(Op.GROW_FS, [], timeout=timeout).int(Tag.SIZE)
 
     def ping(self, *, timeout: float = 10.0) -> str:
         r = self._call(Op.HELLO, [], timeout=timeout)

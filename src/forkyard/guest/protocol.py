@@ -105,6 +105,9 @@ class Op(enum.IntEnum):
     PROC_INPUT = 14
     PROC_LIST = 15
     PTY_RESIZE = 16
+    # fresh after a restore (numbered apart from the core ops)
+    IDENTITY = 64
+    GROW_FS = 65
     ACK = 0x7FFF
 
 
@@ -151,6 +154,11 @@ class Tag(enum.IntEnum):
     ROWS = 35
     COLS = 36
     USER = 37
+    # HELLO: host randomness the guest reseeds its RNG with; RESEEDED = 1 if it did
+    SEED = 64
+    HOSTNAME = 65
+    MACHINE_ID = 66
+    RESEEDED = 67
 
 
 # T_FLAGS bits, per operation
@@ -168,6 +176,8 @@ INPUT_EOF = 1
 PROC_EXITED = 1
 PROC_PTY = 2
 PROC_TIMED_OUT = 4
+IDENTITY_MACHINE_ID = 1  # in the reply: /etc/machine-id was rewritten
+SEED_BYTES = 64  # the agent accepts up to 512
 
 _FIELD = struct.Struct("<HI")
 _U64 = struct.Struct("<Q")

@@ -158,12 +158,15 @@ class AsyncSandbox:
         on_timeout: str = "kill",
         idle_hibernate: int | None = None,
         auto_wake: bool = False,
+        disk: int | str | None = None,
+        cold: bool = False,
         boot_timeout: float | None = _ops.BOOT_TIMEOUT,
     ) -> AsyncSandbox:
         http = _http(url, token, home)
         call = _ops.create(image, worker, memory_mb, cpus, boot_timeout, labels=labels,
                            lifetime=timeout, on_timeout=on_timeout if timeout else None,
-                           idle_hibernate=idle_hibernate, auto_wake=auto_wake)
+                           idle_hibernate=idle_hibernate, auto_wake=auto_wake,
+                           disk=disk, cold=cold)
         return cls(await http.call(call), http)
 
     @classmethod

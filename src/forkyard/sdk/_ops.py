@@ -32,6 +32,7 @@ __all__ = [
     "checkpoint",
     "create",
     "delete_checkpoint",
+    "disk_bytes",
     "exec_",
     "fork",
     "get_checkpoint",
@@ -113,16 +114,33 @@ def list_workers() -> Call[list[WorkerInfo]]:
 def create(image: str, worker: str | None, memory_mb: int | None, cpus: int | None,
            timeout: float | None, *, labels: Mapping[str, str] | None = None,
            lifetime: int | None = None, on_timeout: str | None = None,
-           idle_hibernate: int | None = None, auto_wake: bool = False) -> Call[SandboxInfo]:
+           idle_hibernate: int | None = None, auto_wake: bool = False,
+           disk: int | str | None = None, cold: bool = False) -> Call[SandboxInfo]:
     """``timeout`` bounds the request; ``lifetime`` is the sandbox's own timeout."""
     body: dict[str, Any] = {"image": image, "worker": worker, "memory_mb": memory_mb,
                             "cpus": cpus}
     # only what is set: an older control plane refuses fields it does not know
     extra = {"labels": dict(labels) if labels else None, "timeout": lifetime,
              "on_timeout": on_timeout, "idle_hibernate": idle_hibernate,
-             "auto_wake": auto_wake or None}
+             "auto_wake": auto_wake or None,
+             "disk": None if disk is None else disk_bytes(disk), "cold": cold or None}
     body.update({k: v for k, v in extra.items() if v is not None})
     return Call("POST", "/v1/sandboxes", _sandbox, json=body, timeout=timeout)
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def disk_bytes(size: int | str) -> int:
+    """A disk size: bytes, or a string like ``4G``, ``512M``, ``4GiB`` (powers of 1024)."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _UNITS and not text[-1:].isdigit() else ""
+    number = text[: len(text) - len(unit)]
+    if not number.isdigit() or len(number) > 15:
+        raise ValueError(f"not a disk size: {size!r} (say e.g. 4G or 512M)")
+    return int(number) * _UNITS[unit]
 
 
 def list_sandboxes(labels: Mapping[str, str] | None = None,

@@ -189,6 +189,8 @@ class Sandbox:
         on_timeout: str = "kill",
         idle_hibernate: int | None = None,
         auto_wake: bool = False,
+        disk: int | str | None = None,
+        cold: bool = False,
         boot_timeout: float | None = _ops.BOOT_TIMEOUT,
     ) -> Sandbox:
         """Boot a new sandbox and return once its guest answers.
@@ -197,12 +199,15 @@ class Sandbox:
         ``timeout`` (seconds) ends it by ``on_timeout`` ("kill" or "hibernate"),
         ``idle_hibernate`` hibernates it after that many seconds without exec or
         file requests, ``auto_wake`` lets such a request wake it again.
+        ``disk`` is the guest's disk (bytes or e.g. ``"4G"``; thin); ``cold``
+        boots even when the image has a template to fork.
         ``boot_timeout`` bounds the wait for the boot (seconds, None = no limit).
         """
         http = _http(url, token, home)
         call = _ops.create(image, worker, memory_mb, cpus, boot_timeout, labels=labels,
                            lifetime=timeout, on_timeout=on_timeout if timeout else None,
-                           idle_hibernate=idle_hibernate, auto_wake=auto_wake)
+                           idle_hibernate=idle_hibernate, auto_wake=auto_wake,
+                           disk=disk, cold=cold)
         return cls(http.call(call), http)
 
     @classmethod

@@ -103,6 +103,10 @@ _ENV_SCHEMA: dict[str, Any] = {
 }
 
 
+# a sandbox disk (bytes): the image must fit, and a worker offers at most 1 TiB
+DISK_MIN = 1 << 20
+DISK_MAX = 1 << 40
+
 # labels: small, printable metadata to find sandboxes by (bounded: a caller cannot grow rows)
 LABEL_KEY_RE = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
 LABEL_VALUE_RE = r"^[^\x00-\x1f\x7f]{0,256}$"
@@ -300,6 +304,8 @@ class CreateSandboxRequest(_Request):
     worker: WorkerName | None = None
     memory_mb: int | None = Field(default=None, ge=64, le=256 * 1024)
     cpus: int | None = Field(default=None, ge=1, le=64)
+    disk: int | None = Field(default=None, ge=DISK_MIN, le=DISK_MAX)  # bytes (thin)
+    cold: StrictBool = False  # boot even when the image has a template
     labels: Labels = Field(default_factory=dict)
     timeout: int | None = Field(default=None, ge=1, le=MAX_TIMEOUT,
                                 description="seconds until `on_timeout` happens")
@@ -497,6 +503,8 @@ class WorkerCreateRequest(_Request):
     memory_mb: int | None = Field(default=None, ge=64, le=256 * 1024)
     cpus: int | None = Field(default=None, ge=1, le=64)
     sandbox_id: str | None = Field(default=None, pattern=SANDBOX_ID_RE.pattern)
+    disk: int | None = Field(default=None, ge=DISK_MIN, le=DISK_MAX)
+    cold: StrictBool = False
 
 
 class WorkerCheckpointRequest(_Request):

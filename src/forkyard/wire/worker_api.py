@@ -164,9 +164,10 @@ def _entries(data: Any) -> list[EntryOut]:
 
 # --- sandboxes -----------------------------------------------------------------
 def create(sandbox_id: str, image: str, memory_mb: int | None,
-           cpus: int | None) -> Call[WorkerSandbox]:
+           cpus: int | None, *, disk: int | None = None,
+           cold: bool = False) -> Call[WorkerSandbox]:
     body = WorkerCreateRequest(image=image, memory_mb=memory_mb, cpus=cpus,
-                               sandbox_id=sandbox_id)
+                               sandbox_id=sandbox_id, disk=disk, cold=cold)
     return Call(CREATE, CREATE.path(), WorkerSandbox.model_validate, BOOT_TIMEOUT, body)
 
 

@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from forkyard._fs import atomic_write_bytes
+from forkyard.errors import ImageError, InsufficientCapacity
 
-__all__ = ["RECORD_NAME", "SandboxInfo", "SandboxSpec", "read_record", "write_record"]
+__all__ = ["DEFAULT_DISK", "MAX_DISK", "RECORD_NAME", "SandboxInfo", "SandboxSpec",
+           "disk_size_for", "read_record", "write_record"]
 
 RECORD_NAME = "sandbox.json"
+GIB = 1 << 30
+DEFAULT_DISK = 4 * GIB  # thin: only what the guest writes takes host space
+MAX_DISK = 1024 * GIB  # = the wire's DISK_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,10 +28,22 @@ class SandboxSpec:
     """What a sandbox runs on: set at create/fork, replaced by a restore."""
 
     base_digest: str
-    disk_size: int  # = the raw base's size
+    disk_size: int  # the guest's disk (top layer's virtual size), >= the raw base's size
     memory_mb: int
     cpus: int
     parent: str | None  # checkpoint it was forked/woken/restored from
+    base_size: int = 0  # the raw base's size; 0: the same as disk_size
+
+
+def disk_size_for(requested: int | None, base_size: int) -> int:
+    """The guest disk for an image of ``base_size`` bytes: whole MiB, never below the image."""
+    size = max(DEFAULT_DISK, base_size) if requested is None else requested
+    if size > MAX_DISK:
+        raise InsufficientCapacity(f"a disk of {size} bytes is over the limit of {MAX_DISK}",
+                                   resource="disk", limit=MAX_DISK)
+    if size < base_size:
+        raise ImageError(f"the image needs a disk of at least {base_size} bytes, not {size}")
+    return -(-size // (1 << 20)) << 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -163,6 +164,19 @@ class Sandbox:
         """Spawned processes (live output, stdin, terminals): :class:`GuestProcs`."""
         return GuestProcs(self)
 
+    def grow_root_fs(self, *, timeout: float = 300.0) -> int:
+        """Grow the guest's root filesystem to fill its disk; its new size in bytes."""
+        return self._agent_call(lambda a: a.grow_fs(timeout=timeout))
+
+    def new_identity(self) -> bool:
+        """Its own hostname (the sandbox id) and a fresh machine-id where the image has one.
+
+        Returns whether the image had a machine-id to replace.
+        """
+        machine_id = secrets.token_hex(16)
+        return self._agent_call(lambda a: a.set_identity(hostname=self.id,
+                                                         machine_id=machine_id))
+
     def ping(self, *, timeout: float = 10.0) -> str:
         """The agent's version, proving the guest answers within ``timeout``."""
         return self._agent_call(lambda a: a.ping(timeout=timeout))
@@ -216,6 +230,9 @@ class Sandbox:
         except BaseException:
             self._mark_failed()
             raise
+        if not agent.reseeded:
+            # an agent older than the RNG reseed (saved in an old checkpoint's RAM)
+            log.warning("sandbox %s: the guest agent did not reseed its RNG", self.id)
         self._agent = agent
         self.lifecycle.move(S.RUNNING, "start")
         self._save_meta()
@@ -339,7 +356,7 @@ class Sandbox:
             sandbox=self.id,
             parent=self.parent_checkpoint,
             name=name,
-            base=PartRef(self.base_digest, self.disk_size),
+            base=PartRef(self.base_digest, self.spec.base_size or self.disk_size),
             layers=self._layers,
             state_file=state_file,
             pause_seconds=paused,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import logging
 import os
 import shutil
 import threading
@@ -28,10 +29,14 @@ from forkyard.checkpoint.local import CheckpointFiles
 from forkyard.checkpoint.recorder import Recorder
 from forkyard.config import Home
 from forkyard.errors import (
+    CheckpointError,
     CheckpointNotFound,
     ImageNotFound,
+    IntegrityError,
     SandboxNotFound,
     SandboxStateError,
+    StoreError,
+    VMError,
 )
 from forkyard.host.setup import HostInfo, ensure_host
 from forkyard.image import ImageCatalog, ImageInfo, MinimalSource, build_image
@@ -42,12 +47,14 @@ from forkyard.wire.ids import new_sandbox_id
 from forkyard.worker._compat import check_compatible
 from forkyard.worker._home import hibernated_records, keep_logs, lock_home
 from forkyard.worker._parts import PartFetcher
-from forkyard.worker._record import SandboxSpec
+from forkyard.worker._record import SandboxSpec, disk_size_for
 from forkyard.worker._sandbox import Chain, Sandbox, SandboxState
 from forkyard.worker._stream import StateStream
+from forkyard.worker._templates import TemplateIndex, TemplateKey, Templates
 
 __all__ = ["Worker"]
 
+log = logging.getLogger("forkyard.worker")
 BUILTIN_IMAGES = {"minimal": MinimalSource}
 _BOOT_TIMEOUT = 180.0  # a TCG boot is ~3 s, but CI machines are shared and slow
 
@@ -92,6 +99,9 @@ class Worker:
         self._lock = threading.Lock()
         self._image_lock = threading.Lock()
         self._closed = False
+        self._templates = Templates(TemplateIndex(self.home.root / "templates", self.store),
+                                    self.checkpoints, resolve=self.resolve_checkpoint,
+                                    publish=self.publish)
         self._revive_hibernated()
         for f in (self.host.kernel, self.host.initrd):
             self.blobs.add_local(f.digest, f.path, verify=False, link=True)
@@ -119,28 +129,97 @@ class Worker:
         *,
         memory_mb: int | None = None,
         cpus: int | None = None,
+        disk_size: int | None = None,
+        cold: bool = False,
         sandbox_id: str | None = None,
         timeout: float = _BOOT_TIMEOUT,
     ) -> Sandbox:
-        """Boot a new sandbox from a base image and wait until its agent answers."""
+        """A new sandbox of ``image`` whose agent answers, with ``disk_size`` bytes of disk.
+
+        It forks the image's template (a checkpoint of the machine just booted)
+        when this worker has one or the store does; otherwise it boots, and that
+        first boot leaves the template behind.  ``cold=True`` always boots (and
+        makes no template).  Either way the guest gets its own hostname (the
+        sandbox id), machine-id and RNG state.
+        """
         self._check_open()
         info = self.image(image)
         settings = self.home.settings()
-        spec = SandboxSpec(base_digest=info.digest, disk_size=info.size,
+        disk = disk_size_for(disk_size, info.size)
+        spec = SandboxSpec(base_digest=info.digest, disk_size=disk, base_size=info.size,
                            memory_mb=memory_mb or settings.memory_mb,
                            cpus=cpus or settings.cpus, parent=None)
-        sb = self._register(sandbox_id, spec)
+        shape = self._shape(spec)
+        key = self._template_key(info.digest, shape)
+        sb = None if cold else self._fork_template(key, sandbox_id, timeout)
+        if sb is None:
+            sb = self._boot(spec, shape, info.path, sandbox_id, timeout)
+            if not cold:
+                self._templates.capture(sb, key)
         try:
-            active = sb.prepare((), self._host_boot())
-            shape = VMShape(spec.memory_mb, spec.cpus, self.host.machine_type, self.host.accel,
-                            qemu=self.host.qemu_version, disk_size=spec.disk_size)
-            boot = BootSpec(self.host.kernel.path, self.host.initrd.path)
-            vm = self._vm(sb, shape, boot, DiskChain(info.path, (), active))
-            sb.start(vm, incoming=None, timeout=timeout)
+            sb.new_identity()
         except BaseException:
             self._discard(sb)
             raise
         return sb
+
+    def warm(self, image: str = "minimal", *, memory_mb: int | None = None,
+             cpus: int | None = None, disk_size: int | None = None) -> str:
+        """Make sure ``image`` has a template for this shape (published); its checkpoint id."""
+        sb = self.create(image, memory_mb=memory_mb, cpus=cpus, disk_size=disk_size)
+        sb.destroy()
+        self.wait_background()
+        cp = self._templates.index.local(self._template_key(sb.base_digest, self._shape(sb.spec)))
+        if cp is None:  # the boot's checkpoint failed (logged): the create booted
+            raise CheckpointNotFound(f"template of {image}")
+        return cp
+
+    def _boot(self, spec: SandboxSpec, shape: VMShape, base: Path, sandbox_id: str | None,
+              timeout: float) -> Sandbox:
+        """Boot a new sandbox from its base image and grow its root filesystem."""
+        sb = self._register(sandbox_id, spec)
+        try:
+            active = sb.prepare((), self._host_boot())
+            boot = BootSpec(self.host.kernel.path, self.host.initrd.path)
+            vm = self._vm(sb, shape, boot, DiskChain(base, (), active))
+            sb.start(vm, incoming=None, timeout=timeout)
+            if spec.disk_size > spec.base_size:
+                sb.grow_root_fs()
+        except BaseException:
+            self._discard(sb)
+            raise
+        return sb
+
+    # ------------------------------------------------------------------
+    # templates
+    def _shape(self, spec: SandboxSpec) -> VMShape:
+        """The machine a new sandbox of ``spec`` boots as on this host."""
+        return VMShape(spec.memory_mb, spec.cpus, self.host.machine_type, self.host.accel,
+                       qemu=self.host.qemu_version, disk_size=spec.disk_size)
+
+    def _template_key(self, base_digest: str, shape: VMShape) -> TemplateKey:
+        return TemplateKey(base_digest, self.host.kernel.digest, self.host.initrd.digest,
+                           self.host.agent_digest, shape, self._host_boot().cmdline)
+
+    def _fork_template(self, key: TemplateKey, sandbox_id: str | None,
+                       timeout: float) -> Sandbox | None:
+        cp = self._templates.find(key)
+        if cp is None:
+            return None
+        try:
+            sb = self.fork(cp, sandbox_id=sandbox_id, timeout=timeout)
+        except (CheckpointError, IntegrityError, StoreError, VMError) as exc:
+            # a template is only a shortcut: a broken one costs a boot, not the create
+            log.warning("template %s unusable, booting instead: %s", key.digest[:12], exc)
+            self._templates.index.forget(key)
+            return None
+        if self._templates.index.local(key) != cp.id:  # fetched: next time it is local
+            self._templates.index.remember(key, cp.id)
+        return sb
+
+    def wait_background(self, timeout: float = 300.0) -> None:
+        """Wait for template publishes under way (tests, benchmarks, close)."""
+        self._templates.wait(timeout)
 
     def fork(
         self,
@@ -226,6 +305,7 @@ class Worker:
         if self._closed:
             return
         self._closed = True
+        self.wait_background(timeout=60.0)
         for sb in self.list():
             with contextlib.suppress(Exception):
                 if sb.state is SandboxState.HIBERNATED:
@@ -404,4 +484,6 @@ class Worker:
 def _spec_of(cp: Checkpoint) -> SandboxSpec:
     m = cp.manifest
     return SandboxSpec(base_digest=m.base.digest, disk_size=m.vm.disk_size,
-                       memory_mb=m.vm.memory_mb, cpus=m.vm.cpus, parent=cp.id)
+                       memory_mb=m.vm.memory_mb, cpus=m.vm.cpus, parent=cp.id,
+                       base_size=m.base.size)
+

@@ -95,12 +95,14 @@ class Node:
     # ------------------------------------------------------------------
     # sandbox operations that are more than one library call
     def create(self, image: str, *, memory_mb: int | None, cpus: int | None,
-               sandbox_id: str | None) -> WorkerSandbox:
+               sandbox_id: str | None, disk: int | None = None,
+               cold: bool = False) -> WorkerSandbox:
         settings = self.worker.home.settings()
         memory_mb = memory_mb or settings.memory_mb
         cpus = cpus or settings.cpus
         with self.capacity.slot(memory_mb=memory_mb, cpus=cpus, sandbox_id=sandbox_id):
-            sb = self.worker.create(image, memory_mb=memory_mb, cpus=cpus, sandbox_id=sandbox_id)
+            sb = self.worker.create(image, memory_mb=memory_mb, cpus=cpus, sandbox_id=sandbox_id,
+                                    disk_size=disk, cold=cold)
         return sandbox_json(sb)
 
     def fork(self, checkpoint_id: str, sandbox_id: str | None) -> WorkerSandbox:

@@ -67,7 +67,7 @@ def add_routes(app: FastAPI, d: Node) -> None:
     @app.post("/sandboxes", status_code=201)
     def create(req: WorkerCreateRequest) -> WorkerSandbox:
         return d.create(req.image, memory_mb=req.memory_mb, cpus=req.cpus,
-                        sandbox_id=req.sandbox_id)
+                        sandbox_id=req.sandbox_id, disk=req.disk, cold=req.cold)
 
     @app.get("/sandboxes")
     def list_sandboxes() -> list[WorkerSandbox]:
