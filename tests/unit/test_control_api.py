@@ -26,6 +26,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Route
 
 from forkyard.control.server import create_app
+from forkyard.wire.auth import worker_credential
 from forkyard.wire.serving import bind
 from tests.fixtures.postgres import PostgresServer, postgres_fixture
 
@@ -63,6 +64,17 @@ DOCUMENTED = {
     ("POST", "/internal/workers/{name}/heartbeat"),
     ("POST", "/internal/workers/{name}/leave"),
 }
+
+
+class AsWorker(httpx.Auth):
+    """Each /internal call with the credential of the worker it names (path or report)."""
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        name = request.url.path.split("/")[3]
+        if name == "register":
+            name = json.loads(request.content)["name"]
+        request.headers["authorization"] = f"Bearer {worker_credential(WORKER, name)}"
+        yield request
 
 
 @dataclass
@@ -105,8 +117,7 @@ def server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         time.sleep(0.02)
     with (httpx.Client(base_url=url, headers={"authorization": f"Bearer {API}"},
                        timeout=30) as api,
-          httpx.Client(base_url=url, headers={"authorization": f"Bearer {WORKER}"},
-                       timeout=30) as internal):
+          httpx.Client(base_url=url, auth=AsWorker(), timeout=30) as internal):
         yield Server(url, app, api, internal)
     srv.should_exit = True
     thread.join(timeout=30)

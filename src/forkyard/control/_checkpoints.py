@@ -7,9 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy import select
 
 from forkyard.checkpoint import archive
-from forkyard.control._db import CheckpointRow, SandboxRow, utcnow
+from forkyard.control._db import CheckpointRow, SandboxRow, TombstoneRow, utcnow
 from forkyard.control._placement import Candidate, Placement
 from forkyard.control._records import (
+    SYSTEM,
     adopt_published,
     checkpoint_out,
     checkpoint_row,
@@ -20,6 +21,7 @@ from forkyard.control._workers import WorkerClient
 from forkyard.errors import CheckpointNotFound
 from forkyard.store import ObjectStore, open_store
 from forkyard.wire import worker_api
+from forkyard.wire.auth import Principal
 from forkyard.wire.ids import new_sandbox_id
 from forkyard.wire.models import (
     CheckpointOut,
@@ -39,11 +41,13 @@ S = SandboxState
 class Checkpoints(Transitions):
     _store: ObjectStore | None = None
 
-    def checkpoint(self, sandbox_id: str, req: CheckpointRequest) -> CheckpointOut:
-        client = self.running(sandbox_id, "checkpoint")
+    def checkpoint(self, sandbox_id: str, req: CheckpointRequest,
+                   caller: Principal) -> CheckpointOut:
+        client = self.running(sandbox_id, "checkpoint", caller)
         info = client.send(worker_api.checkpoint(sandbox_id, req.name, req.publish))
         with self.db.tx() as s:
-            row = store_checkpoint(s, info, client.name, self.store_url)
+            # the same state checkpointed again after an rm gets the same id: it is back
+            row = store_checkpoint(s, info, client.name, self.store_url, revive=True)
             sb = s.get(SandboxRow, sandbox_id, with_for_update=True)
             if sb is not None:
                 sb.last_checkpoint = info.id
@@ -53,26 +57,30 @@ class Checkpoints(Transitions):
             self.publishes.watch(info.id, client.name)
         return out
 
-    def list_checkpoints(self) -> list[CheckpointOut]:
+    def list_checkpoints(self, caller: Principal) -> list[CheckpointOut]:
         with self.db.tx() as s:
-            rows = s.scalars(select(CheckpointRow).order_by(CheckpointRow.created))
+            query = select(CheckpointRow)
+            if not caller.admin:
+                query = query.where(CheckpointRow.tenant == caller.name)
+            rows = s.scalars(query.order_by(CheckpointRow.created))
             return [checkpoint_out(r) for r in rows]
 
-    def get_checkpoint(self, ref: str) -> CheckpointOut:
-        self._adopt_if_unknown(ref)
+    def get_checkpoint(self, ref: str, caller: Principal) -> CheckpointOut:
+        self._adopt_if_unknown(ref, caller)
         with self.db.tx() as s:
-            return checkpoint_out(checkpoint_row(s, ref))
+            return checkpoint_out(checkpoint_row(s, ref, caller=caller))
 
-    def _adopt_if_unknown(self, ref: str) -> None:
+    def _adopt_if_unknown(self, ref: str, caller: Principal) -> None:
         """A checkpoint published to our store but unknown here becomes known.
 
         The store is the record of what is published (``forkyard import``
         publishes there; another cluster may share it); its manifest is
-        verified by its id before anything is recorded.
+        verified by its id before anything is recorded.  It becomes the
+        caller's; one known here (whoever's) or deleted here is never adopted.
         """
         with self.db.tx() as s:
             try:
-                checkpoint_row(s, ref)
+                checkpoint_row(s, ref, caller=SYSTEM)
                 return
             except CheckpointNotFound:
                 pass
@@ -82,19 +90,28 @@ class Checkpoints(Transitions):
             manifest = archive.fetch_manifest(self._store, ref)
         except CheckpointNotFound:
             return  # the caller's lookup reports the 404
+        with self.db.tx() as s:
+            if s.get(TombstoneRow, manifest.id) is not None:
+                return  # deleted here: not brought back by what the store still holds
         own = archive.stored_bytes(self._store, manifest)
         with self.db.tx() as s:
-            adopt_published(s, manifest, self.store_url, stored_bytes=own)
+            adopt_published(s, manifest, self.store_url, stored_bytes=own, tenant=caller.name)
 
-    def delete_checkpoint(self, ref: str) -> None:
+    def delete_checkpoint(self, ref: str, caller: Principal) -> None:
+        """Forget it for good: a tombstone keeps the store's copy from being adopted
+        again (the store's objects stay for a garbage collector)."""
         with self.db.tx() as s:
-            s.delete(checkpoint_row(s, ref))
+            row = checkpoint_row(s, ref, caller=caller)
+            s.merge(TombstoneRow(id=row.id, tenant=row.tenant, deleted=utcnow()))
+            s.delete(row)
 
-    def fork(self, ref: str, req: ForkRequest) -> list[SandboxOut]:
-        self._adopt_if_unknown(ref)
+    def fork(self, ref: str, req: ForkRequest, caller: Principal) -> list[SandboxOut]:
+        self._adopt_if_unknown(ref, caller)
         now = utcnow()
         with self.db.tx() as s:
-            cp = checkpoint_row(s, ref)
+            cp = checkpoint_row(s, ref, caller=caller)
+            # forks belong to the checkpoint's tenant (an admin forking one included)
+            tenant = cp.tenant if cp.tenant is not None else caller.name
             published = cp.state == CheckpointState.PUBLISHED
             candidates = [
                 # the origin has it even if its last heartbeat predates the checkpoint
@@ -113,7 +130,8 @@ class Checkpoints(Transitions):
                 sid = new_sandbox_id()
                 plan.append((sid, self.workers.client(s, target)))
                 s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image=cp.base,
-                                 parent_checkpoint=cp.id, created=now, updated=now))
+                                 parent_checkpoint=cp.id, created=now, updated=now,
+                                 tenant=tenant))
             cp_id = cp.id
 
         def start(item: tuple[str, WorkerClient]) -> WorkerSandbox:
@@ -138,7 +156,7 @@ class Checkpoints(Transitions):
             for (sid, _), r in zip(plan, results, strict=True):
                 if not isinstance(r, BaseException):
                     self._settle(sid, S.STARTING, r, state=S.RUNNING)
-                    self.destroy_sandbox(sid)
+                    self.destroy_sandbox(sid, SYSTEM)
             raise errors[0]
         return [
             self._settle(sid, S.STARTING, r, state=S.RUNNING)

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Engine,
@@ -50,12 +51,14 @@ from sqlalchemy.orm import (
 from forkyard.errors import DatabaseError, DatabaseUnavailable
 
 __all__ = [
+    "ApiKeyRow",
     "ArchiveRow",
     "Base",
     "CheckpointRow",
     "Database",
     "DatabaseError",
     "SandboxRow",
+    "TombstoneRow",
     "WorkerRow",
     "iso",
     "parse_time",
@@ -137,6 +140,7 @@ class SandboxRow(Base):
     last_checkpoint: Mapped[str | None] = mapped_column(String(64))
     recoverable_from: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    tenant: Mapped[str | None] = mapped_column(String(64), index=True)  # NULL: admins only
 
 
 class CheckpointRow(Base):
@@ -152,6 +156,7 @@ class CheckpointRow(Base):
     base: Mapped[str] = mapped_column(String(64))
     changed_bytes: Mapped[int] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
+    tenant: Mapped[str | None] = mapped_column(String(64), index=True)  # NULL: admins only
 
     archive: Mapped[ArchiveRow | None] = relationship(
         back_populates="checkpoint", cascade="all, delete-orphan", passive_deletes=True,
@@ -172,6 +177,28 @@ class ArchiveRow(Base):
     published_at: Mapped[dt.datetime]
 
     checkpoint: Mapped[CheckpointRow] = relationship(back_populates="archive")
+
+
+class ApiKeyRow(Base):
+    """An API key; its name is its tenant.  Only the key's sha256 is kept."""
+
+    __tablename__ = "api_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean)
+    created: Mapped[dt.datetime]
+    revoked: Mapped[dt.datetime | None]
+
+
+class TombstoneRow(Base):
+    """A deleted checkpoint: never adopted from the store again."""
+
+    __tablename__ = "checkpoint_tombstones"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    deleted: Mapped[dt.datetime]
 
 
 def _sqlite_events(engine: Engine) -> None:

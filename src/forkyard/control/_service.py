@@ -22,6 +22,7 @@ from forkyard.control._hibernation import Hibernation
 from forkyard.control._placement import Placement
 from forkyard.control._records import TRANSITIONAL, sandbox_out
 from forkyard.wire import worker_api
+from forkyard.wire.auth import Principal
 from forkyard.wire.ids import new_sandbox_id
 from forkyard.wire.models import CheckpointState, CreateSandboxRequest, SandboxOut, SandboxState
 
@@ -35,7 +36,7 @@ S = SandboxState
 class ControlPlane(Checkpoints, Hibernation):
     """Sandboxes and checkpoints; ``workers`` is the fleet, ``publishes`` follows uploads."""
 
-    def create_sandbox(self, req: CreateSandboxRequest) -> SandboxOut:
+    def create_sandbox(self, req: CreateSandboxRequest, caller: Principal) -> SandboxOut:
         sid = new_sandbox_id()
         now = utcnow()
         with self.db.tx() as s:
@@ -43,7 +44,8 @@ class ControlPlane(Checkpoints, Hibernation):
                                  explicit=req.worker)
             client = self.workers.client(s, target)
             s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image_ref=req.image,
-                             memory_mb=req.memory_mb, cpus=req.cpus, created=now, updated=now))
+                             memory_mb=req.memory_mb, cpus=req.cpus, created=now, updated=now,
+                             tenant=caller.name))
         try:
             info = client.send(worker_api.create(sid, req.image, req.memory_mb, req.cpus))
         except BaseException as exc:
@@ -51,10 +53,12 @@ class ControlPlane(Checkpoints, Hibernation):
             raise
         return self._settle(sid, S.STARTING, info, state=S.RUNNING)
 
-    def list_sandboxes(self) -> list[SandboxOut]:
+    def list_sandboxes(self, caller: Principal) -> list[SandboxOut]:
         with self.db.tx() as s:
-            rows = s.scalars(select(SandboxRow).where(SandboxRow.state != S.DESTROYED)
-                             .order_by(SandboxRow.created))
+            query = select(SandboxRow).where(SandboxRow.state != S.DESTROYED)
+            if not caller.admin:
+                query = query.where(SandboxRow.tenant == caller.name)
+            rows = s.scalars(query.order_by(SandboxRow.created))
             return [sandbox_out(r) for r in rows]
 
     # --- background work --------------------------------------------------------

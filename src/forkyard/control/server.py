@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,11 +20,20 @@ from fastapi.openapi.utils import get_openapi
 
 import forkyard
 from forkyard.control._db import Database
+from forkyard.control._keys import Keys
 from forkyard.control._routes import add_routes
 from forkyard.control._service import ControlPlane
 from forkyard.control._workers import WorkerClients
-from forkyard.wire.auth import BearerAuth
+from forkyard.wire.auth import (
+    BodyLimit,
+    KeyAuth,
+    Principal,
+    RateLimiter,
+    worker_credential,
+    worker_of,
+)
 from forkyard.wire.errors import install_error_handlers
+from forkyard.wire.limits import MAX_FILE_BYTES
 from forkyard.wire.serving import bind, setup_logging, write_ready_file
 
 __all__ = ["create_app", "serve"]
@@ -31,6 +41,23 @@ __all__ = ["create_app", "serve"]
 log = logging.getLogger("forkyard.control")
 
 _THREADS = 100  # sync routes (create/fork/wake wait for a boot) share this pool
+JSON_LIMIT = 1024 * 1024  # a JSON request body; far above any real one
+# exec carries stdin as base64 in its JSON: as much as a file, plus the rest
+EXEC_LIMIT = MAX_FILE_BYTES * 4 // 3 + JSON_LIMIT
+REPORT_LIMIT = 16 * 1024 * 1024  # a worker's report lists every sandbox and checkpoint
+RATE = 200.0  # requests per second and key, sustained ...
+BURST = 1000  # ... and at once
+
+
+def body_limit(path: str) -> tuple[int, bool]:
+    """``(limit, streamed)`` of a request body on ``path`` (see BodyLimit)."""
+    if path.startswith("/v1/sandboxes/") and path.endswith("/files"):
+        return MAX_FILE_BYTES, True  # the route counts it as it streams it on
+    if path.startswith("/v1/sandboxes/") and path.endswith("/exec"):
+        return EXEC_LIMIT, False
+    if path.startswith("/internal/"):
+        return REPORT_LIMIT, False
+    return JSON_LIMIT, False
 
 
 def create_app(
@@ -41,8 +68,17 @@ def create_app(
     store_url: str,
     heartbeat_timeout: float = 10.0,
     on_ready: Callable[[], None] | None = None,
+    rate: float | None = RATE,
+    burst: int = BURST,
+    worker_verify: ssl.SSLContext | bool = True,
 ) -> FastAPI:
     """The control-plane app; the database is migrated to the newest schema here.
+
+    ``api_token`` becomes (or stays) the admin key named ``admin``; more keys
+    are made through ``/v1/keys``.  ``worker_token`` is the cluster secret every
+    worker's credential is derived from (:func:`worker_credential`); it never
+    goes to a worker itself.  ``rate``/``burst``: the per-key rate limit (None:
+    none).  ``worker_verify``: how workers' TLS certificates are checked.
 
     Its lifespan starts the liveness monitor and resumes work a previous run
     left open; ``app.state.plane`` is the :class:`ControlPlane` behind it.
@@ -56,8 +92,18 @@ def create_app(
         raise ValueError("heartbeat_timeout must be positive")
     db = Database(db_url)
     db.migrate()
-    clients = WorkerClients(worker_token)
+    clients = WorkerClients(lambda name: worker_credential(worker_token, name),
+                            verify=worker_verify)
     plane = ControlPlane(db, clients, store_url=store_url, heartbeat_timeout=heartbeat_timeout)
+    keys: Keys = plane.keys
+    keys.bootstrap(api_token)
+
+    def resolve(path: str, token: str) -> Principal | None:
+        # each kind of credential opens only its own half of the API
+        if path.startswith("/internal/"):
+            name = worker_of(worker_token, token)
+            return Principal(name, "worker") if name is not None else None
+        return keys.principal(token)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -83,12 +129,15 @@ def create_app(
     app.state.plane = plane
     install_error_handlers(app)
     add_routes(app, plane)
-    app.add_middleware(
-        BearerAuth,
-        token_for=lambda path: worker_token if path.startswith("/internal/") else api_token,
-    )
+    # the last added runs first: no body is read before its sender is known
+    app.add_middleware(BodyLimit, limit_for=body_limit)
+    app.add_middleware(KeyAuth, resolve=resolve,
+                       limiter=RateLimiter(rate, burst) if rate is not None else None)
     _document_auth(app)
     return app
+
+
+_ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 
 
 def _document_auth(app: FastAPI) -> None:
@@ -100,9 +149,9 @@ def _document_auth(app: FastAPI) -> None:
                                  routes=app.routes)
             schema.setdefault("components", {})["securitySchemes"] = {
                 "apiToken": {"type": "http", "scheme": "bearer",
-                             "description": "API token (`/v1/*`)"},
+                             "description": "API key (`/v1/*`)"},
                 "workerToken": {"type": "http", "scheme": "bearer",
-                                "description": "worker token (`/internal/*`)"},
+                                "description": "the worker's own credential (`/internal/*`)"},
             }
             for path, ops in schema.get("paths", {}).items():
                 if path == "/health":
@@ -110,8 +159,16 @@ def _document_auth(app: FastAPI) -> None:
                 scheme = "workerToken" if path.startswith("/internal/") else "apiToken"
                 for op in ops.values():
                     op["security"] = [{scheme: []}]
-                    op.setdefault("responses", {}).setdefault(
-                        "401", {"description": "missing or invalid bearer token"})
+                    responses = op.setdefault("responses", {})
+                    responses.setdefault("401", {"description": "missing or invalid bearer token"})
+                    if "requestBody" in op:  # BodyLimit, before the route sees it
+                        responses.setdefault("413", {"description": "a body over the limit",
+                                                     "content": _ERROR_JSON})
+                    if scheme == "apiToken":
+                        responses.setdefault("429", {
+                            "description": "this key's rate limit; retry after `Retry-After` s",
+                            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                            "content": _ERROR_JSON})
             _add_links(schema)
             app.openapi_schema = schema
         return app.openapi_schema
