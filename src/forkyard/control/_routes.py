@@ -141,7 +141,7 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
         return plane.workers.all()
 
     # --- API keys (admin only) -------------------------------------------
-    @app.post("/v1/keys", status_code=201, tags=["keys"], responses=_errors(403, 409, 422, 503))
+    @app.post("/v1/keys", status_code=201, tags=["keys"], responses=_errors(400, 403, 409, 422, 503))
     def create_key(_: Admin, req: KeyCreate) -> KeyCreated:
         return plane.keys.create(req.name, admin=req.admin)
 

@@ -121,7 +121,7 @@ KEY_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "admin": 1 meaning yes
 
     name: str = Field(pattern=KEY_NAME_RE, description="the key's name, which is its tenant")
     admin: bool = Field(default=False, description="sees and manages every tenant's objects "
