@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import socket
 import threading
 import time
@@ -130,6 +131,7 @@ _NONE: Req = lambda o: {}  # noqa: E731
 # (method, path) -> (kind, success status, the request's extras)
 MATRIX: dict[tuple[str, str], tuple[dict[str, int], int, Req]] = {
     ("get", "/v1/workers"): (ADMIN_ONLY, 200, _NONE),
+    ("post", "/v1/workers/{name}/credential"): (ADMIN_ONLY, 201, _NONE),
     ("post", "/v1/keys"): (ADMIN_ONLY, 201, lambda o: {"json": {"name": f"n{next(_seq)}"}}),
     ("get", "/v1/keys"): (ADMIN_ONLY, 200, _NONE),
     ("delete", "/v1/keys/{name}"): (ADMIN_ONLY, 204, _NONE),
@@ -175,7 +177,7 @@ def test_auth_matrix(plane: Plane, method: str, path: str, who: str) -> None:
     _register_matrix_worker(plane)
     url = (path.replace("{sandbox_id}", objs.sandbox)
            .replace("{checkpoint_id}", objs.checkpoint)
-           .replace("{name}", MATRIX_WORKER if path.startswith("/internal/") else objs.key))
+           .replace("{name}", objs.key if path.startswith("/v1/keys/") else MATRIX_WORKER))
     with plane.client(who) as client:
         resp = client.request(method.upper(), url, **extra(objs))
     assert resp.status_code == kind.get(who, success), (who, method, path, resp.text)
@@ -315,7 +317,12 @@ def test_a_worker_credential_acts_only_as_its_own_worker(plane: Plane) -> None:
                       headers=w2).status_code == 409
     with plane.client("admin") as admin:
         urls = {w["name"]: w["url"] for w in admin.get("/v1/workers").json()}
-    assert urls["w2"] == NOWHERE
+        assert urls["w2"] == NOWHERE
+        # enrolment hands out exactly the credential the name is bound to
+        enrolled = admin.post("/v1/workers/w3/credential")
+        assert enrolled.status_code == 201
+        assert enrolled.json() == {"name": "w3", "credential": worker_credential(SECRET, "w3")}
+        assert admin.post("/v1/workers/..%2Fx/credential").status_code in (404, 422)
 
 
 # --- limits ---------------------------------------------------------------------------
@@ -420,3 +427,30 @@ def test_rate_limiter_memory_is_bounded() -> None:
     assert len(limiter._buckets) == 100
     assert limiter.take("fresh") == 0
     assert limiter.take("fresh") > 0
+
+
+# --- the CLI --------------------------------------------------------------------------
+def test_cli_keys_create_ls_revoke_and_worker_enrolment(plane: Plane) -> None:
+    from typer.testing import CliRunner
+
+    from forkyard.cli._app import app
+
+    runner = CliRunner()
+    conn = ["--url", plane.url, "--token", ADMIN]
+    made = runner.invoke(app, ["keys", "create", "dave", "--json", *conn])
+    assert made.exit_code == 0, made.output
+    key = json.loads(made.output)["key"]
+    dave = {"authorization": f"Bearer {key}"}
+    assert httpx.get(f"{plane.url}/v1/sandboxes", headers=dave).status_code == 200
+    listed = runner.invoke(app, ["keys", "ls", "--json", *conn])
+    assert listed.exit_code == 0 and key not in listed.output
+    assert "dave" in {k["name"] for k in json.loads(listed.output)}
+    # a tenant key cannot manage keys
+    refused = runner.invoke(app, ["keys", "ls", "--url", plane.url, "--token", key])
+    assert refused.exit_code != 0 and "admin" in refused.output
+    enrolled = runner.invoke(app, ["keys", "worker", "w9", *conn])
+    assert enrolled.exit_code == 0
+    assert enrolled.output.strip() == worker_credential(SECRET, "w9")
+    revoked = runner.invoke(app, ["keys", "revoke", "dave", *conn])
+    assert revoked.exit_code == 0, revoked.output
+    assert httpx.get(f"{plane.url}/v1/sandboxes", headers=dave).status_code == 401

@@ -192,9 +192,12 @@ def _launch(cluster: ClusterFile, *, workers: int, stock_bases: bool,
     run.mkdir(parents=True, exist_ok=True)
     for stale in run.glob("*.ready"):
         stale.unlink()
+    from forkyard.wire.auth import worker_credential
+
+    # the server gets the cluster secret; each worker only its own credential.
+    # Tokens travel in the environment: argv is world-readable in /proc
     env = {"FORKYARD_API_TOKEN": cluster.api_token,
            "FORKYARD_WORKER_TOKEN": cluster.worker_token}
-    # tokens travel in the environment: argv is world-readable in /proc
 
     cluster.server_home = str(home / "control")
     cluster.server_log = str(logs / "server.log")
@@ -223,7 +226,8 @@ def _launch(cluster: ClusterFile, *, workers: int, stock_bases: bool,
         if stock_bases:
             argv.append("--stock-bases")
         say(f"starting worker {name}")
-        pid, start = spawn(argv, log=Path(rec.log), env=env)
+        pid, start = spawn(argv, log=Path(rec.log), env={
+            "FORKYARD_WORKER_TOKEN": worker_credential(cluster.worker_token, name)})
         cluster.pids[name], cluster.proc_start[name] = pid, start
         cluster.workers.append(rec)
         cluster.save()
@@ -452,6 +456,9 @@ def worker(
 
 
 def register(app: typer.Typer) -> None:
+    from forkyard.cli import _keys
+
+    _keys.register(app)
     app.command(rich_help_panel="Cluster")(up)
     app.command(rich_help_panel="Cluster")(down)
     app.command(rich_help_panel="Cluster")(status)

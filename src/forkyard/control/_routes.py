@@ -23,11 +23,19 @@ import forkyard
 from forkyard.control._service import ControlPlane
 from forkyard.errors import Forbidden
 from forkyard.wire import worker_api
-from forkyard.wire.auth import KeyCreate, KeyCreated, KeyOut, Principal, principal_of
+from forkyard.wire.auth import (
+    KeyCreate,
+    KeyCreated,
+    KeyOut,
+    Principal,
+    WorkerCredential,
+    principal_of,
+)
 from forkyard.wire.models import (
     GUEST_FILE_RE,
     GUEST_PATH_RE,
     MAX_GUEST_PATH,
+    WORKER_NAME_RE,
     CheckpointOut,
     CheckpointRequest,
     CreateSandboxRequest,
@@ -141,7 +149,8 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
         return plane.workers.all()
 
     # --- API keys (admin only) -------------------------------------------
-    @app.post("/v1/keys", status_code=201, tags=["keys"], responses=_errors(400, 403, 409, 422, 503))
+    @app.post("/v1/keys", status_code=201, tags=["keys"],
+              responses=_errors(400, 403, 409, 422, 503))
     def create_key(_: Admin, req: KeyCreate) -> KeyCreated:
         return plane.keys.create(req.name, admin=req.admin)
 
@@ -154,6 +163,13 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     def revoke_key(_: Admin, name: Annotated[str, Path(max_length=64)]) -> Response:
         plane.keys.revoke(name)
         return Response(status_code=204)
+
+    @app.post("/v1/workers/{name}/credential", status_code=201, tags=["workers"],
+              responses=_errors(403, 422, 503))
+    def enroll_worker(_: Admin, name: Annotated[str, Path(pattern=WORKER_NAME_RE.pattern)]
+                      ) -> WorkerCredential:
+        """The credential a worker named ``name`` runs with (on another machine, say)."""
+        return WorkerCredential(name=name, credential=plane.worker_credential(name))
 
     # --- sandboxes ------------------------------------------------------
     @app.post("/v1/sandboxes", status_code=201, tags=["sandboxes"],

@@ -64,6 +64,8 @@ class Transitions:
                  heartbeat_timeout: float) -> None:
         self.db = db
         self.keys = Keys(db)
+        # the credential of a worker by name (server.create_app binds it to the secret)
+        self.worker_credential: Callable[[str], str] = clients.credential
         self.store_url = store_url
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -161,6 +161,10 @@ class WorkerClients:
         self._lock = threading.Lock()
         self._http: dict[tuple[str, str], httpx.Client] = {}
 
+    def credential(self, name: str) -> str:
+        """Worker ``name``'s credential: what it runs with, and what it is called with."""
+        return self._token_for(name)
+
     def get(self, name: str, url: str) -> WorkerClient:
         token = self._token_for(name)
         with self._lock:

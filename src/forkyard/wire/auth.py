@@ -32,6 +32,7 @@ __all__ = [
     "KeyOut",
     "Principal",
     "RateLimiter",
+    "WorkerCredential",
     "bearer_token",
     "principal_of",
     "token_matches",
@@ -137,6 +138,11 @@ class KeyOut(BaseModel):
 
 class KeyCreated(KeyOut):
     key: str = Field(description="the secret; shown this once, only its sha256 is kept")
+
+
+class WorkerCredential(BaseModel):
+    name: str
+    credential: str = Field(description="what worker `name` runs with (`--worker-token`)")
 
 
 _WORKER_PREFIX = "fyw."
