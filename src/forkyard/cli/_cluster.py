@@ -59,6 +59,14 @@ __all__ = [
     "stop_cluster",
 ]
 
+TlsCertOpt = Annotated[Path | None, typer.Option(
+    "--tls-cert", envvar="FORKYARD_TLS_CERT", help="Serve HTTPS with this PEM certificate.")]
+TlsKeyOpt = Annotated[Path | None, typer.Option(
+    "--tls-key", envvar="FORKYARD_TLS_KEY", help="The certificate's private key (PEM).")]
+TlsCaOpt = Annotated[Path | None, typer.Option(
+    "--tls-ca", envvar="FORKYARD_CA", help="CA bundle (PEM) the peers' certificates are "
+    "checked against (default: the system's).")]
+
 _SERVER_START_TIMEOUT = 60.0
 # A worker's first start may set the host up and build its base image.
 _REGISTER_TIMEOUT = 600.0
@@ -416,15 +424,23 @@ def server(
     ready_file: Annotated[Path | None, typer.Option("--ready-file", help="Write "
                                                     "{\"url\": ...} here once listening.")]
     = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
-    """Run the control plane in the foreground (what `forkyard up` starts)."""
+    """Run the control plane in the foreground (what `forkyard up` starts).
+
+    --api-token becomes the admin key named `admin`; --worker-token is the
+    cluster secret workers' credentials derive from (`forkyard keys worker`).
+    """
     from forkyard.config import Home
     from forkyard.control.server import serve
 
     root = home.absolute()
     serve(root, host=host, port=port, db_url=db, api_token=api_token,
           worker_token=worker_token, store_url=store or Home.at(root).default_store_url(),
-          heartbeat_timeout=heartbeat_timeout, ready_file=ready_file)
+          heartbeat_timeout=heartbeat_timeout, ready_file=ready_file,
+          tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
 
 
 def worker(
@@ -443,8 +459,14 @@ def worker(
     on_shutdown: Annotated[str, typer.Option("--on-shutdown",
                                              help="destroy or hibernate")] = "destroy",
     ready_file: Annotated[Path | None, typer.Option("--ready-file")] = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
-    """Run a worker daemon in the foreground (what `forkyard up` starts)."""
+    """Run a worker daemon in the foreground (what `forkyard up` starts).
+
+    --worker-token is this worker's own credential (`forkyard keys worker NAME`).
+    """
     from forkyard.config import Home
     from forkyard.worker.daemon import serve
 
@@ -452,7 +474,7 @@ def worker(
     serve(root, name=name, server_url=server_url, worker_token=worker_token,
           store_url=store or Home.at(root).default_store_url(), host=host, port=port,
           stock_base=stock_bases, max_sandboxes=max_sandboxes, on_shutdown=on_shutdown,
-          ready_file=ready_file)
+          ready_file=ready_file, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
 
 
 def register(app: typer.Typer) -> None:

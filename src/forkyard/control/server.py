@@ -29,6 +29,8 @@ from forkyard.wire.auth import (
     KeyAuth,
     Principal,
     RateLimiter,
+    client_verify,
+    tls_options,
     worker_credential,
     worker_of,
 )
@@ -227,8 +229,14 @@ def serve(
     store_url: str,
     heartbeat_timeout: float = 10.0,
     ready_file: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_ca: Path | None = None,
 ) -> None:
     """Run the control plane until SIGINT/SIGTERM.
+
+    With ``tls_cert``/``tls_key`` it serves HTTPS only; ``tls_ca`` is the CA
+    bundle workers' certificates are checked against (default: the system's).
 
     ``db_url`` defaults to ``sqlite:///<home>/control.db``.  Once it accepts
     requests, ``{"url": "http://HOST:PORT"}`` is written to ``ready_file``.
@@ -237,6 +245,9 @@ def serve(
     home = Path(home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     sock, url = bind(host, port)
+    tls = tls_options(tls_cert, tls_key)
+    if tls:
+        url = "https://" + url.removeprefix("http://")
 
     def ready() -> None:
         log.info("control plane listening on %s", url)
@@ -250,7 +261,10 @@ def serve(
         store_url=store_url,
         heartbeat_timeout=heartbeat_timeout,
         on_ready=ready,
+        worker_verify=client_verify(tls_ca),
     )
     config = uvicorn.Config(app, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=30, lifespan="on")
+                            timeout_graceful_shutdown=30, lifespan="on",
+                            ssl_certfile=tls[0] if tls else None,
+                            ssl_keyfile=tls[1] if tls else None)
     uvicorn.Server(config).run(sockets=[sock])

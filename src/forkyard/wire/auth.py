@@ -12,6 +12,8 @@ import hashlib
 import hmac
 import json
 import math
+import os
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -34,7 +36,9 @@ __all__ = [
     "RateLimiter",
     "WorkerCredential",
     "bearer_token",
+    "client_verify",
     "principal_of",
+    "tls_options",
     "token_matches",
     "worker_credential",
     "worker_of",
@@ -331,3 +335,28 @@ async def _reply(send: Send, status: int, body: dict[str, Any],
                     (b"content-length", str(len(raw)).encode()), *(headers or [])],
     })
     await send({"type": "http.response.body", "body": raw})
+
+
+# --- TLS ------------------------------------------------------------------------------
+def tls_options(cert: str | os.PathLike[str] | None,
+                key: str | os.PathLike[str] | None) -> tuple[str, str] | None:
+    """The checked ``(cert, key)`` files to serve HTTPS with, or None: plain HTTP."""
+    if (cert is None) != (key is None):
+        raise ValueError("TLS needs both a certificate and its key (--tls-cert, --tls-key)")
+    if cert is None or key is None:
+        return None
+    for path in (cert, key):
+        if not os.path.isfile(path):
+            raise ValueError(f"TLS file {os.fspath(path)!r} does not exist")
+    return os.fspath(cert), os.fspath(key)
+
+
+def client_verify(ca: str | os.PathLike[str] | None) -> ssl.SSLContext | bool:
+    """How a client checks a server's certificate: against ``ca`` (a PEM bundle, e.g. a
+    private CA or a self-signed certificate), else the system's trust store."""
+    if ca is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=os.fspath(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot use CA bundle {os.fspath(ca)!r}: {exc}") from exc
