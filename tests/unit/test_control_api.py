@@ -386,16 +386,27 @@ def test_registry_refusals(server: Server) -> None:
                  "invalid")
 
 
-def test_heartbeat_tells_a_worker_to_destroy_sandboxes_the_cluster_does_not_know(
-        server: Server) -> None:
+def test_sandboxes_the_database_never_knew_are_adopted_not_destroyed(server: Server) -> None:
+    # a new or emptied database must not make workers destroy their VMs (issue 10)
     store = server.plane.store_url
     stray = {"id": "sb-" + "1" * 20, "state": "running", "image": "b" * 64,
              "created": "2026-01-01T00:00:00.000Z", "memory_mb": 256, "cpus": 1,
              "parent_checkpoint": None, "last_checkpoint": None}
+    odd = {**stray, "id": "sb-" + "2" * 20, "state": "failed"}
     resp = server.internal.post("/internal/workers/register",
-                                json=report("gc", store=store, sandboxes=[stray]))
+                                json=report("gc", store=store, sandboxes=[stray, odd]))
     assert resp.status_code == 200
-    assert resp.json()["destroy"] == [stray["id"]]
+    assert resp.json()["destroy"] == []
+    adopted = server.api.get(f"/v1/sandboxes/{stray['id']}").json()
+    assert (adopted["state"], adopted["worker"]) == ("running", "gc")
+    assert "adopted" in adopted["error"]
+    # one in another state is left alone: neither adopted nor destroyed
+    assert server.api.get(f"/v1/sandboxes/{odd['id']}").status_code == 404
+    # once the operator destroys it, the worker is told to drop it
+    assert server.api.delete(f"/v1/sandboxes/{stray['id']}").status_code == 204
+    again = server.internal.post("/internal/workers/gc/heartbeat",
+                                 json=report("gc", store=store, sandboxes=[stray]))
+    assert again.json()["destroy"] == [stray["id"]]
 
 
 # ---------------------------------------------------------------------------

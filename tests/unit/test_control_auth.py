@@ -454,3 +454,15 @@ def test_cli_keys_create_ls_revoke_and_worker_enrolment(plane: Plane) -> None:
     revoked = runner.invoke(app, ["keys", "revoke", "dave", *conn])
     assert revoked.exit_code == 0, revoked.output
     assert httpx.get(f"{plane.url}/v1/sandboxes", headers=dave).status_code == 401
+
+
+def test_adopted_sandboxes_are_only_the_admins(plane: Plane) -> None:
+    stray = {"id": "sb-" + "3" * 20, "state": "hibernated", "image": "b" * 64,
+             "created": "2026-01-01T00:00:00.000Z", "memory_mb": 256, "cpus": 1,
+             "parent_checkpoint": None, "last_checkpoint": "d" * 64}
+    with plane.client("worker") as worker:
+        reply = worker.post("/internal/workers/register", json=_report(sandboxes=[stray]))
+    assert reply.status_code == 200 and reply.json()["destroy"] == []
+    with plane.client("admin") as admin, plane.client("alice") as alice:
+        assert admin.get(f"/v1/sandboxes/{stray['id']}").json()["state"] == "hibernated"
+        assert alice.get(f"/v1/sandboxes/{stray['id']}").status_code == 404
