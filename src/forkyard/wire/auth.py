@@ -233,6 +233,9 @@ class KeyAuth:
         self.resolve = resolve
         self.limiter = limiter
         self.public = public
+        # its own threads: a pool full of routes waiting on boots must not hold up
+        # the auth of a heartbeat (created lazily: it belongs to the running loop)
+        self._threads: anyio.CapacityLimiter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" or (
@@ -246,7 +249,10 @@ class KeyAuth:
         given = bearer_token(list(scope.get("headers", [])))
         principal = None
         if given is not None:
-            principal = await anyio.to_thread.run_sync(self.resolve, scope["path"], given)
+            if self._threads is None:
+                self._threads = anyio.CapacityLimiter(16)
+            principal = await anyio.to_thread.run_sync(self.resolve, scope["path"], given,
+                                                       limiter=self._threads)
         if principal is None:
             await _reply_401(send, "missing bearer token" if given is None
                              else "invalid bearer token")
