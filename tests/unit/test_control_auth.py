@@ -466,3 +466,30 @@ def test_adopted_sandboxes_are_only_the_admins(plane: Plane) -> None:
     with plane.client("admin") as admin, plane.client("alice") as alice:
         assert admin.get(f"/v1/sandboxes/{stray['id']}").json()["state"] == "hibernated"
         assert alice.get(f"/v1/sandboxes/{stray['id']}").status_code == 404
+
+
+def test_worker_daemons_cap_bodies_too_after_auth(tmp_path: Path) -> None:
+    import anyio
+
+    from forkyard.worker import Worker
+    from forkyard.worker.daemon import create_app as daemon_app
+
+    token = worker_credential(SECRET, "lim")
+    worker = Worker(tmp_path / "home", name="lim")
+    big = b"{" + b" " * (2 * 1024 * 1024) + b"}"
+    json_headers = {"content-type": "application/json"}
+
+    async def check() -> None:
+        transport = httpx.ASGITransport(app=daemon_app(worker, worker_token=token))
+        async with httpx.AsyncClient(transport=transport, base_url="http://w") as client:
+            stranger = await client.post("/sandboxes", content=big, headers=json_headers)
+            assert stranger.status_code == 401
+            refused = await client.post("/sandboxes", content=big, headers={
+                **json_headers, "authorization": f"Bearer {token}"})
+            assert refused.status_code == 413
+            assert refused.json()["error"]["type"] == "too_large"
+
+    try:
+        anyio.run(check)
+    finally:
+        worker.close()

@@ -29,13 +29,13 @@ from forkyard.wire.auth import (
     KeyAuth,
     Principal,
     RateLimiter,
+    body_limit,
     client_verify,
     tls_options,
     worker_credential,
     worker_of,
 )
 from forkyard.wire.errors import install_error_handlers
-from forkyard.wire.limits import MAX_FILE_BYTES
 from forkyard.wire.serving import bind, setup_logging, write_ready_file
 
 __all__ = ["create_app", "serve"]
@@ -43,23 +43,8 @@ __all__ = ["create_app", "serve"]
 log = logging.getLogger("forkyard.control")
 
 _THREADS = 100  # sync routes (create/fork/wake wait for a boot) share this pool
-JSON_LIMIT = 1024 * 1024  # a JSON request body; far above any real one
-# exec carries stdin as base64 in its JSON: as much as a file, plus the rest
-EXEC_LIMIT = MAX_FILE_BYTES * 4 // 3 + JSON_LIMIT
-REPORT_LIMIT = 16 * 1024 * 1024  # a worker's report lists every sandbox and checkpoint
 RATE = 200.0  # requests per second and key, sustained ...
 BURST = 1000  # ... and at once
-
-
-def body_limit(path: str) -> tuple[int, bool]:
-    """``(limit, streamed)`` of a request body on ``path`` (see BodyLimit)."""
-    if path.startswith("/v1/sandboxes/") and path.endswith("/files"):
-        return MAX_FILE_BYTES, True  # the route counts it as it streams it on
-    if path.startswith("/v1/sandboxes/") and path.endswith("/exec"):
-        return EXEC_LIMIT, False
-    if path.startswith("/internal/"):
-        return REPORT_LIMIT, False
-    return JSON_LIMIT, False
 
 
 def create_app(

@@ -25,6 +25,8 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from forkyard.wire.limits import MAX_FILE_BYTES
+
 __all__ = [
     "BearerAuth",
     "BodyLimit",
@@ -36,6 +38,7 @@ __all__ = [
     "RateLimiter",
     "WorkerCredential",
     "bearer_token",
+    "body_limit",
     "client_verify",
     "principal_of",
     "tls_options",
@@ -271,6 +274,23 @@ async def _reply_429(send: Send, wait: float) -> None:
     await _reply(send, 429, {"error": {
         "type": "rate_limited", "message": f"too many requests; retry after {seconds}s",
         "detail": {"retry_after": seconds}}}, [(b"retry-after", str(seconds).encode())])
+
+
+JSON_LIMIT = 1024 * 1024  # a JSON request body; far above any real one
+# exec carries stdin as base64 in its JSON: as much as a file, plus the rest
+EXEC_LIMIT = MAX_FILE_BYTES * 4 // 3 + JSON_LIMIT
+REPORT_LIMIT = 16 * 1024 * 1024  # a worker's report lists every sandbox and checkpoint
+
+
+def body_limit(path: str) -> tuple[int, bool]:
+    """``(limit, streamed)`` of a request body on ``path``, for both services' routes."""
+    if path.startswith(("/v1/sandboxes/", "/sandboxes/")) and path.endswith("/files"):
+        return MAX_FILE_BYTES, True  # the route counts it as it streams it on
+    if path.startswith(("/v1/sandboxes/", "/sandboxes/")) and path.endswith("/exec"):
+        return EXEC_LIMIT, False
+    if path.startswith("/internal/"):
+        return REPORT_LIMIT, False
+    return JSON_LIMIT, False
 
 
 class BodyLimit:

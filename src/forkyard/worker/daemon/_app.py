@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from forkyard.errors import ImageNotFound
 from forkyard.image import MinimalSource, build_image
-from forkyard.wire.auth import BearerAuth, client_verify, tls_options
+from forkyard.wire.auth import BearerAuth, BodyLimit, body_limit, client_verify, tls_options
 from forkyard.wire.errors import install_error_handlers
 from forkyard.wire.models import WORKER_NAME_RE
 from forkyard.wire.serving import bind, setup_logging
@@ -75,6 +75,7 @@ def create_app(
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.daemon = node
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit_for=body_limit)  # inside: after auth
     app.add_middleware(BearerAuth, token_for=lambda _path: worker_token)
     add_routes(app, node)
     return app
