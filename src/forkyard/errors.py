@@ -404,6 +404,25 @@ class WorkerReplyError(FleetError):
         super().__init__(message)
 
 
+class AccessError(ForkyardError):
+    """The caller's key may not do this (tenants, API keys)."""
+
+
+class Forbidden(AccessError):
+    """A valid key without the right: e.g. a tenant key on an admin-only route."""
+
+
+class KeyNotFound(AccessError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no API key {name!r}")
+
+
+class KeyConflict(AccessError):
+    """The key name is taken (keys are never renamed or reused), or the change would
+    lock every admin out."""
+
+
 class DatabaseError(ForkyardError):
     """The control plane's database cannot be opened or migrated."""
 

@@ -34,6 +34,7 @@ from forkyard.errors import GuestError
 from forkyard.guest.client import ExecResult
 from forkyard.image import ImageCatalog
 from forkyard.verify import verify_files
+from forkyard.wire.auth import worker_credential
 from forkyard.wire.output import decode_output
 from forkyard.wire.serving import bind
 from tests.conftest import qemu_pids
@@ -166,7 +167,7 @@ def start_daemon(root: Path, name: str, server_url: str, store_url: str,
         "from pathlib import Path\n"
         "from forkyard.worker.daemon import serve\n"
         f"serve(Path({str(home)!r}), name={name!r}, server_url={server_url!r}, "
-        f"worker_token={WORKER!r}, store_url={store_url!r}, "
+        f"worker_token={worker_credential(WORKER, name)!r}, store_url={store_url!r}, "
         f"ready_file=Path({str(ready)!r}), {kwargs})\n"
     )
     with open(log, "ab") as out:
@@ -270,8 +271,10 @@ def test_worker_daemon_requires_the_worker_token_on_every_route(
     for method, path in routes:
         path = (path.replace("{sandbox_id}", "sb-" + "0" * 20)
                 .replace("{checkpoint_id}", "0" * 64))
+        # the cluster secret and another worker's credential are no key to w1
         for headers in ({}, {"authorization": "Bearer wrong"},
-                        {"authorization": f"Bearer {API}"}):
+                        {"authorization": f"Bearer {API}"}, {"authorization": f"Bearer {WORKER}"},
+                        {"authorization": f"Bearer {worker_credential(WORKER, 'w2')}"}):
             resp = httpx.request(method, url + path, headers=headers, json={},
                                  params={"path": "/x"})
             if path == "/health":
@@ -280,7 +283,7 @@ def test_worker_daemon_requires_the_worker_token_on_every_route(
             assert resp.status_code == 401, (method, path, resp.text)
             assert resp.json()["error"]["type"] == "unauthorized"
     resp = httpx.get(f"{url}/sandboxes/sb-{'0' * 20}",
-                     headers={"authorization": f"Bearer {WORKER}"})
+                     headers={"authorization": f"Bearer {worker_credential(WORKER, 'w1')}"})
     assert resp.status_code == 404 and resp.json()["error"]["type"] == "not_found"
 
 
@@ -475,7 +478,8 @@ def test_hibernate_on_one_worker_and_wake_on_another(cluster: Cluster) -> None:
                          params={"path": "/root/state"}).content == b"kept"
         # w1's hibernated copy is garbage now: its next heartbeat is told to drop it
         w1 = httpx.Client(base_url=c.daemons["w1"].url,
-                          headers={"authorization": f"Bearer {WORKER}"})
+                          headers={"authorization":
+                                   f"Bearer {worker_credential(WORKER, 'w1')}"})
         deadline = time.monotonic() + 15
         while sid in {s["id"] for s in w1.get("/sandboxes").json()}:
             assert time.monotonic() < deadline, "w1 kept its stale hibernated copy"

@@ -79,9 +79,11 @@ class Fleet:
         opts = "".join(f", {k}={v!r}" for k, v in options.items())
         code = (
             "import os\nfrom pathlib import Path\n"
+            "from forkyard.wire.auth import worker_credential\n"
             "from forkyard.worker.daemon import serve\n"
             f"serve(Path(os.environ['T_HOME']), name={name!r}, server_url={self.server.url!r}, "
-            f"worker_token=os.environ['T_WORKER'], store_url={self.store_url!r}, "
+            f"worker_token=worker_credential(os.environ['T_WORKER'], {name!r}), "
+            f"store_url={self.store_url!r}, "
             f"ready_file=Path(os.environ['T_READY']){opts})\n"
         )
         p = spawn(name, code, root=self.root, home=self.root / name)

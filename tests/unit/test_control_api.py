@@ -26,6 +26,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Route
 
 from forkyard.control.server import create_app
+from forkyard.wire.auth import worker_credential
 from forkyard.wire.serving import bind
 from tests.fixtures.postgres import PostgresServer, postgres_fixture
 
@@ -68,6 +69,17 @@ DOCUMENTED = {
 }
 
 
+class AsWorker(httpx.Auth):
+    """Each /internal call with the credential of the worker it names (path or report)."""
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        name = request.url.path.split("/")[3]
+        if name == "register":
+            name = json.loads(request.content)["name"]
+        request.headers["authorization"] = f"Bearer {worker_credential(WORKER, name)}"
+        yield request
+
+
 @dataclass
 class Server:
     url: str
@@ -108,8 +120,7 @@ def server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         time.sleep(0.02)
     with (httpx.Client(base_url=url, headers={"authorization": f"Bearer {API}"},
                        timeout=30) as api,
-          httpx.Client(base_url=url, headers={"authorization": f"Bearer {WORKER}"},
-                       timeout=30) as internal):
+          httpx.Client(base_url=url, auth=AsWorker(), timeout=30) as internal):
         yield Server(url, app, api, internal)
     srv.should_exit = True
     thread.join(timeout=30)
@@ -378,16 +389,27 @@ def test_registry_refusals(server: Server) -> None:
                  "invalid")
 
 
-def test_heartbeat_tells_a_worker_to_destroy_sandboxes_the_cluster_does_not_know(
-        server: Server) -> None:
+def test_sandboxes_the_database_never_knew_are_adopted_not_destroyed(server: Server) -> None:
+    # a new or emptied database must not make workers destroy their VMs (issue 10)
     store = server.plane.store_url
     stray = {"id": "sb-" + "1" * 20, "state": "running", "image": "b" * 64,
              "created": "2026-01-01T00:00:00.000Z", "memory_mb": 256, "cpus": 1,
              "parent_checkpoint": None, "last_checkpoint": None}
+    odd = {**stray, "id": "sb-" + "2" * 20, "state": "failed"}
     resp = server.internal.post("/internal/workers/register",
-                                json=report("gc", store=store, sandboxes=[stray]))
+                                json=report("gc", store=store, sandboxes=[stray, odd]))
     assert resp.status_code == 200
-    assert resp.json()["destroy"] == [stray["id"]]
+    assert resp.json()["destroy"] == []
+    adopted = server.api.get(f"/v1/sandboxes/{stray['id']}").json()
+    assert (adopted["state"], adopted["worker"]) == ("running", "gc")
+    assert "adopted" in adopted["error"]
+    # one in another state is left alone: neither adopted nor destroyed
+    assert server.api.get(f"/v1/sandboxes/{odd['id']}").status_code == 404
+    # once the operator destroys it, the worker is told to drop it
+    assert server.api.delete(f"/v1/sandboxes/{stray['id']}").status_code == 204
+    again = server.internal.post("/internal/workers/gc/heartbeat",
+                                 json=report("gc", store=store, sandboxes=[stray]))
+    assert again.json()["destroy"] == [stray["id"]]
 
 
 # ---------------------------------------------------------------------------

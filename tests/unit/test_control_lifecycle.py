@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from forkyard.control.server import create_app
+from forkyard.wire.auth import worker_credential
 from forkyard.wire.models import WorkerCheckpoint
 from forkyard.wire.serving import bind
 from tests.fixtures.fake_worker import FakeWorker, fake_worker
@@ -522,7 +523,7 @@ def test_a_worker_restarting_without_a_sandbox_logs_it_lost(cluster: Cluster) ->
               "max_sandboxes": 1 << 20, "cached_bases": [], "checkpoints": [],
               "sandboxes": []}
     resp = httpx.post(f"{cluster.url}/internal/workers/register", json=report,
-                      headers={"authorization": f"Bearer {WORKER}"})
+                      headers={"authorization": f"Bearer {worker_credential(WORKER, 'w1')}"})
     assert resp.status_code == 200, resp.text
     events = cluster.api.get("/v1/events", params={"sandbox": sb["id"]}).json()
     assert [e["kind"] for e in events] == ["created", "lost"]

@@ -54,7 +54,7 @@ def test_every_documented_status_maps_to_its_class(status, type_, cls):
 def test_table_rows_are_unique_and_cover_the_api_statuses():
     keys = [(r.status, r.type_) for r in e.ERROR_TABLE]
     assert len(keys) == len(set(keys))
-    documented = {400, 401, 404, 405, 409, 413, 422, 500, 502, 503, 504}  # docs/api.md
+    documented = {400, 401, 403, 404, 405, 409, 413, 422, 429, 500, 502, 503, 504}  # docs/api.md
     assert {s for s, t in keys if t is None} == documented
 
 

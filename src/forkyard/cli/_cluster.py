@@ -59,6 +59,14 @@ __all__ = [
     "stop_cluster",
 ]
 
+TlsCertOpt = Annotated[Path | None, typer.Option(
+    "--tls-cert", envvar="FORKYARD_TLS_CERT", help="Serve HTTPS with this PEM certificate.")]
+TlsKeyOpt = Annotated[Path | None, typer.Option(
+    "--tls-key", envvar="FORKYARD_TLS_KEY", help="The certificate's private key (PEM).")]
+TlsCaOpt = Annotated[Path | None, typer.Option(
+    "--tls-ca", envvar="FORKYARD_CA", help="CA bundle (PEM) the peers' certificates are "
+    "checked against (default: the system's).")]
+
 _SERVER_START_TIMEOUT = 60.0
 # A worker's first start may set the host up and build its base image.
 _REGISTER_TIMEOUT = 600.0
@@ -192,9 +200,12 @@ def _launch(cluster: ClusterFile, *, workers: int, stock_bases: bool,
     run.mkdir(parents=True, exist_ok=True)
     for stale in run.glob("*.ready"):
         stale.unlink()
+    from forkyard.wire.auth import worker_credential
+
+    # the server gets the cluster secret; each worker only its own credential.
+    # Tokens travel in the environment: argv is world-readable in /proc
     env = {"FORKYARD_API_TOKEN": cluster.api_token,
            "FORKYARD_WORKER_TOKEN": cluster.worker_token}
-    # tokens travel in the environment: argv is world-readable in /proc
 
     cluster.server_home = str(home / "control")
     cluster.server_log = str(logs / "server.log")
@@ -223,7 +234,8 @@ def _launch(cluster: ClusterFile, *, workers: int, stock_bases: bool,
         if stock_bases:
             argv.append("--stock-bases")
         say(f"starting worker {name}")
-        pid, start = spawn(argv, log=Path(rec.log), env=env)
+        pid, start = spawn(argv, log=Path(rec.log), env={
+            "FORKYARD_WORKER_TOKEN": worker_credential(cluster.worker_token, name)})
         cluster.pids[name], cluster.proc_start[name] = pid, start
         cluster.workers.append(rec)
         cluster.save()
@@ -418,8 +430,15 @@ def server(
     webhook_secret: Annotated[str | None, typer.Option(
         "--webhook-secret", envvar="FORKYARD_WEBHOOK_SECRET", show_default=False,
         help="HMAC-SHA256 key of X-Forkyard-Signature.")] = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
-    """Run the control plane in the foreground (what `forkyard up` starts)."""
+    """Run the control plane in the foreground (what `forkyard up` starts).
+
+    --api-token becomes the admin key named `admin`; --worker-token is the
+    cluster secret workers' credentials derive from (`forkyard keys worker`).
+    """
     from forkyard.config import Home
     from forkyard.control.server import serve
 
@@ -427,7 +446,8 @@ def server(
     serve(root, host=host, port=port, db_url=db, api_token=api_token,
           worker_token=worker_token, store_url=store or Home.at(root).default_store_url(),
           heartbeat_timeout=heartbeat_timeout, ready_file=ready_file,
-          webhook_url=webhook_url, webhook_secret=webhook_secret)
+          webhook_url=webhook_url, webhook_secret=webhook_secret,
+          tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
 
 
 def worker(
@@ -451,8 +471,14 @@ def worker(
                                    "included; default: the host's less 1 GiB).")] = None,
     cpus: Annotated[int | None, typer.Option(
         "--cpus", min=1, help="vCPUs guests may hold in all (default: 16 per core).")] = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
-    """Run a worker daemon in the foreground (what `forkyard up` starts)."""
+    """Run a worker daemon in the foreground (what `forkyard up` starts).
+
+    --worker-token is this worker's own credential (`forkyard keys worker NAME`).
+    """
     from forkyard.config import Home
     from forkyard.worker.daemon import serve
 
@@ -460,10 +486,14 @@ def worker(
     serve(root, name=name, server_url=server_url, worker_token=worker_token,
           store_url=store or Home.at(root).default_store_url(), host=host, port=port,
           stock_base=stock_bases, max_sandboxes=max_sandboxes, on_shutdown=on_shutdown,
-          ready_file=ready_file, memory_mb=memory_mb, cpus=cpus)
+          ready_file=ready_file, memory_mb=memory_mb, cpus=cpus, tls_cert=tls_cert,
+          tls_key=tls_key, tls_ca=tls_ca)
 
 
 def register(app: typer.Typer) -> None:
+    from forkyard.cli import _keys
+
+    _keys.register(app)
     app.command(rich_help_panel="Cluster")(up)
     app.command(rich_help_panel="Cluster")(down)
     app.command(rich_help_panel="Cluster")(status)

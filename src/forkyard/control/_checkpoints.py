@@ -8,11 +8,12 @@ from dataclasses import replace
 from sqlalchemy import select
 
 from forkyard.checkpoint import archive
-from forkyard.control._db import CheckpointRow, SandboxRow, utcnow
+from forkyard.control._db import CheckpointRow, SandboxRow, TombstoneRow, utcnow
 from forkyard.control._metrics import timed
 from forkyard.control._placement import Placement
 from forkyard.control._publish import PUBLISH_WAIT
 from forkyard.control._records import (
+    SYSTEM,
     adopt_published,
     checkpoint_out,
     checkpoint_row,
@@ -23,6 +24,7 @@ from forkyard.control._workers import WorkerClient
 from forkyard.errors import CheckpointNotFound, PlacementConflict, WorkerUnavailable
 from forkyard.store import ObjectStore, open_store
 from forkyard.wire import worker_api
+from forkyard.wire.auth import Principal
 from forkyard.wire.ids import new_sandbox_id
 from forkyard.wire.models import (
     CheckpointOut,
@@ -43,11 +45,13 @@ class Checkpoints(Transitions):
     _store: ObjectStore | None = None
 
     @timed("checkpoint")
-    def checkpoint(self, sandbox_id: str, req: CheckpointRequest) -> CheckpointOut:
-        client = self.running(sandbox_id, "checkpoint")
+    def checkpoint(self, sandbox_id: str, req: CheckpointRequest,
+                   caller: Principal) -> CheckpointOut:
+        client = self.running(sandbox_id, "checkpoint", caller)
         info = client.send(worker_api.checkpoint(sandbox_id, req.name, req.publish))
         with self.db.tx() as s:
-            row = store_checkpoint(s, info, client.name, self.store_url)
+            # the same state checkpointed again after an rm gets the same id: it is back
+            row = store_checkpoint(s, info, client.name, self.store_url, revive=True)
             sb = s.get(SandboxRow, sandbox_id, with_for_update=True)
             # the sandbox's labels as they are now, plus the checkpoint's own: what forks get
             row.labels = {**(sb.labels if sb is not None else {}), **req.labels}
@@ -64,26 +68,30 @@ class Checkpoints(Transitions):
             self.publishes.watch(info.id, client.name)
         return out
 
-    def list_checkpoints(self) -> list[CheckpointOut]:
+    def list_checkpoints(self, caller: Principal) -> list[CheckpointOut]:
         with self.db.tx() as s:
-            rows = s.scalars(select(CheckpointRow).order_by(CheckpointRow.created))
+            query = select(CheckpointRow)
+            if not caller.admin:
+                query = query.where(CheckpointRow.tenant == caller.name)
+            rows = s.scalars(query.order_by(CheckpointRow.created))
             return [checkpoint_out(r) for r in rows]
 
-    def get_checkpoint(self, ref: str) -> CheckpointOut:
-        self._adopt_if_unknown(ref)
+    def get_checkpoint(self, ref: str, caller: Principal) -> CheckpointOut:
+        self._adopt_if_unknown(ref, caller)
         with self.db.tx() as s:
-            return checkpoint_out(checkpoint_row(s, ref))
+            return checkpoint_out(checkpoint_row(s, ref, caller=caller))
 
-    def _adopt_if_unknown(self, ref: str) -> None:
+    def _adopt_if_unknown(self, ref: str, caller: Principal) -> None:
         """A checkpoint published to our store but unknown here becomes known.
 
         The store is the record of what is published (``forkyard import``
         publishes there; another cluster may share it); its manifest is
-        verified by its id before anything is recorded.
+        verified by its id before anything is recorded.  It becomes the
+        caller's; one known here (whoever's) or deleted here is never adopted.
         """
         with self.db.tx() as s:
             try:
-                checkpoint_row(s, ref)
+                checkpoint_row(s, ref, caller=SYSTEM)
                 return
             except CheckpointNotFound:
                 pass
@@ -93,40 +101,50 @@ class Checkpoints(Transitions):
             manifest = archive.fetch_manifest(self._store, ref)
         except CheckpointNotFound:
             return  # the caller's lookup reports the 404
+        with self.db.tx() as s:
+            if s.get(TombstoneRow, manifest.id) is not None:
+                return  # deleted here: not brought back by what the store still holds
         own = archive.stored_bytes(self._store, manifest)
         with self.db.tx() as s:
-            adopt_published(s, manifest, self.store_url, stored_bytes=own)
+            adopt_published(s, manifest, self.store_url, stored_bytes=own, tenant=caller.name)
 
-    def delete_checkpoint(self, ref: str) -> None:
+    def delete_checkpoint(self, ref: str, caller: Principal) -> None:
+        """Forget it for good: a tombstone keeps the store's copy from being adopted
+        again (the store's objects stay for a garbage collector)."""
         with self.db.tx() as s:
-            s.delete(checkpoint_row(s, ref))
+            row = checkpoint_row(s, ref, caller=caller)
+            s.merge(TombstoneRow(id=row.id, tenant=row.tenant, deleted=utcnow()))
+            s.delete(row)
 
     publish_wait = PUBLISH_WAIT
 
     @timed("fork")
-    def fork(self, ref: str, req: ForkRequest) -> list[SandboxOut]:
-        self._adopt_if_unknown(ref)
+    def fork(self, ref: str, req: ForkRequest, caller: Principal) -> list[SandboxOut]:
+        self._adopt_if_unknown(ref, caller)
         try:
-            cp_id, plan = self._plan_fork(ref, req)
+            cp_id, plan = self._plan_fork(ref, req, caller)
         except (PlacementConflict, WorkerUnavailable):
             # An unpublished checkpoint starts only where it was taken; if its
             # publish is under way (``checkpoint`` returns at once), waiting for
             # it lets the fork go anywhere instead of failing.
             with self.db.tx() as s:
-                cp = checkpoint_row(s, ref)
+                cp = checkpoint_row(s, ref, caller=caller)
                 publishing = cp.state == CheckpointState.PUBLISHING and cp.worker is not None
                 origin = cp.worker or ""
             if not publishing:
                 raise
             self.publishes.wait_settled(cp.id, origin, self.publish_wait)
-            cp_id, plan = self._plan_fork(ref, req)
+            cp_id, plan = self._plan_fork(ref, req, caller)
         return self._start_forks(cp_id, plan)
 
-    def _plan_fork(self, ref: str, req: ForkRequest) -> tuple[str, list[tuple[str, WorkerClient]]]:
+    def _plan_fork(self, ref: str, req: ForkRequest, caller: Principal
+                   ) -> tuple[str, list[tuple[str, WorkerClient]]]:
         """Place every fork and record it ``starting`` (one transaction)."""
         now = utcnow()
         with self.db.tx() as s:
-            cp = checkpoint_row(s, ref)
+            cp = checkpoint_row(s, ref, caller=caller)
+            # forks belong to the checkpoint's tenant (an admin forking one included)
+            tenant = cp.tenant if cp.tenant is not None else caller.name
             published = cp.state == CheckpointState.PUBLISHED
             candidates = [
                 # the origin has it even if its last heartbeat predates the checkpoint
@@ -152,7 +170,7 @@ class Checkpoints(Transitions):
                 s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image=cp.base,
                                  memory_mb=memory_mb, cpus=cpus,
                                  parent_checkpoint=cp.id, created=now, updated=now,
-                                 labels={**(cp.labels or {}), **req.labels}))
+                                 labels={**(cp.labels or {}), **req.labels}, tenant=tenant))
             cp_id = cp.id
         return cp_id, plan
 
@@ -180,7 +198,7 @@ class Checkpoints(Transitions):
             for (sid, _), r in zip(plan, results, strict=True):
                 if not isinstance(r, BaseException):
                     self._settle(sid, S.STARTING, r, state=S.RUNNING)
-                    self.destroy_sandbox(sid)
+                    self.destroy_sandbox(sid, SYSTEM)
             raise errors[0]
         outs = [
             self._settle(sid, S.STARTING, r, state=S.RUNNING)

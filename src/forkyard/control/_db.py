@@ -53,6 +53,7 @@ from sqlalchemy.orm import (
 from forkyard.errors import DatabaseError, DatabaseUnavailable
 
 __all__ = [
+    "ApiKeyRow",
     "ArchiveRow",
     "Base",
     "CheckpointRow",
@@ -60,6 +61,7 @@ __all__ = [
     "DatabaseError",
     "EventRow",
     "SandboxRow",
+    "TombstoneRow",
     "WorkerRow",
     "iso",
     "parse_time",
@@ -152,6 +154,7 @@ class SandboxRow(Base):
     idle_hibernate_s: Mapped[int | None] = mapped_column(Integer)
     auto_wake: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_activity: Mapped[dt.datetime | None]
+    tenant: Mapped[str | None] = mapped_column(String(64), index=True)  # NULL: admins only
 
 
 class CheckpointRow(Base):
@@ -169,6 +172,7 @@ class CheckpointRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict,
                                                    server_default=text("'{}'"))
+    tenant: Mapped[str | None] = mapped_column(String(64), index=True)  # NULL: admins only
 
     archive: Mapped[ArchiveRow | None] = relationship(
         back_populates="checkpoint", cascade="all, delete-orphan", passive_deletes=True,
@@ -205,6 +209,29 @@ class EventRow(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     delivery: Mapped[str | None] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    tenant: Mapped[str | None] = mapped_column(String(64), index=True)  # its sandbox's
+
+
+class ApiKeyRow(Base):
+    """An API key; its name is its tenant.  Only the key's sha256 is kept."""
+
+    __tablename__ = "api_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean)
+    created: Mapped[dt.datetime]
+    revoked: Mapped[dt.datetime | None]
+
+
+class TombstoneRow(Base):
+    """A deleted checkpoint: never adopted from the store again."""
+
+    __tablename__ = "checkpoint_tombstones"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    deleted: Mapped[dt.datetime]
 
 
 def _sqlite_events(engine: Engine) -> None:

@@ -1,9 +1,11 @@
 """The event log: lifecycle events, and their optional webhook.
 
 Each event is a row (its ``id`` orders them); ``GET /v1/events`` reads them,
-long-polling with ``wait`` for ``forkyard events --follow``.  The log is
-capped: past ``MAX_EVENTS`` rows the oldest are pruned, so an attacker who
-creates sandboxes all day grows nothing without bound.
+a tenant only its own sandboxes' (an event carries its sandbox's tenant; one
+without a sandbox, a worker's, only admins see), long-polling with ``wait``
+for ``forkyard events --follow``.  The log is capped: past ``MAX_EVENTS`` rows
+the oldest are pruned, so an attacker who creates sandboxes all day grows
+nothing without bound.
 
 A webhook gets every event as a JSON body signed with HMAC-SHA256 of the
 shared secret (``X-Forkyard-Signature: sha256=<hex>``), retried with
@@ -27,7 +29,8 @@ from typing import Any
 import httpx
 from sqlalchemy import delete, func, select
 
-from forkyard.control._db import Database, EventRow, iso, utcnow
+from forkyard.control._db import Database, EventRow, SandboxRow, iso, utcnow
+from forkyard.wire.auth import Principal
 from forkyard.wire.models import EventKind, EventOut
 
 __all__ = ["MAX_EVENTS", "EventLog", "sign"]
@@ -85,7 +88,9 @@ class EventLog:
         """Record one event; never raises (an event is not worth failing the operation)."""
         try:
             with self.db.tx() as s:
+                owner = s.get(SandboxRow, sandbox) if sandbox is not None else None
                 row = EventRow(time=utcnow(), kind=EventKind(kind).value, sandbox=sandbox,
+                               tenant=owner.tenant if owner is not None else None,
                                checkpoint=checkpoint, worker=worker,
                                detail=detail[:1000] if detail else None,
                                attempts=0, delivery="pending" if self._hook else None)
@@ -108,13 +113,16 @@ class EventLog:
                 self._mark(event_id, "dropped", 0)
 
     # --- reading ------------------------------------------------------------------
-    def list(self, *, sandbox: str | None = None, kind: str | None = None, after: int = 0,
-             limit: int = 100, wait: float = 0.0) -> list[EventOut]:
-        """Events after ``after`` (oldest first); with ``wait``, block until one comes."""
+    def list(self, caller: Principal, *, sandbox: str | None = None, kind: str | None = None,
+             after: int = 0, limit: int = 100, wait: float = 0.0) -> list[EventOut]:
+        """The events ``caller`` may see after ``after`` (oldest first); with ``wait``,
+        block until one comes."""
         deadline = None
         while True:
             with self.db.tx() as s:
                 q = select(EventRow).where(EventRow.id > after).order_by(EventRow.id)
+                if not caller.admin:
+                    q = q.where(EventRow.tenant == caller.name)
                 if sandbox is not None:
                     q = q.where(EventRow.sandbox == sandbox)
                 if kind is not None:

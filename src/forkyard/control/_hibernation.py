@@ -8,11 +8,19 @@ import time
 from forkyard.control._db import CheckpointRow
 from forkyard.control._metrics import timed
 from forkyard.control._placement import Placement, shortage
-from forkyard.control._records import describe, move, sandbox_out, sandbox_row, store_checkpoint
+from forkyard.control._records import (
+    SYSTEM,
+    describe,
+    move,
+    sandbox_out,
+    sandbox_row,
+    store_checkpoint,
+)
 from forkyard.control._transitions import Transitions, refused
 from forkyard.control._workers import WorkerClient
 from forkyard.errors import FleetError, SandboxBusy
 from forkyard.wire import worker_api
+from forkyard.wire.auth import Principal
 from forkyard.wire.errors import WorkerReply
 from forkyard.wire.models import (
     CheckpointState,
@@ -30,9 +38,9 @@ S = SandboxState
 
 
 class Hibernation(Transitions):
-    def hibernate(self, sandbox_id: str, *, wait: bool) -> SandboxOut:
+    def hibernate(self, sandbox_id: str, caller: Principal, *, wait: bool) -> SandboxOut:
         with self.db.tx() as s:
-            row = sandbox_row(s, sandbox_id, lock=True)
+            row = sandbox_row(s, sandbox_id, caller=caller, lock=True)
             if row.state == S.HIBERNATED:
                 return sandbox_out(row)
             if row.state == S.HIBERNATING:
@@ -45,11 +53,11 @@ class Hibernation(Transitions):
                 raise refused(sandbox_id, row.state, "hibernate")
         if already:
             return self._wait_settled(sandbox_id, S.HIBERNATING) if wait else \
-                self.get_sandbox(sandbox_id)
+                self.get_sandbox(sandbox_id, caller)
         if wait:
             return self._hibernate_on(sandbox_id, client)
         self._spawn(self._hibernate_quietly, f"hibernate-{sandbox_id}", sandbox_id, client)
-        return self.get_sandbox(sandbox_id)
+        return self.get_sandbox(sandbox_id, caller)
 
     def _hibernate_quietly(self, sandbox_id: str, client: WorkerClient) -> None:
         try:
@@ -93,15 +101,15 @@ class Hibernation(Transitions):
 
     def _wait_settled(self, sandbox_id: str, transitional: SandboxState) -> SandboxOut:
         while True:
-            out = self.get_sandbox(sandbox_id)
+            out = self.get_sandbox(sandbox_id, SYSTEM)
             if out.state != transitional or self.stopping.is_set():
                 return out
             time.sleep(0.1)
 
     @timed("wake")
-    def wake(self, sandbox_id: str, req: WakeRequest) -> SandboxOut:
+    def wake(self, sandbox_id: str, req: WakeRequest, caller: Principal) -> SandboxOut:
         with self.db.tx() as s:
-            row = sandbox_row(s, sandbox_id, lock=True)
+            row = sandbox_row(s, sandbox_id, caller=caller, lock=True)
             if row.state == S.RUNNING:
                 return sandbox_out(row)
             if row.state == S.HIBERNATING:

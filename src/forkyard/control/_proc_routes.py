@@ -18,9 +18,11 @@ import anyio.to_thread
 from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from forkyard.control._deps import Caller
 from forkyard.control._service import ControlPlane
 from forkyard.errors import PayloadTooLarge
 from forkyard.wire import worker_api
+from forkyard.wire.auth import Principal
 from forkyard.wire.procs import (
     MAX_WAIT,
     READ_MAX,
@@ -49,29 +51,29 @@ _W = (400, 404, 409, 422, 502, 503, 504)
 
 
 def add_proc_routes(app: FastAPI, plane: ControlPlane, errors: Errors) -> None:
-    async def running(sandbox_id: str, what: str) -> Any:
+    async def running(sandbox_id: str, what: str, caller: Principal) -> Any:
         # process traffic is activity too (idle timers, auto-wake: control/_timers)
-        return await anyio.to_thread.run_sync(plane.serving, sandbox_id, what)
+        return await anyio.to_thread.run_sync(plane.serving, sandbox_id, what, caller)
 
     @app.post("/v1/sandboxes/{sandbox_id}/procs", status_code=201, tags=["processes"],
               response_model=ProcStarted, responses=errors(*_W))
-    async def spawn(sandbox_id: SandboxId, req: SpawnRequest) -> Response:
-        client = await running(sandbox_id, "start processes in")
+    async def spawn(caller: Caller, sandbox_id: SandboxId, req: SpawnRequest) -> Response:
+        client = await running(sandbox_id, "start processes in", caller)
         raw = await client.raw(worker_api.spawn(sandbox_id, req))
         return Response(raw, status_code=201, media_type="application/json")
 
     @app.get("/v1/sandboxes/{sandbox_id}/procs", tags=["processes"],
              response_model=list[ProcOut], responses=errors(*_W))
-    async def list_procs(sandbox_id: SandboxId) -> Response:
-        client = await running(sandbox_id, "list processes of")
+    async def list_procs(caller: Caller, sandbox_id: SandboxId) -> Response:
+        client = await running(sandbox_id, "list processes of", caller)
         return Response(await client.raw(worker_api.list_procs(sandbox_id)),
                         media_type="application/json")
 
     @app.get("/v1/sandboxes/{sandbox_id}/procs/{pid}/output", tags=["processes"],
              response_model=ProcOutput, responses=errors(*_W))
-    async def output(sandbox_id: SandboxId, pid: Pid, out: Offset = 0, err: Offset = 0,
-                     wait: Wait = 0.0, max_bytes: MaxBytes = READ_MAX) -> Response:
-        client = await running(sandbox_id, "read output of")
+    async def output(caller: Caller, sandbox_id: SandboxId, pid: Pid, out: Offset = 0,
+                     err: Offset = 0, wait: Wait = 0.0, max_bytes: MaxBytes = READ_MAX) -> Response:
+        client = await running(sandbox_id, "read output of", caller)
         raw = await client.raw(worker_api.proc_output(sandbox_id, pid, out, err, wait,
                                                       max_bytes))
         return Response(raw, media_type="application/json")
@@ -81,9 +83,9 @@ def add_proc_routes(app: FastAPI, plane: ControlPlane, errors: Errors) -> None:
                  200: {"description": "NDJSON: one ProcOutput a line, the last with `exited`",
                        "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
                  **errors(*_W)})
-    async def stream(sandbox_id: SandboxId, pid: Pid, out: Offset = 0,
+    async def stream(caller: Caller, sandbox_id: SandboxId, pid: Pid, out: Offset = 0,
                      err: Offset = 0) -> StreamingResponse:
-        client = await running(sandbox_id, "stream output of")
+        client = await running(sandbox_id, "stream output of", caller)
         # the first read here, so a bad pid or sandbox is an error status, not a stream
         first = await client.raw(worker_api.proc_output(sandbox_id, pid, out, err, 0.0,
                                                         READ_MAX))
@@ -106,7 +108,7 @@ def add_proc_routes(app: FastAPI, plane: ControlPlane, errors: Errors) -> None:
               response_model=StdinWritten, responses=errors(*_W, 413), openapi_extra={
                   "requestBody": {"required": False, "content": {"application/octet-stream": {
                       "schema": {"type": "string", "format": "binary"}}}}})
-    async def stdin(sandbox_id: SandboxId, pid: Pid, request: Request,
+    async def stdin(caller: Caller, sandbox_id: SandboxId, pid: Pid, request: Request,
                     eof: bool = False) -> Response:
         check_length(request)
         data = bytearray()
@@ -114,7 +116,7 @@ def add_proc_routes(app: FastAPI, plane: ControlPlane, errors: Errors) -> None:
             data += part
             if len(data) > STDIN_MAX:
                 raise PayloadTooLarge("stdin", len(data), STDIN_MAX)
-        client = await running(sandbox_id, "write to processes of")
+        client = await running(sandbox_id, "write to processes of", caller)
 
         async def body() -> AsyncIterator[bytes]:
             yield bytes(data)
@@ -126,15 +128,17 @@ def add_proc_routes(app: FastAPI, plane: ControlPlane, errors: Errors) -> None:
 
     @app.post("/v1/sandboxes/{sandbox_id}/procs/{pid}/resize", status_code=204,
               tags=["processes"], responses=errors(*_W))
-    async def resize(sandbox_id: SandboxId, pid: Pid, req: ResizeRequest) -> Response:
-        client = await running(sandbox_id, "resize terminals of")
+    async def resize(caller: Caller, sandbox_id: SandboxId, pid: Pid,
+                     req: ResizeRequest) -> Response:
+        client = await running(sandbox_id, "resize terminals of", caller)
         await client.raw(worker_api.proc_resize(sandbox_id, pid, req))
         return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/procs/{pid}/signal", status_code=204,
               tags=["processes"], responses=errors(*_W))
-    async def signal(sandbox_id: SandboxId, pid: Pid, req: SignalRequest) -> Response:
-        client = await running(sandbox_id, "signal processes of")
+    async def signal(caller: Caller, sandbox_id: SandboxId, pid: Pid,
+                     req: SignalRequest) -> Response:
+        client = await running(sandbox_id, "signal processes of", caller)
         await client.raw(worker_api.proc_signal(sandbox_id, pid, req))
         return Response(status_code=204)
 

@@ -11,12 +11,14 @@ from forkyard.control._db import (
     ArchiveRow,
     CheckpointRow,
     SandboxRow,
+    TombstoneRow,
     WorkerRow,
     iso,
     parse_time,
     utcnow,
 )
 from forkyard.errors import ForkyardError, SandboxNotFound
+from forkyard.wire.auth import Principal
 from forkyard.wire.errors import WorkerReply, status_for
 from forkyard.wire.lifecycle import check_move
 from forkyard.wire.models import (
@@ -33,6 +35,7 @@ from forkyard.wire.models import (
 
 __all__ = [
     "ACTIVE",
+    "SYSTEM",
     "TRANSITIONAL",
     "adopt_published",
     "checkpoint_out",
@@ -42,8 +45,10 @@ __all__ = [
     "move",
     "sandbox_out",
     "sandbox_row",
+    "sees",
     "status_of",
     "store_checkpoint",
+    "tombstoned",
     "worker_out",
 ]
 
@@ -110,41 +115,62 @@ def worker_out(row: WorkerRow) -> WorkerOut:
     )
 
 
+# the server's own background work sees every tenant's objects
+SYSTEM = Principal("system", "admin")
+
+
+def sees(caller: Principal, tenant: str | None) -> bool:
+    """Another tenant's object does not exist for ``caller`` (admins see all)."""
+    return caller.admin or (tenant is not None and tenant == caller.name)
+
+
 # --- lookups --------------------------------------------------------------------
-def sandbox_row(s: Session, sandbox_id: str, *, lock: bool = False) -> SandboxRow:
+def sandbox_row(s: Session, sandbox_id: str, *, caller: Principal,
+                lock: bool = False) -> SandboxRow:
     if not SANDBOX_ID_RE.match(sandbox_id):
         raise SandboxNotFound(sandbox_id)
     row = s.get(SandboxRow, sandbox_id, with_for_update=lock)
-    if row is None:
+    if row is None or not sees(caller, row.tenant):
         raise SandboxNotFound(sandbox_id)
     return row
 
 
-def checkpoint_row(s: Session, ref: str) -> CheckpointRow:
-    """By full id or a unique prefix of at least 6 hex digits (``cp-`` allowed)."""
+def checkpoint_row(s: Session, ref: str, *, caller: Principal) -> CheckpointRow:
+    """By full id or a unique prefix of at least 6 hex digits (``cp-`` allowed),
+    among the checkpoints ``caller`` can see (another tenant's cannot make a
+    prefix ambiguous: that would tell it exists)."""
     prefix = normalize_prefix(ref)
     if DIGEST_RE.match(prefix):
         row = s.get(CheckpointRow, prefix)
-        rows = {prefix: row} if row is not None else {}
+        rows = {prefix: row} if row is not None and sees(caller, row.tenant) else {}
     else:
+        query = select(CheckpointRow).where(CheckpointRow.id.startswith(prefix))
+        if not caller.admin:
+            query = query.where(CheckpointRow.tenant == caller.name)
         # two rows are enough to know the prefix is ambiguous
-        rows = {r.id: r for r in s.scalars(
-            select(CheckpointRow).where(CheckpointRow.id.startswith(prefix)).limit(2))}
+        rows = {r.id: r for r in s.scalars(query.limit(2))}
     return rows[resolve_prefix(prefix, rows)]
 
 
+def tombstoned(s: Session, checkpoint_id: str) -> bool:
+    return s.get(TombstoneRow, checkpoint_id) is not None
+
+
 # --- shared updates ---------------------------------------------------------------
-def adopt_published(s: Session, m: Manifest, store_url: str, *, stored_bytes: int
-                    ) -> CheckpointRow:
-    """Record a checkpoint found only in the store (no origin worker here)."""
+def adopt_published(s: Session, m: Manifest, store_url: str, *, stored_bytes: int,
+                    tenant: str | None) -> CheckpointRow | None:
+    """Record a checkpoint found only in the store (no origin worker here);
+    None if it was deleted here (its objects may stay in the store)."""
     row = s.get(CheckpointRow, m.id, with_for_update=True)
     if row is not None:
         return row
+    if tombstoned(s, m.id):
+        return None
     created = parse_time(m.created)
     row = CheckpointRow(
         id=m.id, sandbox=m.sandbox, worker=None, name=m.name, created=created,
         state=CheckpointState.PUBLISHED, base=m.base.digest,
-        changed_bytes=m.changed_bytes, error=None,
+        changed_bytes=m.changed_bytes, error=None, tenant=tenant,
     )
     row.archive = ArchiveRow(checkpoint_id=m.id, store_url=store_url,
                              stored_bytes=stored_bytes, published_at=utcnow())
@@ -153,15 +179,26 @@ def adopt_published(s: Session, m: Manifest, store_url: str, *, stored_bytes: in
 
 
 def store_checkpoint(s: Session, cp: WorkerCheckpoint, worker: str,
-                     store_url: str) -> CheckpointRow:
-    """Record (or update) a checkpoint a worker reported, with its archive if published."""
+                     store_url: str, *, revive: bool = False) -> CheckpointRow:
+    """Record (or update) a checkpoint a worker reported, with its archive if published.
+
+    It belongs to its sandbox's tenant.  A deleted one is not recorded again
+    from a report (the row returned is then not in the session) unless
+    ``revive``: its tenant took it again.
+    """
     row = s.get(CheckpointRow, cp.id, with_for_update=True)
     if row is None:
         sb = s.get(SandboxRow, cp.sandbox) if SANDBOX_ID_RE.match(cp.sandbox) else None
         row = CheckpointRow(id=cp.id, sandbox=cp.sandbox, worker=worker, name=cp.name,
                             created=parse_time(cp.created), state=cp.state, base=cp.base,
                             changed_bytes=cp.changed_bytes, error=cp.error,
-                            labels=dict(sb.labels or {}) if sb is not None else {})
+                            labels=dict(sb.labels or {}) if sb is not None else {},
+                            tenant=sb.tenant if sb is not None else None)
+        tomb = s.get(TombstoneRow, cp.id)
+        if tomb is not None and not revive:
+            return row
+        if tomb is not None:
+            s.delete(tomb)
         s.add(row)
     else:
         row.state = cp.state

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from forkyard.control._db import Database, SandboxRow, WorkerRow, utcnow
+from forkyard.control._db import Database, SandboxRow, WorkerRow, parse_time, utcnow
 from forkyard.control._events import EventLog
 from forkyard.control._placement import Candidate
 from forkyard.control._records import (
@@ -158,8 +158,12 @@ class Registry:
         destroy: list[str] = []
         for sb in reported:
             row = rows.get(sb.id)
-            if row is None or row.state in (S.DESTROYED, S.FAILED):
-                # not ours (any more): a leftover that would hold memory and disk forever
+            if row is None:
+                # never known here (a new or emptied database): adopt it, never destroy
+                # what we did not make -- it may be someone's work
+                Registry._adopt(s, name, sb)
+            elif row.state in (S.DESTROYED, S.FAILED):
+                # not ours any more: a leftover that would hold memory and disk forever
                 destroy.append(sb.id)
             elif row.worker != name:
                 if row.state not in TRANSITIONAL:  # e.g. hibernated here, woken elsewhere
@@ -173,6 +177,22 @@ class Registry:
                 row.recoverable_from = None
                 row.error = None
         return destroy
+
+    @staticmethod
+    def _adopt(s: Session, name: str, sb: WorkerSandbox) -> None:
+        """Record a sandbox a worker runs (or keeps hibernated) that we never knew.
+
+        Its tenant is unknown, so only admin keys see it until an operator
+        decides (destroys it, or uses it); one in any other state is left alone.
+        """
+        if sb.state == S.RUNNING or (sb.state == S.HIBERNATED and sb.last_checkpoint):
+            now = utcnow()
+            s.add(SandboxRow(id=sb.id, state=sb.state, worker=name, image=sb.image,
+                             memory_mb=sb.memory_mb, cpus=sb.cpus, created=parse_time(sb.created),
+                             updated=now, parent_checkpoint=sb.parent_checkpoint,
+                             last_checkpoint=sb.last_checkpoint, tenant=None,
+                             error=f"adopted from worker {name}: unknown to this database"))
+            log.warning("adopted sandbox %s (%s) reported by worker %s", sb.id, sb.state, name)
 
     def leave(self, name: str, leaving: WorkerLeaving) -> None:
         """A worker shutting down cleanly tells what became of its sandboxes."""

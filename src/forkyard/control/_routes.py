@@ -22,10 +22,19 @@ from pydantic import StringConstraints
 from starlette.background import BackgroundTask
 
 import forkyard
+from forkyard.control._deps import Admin, Caller
 from forkyard.control._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from forkyard.control._proc_routes import add_proc_routes
 from forkyard.control._service import ControlPlane
+from forkyard.errors import Forbidden
 from forkyard.wire import worker_api
+from forkyard.wire.auth import (
+    KeyCreate,
+    KeyCreated,
+    KeyOut,
+    Principal,
+    WorkerCredential,
+)
 from forkyard.wire.models import (
     GUEST_FILE_RE,
     GUEST_PATH_RE,
@@ -33,6 +42,7 @@ from forkyard.wire.models import (
     MAX_GUEST_PATH,
     MAX_LABELS,
     SANDBOX_ID_RE,
+    WORKER_NAME_RE,
     CheckpointOut,
     CheckpointRequest,
     CreateSandboxRequest,
@@ -71,9 +81,18 @@ GuestFile = Annotated[str, Query(pattern=GUEST_FILE_RE, max_length=MAX_GUEST_PAT
                                  description="absolute guest path of a file (not `/`, no "
                                              "trailing `/`, `.` or `..`)")]
 
+
+
+def _as_worker(caller: Principal, name: str) -> None:
+    """A worker credential acts only for its own worker."""
+    if caller.kind != "worker" or caller.name != name:
+        raise Forbidden(f"this credential is worker {caller.name!r}'s, not {name!r}'s")
+
+
 _WHY = {
     400: "malformed request the schema cannot describe (e.g. a bad Content-Length), or a "
          "path the worker refuses",
+    403: "the key may not do this (admin only)",
     404: "no such sandbox, checkpoint, worker, image or guest file",
     409: "the sandbox's state forbids it, or a conflict with the cluster (integrity, "
          "incompatible checkpoint, unpublished checkpoint elsewhere)",
@@ -126,25 +145,50 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     def health() -> Health:
         return Health(status="ok", version=forkyard.__version__)
 
+    # fleet-wide numbers (every tenant's sandboxes, the workers): an operator's, so admin only
     @app.get("/metrics", tags=["meta"], response_class=Response, responses={
         200: {"description": "Prometheus text exposition format",
               "content": {"text/plain": {"schema": {"type": "string"}}}},
-        **_DB})
-    def metrics() -> Response:
+        **_errors(403, 503)})
+    def metrics(_: Admin) -> Response:
         return Response(plane.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/v1/workers", tags=["workers"], responses=_DB)
-    def list_workers() -> list[WorkerOut]:
+    @app.get("/v1/workers", tags=["workers"], responses=_errors(403, 503))
+    def list_workers(_: Admin) -> list[WorkerOut]:
         return plane.workers.all()
+
+    # --- API keys (admin only) -------------------------------------------
+    @app.post("/v1/keys", status_code=201, tags=["keys"],
+              responses=_errors(400, 403, 409, 422, 503))
+    def create_key(_: Admin, req: KeyCreate) -> KeyCreated:
+        return plane.keys.create(req.name, admin=req.admin)
+
+    @app.get("/v1/keys", tags=["keys"], responses=_errors(403, 503))
+    def list_keys(_: Admin) -> list[KeyOut]:
+        return plane.keys.all()
+
+    @app.delete("/v1/keys/{name}", status_code=204, tags=["keys"],
+                responses=_errors(403, 404, 409, 422, 503))
+    def revoke_key(_: Admin, name: Annotated[str, Path(max_length=64)]) -> Response:
+        plane.keys.revoke(name)
+        return Response(status_code=204)
+
+    @app.post("/v1/workers/{name}/credential", status_code=201, tags=["workers"],
+              responses=_errors(403, 422, 503))
+    def enroll_worker(_: Admin, name: Annotated[str, Path(pattern=WORKER_NAME_RE.pattern)]
+                      ) -> WorkerCredential:
+        """The credential a worker named ``name`` runs with (on another machine, say)."""
+        return WorkerCredential(name=name, credential=plane.worker_credential(name))
 
     # --- sandboxes ------------------------------------------------------
     @app.post("/v1/sandboxes", status_code=201, tags=["sandboxes"],
               responses=_errors(*_WORKER))
-    def create_sandbox(req: CreateSandboxRequest | None = None) -> SandboxOut:
-        return plane.create_sandbox(req or CreateSandboxRequest())
+    def create_sandbox(caller: Caller, req: CreateSandboxRequest | None = None) -> SandboxOut:
+        return plane.create_sandbox(req or CreateSandboxRequest(), caller)
 
     @app.get("/v1/sandboxes", tags=["sandboxes"], responses=_errors(422, 503))
     def list_sandboxes(
+        caller: Caller,
         label: Annotated[list[Annotated[str, StringConstraints(pattern=LABEL_FILTER_RE)]],
                          Query(max_length=MAX_LABELS,
                                description="`key=value`; repeated: all must match")] = [],  # noqa: B006
@@ -152,27 +196,27 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
             description="only this state (default: all but destroyed)")] = None,
     ) -> list[SandboxOut]:
         wanted = dict(item.split("=", 1) for item in label)
-        return plane.list_sandboxes(wanted, state)
+        return plane.list_sandboxes(caller, wanted, state)
 
     @app.get("/v1/sandboxes/{sandbox_id}", tags=["sandboxes"], responses=_LOOKUP)
-    def get_sandbox(sandbox_id: SandboxId) -> SandboxOut:
-        return plane.get_sandbox(sandbox_id)
+    def get_sandbox(caller: Caller, sandbox_id: SandboxId) -> SandboxOut:
+        return plane.get_sandbox(sandbox_id, caller)
 
     @app.post("/v1/sandboxes/{sandbox_id}/timeout", tags=["sandboxes"],
               responses=_errors(404, 409, 422, 503))
-    def set_timeout(sandbox_id: SandboxId, req: TimeoutRequest) -> SandboxOut:
-        return plane.set_timeout(sandbox_id, req)
+    def set_timeout(caller: Caller, sandbox_id: SandboxId, req: TimeoutRequest) -> SandboxOut:
+        return plane.set_timeout(sandbox_id, req, caller)
 
     @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, tags=["sandboxes"],
                 responses=_errors(404, 409, 422, 503))
-    def destroy_sandbox(sandbox_id: SandboxId) -> Response:
-        plane.destroy_sandbox(sandbox_id)
+    def destroy_sandbox(caller: Caller, sandbox_id: SandboxId) -> Response:
+        plane.destroy_sandbox(sandbox_id, caller)
         return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/exec", response_model=ExecResultOut, tags=["sandboxes"],
               responses=_errors(*_WORKER, 413))
-    async def exec_in(sandbox_id: SandboxId, req: ExecRequest) -> Response:
-        client = await threaded(plane.serving, sandbox_id, "exec in")
+    async def exec_in(caller: Caller, sandbox_id: SandboxId, req: ExecRequest) -> Response:
+        client = await threaded(plane.serving, sandbox_id, "exec in", caller)
         raw = await client.raw(worker_api.exec_(sandbox_id, req))
         return Response(raw, media_type="application/json")
 
@@ -180,11 +224,11 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
     @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=FileWritten, tags=["files"],
              openapi_extra=_RAW_BODY, responses=_errors(*_WORKER, 413))
     async def write_file(
-        sandbox_id: SandboxId, request: Request, path: GuestFile,
+        caller: Caller, sandbox_id: SandboxId, request: Request, path: GuestFile,
         mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644, append: bool = False,
     ) -> Response:
         check_length(request)
-        client = await threaded(plane.serving, sandbox_id, "write files of")
+        client = await threaded(plane.serving, sandbox_id, "write files of", caller)
         async with client.stream(
             worker_api.write_file(sandbox_id, path, mode=mode, append=append),
             content=limited_body(request), content_type="application/octet-stream",
@@ -194,8 +238,8 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
 
     @app.get("/v1/sandboxes/{sandbox_id}/files", tags=["files"], response_class=Response,
             responses=_RAW_REPLY)
-    async def read_file(sandbox_id: SandboxId, path: GuestFile) -> Response:
-        client = await threaded(plane.serving, sandbox_id, "read files of")
+    async def read_file(caller: Caller, sandbox_id: SandboxId, path: GuestFile) -> Response:
+        client = await threaded(plane.serving, sandbox_id, "read files of", caller)
         stack = AsyncExitStack()
         resp = await stack.enter_async_context(
             client.stream(worker_api.read_file(sandbox_id, path)))
@@ -207,63 +251,67 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/list", tags=["files"],
              responses=_errors(*_WORKER, 413))
-    def list_files(sandbox_id: SandboxId, path: GuestPath) -> list[EntryOut]:
-        client = plane.serving(sandbox_id, "list files of")
+    def list_files(caller: Caller, sandbox_id: SandboxId, path: GuestPath) -> list[EntryOut]:
+        client = plane.serving(sandbox_id, "list files of", caller)
         return client.send(worker_api.list_files(sandbox_id, path))
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", tags=["files"],
              responses=_errors(*_WORKER))
-    def stat_file(sandbox_id: SandboxId, path: GuestPath) -> EntryOut:
-        client = plane.serving(sandbox_id, "stat files of")
+    def stat_file(caller: Caller, sandbox_id: SandboxId, path: GuestPath) -> EntryOut:
+        client = plane.serving(sandbox_id, "stat files of", caller)
         return client.send(worker_api.stat_file(sandbox_id, path))
 
     @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, tags=["files"],
                 responses=_errors(*_WORKER))
-    def remove_file(sandbox_id: SandboxId, path: GuestFile, recursive: bool = False) -> Response:
-        client = plane.serving(sandbox_id, "remove files of")
+    def remove_file(caller: Caller, sandbox_id: SandboxId, path: GuestFile,
+                    recursive: bool = False) -> Response:
+        client = plane.serving(sandbox_id, "remove files of", caller)
         client.send(worker_api.remove_file(sandbox_id, path, recursive=recursive))
         return Response(status_code=204)
 
     # --- checkpoints, hibernate, wake -------------------------------------
     @app.post("/v1/sandboxes/{sandbox_id}/checkpoint", status_code=201, tags=["checkpoints"],
               responses=_errors(*_WORKER))
-    def checkpoint(sandbox_id: SandboxId,
+    def checkpoint(caller: Caller, sandbox_id: SandboxId,
                    req: CheckpointRequest | None = None) -> CheckpointOut:
-        return plane.checkpoint(sandbox_id, req or CheckpointRequest())
+        return plane.checkpoint(sandbox_id, req or CheckpointRequest(), caller)
 
     @app.post("/v1/sandboxes/{sandbox_id}/hibernate", tags=["sandboxes"],
               responses=_errors(*_WORKER))
-    def hibernate(sandbox_id: SandboxId, req: HibernateRequest | None = None) -> SandboxOut:
-        return plane.hibernate(sandbox_id, wait=(req or HibernateRequest()).wait)
+    def hibernate(caller: Caller, sandbox_id: SandboxId,
+                  req: HibernateRequest | None = None) -> SandboxOut:
+        return plane.hibernate(sandbox_id, caller, wait=(req or HibernateRequest()).wait)
 
     @app.post("/v1/sandboxes/{sandbox_id}/wake", tags=["sandboxes"],
               responses=_errors(*_WORKER))
-    def wake(sandbox_id: SandboxId, req: WakeRequest | None = None) -> SandboxOut:
-        return plane.wake(sandbox_id, req or WakeRequest())
+    def wake(caller: Caller, sandbox_id: SandboxId, req: WakeRequest | None = None) -> SandboxOut:
+        return plane.wake(sandbox_id, req or WakeRequest(), caller)
 
     @app.get("/v1/checkpoints", tags=["checkpoints"], responses=_DB)
-    def list_checkpoints() -> list[CheckpointOut]:
-        return plane.list_checkpoints()
+    def list_checkpoints(caller: Caller) -> list[CheckpointOut]:
+        return plane.list_checkpoints(caller)
 
     @app.get("/v1/checkpoints/{checkpoint_id}", tags=["checkpoints"],
              responses=_errors(404, 409, 422, 502, 503))
-    def get_checkpoint(checkpoint_id: CheckpointRef) -> CheckpointOut:
-        return plane.get_checkpoint(checkpoint_id)
+    def get_checkpoint(caller: Caller, checkpoint_id: CheckpointRef) -> CheckpointOut:
+        return plane.get_checkpoint(checkpoint_id, caller)
 
     @app.delete("/v1/checkpoints/{checkpoint_id}", status_code=204, tags=["checkpoints"],
                 responses=_LOOKUP)
-    def delete_checkpoint(checkpoint_id: CheckpointRef) -> Response:
-        plane.delete_checkpoint(checkpoint_id)
+    def delete_checkpoint(caller: Caller, checkpoint_id: CheckpointRef) -> Response:
+        plane.delete_checkpoint(checkpoint_id, caller)
         return Response(status_code=204)
 
     @app.post("/v1/checkpoints/{checkpoint_id}/fork", status_code=201, tags=["checkpoints"],
               responses=_errors(*_WORKER))
-    def fork(checkpoint_id: CheckpointRef, req: ForkRequest | None = None) -> list[SandboxOut]:
-        return plane.fork(checkpoint_id, req or ForkRequest())
+    def fork(caller: Caller, checkpoint_id: CheckpointRef,
+             req: ForkRequest | None = None) -> list[SandboxOut]:
+        return plane.fork(checkpoint_id, req or ForkRequest(), caller)
 
     # --- events -----------------------------------------------------------
     @app.get("/v1/events", tags=["events"], responses=_errors(422, 503))
     async def list_events(
+        caller: Caller,
         sandbox: Annotated[str | None, Query(pattern=SANDBOX_ID_RE.pattern)] = None,
         kind: EventKind | None = None,
         after: Annotated[int, Query(ge=0, le=2**62, description="only events with a "
@@ -273,25 +321,29 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
             "seconds to hold the request open until an event comes (`--follow`)"))] = 0,
     ) -> list[EventOut]:
         return await threaded(functools.partial(
-            plane.events.list, sandbox=sandbox, kind=kind, after=after, limit=limit,
+            plane.events.list, caller, sandbox=sandbox, kind=kind, after=after, limit=limit,
             wait=wait))
 
     # --- worker daemons ---------------------------------------------------
 
     @app.post("/internal/workers/register", tags=["internal"],
-              responses=_errors(409, 422, 503))
-    async def register(report: WorkerReport) -> HeartbeatReply:
+              responses=_errors(403, 409, 422, 503))
+    async def register(caller: Caller, report: WorkerReport) -> HeartbeatReply:
+        _as_worker(caller, report.name)
         return await internal(plane.workers.register, report)
 
     @app.post("/internal/workers/{name}/heartbeat", tags=["internal"],
-              responses=_errors(400, 404, 409, 422, 503))
-    async def heartbeat(name: Annotated[str, Path()], report: WorkerReport) -> HeartbeatReply:
+              responses=_errors(400, 403, 404, 409, 422, 503))
+    async def heartbeat(caller: Caller, name: Annotated[str, Path()],
+                        report: WorkerReport) -> HeartbeatReply:
+        _as_worker(caller, name)
         return await internal(plane.workers.heartbeat, name, report)
 
     @app.post("/internal/workers/{name}/leave", tags=["internal"], status_code=204,
-              responses=_errors(404, 422, 503))
-    async def leave(name: Annotated[str, Path()],
+              responses=_errors(403, 404, 422, 503))
+    async def leave(caller: Caller, name: Annotated[str, Path()],
                     leaving: Annotated[WorkerLeaving, Body()]) -> Response:
+        _as_worker(caller, name)
         await internal(plane.workers.leave, name, leaving)
         return Response(status_code=204)
 

@@ -24,6 +24,7 @@ from forkyard.control._placement import Placement
 from forkyard.control._records import TRANSITIONAL, sandbox_out
 from forkyard.control._timers import Timers, timer_fields
 from forkyard.wire import worker_api
+from forkyard.wire.auth import Principal
 from forkyard.wire.ids import new_sandbox_id
 from forkyard.wire.models import CheckpointState, CreateSandboxRequest, SandboxOut, SandboxState
 
@@ -38,7 +39,7 @@ class ControlPlane(Checkpoints, Timers):
     """Sandboxes and checkpoints; ``workers`` is the fleet, ``publishes`` follows uploads."""
 
     @timed("create")
-    def create_sandbox(self, req: CreateSandboxRequest) -> SandboxOut:
+    def create_sandbox(self, req: CreateSandboxRequest, caller: Principal) -> SandboxOut:
         sid = new_sandbox_id()
         now = utcnow()
         with self.db.tx() as s:
@@ -47,7 +48,8 @@ class ControlPlane(Checkpoints, Timers):
             client = self.workers.client(s, target)
             s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image_ref=req.image,
                              memory_mb=req.memory_mb, cpus=req.cpus, created=now, updated=now,
-                             labels=dict(req.labels), **timer_fields(req, now)))
+                             labels=dict(req.labels), tenant=caller.name,
+                             **timer_fields(req, now)))
         try:
             info = client.send(worker_api.create(sid, req.image, req.memory_mb, req.cpus,
                                                  disk=req.disk, cold=req.cold))
@@ -58,14 +60,17 @@ class ControlPlane(Checkpoints, Timers):
         self.events.emit("created", sandbox=sid, worker=target)
         return out
 
-    def list_sandboxes(self, labels: Mapping[str, str] | None = None,
+    def list_sandboxes(self, caller: Principal, labels: Mapping[str, str] | None = None,
                        state: SandboxState | None = None) -> list[SandboxOut]:
-        """Every sandbox but destroyed ones (or exactly ``state``) with all of ``labels``."""
+        """The caller's sandboxes but destroyed ones (or exactly ``state``) with all of
+        ``labels``; an admin's list has everyone's."""
         want = dict(labels or {})
         with self.db.tx() as s:
             query = select(SandboxRow).order_by(SandboxRow.created)
             query = query.where(SandboxRow.state == state) if state is not None else \
                 query.where(SandboxRow.state != S.DESTROYED)
+            if not caller.admin:
+                query = query.where(SandboxRow.tenant == caller.name)
             # labels are a JSON column: matched here, the same on SQLite and PostgreSQL
             return [sandbox_out(r) for r in s.scalars(query)
                     if all((r.labels or {}).get(k) == v for k, v in want.items())]

@@ -21,10 +21,11 @@ from sqlalchemy import select
 
 from forkyard.control._db import SandboxRow, utcnow
 from forkyard.control._hibernation import Hibernation
-from forkyard.control._records import describe, sandbox_out, sandbox_row
+from forkyard.control._records import SYSTEM, describe, sandbox_out, sandbox_row
 from forkyard.control._transitions import refused
 from forkyard.control._workers import WorkerClient
 from forkyard.errors import SandboxStateError
+from forkyard.wire.auth import Principal
 from forkyard.wire.models import (
     CreateSandboxRequest,
     OnTimeout,
@@ -65,10 +66,11 @@ class Timers(Hibernation):
         self._timer_lock = threading.Lock()
 
     # --- the API ---------------------------------------------------------------
-    def set_timeout(self, sandbox_id: str, req: TimeoutRequest) -> SandboxOut:
+    def set_timeout(self, sandbox_id: str, req: TimeoutRequest,
+                    caller: Principal) -> SandboxOut:
         """A new timeout from now (or none); the one way to move a running timer."""
         with self.db.tx() as s:
-            row = sandbox_row(s, sandbox_id, lock=True)
+            row = sandbox_row(s, sandbox_id, caller=caller, lock=True)
             if row.state in (S.DESTROYED, S.FAILED):
                 raise refused(sandbox_id, row.state, "set the timeout of")
             row.timeout_s = req.timeout
@@ -76,29 +78,29 @@ class Timers(Hibernation):
                 if req.timeout is not None else None
             return sandbox_out(row)
 
-    def serving(self, sandbox_id: str, operation: str) -> WorkerClient:
+    def serving(self, sandbox_id: str, operation: str, caller: Principal) -> WorkerClient:
         """``running`` for exec and file requests: they count as activity, and wake an
         ``auto_wake`` sandbox that sleeps."""
         try:
-            client = self.running(sandbox_id, operation)
+            client = self.running(sandbox_id, operation, caller)
         except SandboxStateError:
-            if not self._auto_wake(sandbox_id):
+            if not self._auto_wake(sandbox_id, caller):
                 raise
-            client = self.running(sandbox_id, operation)
+            client = self.running(sandbox_id, operation, caller)
         self._touch(sandbox_id)
         return client
 
-    def _auto_wake(self, sandbox_id: str) -> bool:
+    def _auto_wake(self, sandbox_id: str, caller: Principal) -> bool:
         """Wake the sandbox if it sleeps and asked for that; False: it did not."""
         with self.db.tx() as s:
-            row = sandbox_row(s, sandbox_id)
+            row = sandbox_row(s, sandbox_id, caller=caller)
             state, auto = S(row.state), row.auto_wake
         if not auto or state not in (S.HIBERNATING, S.HIBERNATED):
             return False
         if state == S.HIBERNATING:
             self._wait_settled(sandbox_id, S.HIBERNATING)
-        if self.get_sandbox(sandbox_id).state == S.HIBERNATED:
-            self.wake(sandbox_id, WakeRequest())
+        if self.get_sandbox(sandbox_id, caller).state == S.HIBERNATED:
+            self.wake(sandbox_id, WakeRequest(), caller)
         return True
 
     def _touch(self, sandbox_id: str) -> None:
@@ -148,9 +150,9 @@ class Timers(Hibernation):
         try:
             action = self._claim(sandbox_id, why)
             if action == OnTimeout.KILL:
-                self.destroy_sandbox(sandbox_id)
+                self.destroy_sandbox(sandbox_id, SYSTEM)
             elif action == OnTimeout.HIBERNATE:
-                self.hibernate(sandbox_id, wait=True)
+                self.hibernate(sandbox_id, SYSTEM, wait=True)
         except Exception as exc:
             log.warning("%s of %s: %s", why, sandbox_id, describe(exc))
         finally:

@@ -24,10 +24,12 @@ from typing import Any
 
 from forkyard.control._db import Database, SandboxRow
 from forkyard.control._events import EventLog
+from forkyard.control._keys import Keys
 from forkyard.control._metrics import Metrics
 from forkyard.control._placement import Candidate, Placement, choose
 from forkyard.control._publish import PublishWatcher
 from forkyard.control._records import (
+    SYSTEM,
     TRANSITIONAL,
     describe,
     move,
@@ -39,6 +41,7 @@ from forkyard.control._registry import Registry
 from forkyard.control._workers import WorkerClient, WorkerClients
 from forkyard.errors import FleetError, SandboxBusy, SandboxStateError
 from forkyard.wire import worker_api
+from forkyard.wire.auth import Principal
 from forkyard.wire.errors import WorkerReply
 from forkyard.wire.models import SandboxOut, SandboxState, WorkerSandbox
 
@@ -62,6 +65,9 @@ class Transitions:
     def __init__(self, db: Database, clients: WorkerClients, *, store_url: str,
                  heartbeat_timeout: float) -> None:
         self.db = db
+        self.keys = Keys(db)
+        # the credential of a worker by name (server.create_app binds it to the secret)
+        self.worker_credential: Callable[[str], str] = clients.credential
         self.store_url = store_url
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -75,10 +81,10 @@ class Transitions:
                                         stopping=self.stopping, events=self.events,
                                         metrics=self.metrics)
 
-    def running(self, sandbox_id: str, operation: str) -> WorkerClient:
+    def running(self, sandbox_id: str, operation: str, caller: Principal) -> WorkerClient:
         """The client of the worker running ``sandbox_id``, or why it cannot ``operation``."""
         with self.db.tx() as s:
-            row = sandbox_row(s, sandbox_id)
+            row = sandbox_row(s, sandbox_id, caller=caller)
             if row.state != S.RUNNING:
                 hint = ""
                 if row.state == S.HIBERNATED:
@@ -88,13 +94,13 @@ class Transitions:
                 raise refused(sandbox_id, row.state, operation, hint)
             return self.workers.client(s, row.worker)
 
-    def get_sandbox(self, sandbox_id: str) -> SandboxOut:
+    def get_sandbox(self, sandbox_id: str, caller: Principal) -> SandboxOut:
         with self.db.tx() as s:
-            return sandbox_out(sandbox_row(s, sandbox_id))
+            return sandbox_out(sandbox_row(s, sandbox_id, caller=caller))
 
-    def destroy_sandbox(self, sandbox_id: str) -> None:
+    def destroy_sandbox(self, sandbox_id: str, caller: Principal) -> None:
         with self.db.tx() as s:
-            row = sandbox_row(s, sandbox_id, lock=True)
+            row = sandbox_row(s, sandbox_id, caller=caller, lock=True)
             if row.state == S.DESTROYED:
                 return
             if row.state in TRANSITIONAL:
@@ -130,7 +136,7 @@ class Transitions:
                 **fields: Any) -> SandboxOut:
         """Step 3: record an outcome if the row is still where step 1 left it."""
         with self.db.tx() as s:
-            row = sandbox_row(s, sandbox_id, lock=True)
+            row = sandbox_row(s, sandbox_id, caller=SYSTEM, lock=True)
             if row.state == expect:
                 move(row, state)
                 row.error = error

@@ -10,8 +10,9 @@ relayed unchanged (:class:`~forkyard.wire.errors.WorkerReply`).
 from __future__ import annotations
 
 import json
+import ssl
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -81,11 +82,13 @@ def transport_error(worker: str, what: str, exc: httpx.HTTPError,
 class WorkerClient:
     """One worker daemon, by name and URL; thread-safe (httpx.Client is)."""
 
-    def __init__(self, name: str, url: str, http: httpx.Client, token: str) -> None:
+    def __init__(self, name: str, url: str, http: httpx.Client, token: str,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.name = name
         self.url = url
         self._http = http
         self._token = token
+        self._verify = verify
 
     def send(self, call: Call[R]) -> R:
         """Make ``call`` and parse its reply."""
@@ -129,8 +132,8 @@ class WorkerClient:
         hdrs = {"authorization": f"Bearer {self._token}"}
         if content_type is not None:
             hdrs["content-type"] = content_type
-        async with httpx.AsyncClient(base_url=self.url,
-                                     timeout=_timeout(call.timeout)) as client:
+        async with httpx.AsyncClient(base_url=self.url, timeout=_timeout(call.timeout),
+                                     verify=self._verify) as client:
             try:
                 req = client.build_request(call.method, call.path, params=call.params,
                                            content=content, json=call.json(), headers=hdrs)
@@ -149,22 +152,32 @@ class WorkerClient:
 class WorkerClients:
     """Pooled clients, one connection pool per worker URL."""
 
-    def __init__(self, token: str) -> None:
-        self._token = token
+    def __init__(self, token_for: Callable[[str], str],
+                 verify: ssl.SSLContext | bool = True) -> None:
+        # each worker is called with its own credential, which it checks: a
+        # worker cannot replay what it receives to another worker
+        self._token_for = token_for
+        self._verify = verify
         self._lock = threading.Lock()
-        self._http: dict[str, httpx.Client] = {}
+        self._http: dict[tuple[str, str], httpx.Client] = {}
+
+    def credential(self, name: str) -> str:
+        """Worker ``name``'s credential: what it runs with, and what it is called with."""
+        return self._token_for(name)
 
     def get(self, name: str, url: str) -> WorkerClient:
+        token = self._token_for(name)
         with self._lock:
-            http = self._http.get(url)
+            http = self._http.get((name, url))
             if http is None:
                 http = httpx.Client(
                     base_url=url,
-                    headers={"authorization": f"Bearer {self._token}"},
+                    headers={"authorization": f"Bearer {token}"},
                     limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+                    verify=self._verify,
                 )
-                self._http[url] = http
-        return WorkerClient(name, url, http, self._token)
+                self._http[(name, url)] = http
+        return WorkerClient(name, url, http, token, self._verify)
 
     def close(self) -> None:
         with self._lock:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,10 +20,21 @@ from fastapi.openapi.utils import get_openapi
 
 import forkyard
 from forkyard.control._db import Database
+from forkyard.control._keys import Keys
 from forkyard.control._routes import add_routes
 from forkyard.control._service import ControlPlane
 from forkyard.control._workers import WorkerClients
-from forkyard.wire.auth import BearerAuth
+from forkyard.wire.auth import (
+    BodyLimit,
+    KeyAuth,
+    Principal,
+    RateLimiter,
+    body_limit,
+    client_verify,
+    tls_options,
+    worker_credential,
+    worker_of,
+)
 from forkyard.wire.errors import install_error_handlers
 from forkyard.wire.serving import bind, setup_logging, write_ready_file
 
@@ -31,6 +43,8 @@ __all__ = ["create_app", "serve"]
 log = logging.getLogger("forkyard.control")
 
 _THREADS = 100  # sync routes (create/fork/wake wait for a boot) share this pool
+RATE = 200.0  # requests per second and key, sustained ...
+BURST = 1000  # ... and at once
 
 
 def create_app(
@@ -43,8 +57,17 @@ def create_app(
     on_ready: Callable[[], None] | None = None,
     webhook_url: str | None = None,
     webhook_secret: str | None = None,
+    rate: float | None = RATE,
+    burst: int = BURST,
+    worker_verify: ssl.SSLContext | bool = True,
 ) -> FastAPI:
     """The control-plane app; the database is migrated to the newest schema here.
+
+    ``api_token`` becomes (or stays) the admin key named ``admin``; more keys
+    are made through ``/v1/keys``.  ``worker_token`` is the cluster secret every
+    worker's credential is derived from (:func:`worker_credential`); it never
+    goes to a worker itself.  ``rate``/``burst``: the per-key rate limit (None:
+    none).  ``worker_verify``: how workers' TLS certificates are checked.
 
     Its lifespan starts the liveness monitor and resumes work a previous run
     left open; ``app.state.plane`` is the :class:`ControlPlane` behind it.
@@ -58,10 +81,20 @@ def create_app(
         raise ValueError("heartbeat_timeout must be positive")
     db = Database(db_url)
     db.migrate()
-    clients = WorkerClients(worker_token)
+    clients = WorkerClients(lambda name: worker_credential(worker_token, name),
+                            verify=worker_verify)
     plane = ControlPlane(db, clients, store_url=store_url, heartbeat_timeout=heartbeat_timeout)
     # every event is POSTed there, signed with the secret (docs/api.md, "Events")
     plane.events.configure_webhook(webhook_url, webhook_secret)
+    keys: Keys = plane.keys
+    keys.bootstrap(api_token)
+
+    def resolve(path: str, token: str) -> Principal | None:
+        # each kind of credential opens only its own half of the API
+        if path.startswith("/internal/"):
+            name = worker_of(worker_token, token)
+            return Principal(name, "worker") if name is not None else None
+        return keys.principal(token)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -87,12 +120,15 @@ def create_app(
     app.state.plane = plane
     install_error_handlers(app)
     add_routes(app, plane)
-    app.add_middleware(
-        BearerAuth,
-        token_for=lambda path: worker_token if path.startswith("/internal/") else api_token,
-    )
+    # the last added runs first: no body is read before its sender is known
+    app.add_middleware(BodyLimit, limit_for=body_limit)
+    app.add_middleware(KeyAuth, resolve=resolve,
+                       limiter=RateLimiter(rate, burst) if rate is not None else None)
     _document_auth(app)
     return app
+
+
+_ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 
 
 def _document_auth(app: FastAPI) -> None:
@@ -104,9 +140,9 @@ def _document_auth(app: FastAPI) -> None:
                                  routes=app.routes)
             schema.setdefault("components", {})["securitySchemes"] = {
                 "apiToken": {"type": "http", "scheme": "bearer",
-                             "description": "API token (`/v1/*`)"},
+                             "description": "API key (`/v1/*`)"},
                 "workerToken": {"type": "http", "scheme": "bearer",
-                                "description": "worker token (`/internal/*`)"},
+                                "description": "the worker's own credential (`/internal/*`)"},
             }
             for path, ops in schema.get("paths", {}).items():
                 if path == "/health":
@@ -114,8 +150,16 @@ def _document_auth(app: FastAPI) -> None:
                 scheme = "workerToken" if path.startswith("/internal/") else "apiToken"
                 for op in ops.values():
                     op["security"] = [{scheme: []}]
-                    op.setdefault("responses", {}).setdefault(
-                        "401", {"description": "missing or invalid bearer token"})
+                    responses = op.setdefault("responses", {})
+                    responses.setdefault("401", {"description": "missing or invalid bearer token"})
+                    if "requestBody" in op:  # BodyLimit, before the route sees it
+                        responses.setdefault("413", {"description": "a body over the limit",
+                                                     "content": _ERROR_JSON})
+                    if scheme == "apiToken":
+                        responses.setdefault("429", {
+                            "description": "this key's rate limit; retry after `Retry-After` s",
+                            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                            "content": _ERROR_JSON})
             _add_links(schema)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -176,8 +220,14 @@ def serve(
     ready_file: Path | None = None,
     webhook_url: str | None = None,
     webhook_secret: str | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_ca: Path | None = None,
 ) -> None:
     """Run the control plane until SIGINT/SIGTERM.
+
+    With ``tls_cert``/``tls_key`` it serves HTTPS only; ``tls_ca`` is the CA
+    bundle workers' certificates are checked against (default: the system's).
 
     ``db_url`` defaults to ``sqlite:///<home>/control.db``.  Once it accepts
     requests, ``{"url": "http://HOST:PORT"}`` is written to ``ready_file``.
@@ -186,6 +236,9 @@ def serve(
     home = Path(home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     sock, url = bind(host, port)
+    tls = tls_options(tls_cert, tls_key)
+    if tls:
+        url = "https://" + url.removeprefix("http://")
 
     def ready() -> None:
         log.info("control plane listening on %s", url)
@@ -201,7 +254,10 @@ def serve(
         on_ready=ready,
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
+        worker_verify=client_verify(tls_ca),
     )
     config = uvicorn.Config(app, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=30, lifespan="on")
+                            timeout_graceful_shutdown=30, lifespan="on",
+                            ssl_certfile=tls[0] if tls else None,
+                            ssl_keyfile=tls[1] if tls else None)
     uvicorn.Server(config).run(sockets=[sock])

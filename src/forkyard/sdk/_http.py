@@ -117,14 +117,14 @@ def _total(response: httpx.Response) -> int | None:
 # with its own transport (tests) gets a private client.
 
 _sync_lock = threading.Lock()
-_sync_pool: dict[tuple[str, str | None, float], tuple[int, httpx.Client]] = {}
-_async_pool: weakref.WeakKeyDictionary[object, dict[tuple[str, str | None, float],
-                                                     httpx.AsyncClient]] = \
+_PoolKey = tuple[str, str | None, float, str | None]
+_sync_pool: dict[_PoolKey, tuple[int, httpx.Client]] = {}
+_async_pool: weakref.WeakKeyDictionary[object, dict[_PoolKey, httpx.AsyncClient]] = \
     weakref.WeakKeyDictionary()
 
 
-def _key(config: ConnectionConfig) -> tuple[str, str | None, float]:
-    return (config.url, config.token, config.request_timeout)
+def _key(config: ConnectionConfig) -> _PoolKey:
+    return (config.url, config.token, config.request_timeout, config.ca)
 
 
 def _new_sync(config: ConnectionConfig) -> httpx.Client:
@@ -132,7 +132,8 @@ def _new_sync(config: ConnectionConfig) -> httpx.Client:
     if transport is not None and not isinstance(transport, httpx.BaseTransport):
         raise ConfigurationError("this transport only serves async clients")
     return httpx.Client(base_url=config.url, headers=config.headers, transport=transport,
-                        timeout=httpx.Timeout(config.request_timeout, connect=_CONNECT_TIMEOUT))
+                        timeout=httpx.Timeout(config.request_timeout, connect=_CONNECT_TIMEOUT),
+                        verify=config.verify())
 
 
 def _new_async(config: ConnectionConfig) -> httpx.AsyncClient:
@@ -142,6 +143,7 @@ def _new_async(config: ConnectionConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=config.url, headers=config.headers, transport=transport,
         timeout=httpx.Timeout(config.request_timeout, connect=_CONNECT_TIMEOUT),
+        verify=config.verify(),
     )
 
 

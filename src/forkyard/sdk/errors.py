@@ -19,12 +19,14 @@ never see an ``httpx`` exception::
         ├── InvalidRequest          400 bad_request, 405 method_not_allowed, 422 invalid
         │   └── GuestOperationError 422 guest_error (.kind .errno)
         ├── AuthenticationError     401
+        ├── PermissionDenied        403 (a tenant key on an admin-only route)
         ├── NotFoundError           404
         ├── ConflictError           409 (.sandbox .state .operation)
         │   ├── IntegrityFailure    409 integrity
         │   ├── IncompatibleError   409 incompatible
         │   └── PublishFailed       checkpoint state "failed" (Checkpoint.wait_published)
         ├── TooLarge                413 (.size .limit)
+        ├── RateLimited             429 (.retry_after: seconds, from Retry-After)
         ├── InternalError           500, unknown 5xx
         ├── WorkerError             502 (.log_tail)
         ├── Unavailable             503, or the control plane cannot be reached
@@ -64,7 +66,9 @@ __all__ = [
     "InternalError",
     "InvalidRequest",
     "NotFoundError",
+    "PermissionDenied",
     "PublishFailed",
+    "RateLimited",
     "ResponseFormatError",
     "SandboxTimeout",
     "TooLarge",
@@ -126,6 +130,10 @@ class AuthenticationError(APIError):
     """401: missing or wrong API token."""
 
 
+class PermissionDenied(APIError):
+    """403: the key is valid but may not do this (admin-only routes)."""
+
+
 class NotFoundError(APIError):
     """404: no such sandbox, checkpoint, worker, image or guest file."""
 
@@ -162,6 +170,13 @@ class TooLarge(APIError):
     detail_fields = ("size", "limit")
     size: int | None
     limit: int | None
+
+
+class RateLimited(APIError):
+    """429: this key sent too many requests; retry after ``detail["retry_after"]`` s."""
+
+    detail_fields = ("retry_after",)
+    retry_after: float | None
 
 
 class InternalError(APIError):
@@ -250,6 +265,7 @@ class _Row:
 ERROR_TABLE: tuple[_Row, ...] = (
     _Row(400, None, InvalidRequest),
     _Row(401, None, AuthenticationError),
+    _Row(403, None, PermissionDenied),
     _Row(404, None, NotFoundError),
     _Row(405, None, InvalidRequest),
     _Row(409, None, ConflictError),
@@ -258,6 +274,7 @@ ERROR_TABLE: tuple[_Row, ...] = (
     _Row(413, None, TooLarge),
     _Row(422, None, InvalidRequest),
     _Row(422, "guest_error", GuestOperationError),
+    _Row(429, None, RateLimited),
     _Row(500, None, InternalError),
     _Row(502, None, WorkerError),
     _Row(503, None, Unavailable),

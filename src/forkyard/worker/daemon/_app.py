@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from forkyard.errors import ImageNotFound
 from forkyard.image import MinimalSource, build_image
-from forkyard.wire.auth import BearerAuth
+from forkyard.wire.auth import BearerAuth, BodyLimit, body_limit, client_verify, tls_options
 from forkyard.wire.errors import install_error_handlers
 from forkyard.wire.models import WORKER_NAME_RE
 from forkyard.wire.serving import bind, setup_logging
@@ -46,6 +47,7 @@ def create_app(
     heartbeat_interval: float = HEARTBEAT_INTERVAL,
     memory_mb: int | None = None,
     cpus: int | None = None,
+    server_verify: ssl.SSLContext | bool = True,
 ) -> FastAPI:
     """The daemon's app over ``worker``.
 
@@ -63,7 +65,8 @@ def create_app(
     node = Node(worker, worker_token=worker_token, server_url=server_url,
                 public_url=public_url, store_url=store_url, max_sandboxes=max_sandboxes,
                 on_shutdown=on_shutdown, ready_file=ready_file,
-                heartbeat_interval=heartbeat_interval, budget=host_budget(memory_mb, cpus))
+                heartbeat_interval=heartbeat_interval, budget=host_budget(memory_mb, cpus),
+                server_verify=server_verify)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -79,6 +82,7 @@ def create_app(
     app.state.daemon = node
     install_error_handlers(app)
     add_metrics(app, node)  # its timing middleware sits inside the token check
+    app.add_middleware(BodyLimit, limit_for=body_limit)  # inside: after auth
     app.add_middleware(BearerAuth, token_for=lambda _path: worker_token)
     add_routes(app, node)
     return app
@@ -99,8 +103,16 @@ def serve(
     ready_file: Path | None = None,
     memory_mb: int | None = None,
     cpus: int | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_ca: Path | None = None,
 ) -> None:
     """Run a worker daemon until SIGINT/SIGTERM.
+
+    ``worker_token`` is this worker's own credential (``forkyard keys worker
+    NAME``).  With ``tls_cert``/``tls_key`` it serves HTTPS; ``tls_ca`` is the
+    CA bundle the control plane's certificate is checked against (default:
+    the system's).
 
     Once registered with the control plane at ``server_url``, writes
     ``{"url": ..., "name": ...}`` to ``ready_file``.  ``stock_base`` builds
@@ -121,13 +133,18 @@ def serve(
                 info = build_image(worker.home, MinimalSource(), name="minimal", stock=True)
                 log.info("built stock base minimal sha256:%s", info.digest[:12])
         sock, url = bind(host, port)
+        tls = tls_options(tls_cert, tls_key)
+        if tls:
+            url = "https://" + url.removeprefix("http://")
         app = create_app(worker, worker_token=worker_token, server_url=server_url,
                          public_url=url, store_url=store_url, max_sandboxes=max_sandboxes,
                          on_shutdown=policy, ready_file=ready_file, memory_mb=memory_mb,
-                         cpus=cpus)
+                         cpus=cpus, server_verify=client_verify(tls_ca))
         log.info("worker %s (pid %d) listening on %s", name, os.getpid(), url)
         config = uvicorn.Config(app, log_level="info", access_log=False,
-                                timeout_graceful_shutdown=30, lifespan="on")
+                                timeout_graceful_shutdown=30, lifespan="on",
+                                ssl_certfile=tls[0] if tls else None,
+                                ssl_keyfile=tls[1] if tls else None)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         worker.close()  # normally done by the app's shutdown; this is the backstop

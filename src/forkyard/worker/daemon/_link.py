@@ -9,6 +9,7 @@ cluster no longer knows, handed to ``on_orphans``.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -43,9 +44,11 @@ class ControlLink:
         ready_file: Path | None,
         report: Callable[[], WorkerReport],
         on_orphans: Callable[[list[str]], None],
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.name = name
-        self.token = token
+        self.token = token  # this worker's own credential, bound to its name
+        self.verify = verify  # how the control plane's TLS certificate is checked
         self.server_url = server_url.rstrip("/") if server_url else None
         self.public_url = public_url
         self.interval = interval
@@ -82,7 +85,7 @@ class ControlLink:
         backoff = 0.2
         registered = False
         complained = 0.0
-        with httpx.Client(base_url=self.server_url, headers=headers) as http:
+        with httpx.Client(base_url=self.server_url, headers=headers, verify=self.verify) as http:
             while not self._stop.is_set():
                 path = ("/internal/workers/register" if not registered
                         else f"/internal/workers/{self.name}/heartbeat")
@@ -127,6 +130,7 @@ class ControlLink:
         try:
             httpx.post(f"{self.server_url}/internal/workers/{self.name}/leave",
                        json=body.model_dump(mode="json"), timeout=_LEAVE_TIMEOUT,
+                       verify=self.verify,
                        headers={"authorization": f"Bearer {self.token}"}).raise_for_status()
         except httpx.HTTPError as exc:
             log.warning("could not tell the control plane we are leaving: %s", exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -53,6 +54,7 @@ class Node:
         ready_file: Path | None,
         heartbeat_interval: float,
         budget: Budget | None = None,
+        server_verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.worker = worker
         self.name = worker.name
@@ -62,7 +64,7 @@ class Node:
         self.link = ControlLink(
             name=worker.name, token=worker_token, server_url=server_url, public_url=public_url,
             interval=heartbeat_interval, ready_file=ready_file, report=self.report,
-            on_orphans=self.destroy_orphans,
+            on_orphans=self.destroy_orphans, verify=server_verify,
         )
         self.capacity = Capacity(worker, max_sandboxes, on_release=self.kick, budget=budget)
         self.publisher = Publisher(worker, on_change=self.kick)
