@@ -203,7 +203,7 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
         return plane.get_sandbox(sandbox_id, caller)
 
     @app.post("/v1/sandboxes/{sandbox_id}/timeout", tags=["sandboxes"],
-              responses=_errors(404, 409, 422, 503))
+              responses=_errors(400, 404, 409, 422, 503))
     def set_timeout(caller: Caller, sandbox_id: SandboxId, req: TimeoutRequest) -> SandboxOut:
         return plane.set_timeout(sandbox_id, req, caller)
 
