@@ -12,8 +12,8 @@ becomes the state's cache entry.  So:
 - QEMU never parses a byte whose digest was not checked first (it trusts its
   migration stream); a corrupt or missing chunk stops the feed before it, and
   the fork fails with an IntegrityError naming that chunk;
-- memory is bounded by a few chunks (:data:`_FEED_AHEAD` + :data:`_DISK_AHEAD`
-  + the ones being fetched, fed and written), never the whole state: the state
+- memory is bounded by a few chunks (:data:`_FETCH_AHEAD` + :data:`_FEED_AHEAD`
+  + :data:`_DISK_AHEAD` + the ones being fed and written), never the whole state: the state
   travels on into the blob cache on disk, and the disk is off the path to a
   running VM (writes here are slower than the network of a directory store);
 - the chunks put together must hash to the manifest's ``state`` digest before
@@ -35,7 +35,9 @@ import logging
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, cast
@@ -77,22 +79,34 @@ def _fetch_chunk(blobs: BlobStore, i: int, chunk: ChunkRef, what: str) -> bytes:
 
 
 class _Buffer:
-    """A write-only "file" of at most ``limit`` bytes (the store reader stops beyond)."""
+    """A write-only "file" of at most ``limit`` bytes (the store reader stops beyond).
+
+    Allocated once at the chunk's size, so the bytes are copied into it once
+    and never moved again while it fills.
+    """
 
     def __init__(self, limit: int) -> None:
-        self._data = bytearray()
+        self._data = bytearray(limit)
+        self._view = memoryview(self._data)
+        self._pos = 0
         self._limit = limit
 
     def write(self, data: bytes) -> int:
-        if len(self._data) + len(data) > self._limit:
+        end = self._pos + len(data)
+        if end > self._limit:
             raise IntegrityError("state chunk", expected=f"{self._limit} bytes",
                                  actual=f"more than {self._limit} bytes")
-        self._data += data
+        self._view[self._pos:end] = data
+        self._pos = end
         return len(data)
 
     def take(self) -> bytes:
-        # handed over as is (no copy): the feeder and the cache writer only read it
+        # handed over as is (no copy): the feeder and the cache writer only read it; the
+        # store reader checked the size, so a verified chunk filled the buffer exactly
+        self._view.release()
         out, self._data = self._data, bytearray()
+        if self._pos != self._limit:
+            del out[self._pos:]
         return cast(bytes, out)
 
 
@@ -145,6 +159,8 @@ class _CacheFile:
 
 
 _FEED_AHEAD = 1  # verified chunks waiting for QEMU to read
+_FETCHERS = 2  # chunks downloaded and verified at once
+_FETCH_AHEAD = 3  # chunks being fetched (or fetched, waiting for their turn)
 _DISK_AHEAD = 8  # verified chunks (32 MiB) waiting for the disk: it is slower than the feed
 
 
@@ -213,15 +229,32 @@ class StateStream:
 
     def _run_download(self) -> None:
         failed: BaseException | None = None
+        # A chunk's fetch (read, zstd, sha256: all release the GIL) is the slow
+        # step; a few run at once so the next ones are verified by the time QEMU
+        # wants them.  Results are taken in order: QEMU and the cache see chunk i
+        # only after every chunk before it, and a bad chunk stops the feed at it.
+        pool = ThreadPoolExecutor(max_workers=_FETCHERS, thread_name_prefix="chunk")
+        pending: deque[tuple[ChunkRef, Future[bytes]]] = deque()
+        todo = iter(enumerate(self._chunks))
         try:
-            for i, chunk in enumerate(self._chunks):
-                data = _fetch_chunk(self._blobs, i, chunk, self._what)
+            while True:
+                while len(pending) < _FETCH_AHEAD and (nxt := next(todo, None)) is not None:
+                    i, chunk = nxt
+                    pending.append((chunk, pool.submit(
+                        _fetch_chunk, self._blobs, i, chunk, self._what)))
+                if not pending:
+                    break
+                chunk, fut = pending.popleft()
+                data = fut.result()
                 self._ready.put((chunk.offset, data))  # verified: QEMU may have it
                 self._disk.put(data)
         except BaseException as exc:
             failed = exc
             self._error = exc
         finally:
+            for _, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=False)
             self._ready.put(None)
             # a failed download must not be filed: the writer sees it as an abort
             self._disk.put(None if failed is None else b"")
