@@ -36,7 +36,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -51,17 +51,48 @@ __all__ = ["StateStream", "fetch_chunked"]
 
 log = logging.getLogger("forkyard.worker")
 
+_FETCHERS = 2  # chunks downloaded and verified at once
+_FETCH_AHEAD = 3  # chunks being fetched (or fetched, waiting for their turn)
+
 def fetch_chunked(cache: BlobCache, blobs: BlobStore, ref: PartRef,
                   chunks: tuple[ChunkRef, ...], *, what: str) -> Path:
     """Assemble ``chunks`` into the cache entry of ``ref``, verifying each chunk and the whole.
 
     Nothing is filed in the cache unless every check passed.
     """
-    with _CacheFile(cache, ref, what) as out:
-        for i, chunk in enumerate(chunks):
-            out.write(_fetch_chunk(blobs, i, chunk, what))
+    with _CacheFile(cache, ref, what) as out, \
+            contextlib.closing(_verified(blobs, chunks, what)) as verified:
+        for _chunk, data in verified:
+            out.write(data)
     assert out.path is not None
     return out.path
+
+
+def _verified(blobs: BlobStore, chunks: tuple[ChunkRef, ...], what: str
+              ) -> Generator[tuple[ChunkRef, bytes]]:
+    """Each chunk with its verified bytes, in order; the first bad one raises.
+
+    A chunk's fetch (read, zstd, sha256: all release the GIL) is the slow
+    step, so a few run at once (:data:`_FETCHERS`, at most :data:`_FETCH_AHEAD`
+    chunks in hand); yet chunk i comes out only after every chunk before it,
+    so a bad chunk stops the consumer right at it.
+    """
+    pool = ThreadPoolExecutor(max_workers=_FETCHERS, thread_name_prefix="chunk")
+    pending: deque[tuple[ChunkRef, Future[bytes]]] = deque()
+    todo = iter(enumerate(chunks))
+    try:
+        while True:
+            while len(pending) < _FETCH_AHEAD and (nxt := next(todo, None)) is not None:
+                i, chunk = nxt
+                pending.append((chunk, pool.submit(_fetch_chunk, blobs, i, chunk, what)))
+            if not pending:
+                return
+            chunk, fut = pending.popleft()
+            yield chunk, fut.result()
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=False)
 
 
 def _fetch_chunk(blobs: BlobStore, i: int, chunk: ChunkRef, what: str) -> bytes:
@@ -159,8 +190,6 @@ class _CacheFile:
 
 
 _FEED_AHEAD = 1  # verified chunks waiting for QEMU to read
-_FETCHERS = 2  # chunks downloaded and verified at once
-_FETCH_AHEAD = 3  # chunks being fetched (or fetched, waiting for their turn)
 _DISK_AHEAD = 8  # verified chunks (32 MiB) waiting for the disk: it is slower than the feed
 
 
@@ -229,32 +258,14 @@ class StateStream:
 
     def _run_download(self) -> None:
         failed: BaseException | None = None
-        # A chunk's fetch (read, zstd, sha256: all release the GIL) is the slow
-        # step; a few run at once so the next ones are verified by the time QEMU
-        # wants them.  Results are taken in order: QEMU and the cache see chunk i
-        # only after every chunk before it, and a bad chunk stops the feed at it.
-        pool = ThreadPoolExecutor(max_workers=_FETCHERS, thread_name_prefix="chunk")
-        pending: deque[tuple[ChunkRef, Future[bytes]]] = deque()
-        todo = iter(enumerate(self._chunks))
         try:
-            while True:
-                while len(pending) < _FETCH_AHEAD and (nxt := next(todo, None)) is not None:
-                    i, chunk = nxt
-                    pending.append((chunk, pool.submit(
-                        _fetch_chunk, self._blobs, i, chunk, self._what)))
-                if not pending:
-                    break
-                chunk, fut = pending.popleft()
-                data = fut.result()
+            for chunk, data in _verified(self._blobs, self._chunks, self._what):
                 self._ready.put((chunk.offset, data))  # verified: QEMU may have it
                 self._disk.put(data)
         except BaseException as exc:
             failed = exc
             self._error = exc
         finally:
-            for _, fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=False)
             self._ready.put(None)
             # a failed download must not be filed: the writer sees it as an abort
             self._disk.put(None if failed is None else b"")
