@@ -3,9 +3,11 @@
 A fork on a worker that lacks the checkpoint's VM state would otherwise
 download it, then have QEMU read it back: two sequential passes over the
 largest part.  Here the state's chunks (archive format v2,
-:mod:`forkyard.checkpoint.chunks`) are downloaded one after the other, each
-into a buffer of its own size; a chunk goes on only once its bytes matched its
-digest, to two consumers at once: the feeder, which writes it into the pipe
+:mod:`forkyard.checkpoint.chunks`) are downloaded a few at once
+(:data:`_FETCHERS`: a chunk's read, zstd and sha256 are the slow step and
+release the GIL), each into a buffer of its own size, and taken strictly in
+order; a chunk goes on only once its bytes matched its digest, to two
+consumers at once: the feeder, which writes it into the pipe
 of a *paused* QEMU, and the cache writer, which appends it to the file that
 becomes the state's cache entry.  So:
 
@@ -13,12 +15,17 @@ becomes the state's cache entry.  So:
   migration stream); a corrupt or missing chunk stops the feed before it, and
   the fork fails with an IntegrityError naming that chunk;
 - memory is bounded by a few chunks (:data:`_FETCH_AHEAD` + :data:`_FEED_AHEAD`
-  + :data:`_DISK_AHEAD` + the ones being fed and written), never the whole state: the state
-  travels on into the blob cache on disk, and the disk is off the path to a
-  running VM (writes here are slower than the network of a directory store);
+  + :data:`_DISK_AHEAD` + the ones being fed and written), never the whole
+  state: the state travels on into the blob cache on disk, and the disk is off
+  the path to a running VM (writes here are slower than the network of a
+  directory store);
 - the chunks put together must hash to the manifest's ``state`` digest before
   the file is filed in the cache under that digest (cache entries are trusted
-  later without re-hashing).
+  later without re-hashing).  This second hash is not redundant: the manifest
+  names ``state`` and ``state_chunks`` separately, and a crafted manifest could
+  pair another checkpoint's state digest with chunks of other (each verified)
+  bytes; filing those under that digest would poison the cache for the real one.
+  It runs in the cache writer, off the path to a running VM.
 
 :func:`fetch_chunked` is the same without QEMU: the state assembled into the
 cache (a fork that waited for another's download, ``materialize``).  v1
