@@ -58,8 +58,8 @@ __all__ = ["StateStream", "fetch_chunked"]
 
 log = logging.getLogger("forkyard.worker")
 
-_FETCHERS = 3  # chunks downloaded and verified at once (measured: 3 beat 2 on 2 cores)
-_FETCH_AHEAD = 4  # chunks being fetched (or fetched, waiting for their turn)
+_FETCHERS = 2  # chunks downloaded and verified at once: QEMU needs a core too
+_FETCH_AHEAD = 3  # chunks being fetched (or fetched, waiting for their turn)
 
 def fetch_chunked(cache: BlobCache, blobs: BlobStore, ref: PartRef,
                   chunks: tuple[ChunkRef, ...], *, what: str) -> Path:
