@@ -3,22 +3,29 @@
 A fork on a worker that lacks the checkpoint's VM state would otherwise
 download it, then have QEMU read it back: two sequential passes over the
 largest part.  Here the state's chunks (archive format v2,
-:mod:`forkyard.checkpoint.chunks`) are downloaded one after the other, each
-into a buffer of its own size; a chunk goes on only once its bytes matched its
-digest, to two consumers at once: the feeder, which writes it into the pipe
+:mod:`forkyard.checkpoint.chunks`) are downloaded a few at once
+(:data:`_FETCHERS`: a chunk's read, zstd and sha256 are the slow step and
+release the GIL), each into a buffer of its own size, and taken strictly in
+order; a chunk goes on only once its bytes matched its digest, to two
+consumers at once: the feeder, which writes it into the pipe
 of a *paused* QEMU, and the cache writer, which appends it to the file that
 becomes the state's cache entry.  So:
 
 - QEMU never parses a byte whose digest was not checked first (it trusts its
   migration stream); a corrupt or missing chunk stops the feed before it, and
   the fork fails with an IntegrityError naming that chunk;
-- memory is bounded by a few chunks (:data:`_FEED_AHEAD` + :data:`_DISK_AHEAD`
-  + the ones being fetched, fed and written), never the whole state: the state
-  travels on into the blob cache on disk, and the disk is off the path to a
-  running VM (writes here are slower than the network of a directory store);
+- memory is bounded by a few chunks (:data:`_FETCH_AHEAD` + :data:`_FEED_AHEAD`
+  + :data:`_DISK_AHEAD` + the ones being fed and written), never the whole
+  state: the state travels on into the blob cache on disk, and the disk is off
+  the path to a running VM (writes here are slower than the network of a
+  directory store);
 - the chunks put together must hash to the manifest's ``state`` digest before
   the file is filed in the cache under that digest (cache entries are trusted
-  later without re-hashing).
+  later without re-hashing).  This second hash is not redundant: the manifest
+  names ``state`` and ``state_chunks`` separately, and a crafted manifest could
+  pair another checkpoint's state digest with chunks of other (each verified)
+  bytes; filing those under that digest would poison the cache for the real one.
+  It runs in the cache writer, off the path to a running VM.
 
 :func:`fetch_chunked` is the same without QEMU: the state assembled into the
 cache (a fork that waited for another's download, ``materialize``).  v1
@@ -35,7 +42,9 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Generator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, cast
@@ -49,17 +58,48 @@ __all__ = ["StateStream", "fetch_chunked"]
 
 log = logging.getLogger("forkyard.worker")
 
+_FETCHERS = 2  # chunks downloaded and verified at once: QEMU needs a core too
+_FETCH_AHEAD = 3  # chunks being fetched (or fetched, waiting for their turn)
+
 def fetch_chunked(cache: BlobCache, blobs: BlobStore, ref: PartRef,
                   chunks: tuple[ChunkRef, ...], *, what: str) -> Path:
     """Assemble ``chunks`` into the cache entry of ``ref``, verifying each chunk and the whole.
 
     Nothing is filed in the cache unless every check passed.
     """
-    with _CacheFile(cache, ref, what) as out:
-        for i, chunk in enumerate(chunks):
-            out.write(_fetch_chunk(blobs, i, chunk, what))
+    with _CacheFile(cache, ref, what) as out, \
+            contextlib.closing(_verified(blobs, chunks, what)) as verified:
+        for _chunk, data in verified:
+            out.write(data)
     assert out.path is not None
     return out.path
+
+
+def _verified(blobs: BlobStore, chunks: tuple[ChunkRef, ...], what: str
+              ) -> Generator[tuple[ChunkRef, bytes]]:
+    """Each chunk with its verified bytes, in order; the first bad one raises.
+
+    A chunk's fetch (read, zstd, sha256: all release the GIL) is the slow
+    step, so a few run at once (:data:`_FETCHERS`, at most :data:`_FETCH_AHEAD`
+    chunks in hand); yet chunk i comes out only after every chunk before it,
+    so a bad chunk stops the consumer right at it.
+    """
+    pool = ThreadPoolExecutor(max_workers=_FETCHERS, thread_name_prefix="chunk")
+    pending: deque[tuple[ChunkRef, Future[bytes]]] = deque()
+    todo = iter(enumerate(chunks))
+    try:
+        while True:
+            while len(pending) < _FETCH_AHEAD and (nxt := next(todo, None)) is not None:
+                i, chunk = nxt
+                pending.append((chunk, pool.submit(_fetch_chunk, blobs, i, chunk, what)))
+            if not pending:
+                return
+            chunk, fut = pending.popleft()
+            yield chunk, fut.result()
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=False)
 
 
 def _fetch_chunk(blobs: BlobStore, i: int, chunk: ChunkRef, what: str) -> bytes:
@@ -77,22 +117,34 @@ def _fetch_chunk(blobs: BlobStore, i: int, chunk: ChunkRef, what: str) -> bytes:
 
 
 class _Buffer:
-    """A write-only "file" of at most ``limit`` bytes (the store reader stops beyond)."""
+    """A write-only "file" of at most ``limit`` bytes (the store reader stops beyond).
+
+    Allocated once at the chunk's size, so the bytes are copied into it once
+    and never moved again while it fills.
+    """
 
     def __init__(self, limit: int) -> None:
-        self._data = bytearray()
+        self._data = bytearray(limit)
+        self._view = memoryview(self._data)
+        self._pos = 0
         self._limit = limit
 
     def write(self, data: bytes) -> int:
-        if len(self._data) + len(data) > self._limit:
+        end = self._pos + len(data)
+        if end > self._limit:
             raise IntegrityError("state chunk", expected=f"{self._limit} bytes",
                                  actual=f"more than {self._limit} bytes")
-        self._data += data
+        self._view[self._pos:end] = data
+        self._pos = end
         return len(data)
 
     def take(self) -> bytes:
-        # handed over as is (no copy): the feeder and the cache writer only read it
+        # handed over as is (no copy): the feeder and the cache writer only read it; the
+        # store reader checked the size, so a verified chunk filled the buffer exactly
+        self._view.release()
         out, self._data = self._data, bytearray()
+        if self._pos != self._limit:
+            del out[self._pos:]
         return cast(bytes, out)
 
 
@@ -214,8 +266,7 @@ class StateStream:
     def _run_download(self) -> None:
         failed: BaseException | None = None
         try:
-            for i, chunk in enumerate(self._chunks):
-                data = _fetch_chunk(self._blobs, i, chunk, self._what)
+            for chunk, data in _verified(self._blobs, self._chunks, self._what):
                 self._ready.put((chunk.offset, data))  # verified: QEMU may have it
                 self._disk.put(data)
         except BaseException as exc:
