@@ -328,14 +328,13 @@ class QemuVM:
                          daemon=True).start()
 
     def _fail_on_fault(self) -> None:
+        # kill first: by the time anyone sees the sandbox failed its VM is gone, and
+        # a callback that meets trouble (a full disk refuses records too) cannot
+        # leave a faulted VM paused
         self.state = VMState.FAILED
-        try:
-            if self.on_fault is not None and self.fault is not None:
-                self.on_fault(self.fault)
-        finally:
-            # whatever the callback met (a full disk refuses its records too),
-            # a faulted VM never stays paused
-            self.kill()
+        self.kill()
+        if self.on_fault is not None and self.fault is not None:
+            self.on_fault(self.fault)
 
     def _release_jail(self) -> None:
         held, self._jail = self._jail, None

@@ -194,6 +194,8 @@ class Sandbox:
             # first because the kill may still be reaping QEMU.
             vm = self._vm
             if vm is not None and (vm.fault is not None or not vm.alive()):
+                if vm.fault is not None:
+                    self.error = vm.fault  # the fault thread may not have recorded it yet
                 self._mark_failed()
                 raise VMError(f"sandbox {self.id}: {vm.fault or 'QEMU exited'}",
                               log_tail=vm.log_tail()) from None
