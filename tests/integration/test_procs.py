@@ -99,6 +99,25 @@ def test_a_reader_that_stops_blocks_only_its_process(shared_sandbox):
             sb.procs.kill(p, 9)
 
 
+def test_the_agent_answers_under_floods_and_cpu_hogs(shared_sandbox):
+    """Hostile load in the guest (writers as fast as the agent reads, busy loops):
+    host calls are still answered, and the agent outranks what it runs."""
+    sb = shared_sandbox
+    hogs: list[int] = []
+    try:
+        hogs += [sb.procs.spawn("cat /dev/zero") for _ in range(2)]
+        hogs.append(sb.procs.spawn("cat /dev/zero >&2", lossless=True))
+        hogs += [sb.procs.spawn("while :; do :; done") for _ in range(2)]
+        time.sleep(2)
+        for i in range(5):
+            assert sb.exec(f"echo {i}", timeout=20).stdout == f"{i}\n"
+        assert sb.exec("cut -d' ' -f19 /proc/1/stat").stdout.strip() == "-10"
+        assert sb.exec("cut -d' ' -f19 /proc/self/stat").stdout.strip() == "0"
+    finally:
+        for p in hogs:
+            sb.procs.kill(p, 9)
+
+
 def test_pty_tty_size_resize_exit(shared_sandbox):
     procs = shared_sandbox.procs
     pid = procs.spawn(None, pty=True, rows=30, cols=100, keep_stdin=True)

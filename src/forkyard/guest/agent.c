@@ -77,6 +77,18 @@
 #define DEFAULT_LIST_ENTRIES 10000u
 #define MAX_LIST_ENTRIES 100000u
 #define PARTIAL_IDLE_MS 5000
+/*
+ * Reads from one command's pipe per wakeup.  A command that writes as fast
+ * as we read (`cat /dev/zero`) refills its pipe between our reads on a
+ * one-vCPU guest: draining "until EAGAIN" then never ends and the host's
+ * requests starve.  poll() reports the pipe again next round.
+ */
+#define DRAIN_READS 4
+/* after the command exited: enough for a full pipe (1 MiB at most), still bounded
+   since a background child may go on writing */
+#define FINAL_DRAIN_READS 32
+/* The agent outranks the commands it runs, so a CPU-bound guest still answers. */
+#define AGENT_NICE (-10)
 
 /* ops */
 enum {
@@ -596,6 +608,7 @@ static void op_exec(uint32_t id, const fields_t *fs)
         sigemptyset(&all);
         sigprocmask(SIG_SETMASK, &all, NULL);
         for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
+        setpriority(PRIO_PROCESS, 0, 0); /* commands do not inherit the agent's rank */
         setsid();
         int devnull = open("/dev/null", O_RDWR);
         dup2(inp[0] >= 0 ? inp[0] : devnull, 0);
@@ -688,16 +701,17 @@ out:
 }
 
 /* read what is available; returns 1 on EOF/error (fd closed) */
-static int drain_fd(int *fd, buf_t *b, exec_t *x)
+static int drain_fd(int *fd, buf_t *b, exec_t *x, int budget)
 {
     uint8_t tmp[65536];
-    for (;;) {
+    for (int reads = 0; reads < budget;) {
         ssize_t n = read(*fd, tmp, sizeof tmp);
         if (n > 0) {
             size_t room = b->len < x->max_output ? x->max_output - b->len : 0;
             size_t take = (size_t)n < room ? (size_t)n : room;
             buf_put(b, tmp, take);
             if (take < (size_t)n) x->truncated = 1;
+            reads++;
             continue;
         }
         if (n < 0 && errno == EINTR) continue;
@@ -706,12 +720,13 @@ static int drain_fd(int *fd, buf_t *b, exec_t *x)
         *fd = -1;
         return 1;
     }
+    return 0;
 }
 
 static void finish_exec(exec_t *x)
 {
-    if (x->out_fd >= 0) drain_fd(&x->out_fd, &x->out, x);
-    if (x->err_fd >= 0) drain_fd(&x->err_fd, &x->err, x);
+    if (x->out_fd >= 0) drain_fd(&x->out_fd, &x->out, x, FINAL_DRAIN_READS);
+    if (x->err_fd >= 0) drain_fd(&x->err_fd, &x->err, x, FINAL_DRAIN_READS);
     if (x->session == session) {
         buf_t b = {0};
         int code = -1;
@@ -888,14 +903,14 @@ static size_t ring_room(const proc_t *x, const ring_t *r, uint64_t ack)
 }
 
 /* read what is there (within the room); 1 on EOF/error (fd closed) */
-static int proc_drain(proc_t *x, int *fd, ring_t *r, uint64_t ack)
+static int proc_drain(proc_t *x, int *fd, ring_t *r, uint64_t ack, int budget)
 {
     uint8_t tmp[65536];
-    for (;;) {
+    for (int reads = 0; reads < budget;) {
         size_t room = ring_room(x, r, ack);
         if (room == 0) return 0;
         ssize_t n = read(*fd, tmp, room < sizeof tmp ? room : sizeof tmp);
-        if (n > 0) { ring_put(r, tmp, (size_t)n); continue; }
+        if (n > 0) { ring_put(r, tmp, (size_t)n); reads++; continue; }
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && errno == EAGAIN) return 0;
         /* EOF, or EIO from a pty master once the last slave fd closed */
@@ -903,13 +918,14 @@ static int proc_drain(proc_t *x, int *fd, ring_t *r, uint64_t ack)
         *fd = -1;
         return 1;
     }
+    return 0;
 }
 
 static void proc_finish(proc_t *x)
 {
     /* what the command wrote before it exited is in the pipe already */
-    if (x->out_fd >= 0) proc_drain(x, &x->out_fd, &x->out, x->ack_out);
-    if (x->err_fd >= 0) proc_drain(x, &x->err_fd, &x->err, x->ack_err);
+    if (x->out_fd >= 0) proc_drain(x, &x->out_fd, &x->out, x->ack_out, FINAL_DRAIN_READS);
+    if (x->err_fd >= 0) proc_drain(x, &x->err_fd, &x->err, x->ack_err, FINAL_DRAIN_READS);
     /* a lossless process's unread tail must stay readable: keep fds until
        the host caught up, then drop them (a `sleep &` child may hold them) */
     if (!x->lossless || (x->out.end <= x->ack_out && x->err.end <= x->ack_err)) proc_close_fds(x);
@@ -1006,6 +1022,7 @@ static void op_spawn(uint32_t id, const fields_t *fs)
         sigemptyset(&all);
         sigprocmask(SIG_SETMASK, &all, NULL);
         for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
+        setpriority(PRIO_PROCESS, 0, 0); /* commands do not inherit the agent's rank */
         setsid();
         int report[2] = {1, 0}; /* stage (1 chdir, 2 exec, 3 pty, 4 user), errno */
         if (pty) {
@@ -1165,8 +1182,8 @@ static void op_proc_read(uint32_t id, const fields_t *fs)
     /* asking from an offset acknowledges everything before it */
     if (o > x->ack_out) x->ack_out = o < x->out.end ? o : x->out.end;
     if (e > x->ack_err) x->ack_err = e < x->err.end ? e : x->err.end;
-    if (x->exited && x->lossless && x->out_fd >= 0) proc_drain(x, &x->out_fd, &x->out, x->ack_out);
-    if (x->exited && x->lossless && x->err_fd >= 0) proc_drain(x, &x->err_fd, &x->err, x->ack_err);
+    if (x->exited && x->lossless && x->out_fd >= 0) proc_drain(x, &x->out_fd, &x->out, x->ack_out, FINAL_DRAIN_READS);
+    if (x->exited && x->lossless && x->err_fd >= 0) proc_drain(x, &x->err_fd, &x->err, x->ack_err, FINAL_DRAIN_READS);
     if (x->exited) proc_finish(x);
     uint64_t wait = field_u64(fs, T_WAIT_MS, 0);
     waiter_t probe = {1, id, session, slot, pid, o, e, max, {0, 0}};
@@ -1872,6 +1889,7 @@ static void port_flush(void)
 int main(void)
 {
     if (getpid() == 1) early_setup();
+    setpriority(PRIO_PROCESS, 0, AGENT_NICE);
     signal(SIGPIPE, SIG_IGN);
     struct rlimit nofile = {4096, 4096};
     setrlimit(RLIMIT_NOFILE, &nofile);
@@ -1991,15 +2009,15 @@ int main(void)
                 proc_t *x = &procs[(owner[k] - PROC_OWNER) / 3];
                 int stream = (owner[k] - PROC_OWNER) % 3;
                 if (!x->used) continue;
-                if (stream == 0 && x->out_fd >= 0) proc_drain(x, &x->out_fd, &x->out, x->ack_out);
-                else if (stream == 1 && x->err_fd >= 0) proc_drain(x, &x->err_fd, &x->err, x->ack_err);
+                if (stream == 0 && x->out_fd >= 0) proc_drain(x, &x->out_fd, &x->out, x->ack_out, DRAIN_READS);
+                else if (stream == 1 && x->err_fd >= 0) proc_drain(x, &x->err_fd, &x->err, x->ack_err, DRAIN_READS);
                 else if (stream == 2 && x->in_fd >= 0) proc_write_stdin(x);
             } else {
                 exec_t *x = &execs[owner[k] / 3];
                 int stream = owner[k] % 3;
                 if (!x->used) continue;
-                if (stream == 0 && x->out_fd >= 0) drain_fd(&x->out_fd, &x->out, x);
-                else if (stream == 1 && x->err_fd >= 0) drain_fd(&x->err_fd, &x->err, x);
+                if (stream == 0 && x->out_fd >= 0) drain_fd(&x->out_fd, &x->out, x, DRAIN_READS);
+                else if (stream == 1 && x->err_fd >= 0) drain_fd(&x->err_fd, &x->err, x, DRAIN_READS);
                 else if (stream == 2 && x->in_fd >= 0) {
                     ssize_t w = write(x->in_fd, x->in.p + x->in_off, x->in.len - x->in_off);
                     if (w > 0) x->in_off += (size_t)w;
