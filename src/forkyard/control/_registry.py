@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from pydantic import ValidationError
@@ -57,6 +57,8 @@ class Registry:
         self.heartbeat_timeout = heartbeat_timeout
         self._seen: dict[str, float] = {}  # worker -> time.monotonic() of its last report
         self._lock = threading.Lock()
+        # (worker, sandboxes it revived): a worker came back; see Hibernation._worker_back
+        self.on_back: Callable[[str, list[str]], None] | None = None
 
     # --- liveness bookkeeping ---------------------------------------------
     def _touch(self, name: str) -> None:
@@ -118,9 +120,12 @@ class Registry:
                 if sb.id not in reported:
                     mark_lost(s, sb, f"worker {name} restarted without it")
                     lost.append(sb.id)
-            destroy = self._reconcile(s, name, report.sandboxes)
+            revived: list[str] = []
+            destroy = self._reconcile(s, name, report.sandboxes, revived)
         self._lost(lost, name, "the worker restarted without it")
         self._touch(name)
+        if self.on_back is not None:
+            self.on_back(name, revived)
         log.info("worker %s registered at %s", name, report.url)
         return HeartbeatReply(name=name, state=WorkerState.ALIVE, destroy=destroy)
 
@@ -138,17 +143,23 @@ class Registry:
             if row.state == WorkerState.DEAD:
                 log.warning("worker %s is back", name)
             self._apply(row, report)
-            destroy = self._reconcile(s, name, report.sandboxes)
+            revived: list[str] = []
+            destroy = self._reconcile(s, name, report.sandboxes, revived)
         self._touch(name)
+        if revived and self.on_back is not None:
+            self.on_back(name, revived)
         return HeartbeatReply(name=name, state=WorkerState.ALIVE, destroy=destroy)
 
     @staticmethod
-    def _reconcile(s: Session, name: str, reported: Sequence[WorkerSandbox]) -> list[str]:
+    def _reconcile(s: Session, name: str, reported: Sequence[WorkerSandbox],
+                   revived: list[str] | None = None) -> list[str]:
         """Fold a worker's view of its sandboxes into ours; return the ones to destroy.
 
         Only settled states are compared: a transition in flight is owned by
-        the request that started it.
+        the request that started it.  Lost sandboxes it brings back hibernated
+        are appended to ``revived``.
         """
+        revived = [] if revived is None else revived
         if not reported:
             return []
         rows = {r.id: r for r in s.scalars(
@@ -176,6 +187,13 @@ class Registry:
                 move(row, S.RUNNING)
                 row.recoverable_from = None
                 row.error = None
+            elif row.state == S.LOST and sb.state == S.HIBERNATED and sb.last_checkpoint:
+                # a hibernate cut short by the worker's crash, finished from its disk
+                move(row, S.HIBERNATED)
+                row.last_checkpoint = sb.last_checkpoint
+                row.recoverable_from = None
+                row.error = None
+                revived.append(sb.id)
         return destroy
 
     @staticmethod

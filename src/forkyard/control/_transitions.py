@@ -77,6 +77,8 @@ class Transitions:
         self.workers = Registry(db, clients, store_url=store_url,
                                 heartbeat_timeout=heartbeat_timeout, events=self.events)
         self.metrics = Metrics(db)
+        self.workers.on_back = lambda name, revived: self._spawn(
+            self._worker_back_quietly, f"back-{name}", name, revived)
         self.publishes = PublishWatcher(db, clients, store_url=store_url, spawn=self._spawn,
                                         stopping=self.stopping, events=self.events,
                                         metrics=self.metrics)
@@ -118,6 +120,15 @@ class Transitions:
         except (FleetError, WorkerReply) as exc:
             log.warning("destroying %s on %s: %s (its heartbeat will retry)", sandbox_id,
                         worker, describe(exc))
+
+    def _worker_back(self, worker: str, revived: list[str]) -> None:
+        """A worker registered again (``Hibernation`` learns what its crash hid)."""
+
+    def _worker_back_quietly(self, worker: str, revived: list[str]) -> None:
+        try:
+            self._worker_back(worker, revived)
+        except Exception:
+            log.exception("resyncing worker %s", worker)
 
     # --- the steps ---------------------------------------------------------------
     def _place(self, candidates: list[Candidate], placement: Placement, *,
