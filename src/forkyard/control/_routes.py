@@ -143,7 +143,8 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
 
     @app.get("/health", tags=["meta"])
     def health() -> Health:
-        return Health(status="ok", version=forkyard.__version__)
+        role = "active" if plane.leader.active.is_set() else "standby"
+        return Health(status="ok", version=forkyard.__version__, role=role)
 
     # fleet-wide numbers (every tenant's sandboxes, the workers): an operator's, so admin only
     @app.get("/metrics", tags=["meta"], response_class=Response, responses={

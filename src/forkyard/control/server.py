@@ -21,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 import forkyard
 from forkyard.control._db import Database
 from forkyard.control._keys import Keys
+from forkyard.control._leader import StandbyGate
 from forkyard.control._routes import add_routes
 from forkyard.control._service import ControlPlane
 from forkyard.control._workers import WorkerClients
@@ -124,6 +125,8 @@ def create_app(
     app.add_middleware(BodyLimit, limit_for=body_limit)
     app.add_middleware(KeyAuth, resolve=resolve,
                        limiter=RateLimiter(rate, burst) if rate is not None else None)
+    # outermost: a standby control plane answers only /health (clients move on)
+    app.add_middleware(StandbyGate, active=plane.leader.active)
     _document_auth(app)
     return app
 
