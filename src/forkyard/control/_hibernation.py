@@ -78,6 +78,8 @@ class Hibernation(Transitions):
             raise
         with self.db.tx() as s:
             store_checkpoint(s, reply.checkpoint, client.name, self.store_url)
+        if reply.checkpoint.state == CheckpointState.PUBLISHED:
+            self.metrics.published(reply.checkpoint.stored_bytes)
         self.events.emit("hibernated", sandbox=sandbox_id, checkpoint=reply.checkpoint.id,
                          worker=client.name)
         return self._settle(sandbox_id, S.HIBERNATING, None, state=S.HIBERNATED,

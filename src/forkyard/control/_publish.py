@@ -170,6 +170,7 @@ class PublishWatcher:
                                          published_at=utcnow())
             if status.state == CheckpointState.PUBLISHED:
                 refresh_recoverable(s, sandbox)  # its sandbox may have been lost meanwhile
+                self.metrics.published(status.stored_bytes)
         self.events.emit("published" if status.state == CheckpointState.PUBLISHED
                          else "publish_failed", sandbox=sandbox, checkpoint=checkpoint_id,
                          worker=worker, detail=status.error)
