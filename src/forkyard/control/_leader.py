@@ -129,8 +129,12 @@ class StandbyGate:
         self.active = active
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self.active.is_set() or scope["path"] == "/health":
+        if scope["type"] not in ("http", "websocket") or self.active.is_set() \
+                or scope["path"] == "/health":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1013})  # "try again later"
             return
         import json
 
