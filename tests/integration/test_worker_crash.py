@@ -100,11 +100,22 @@ def _settled(f: Fleet, sid: str) -> dict[str, object]:
     return sb
 
 
+def _published(f: Fleet, cp: str, timeout: float = 120) -> None:
+    """Wait until ``cp`` is published; a checkpoint a crash kept from the control plane
+    becomes known a moment after its worker registers again (it asks the worker)."""
+    deadline = time.monotonic() + timeout
+    while (resp := f.api.get(f"/v1/checkpoints/{cp}")).status_code == 404 or \
+            resp.json()["state"] == "publishing":
+        assert time.monotonic() < deadline, resp.text
+        time.sleep(0.1)
+    assert resp.json()["state"] == "published", resp.text
+
+
 def _recovered(f: Fleet, sb: dict[str, object], published: set[str]) -> bytes:
     """What a fork of the lost sandbox's recoverable_from reads in /root/v."""
     cp = sb["recoverable_from"]
     assert isinstance(cp, str), f"lost with nothing to recover from: {sb}"
-    f.published(cp)
+    _published(f, cp)
     assert cp in published or f.ok(f.api.get(f"/v1/checkpoints/{cp}"))["state"] == "published"
     [child] = f.ok(f.api.post(f"/v1/checkpoints/{cp}/fork", json={"worker": "w1"}), 201)
     try:
@@ -126,7 +137,7 @@ def test_worker_killed_during_hibernate_loses_nothing(
     assert sb["state"] == HIBERNATE_POINTS[point], (point, sb)
     if sb["state"] == "hibernated":
         cp = str(sb["last_checkpoint"])
-        f.published(cp)  # the restarted worker finished (or redid) the publish
+        _published(f, cp)  # the restarted worker finished (or redid) the publish
         woken = f.ok(f.api.post(f"/v1/sandboxes/{sid}/wake", json={}))
         assert woken["state"] == "running"
         assert f.read(sid, "/root/v") == b"before the crash"
