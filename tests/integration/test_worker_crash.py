@@ -60,10 +60,8 @@ def crashy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fleet, Pa
     url = wait_ready(server)
     api = httpx.Client(base_url=url, headers={"authorization": f"Bearer {API}"}, timeout=300)
     fleet = Fleet(root, store_url, server, api)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FORKYARD_CRASH_FILE", str(crash_file))
     try:
-        fleet.start_worker("w1")
+        _start_w1(fleet, crash_file)
         f = fleet
         sid = f.ok(f.api.post("/v1/sandboxes", json={"worker": "w1", "cold": True}), 201)["id"]
         f.write(sid, "/root/v", b"base")
@@ -75,11 +73,21 @@ def crashy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fleet, Pa
         print(fleet.logs())
         raise
     finally:
-        mp.undo()
         for p in fleet.workers.values():
             stop(p)
         stop(server)
         api.close()
+
+
+def _start_w1(f: Fleet, crash_file: Path) -> None:
+    """Start (or restart: same home, same name) the worker that crashes on demand.
+
+    Only its environment names the crash file: in-process workers of other
+    fixtures must never see it.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FORKYARD_CRASH_FILE", str(crash_file))
+        f.start_worker("w1")
 
 
 def _crash_and_restart(f: Fleet, crash_file: Path, point: str, op: str, sid: str) -> None:
@@ -89,7 +97,7 @@ def _crash_and_restart(f: Fleet, crash_file: Path, point: str, op: str, sid: str
     assert resp.status_code >= 500, f"{op} survived {point}: {resp.status_code} {resp.text}"
     assert w1.proc.wait(30) == -signal.SIGKILL, f"the worker did not crash at {point}"
     assert not crash_file.exists()
-    f.start_worker("w1")  # same home, same name
+    _start_w1(f, crash_file)
 
 
 def _settled(f: Fleet, sid: str) -> dict[str, object]:
@@ -159,7 +167,7 @@ def test_worker_killed_mid_publish_of_a_checkpoint(crashy: tuple[Fleet, Path, st
     resp = f.api.post(f"/v1/sandboxes/{sid}/checkpoint", json={})
     w1 = f.workers["w1"]
     assert w1.proc.wait(60) == -signal.SIGKILL
-    f.start_worker("w1")
+    _start_w1(f, crash_file)
     if resp.status_code != 201:
         # the background publish got to its crash before the reply left the worker:
         # the control plane never heard of that checkpoint; the last published one
