@@ -223,3 +223,44 @@ def test_destroy_removes_the_namespace(worker, sb):
     assert netns in ip.netns_names()
     f.destroy()
     assert netns not in ip.netns_names()
+
+
+def test_hibernate_and_wake_keep_the_network_and_the_listener(worker, sb):
+    spec = NetworkSpec(allow_out=("10.213.0.0/16",))
+    f = worker.fork(sb.checkpoint(name="to-hibernate"), network=spec)
+    try:
+        assert f.network == spec
+        f.files.write("/tmp/www/index.html", "hibernated\n")
+        f.hibernate()
+        worker.wake(f.id)
+        assert f.network == spec
+        assert http_get(f.connect_port(8000, timeout=10)).endswith(b"hibernated\n")
+        assert fetch(f, f"http://{PRIVATE}/") == f"hello from {PRIVATE}\n"
+    finally:
+        f.destroy()
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_new_worker_sweeps_what_a_dead_one_left():
+    import os
+
+    from forkyard.net import NetPlane
+
+    key = f"/tmp/fy-net-sweep-{os.getpid()}"
+    first = NetPlane(key)
+    net = first.attach("sb-00000000000000000000", NetworkSpec())
+    left = net.netns
+    assert left in ip.netns_names()
+    # the worker dies: its lock goes, nothing is cleaned up
+    os.close(first._lock_fd)
+    first._lock_fd = None
+    if net.tap_fd is not None:
+        os.close(net.tap_fd)
+    first.resolver.close()
+    second = NetPlane(key)
+    try:
+        assert second.block == first.block
+        assert left not in ip.netns_names()
+        assert not [n for n in ip.link_names() if n.startswith(second.prefix)]
+    finally:
+        second.close()
