@@ -74,7 +74,7 @@ def main() -> None:
     table.add_row(f"{mib} MiB from the test internet (MB/s)",
                   f"guest {mib * 1.048576 / med['guest']:.1f}",
                   f"host {mib * 1.048576 / med['host']:.1f}",
-                  f"{med['host'] / med['guest']:.2f}× slower")
+                  f"{med['guest'] / med['host']:.2f}× the host's time")
     table.add_row("fork latency (s)", f"NIC {med['with NIC']:.2f}",
                   f"none {med['without NIC']:.2f}",
                   f"{med['with NIC'] / med['without NIC']:.2f}×")
