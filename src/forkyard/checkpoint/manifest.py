@@ -217,7 +217,9 @@ class Manifest:
             )
         keys = {"format", "created", "base", "layers", "state", "boot", "vm", "sandbox",
                 "parent", "name", "agent", "extra"}
-        _only(d, keys | {"state_chunks", "network"} if fmt == FORMAT else keys, "manifest")
+        # "network" is optional in both formats (absent: no NIC, as before networks)
+        keys |= {"network"}
+        _only(d, keys | {"state_chunks"} if fmt == FORMAT else keys, "manifest")
         state = _part(d.get("state"), "state")
         chunks: tuple[ChunkRef, ...] = ()
         if fmt == FORMAT:

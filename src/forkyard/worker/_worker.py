@@ -326,7 +326,8 @@ class Worker:
         sb = self.get(sandbox_id)
         if sb.state is not SandboxState.HIBERNATED or sb.last_checkpoint is None:
             raise SandboxStateError(sb.id, sb.state.value, "wake")
-        self.restore(sb, sb.last_checkpoint, timeout=timeout, network=network)
+        # rules set while it was hibernated count over the checkpoint's
+        self.restore(sb, sb.last_checkpoint, timeout=timeout, network=network or sb.network)
         return sb
 
     def get(self, sandbox_id: str) -> Sandbox:
@@ -521,11 +522,23 @@ class Worker:
         for d, info in hibernated_records(self.home):
             spec = SandboxSpec(base_digest=info["image"], disk_size=info["disk_size"],
                                memory_mb=info["memory_mb"], cpus=info["cpus"],
-                               parent=info.get("parent_checkpoint"))
+                               parent=info.get("parent_checkpoint"),
+                               network=_recorded_network(info.get("network")))
             sb = self._new_sandbox(d.name, spec, state=SandboxState.HIBERNATED,
                                    last_checkpoint=info["last_checkpoint"],
                                    created=info.get("created"))
             self._sandboxes[sb.id] = sb
+
+
+def _recorded_network(raw: object) -> NetworkSpec | None:
+    """A record's network; an unreadable one counts as absent (the checkpoint's then)."""
+    if raw is None:
+        return None
+    try:
+        return NetworkSpec.model_validate(raw)
+    except ValueError:
+        log.warning("ignoring an unreadable network in a sandbox record")
+        return None
 
 
 def _spec_of(cp: Checkpoint, network: NetworkSpec | None = None) -> SandboxSpec:
