@@ -13,11 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,19 +28,17 @@ from forkyard.errors import (
     CheckpointError,
     ForkyardError,
     GuestError,
-    NetworkConflict,
     SandboxStateError,
     VMError,
 )
 from forkyard.guest.client import AgentClient, ExecResult
 from forkyard.guest.procs import Chunk, ProcInfo
-from forkyard.net import SandboxNet, rules
 from forkyard.tools import qemu_img
 from forkyard.vm.machine import QemuVM
 from forkyard.wire.lifecycle import Lifecycle, SandboxState
-from forkyard.wire.network import NetworkSpec
 from forkyard.worker._boot import Chain, boot_vm
 from forkyard.worker._files import Files
+from forkyard.worker._network import SandboxNetwork
 from forkyard.worker._record import SandboxInfo, SandboxSpec, write_record
 
 __all__ = ["Chain", "Files", "Sandbox", "SandboxInfo", "SandboxSpec", "SandboxState",
@@ -59,7 +55,7 @@ _DROP_CACHE_TIMEOUT = 30.0
 _CAN_FAIL = frozenset({S.STARTING, S.RUNNING, S.PAUSED, S.STOPPED, S.FAILED})
 
 
-class Sandbox:
+class Sandbox(SandboxNetwork):
     """Handle to one sandbox on this worker.  Methods are thread-safe."""
 
     def __init__(self, sandbox_id: str, spec: SandboxSpec, *, directory: Path,
@@ -79,7 +75,7 @@ class Sandbox:
         self._lock = threading.RLock()  # lifecycle: checkpoint, restore, stop
         self._vm: QemuVM | None = None
         self._agent: AgentClient | None = None
-        self._net: SandboxNet | None = None  # the running VM's network namespace
+        self._net = None  # the running VM's network namespace (SandboxNetwork)
         self._disk_seq = 0
         # manifest parts of the running chain, so a checkpoint never re-hashes old layers
         self._layers: tuple[PartRef, ...] = ()
@@ -187,58 +183,6 @@ class Sandbox:
     def ping(self, *, timeout: float = 10.0) -> str:
         """The agent's version, proving the guest answers within ``timeout``."""
         return self._agent_call(lambda a: a.ping(timeout=timeout))
-
-    # ------------------------------------------------------------------
-    # network
-    @property
-    def network(self) -> NetworkSpec | None:
-        """Its network mode and egress rules; None: ``network: none`` (no card)."""
-        return self.spec.network
-
-    def set_network(self, spec: NetworkSpec) -> None:
-        """Put new egress rules in force on the running VM (one atomic rule change).
-
-        The mode cannot change while a VM runs (a NIC is part of the machine
-        a checkpoint records); the rules can, at any time.
-        """
-        with self._lock:
-            current = self.spec.network
-            if current is None or spec.mode is not current.mode:
-                have = "none" if current is None else current.mode.value
-                raise NetworkConflict(f"sandbox {self.id!r} has network {have}; its mode "
-                                      f"cannot become {spec.mode.value}")
-            if self._net is not None:
-                self._net.apply(spec)
-            self.spec = replace(self.spec, network=spec)
-            self._save_meta()
-
-    def connect_port(self, port: int, *, timeout: float) -> socket.socket:
-        """A TCP connection from the worker to ``port`` of the guest (the caller closes it).
-
-        Opened inside the sandbox's own network namespace: nothing of the
-        guest is reachable from the host's network.  ``PortUnreachable`` when
-        nothing listens there or it does not answer within ``timeout``;
-        ``NetworkConflict`` for a sandbox without a network.
-        """
-        self.lifecycle.require("connect to", S.RUNNING)
-        net = self._net
-        if net is None:
-            raise NetworkConflict(f"sandbox {self.id!r} has no network (mode none)")
-        return net.connect(port, timeout=timeout)
-
-    def use_network(self, net: SandboxNet | None) -> None:
-        """The namespace the next VM is plugged into (``Worker`` makes it with the VM)."""
-        self._net = net
-
-    def _configure_net(self, agent: AgentClient, *, restored: bool) -> None:
-        """eth0's address, route and resolver; after a restore, stale connections reset."""
-        if self._net is None:
-            return
-        reset = agent.configure_net(address=rules.GUEST, prefix=rules.GUEST_PREFIX,
-                                    gateway=rules.GATEWAY, dns=rules.NAMESERVER,
-                                    reset_tcp=restored)
-        if reset:
-            log.info("sandbox %s: %d TCP connections of its checkpoint reset", self.id, reset)
 
     def _agent_call(self, fn: Callable[[AgentClient], T]) -> T:
         self.lifecycle.require("talk to", S.RUNNING, S.PAUSED)
