@@ -46,9 +46,11 @@ def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top
     net: list[str] = []
     if "net" in shape.profile.roles():
         # the TAP was opened by the worker in the sandbox's own namespace
-        # (forkyard.net); QEMU only ever holds its fd
+        # (forkyard.net); QEMU only ever holds its fd.  Without one (the export
+        # helper's QEMU) the card goes to a hub port, which has no saved state:
+        # user-mode networking would add a "slirp" section no TAP QEMU can load
         net = ["-netdev", (f"tap,id=net0,fd={tap_fd}" if tap_fd is not None
-                           else "user,id=net0,restrict=on")]
+                           else "hubport,id=net0,hubid=0")]
     return [
         "qemu-system-x86_64",
         "-name", f"forkyard-{name},debug-threads=on",
