@@ -57,6 +57,9 @@ def test_the_egress_chain_order_is_deny_first() -> None:
     # stale connections a fork inherits are reset, spoofed sources dropped
     assert "ct state invalid meta l4proto tcp reject with tcp reset" in table
     assert f"ip saddr != {rules.GUEST} drop" in table
+    # a guest holds a bounded share of the host's conntrack memory; DNS costs none
+    assert f"ct count over {rules.MAX_CONNECTIONS} reject" in table
+    assert f"ip daddr {rules.NAMESERVER} udp dport 53 notrack" in table
 
 
 def test_overlapping_ranges_collapse() -> None:

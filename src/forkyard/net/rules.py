@@ -44,6 +44,9 @@ GATEWAY_MAC = "52:55:0a:00:02:02"  # fixed: a fork's guest keeps its neighbour c
 TAP = "tap0"
 UPLINK = "up0"
 DNS_TIMEOUT_MIN, DNS_TIMEOUT_MAX = 60, 3600  # seconds an allowed domain's address stays open
+# open connections a guest may hold through its NAT: conntrack entries are kernel
+# memory shared by the whole host, so one guest must not be able to fill the table
+MAX_CONNECTIONS = 4096
 
 Net = ipaddress.IPv4Network
 
@@ -108,18 +111,26 @@ table inet {TABLE} {{
     # a spoofed source never gets past the guest's own port
     iifname "{TAP}" ip saddr != {GUEST} drop
     iifname "{TAP}" meta nfproto ipv6 drop
+    # queries to the resolver are not tracked: a flood of them (each from its own
+    # port) costs no conntrack entries; the resolver bounds what it takes
+    iifname "{TAP}" ip daddr {NAMESERVER} udp dport 53 notrack
+  }}
+  chain output_raw {{
+    type filter hook output priority raw; policy accept;
+    ip saddr {NAMESERVER} udp sport 53 notrack
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
     ct state established,related accept
     ct state invalid meta l4proto tcp reject with tcp reset
     ct state invalid drop
+    iifname "{TAP}" ct state new ct count over {MAX_CONNECTIONS} reject
     iifname "{TAP}" oifname "{UPLINK}" jump egress
   }}
   chain input {{
     type filter hook input priority filter; policy accept;
-    iifname "{TAP}" ct state established,related accept
     iifname "{TAP}" ip daddr {NAMESERVER} udp dport 53 accept
+    iifname "{TAP}" ct state established,related accept
     iifname "{TAP}" meta l4proto tcp reject with tcp reset
     iifname "{TAP}" drop
     iifname "{UPLINK}" ct state established,related accept
