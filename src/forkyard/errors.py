@@ -93,9 +93,11 @@ __all__ = [
     "InsufficientCapacity",
     "IntegrityError",
     "ManifestError",
+    "NetworkConflict",
     "ObjectNotFound",
     "PayloadTooLarge",
     "PlacementConflict",
+    "PortUnreachable",
     "SandboxBusy",
     "SandboxError",
     "SandboxNotFound",
@@ -196,6 +198,15 @@ class SandboxStateError(SandboxError):
         self.state = str(state)
         self.operation = operation
         super().__init__(message or f"cannot {operation} sandbox {sandbox_id!r}: it is {state}")
+
+
+class PortUnreachable(SandboxError):
+    """No TCP connection to a guest port: nothing listens there, or it did not answer."""
+
+    def __init__(self, sandbox_id: str, port: int, reason: str) -> None:
+        self.sandbox_id = sandbox_id
+        self.port = port
+        super().__init__(f"sandbox {sandbox_id!r}: port {port}: {reason}")
 
 
 class SandboxBusy(SandboxStateError):
@@ -454,3 +465,7 @@ class InsufficientCapacity(FleetError):
         self.needed = needed
         self.free = free
         super().__init__(message)
+
+
+class NetworkConflict(SandboxError):
+    """The sandbox's network forbids it (rules for a sandbox made with ``network: none``)."""

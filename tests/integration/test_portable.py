@@ -118,7 +118,8 @@ def test_naive_thin_archive_on_the_other_base_is_corrupt(pair: Pair) -> None:
     work.mkdir(exist_ok=True)
     qemu_img.create(work / "top.qcow2", own_base.size)
     vm = QemuVM("naive", work, b.home.run_dir / "naive.agent",
-                VMShape(m.vm.memory_mb, m.vm.cpus, m.vm.machine, m.vm.accel),
+                VMShape(m.vm.memory_mb, m.vm.cpus, m.vm.machine, m.vm.accel,
+                        devices=m.vm.devices),
                 BootSpec(b.host.kernel.path, b.host.initrd.path),
                 DiskChain(own_base.path, layers, work / "top.qcow2"))
     try:

@@ -13,6 +13,7 @@ from forkyard._digest import resolve_prefix
 from forkyard.errors import AmbiguousCheckpoint, CheckpointNotFound
 from forkyard.wire import worker_api as api
 from forkyard.wire.models import ExecRequest, WorkerSandbox
+from forkyard.wire.network import NetworkSpec
 from forkyard.wire.procs import ResizeRequest, SignalRequest, SpawnRequest
 
 SID = "sb-" + "a" * 20
@@ -53,6 +54,7 @@ CALLS = [
     (api.fork(CP, SID), "POST", f"/checkpoints/{CP}/fork"),
     (api.hibernate(SID), "POST", f"/sandboxes/{SID}/hibernate"),
     (api.wake(SID, CP), "POST", f"/sandboxes/{SID}/wake"),
+    (api.set_network(SID, NetworkSpec()), "PUT", f"/sandboxes/{SID}/network"),
     (api.spawn(SID, SpawnRequest(cmd="true")), "POST", f"/sandboxes/{SID}/procs"),
     (api.list_procs(SID), "GET", f"/sandboxes/{SID}/procs"),
     (api.proc_output(SID, 42, 0, 0, 5.0, 1024), "GET", f"/sandboxes/{SID}/procs/42/output"),
@@ -75,13 +77,13 @@ def test_calls_fill_their_templates(call: api.Call[object], method: str, path: s
 def test_bodies_and_timeouts():
     assert api.create(SID, "minimal", 256, None).json() == {
         "image": "minimal", "memory_mb": 256, "cpus": None, "sandbox_id": SID,
-        "disk": None, "cold": False}
+        "disk": None, "cold": False, "network": None}
     assert api.create(SID, "minimal", None, 2, disk=4 << 30, cold=True).json() == {
         "image": "minimal", "memory_mb": None, "cpus": 2, "sandbox_id": SID,
-        "disk": 4 << 30, "cold": True}
+        "disk": 4 << 30, "cold": True, "network": None}
     assert api.checkpoint(SID, None, False).json() == {"name": None, "publish": False}
-    assert api.wake(SID, CP).json() == {"checkpoint_id": CP}
-    assert api.fork(CP, SID).json() == {"sandbox_id": SID}
+    assert api.wake(SID, CP).json() == {"checkpoint_id": CP, "network": None}
+    assert api.fork(CP, SID).json() == {"sandbox_id": SID, "network": None}
     assert api.hibernate(SID).json() is None
     # a command's own timeout plus the margin for the agent and the reply
     assert api.exec_(SID, ExecRequest(cmd="x", timeout=7)).timeout == 7 + api.EXEC_MARGIN

@@ -335,3 +335,41 @@ def test_metrics_parse_as_prometheus_text_and_count_operations():
     assert after[("forkyard_worker_cpus_in_use", ())] == 1
     assert ("forkyard_worker_cpus_free", ()) in after
     assert ("forkyard_worker_memory_free_mb", ()) in after
+
+
+def test_network_rules_travel_to_the_library_and_bad_ones_are_refused():
+    from forkyard.errors import NetworkConflict
+    from forkyard.wire.network import NetworkSpec
+
+    applied: list[NetworkSpec] = []
+    seen: dict[str, object] = {}
+
+    class _NetSandbox(_Sandbox):
+        def set_network(self, spec: NetworkSpec) -> None:
+            if spec.mode.value == "none":
+                raise NetworkConflict("mode cannot change")
+            applied.append(spec)
+
+    class _NetWorker(_Worker):
+        def create(self, image: str, **kw: Any) -> _Sandbox:  # type: ignore[override]
+            seen.update(kw)
+            return super().create(image, sandbox_id=kw.get("sandbox_id"))
+
+    w = _NetWorker()
+    w.sandboxes[SID] = _NetSandbox(SID, ExecResult(0, b"", b""))
+    with _client(w) as c:
+        body = {"network": {"mode": "outbound", "allow_out": ["10.0.0.0/8"]}}
+        assert c.post("/sandboxes", json=body, headers=AUTH).status_code == 201
+        assert seen["network"] == NetworkSpec(allow_out=("10.0.0.0/8",))
+        ok = c.request("PUT", f"/sandboxes/{SID}/network",
+                       json={"deny_out": ["Example.COM."]}, headers=AUTH)
+        assert ok.status_code == 200, ok.text
+        assert applied == [NetworkSpec(deny_out=("example.com",))]
+        # rules are data: anything but a CIDR or a name is a 4xx, never reaches nft
+        bad = c.request("PUT", f"/sandboxes/{SID}/network",
+                        json={"deny_out": ["1.2.3.4; flush ruleset"]}, headers=AUTH)
+        assert bad.status_code in (400, 422)
+        conflict = c.request("PUT", f"/sandboxes/{SID}/network", json={"mode": "none"},
+                             headers=AUTH)
+        assert conflict.status_code == 409
+        assert len(applied) == 1

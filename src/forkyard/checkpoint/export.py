@@ -52,7 +52,7 @@ from forkyard.image import ImageCatalog
 from forkyard.store import BlobCache
 from forkyard.tools import qemu_img
 from forkyard.vm.cmdline import standalone_argv
-from forkyard.vm.devices import DEVICE_PROFILE
+from forkyard.vm.devices import CURRENT_PROFILE, NET_PROFILE
 from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape
 
 __all__ = ["DEFAULT_SNAPSHOT", "ExportResult", "export_checkpoint", "import_qcow2",
@@ -151,32 +151,37 @@ def import_qcow2(
     host = worker.host
     # qcow2 does not record the RAM size; a wrong one fails to load, clearly
     mem = memory_mb or worker.home.settings().memory_mb
-    shape = VMShape(mem, cpus, host.machine_type, host.accel, qemu=host.qemu_version,
-                    disk_size=size)
     k, i = host.kernel, host.initrd
     boot = BootRef(PartRef(k.digest, k.size), PartRef(i.digest, i.size),
                    BootSpec(k.path, i.path).cmdline)
     with tempfile.TemporaryDirectory(dir=worker.home.tmp_dir, prefix="import-") as tmp_s:
         tmp = Path(tmp_s)
         work = tmp / "work.qcow2"
-        shutil.copyfile(path, work)  # loadvm reverts the disk: never touch the input
-        # whatever path the input names, its clusters sit on base_path (checked above)
-        qemu_img.rebase_unsafe(work, str(base_path), "raw")
-        chain = DiskChain(base_path, (), work)
-        vm = _paused_vm(worker, None, chain, k.path, i.path, tmp, "import",
-                        shape=shape)
         state_file = tmp / "state"
-        try:
-            vm.launch(run=False, loadvm=str(snap["name"]))
-            vm.save_state(state_file)
-            vm.quit()
-        except VMError as exc:
+        # qcow2 does not record the device set either: a machine without a NIC
+        # (what other platforms save), else forkyard's own with one
+        failures: list[str] = []
+        for profile in (CURRENT_PROFILE, NET_PROFILE):
+            shape = VMShape(mem, cpus, host.machine_type, host.accel, qemu=host.qemu_version,
+                            disk_size=size, devices=profile.name)
+            shutil.copyfile(path, work)  # loadvm reverts the disk: never touch the input
+            # whatever path the input names, its clusters sit on base_path (checked above)
+            qemu_img.rebase_unsafe(work, str(base_path), "raw")
+            chain = DiskChain(base_path, (), work)
+            vm = _paused_vm(worker, None, chain, k.path, i.path, tmp, "import", shape=shape)
+            try:
+                vm.launch(run=False, loadvm=str(snap["name"]))
+                vm.save_state(state_file)
+                vm.quit()
+                break
+            except VMError as exc:
+                failures.append(f"{profile.name}: {exc}")
+            finally:
+                vm.kill()
+        else:
             raise IncompatibleCheckpoint(
                 f"{path.name}: QEMU could not load snapshot {snap['name']!r} with forkyard's "
-                f"device profile {DEVICE_PROFILE} and {mem} MiB: {exc}"
-            ) from exc
-        finally:
-            vm.kill()
+                f"device profiles and {mem} MiB: {' | '.join(failures)}")
         # only the clusters above the base: the import costs what the sandbox changed
         layer = tmp / "layer.qcow2"
         qemu_img.convert(work, layer, src_fmt="qcow2", dst_fmt="qcow2", backing=base_path,

@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from forkyard._digest import DIGEST_RE, sha256_bytes
 from forkyard.checkpoint.chunks import ChunkRef, check_cover
 from forkyard.errors import IntegrityError, ManifestError
 from forkyard.vm.shape import VMShape
+from forkyard.wire.network import NetworkSpec
 
 __all__ = ["FORMAT", "FORMAT_V1", "MAX_MANIFEST_BYTES", "SHARED_ROLES", "BootRef", "ChunkRef",
            "Manifest", "PartRef", "VMInfo", "VMShape", "utcnow"]
@@ -109,6 +112,10 @@ class Manifest:
     extra: dict[str, str] = field(default_factory=dict)
     # v2: the state as chunks (what the store holds of it); empty: a v1 manifest
     state_chunks: tuple[ChunkRef, ...] = ()
+    # the sandbox's network mode and egress rules, which its forks and wakes
+    # keep; absent (None) for a machine without a NIC, so checkpoints made
+    # before networks existed read and hash exactly as before
+    network: NetworkSpec | None = None
 
     # ------------------------------------------------------------------
     @property
@@ -119,6 +126,8 @@ class Manifest:
         out = self._json()
         if self.state_chunks:
             out["state_chunks"] = [c.to_json() for c in self.state_chunks]
+        if self.network is not None:
+            out["network"] = self.network.model_dump(mode="json")
         return out
 
     def _json(self) -> dict[str, Any]:
@@ -208,6 +217,8 @@ class Manifest:
             )
         keys = {"format", "created", "base", "layers", "state", "boot", "vm", "sandbox",
                 "parent", "name", "agent", "extra"}
+        # "network" is optional in both formats (absent: no NIC, as before networks)
+        keys |= {"network"}
         _only(d, keys | {"state_chunks"} if fmt == FORMAT else keys, "manifest")
         state = _part(d.get("state"), "state")
         chunks: tuple[ChunkRef, ...] = ()
@@ -259,10 +270,20 @@ class Manifest:
             name=None if d.get("name") is None else _label(d.get("name"), "name"),
             agent=_str(d.get("agent", ""), "agent", 128),
             extra={str(k): str(v) for k, v in extra.items()},
+            network=_network(d.get("network")),
         )
 
 
 # --- validation helpers ----------------------------------------------------
+def _network(v: object) -> NetworkSpec | None:
+    if v is None:
+        return None
+    try:
+        return NetworkSpec.model_validate(v)
+    except ValidationError as exc:
+        raise ManifestError(f"manifest.network: {exc.errors()[0].get('msg', exc)}") from exc
+
+
 def _obj(v: object, where: str) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise ManifestError(f"manifest {where} must be an object")

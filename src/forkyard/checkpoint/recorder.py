@@ -18,6 +18,7 @@ from forkyard.checkpoint.local import Checkpoint, LocalCheckpoints
 from forkyard.checkpoint.manifest import BootRef, Manifest, PartRef, utcnow
 from forkyard.store import BlobCache
 from forkyard.vm.shape import VMShape
+from forkyard.wire.network import NetworkSpec
 
 __all__ = ["Capture", "Recorder"]
 
@@ -36,6 +37,7 @@ class Capture:
     shape: VMShape  # the machine the state needs (its qemu: the one that saved it)
     boot: BootRef
     agent: str  # the guest agent's version ("" if unknown)
+    network: NetworkSpec | None = None  # its mode and rules; None: no NIC
 
 
 class Recorder:
@@ -70,6 +72,7 @@ class Recorder:
             parent=capture.parent,
             name=capture.name,
             agent=capture.agent,
+            network=capture.network,
             extra={"worker": self._worker,
                    "pause_ms": str(round(capture.pause_seconds * 1000, 1))},
         )

@@ -51,7 +51,13 @@
 #include <sys/epoll.h>
 #include <sys/sysmacros.h>
 #include <sys/vfs.h>
+#include <arpa/inet.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
 #include <linux/random.h>
+#include <linux/sock_diag.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
@@ -64,7 +70,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_VERSION "forkyard-agent 2"
+#define AGENT_VERSION "forkyard-agent 3"
 #define MAGIC 0x31594b46u /* "FKY1" little endian */
 #define HDR_LEN 16
 #define MAX_PAYLOAD (80u * 1024u * 1024u)
@@ -1570,8 +1576,11 @@ static void op_mkdir(uint32_t id, const fields_t *fs)
 /* ------------------------------------------------------------------ */
 /* fresh after a restore: entropy, identity, disk size                */
 /* Numbers from 64 up, apart from the core protocol's. */
-enum { OP_IDENTITY = 64, OP_GROW_FS = 65 };
-enum { T_SEED = 64, T_HOSTNAME = 65, T_MACHINE_ID = 66, T_RESEEDED = 67 };
+enum { OP_IDENTITY = 64, OP_GROW_FS = 65, OP_NET = 66 };
+enum { T_SEED = 64, T_HOSTNAME = 65, T_MACHINE_ID = 66, T_RESEEDED = 67,
+       T_NET_ADDRESS = 68, T_NET_PREFIX = 69, T_NET_GATEWAY = 70, T_NET_DNS = 71,
+       T_NET_RESET = 72 };
+#define F_NET_RESET_TCP 1u
 #define MAX_SEED 512
 #define F_IDENTITY_MACHINE_ID 1u
 #ifndef EXT4_IOC_RESIZE_FS
@@ -1682,6 +1691,170 @@ static void op_grow_fs(uint32_t id, const fields_t *fs)
     buf_free(&b);
 }
 
+/* ------------------------------------------------------------------ */
+/* the network card: eth0's address, route and resolver (OP_NET)      */
+
+static int ifreq_call(int s, unsigned long req, const char *ifname, struct ifreq *ifr)
+{
+    snprintf(ifr->ifr_name, IFNAMSIZ, "%s", ifname);
+    return ioctl(s, req, ifr);
+}
+
+static int link_up(int s, const char *ifname)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (ifreq_call(s, SIOCGIFFLAGS, ifname, &ifr) != 0) return -1;
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    return ifreq_call(s, SIOCSIFFLAGS, ifname, &ifr);
+}
+
+static int set_in(int s, unsigned long req, const char *ifname, in_addr_t a)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+    sin->sin_family = AF_INET;
+    sin->sin_addr.s_addr = a;
+    return ifreq_call(s, req, ifname, &ifr);
+}
+
+static int default_route(int s, const char *ifname, in_addr_t gw)
+{
+    struct rtentry rt;
+    memset(&rt, 0, sizeof rt);
+    struct sockaddr_in *d = (struct sockaddr_in *)&rt.rt_dst;
+    struct sockaddr_in *g = (struct sockaddr_in *)&rt.rt_gateway;
+    struct sockaddr_in *m = (struct sockaddr_in *)&rt.rt_genmask;
+    d->sin_family = g->sin_family = m->sin_family = AF_INET;
+    g->sin_addr.s_addr = gw;
+    rt.rt_flags = RTF_UP | RTF_GATEWAY;
+    rt.rt_dev = (char *)ifname;
+    if (ioctl(s, SIOCADDRT, &rt) != 0 && errno != EEXIST) return -1;
+    return 0;
+}
+
+/* Abort every TCP connection of `local` (eth0's address) that is not a
+   listener: after a restore the host side of each is gone (a new network
+   namespace), and a guest program waiting on one would wait forever.  The
+   kernel answers its peer with a reset and the program sees ECONNABORTED.
+   Loopback connections inside the guest are untouched. */
+#define MAX_RESET 4096
+static int is_local(const struct inet_diag_msg *m, in_addr_t local)
+{
+    if (m->idiag_family == AF_INET) return m->id.idiag_src[0] == local;
+    /* an IPv6 socket's IPv4 connections: ::ffff:a.b.c.d */
+    return m->id.idiag_src[0] == 0 && m->id.idiag_src[1] == 0
+        && m->id.idiag_src[2] == htonl(0xFFFF) && m->id.idiag_src[3] == local;
+}
+
+static long reset_family(int fd, uint8_t family, in_addr_t local)
+{
+    struct { struct nlmsghdr nlh; struct inet_diag_req_v2 r; } req;
+    memset(&req, 0, sizeof req);
+    req.nlh.nlmsg_len = sizeof req;
+    req.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    req.nlh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+    req.r.sdiag_family = family;
+    req.r.sdiag_protocol = IPPROTO_TCP;
+    /* every state but LISTEN (10) and TIME_WAIT (6) */
+    req.r.idiag_states = 0xFFF & ~(1u << 10) & ~(1u << 6) & ~1u;
+    if (send(fd, &req, sizeof req, 0) < 0) return -1;
+    static struct inet_diag_sockid ids[MAX_RESET];
+    size_t n = 0;
+    static uint8_t rbuf[32768];
+    int done = 0;
+    while (!done) {
+        ssize_t got = recv(fd, rbuf, sizeof rbuf, 0);
+        if (got <= 0) break;
+        for (struct nlmsghdr *h = (struct nlmsghdr *)rbuf; NLMSG_OK(h, (size_t)got);
+             h = NLMSG_NEXT(h, got)) {
+            if (h->nlmsg_type == NLMSG_DONE || h->nlmsg_type == NLMSG_ERROR) { done = 1; break; }
+            struct inet_diag_msg *m = NLMSG_DATA(h);
+            if (is_local(m, local) && n < MAX_RESET) ids[n++] = m->id;
+        }
+    }
+    long killed = 0;
+    for (size_t i = 0; i < n; i++) {
+        memset(&req, 0, sizeof req);
+        req.nlh.nlmsg_len = sizeof req;
+        req.nlh.nlmsg_type = SOCK_DESTROY;
+        req.nlh.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
+        req.r.sdiag_family = family;
+        req.r.sdiag_protocol = IPPROTO_TCP;
+        req.r.idiag_states = 0xFFF;
+        req.r.id = ids[i];
+        if (send(fd, &req, sizeof req, 0) < 0) continue;
+        ssize_t got = recv(fd, rbuf, sizeof rbuf, 0);
+        struct nlmsghdr *h = (struct nlmsghdr *)rbuf;
+        if (got >= (ssize_t)NLMSG_LENGTH(sizeof(struct nlmsgerr)) && h->nlmsg_type == NLMSG_ERROR
+            && ((struct nlmsgerr *)NLMSG_DATA(h))->error == 0)
+            killed++;
+    }
+    return killed;
+}
+
+static long reset_tcp(in_addr_t local)
+{
+    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0) return -1;
+    long a = reset_family(fd, AF_INET, local);
+    long b = reset_family(fd, AF_INET6, local);
+    close(fd);
+    return (a > 0 ? a : 0) + (b > 0 ? b : 0);
+}
+
+static int parse_in(const fields_t *fs, uint16_t tag, in_addr_t *out)
+{
+    char *txt = field_str(fs, tag);
+    struct in_addr a;
+    int ok = txt && inet_pton(AF_INET, txt, &a) == 1;
+    free(txt);
+    if (ok) *out = a.s_addr;
+    return ok;
+}
+
+static void op_net(uint32_t id, const fields_t *fs)
+{
+    in_addr_t addr, gw, dns;
+    uint64_t prefix = field_u64(fs, T_NET_PREFIX, 24);
+    if (!parse_in(fs, T_NET_ADDRESS, &addr) || !parse_in(fs, T_NET_GATEWAY, &gw)
+        || !parse_in(fs, T_NET_DNS, &dns) || prefix < 1 || prefix > 30) {
+        send_error(OP_NET, id, "bad_request", EINVAL, "net needs an address, prefix, gateway and dns");
+        return;
+    }
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) { send_errno(OP_NET, id, "socket", ""); return; }
+    link_up(s, "lo");
+    in_addr_t mask = htonl(0xFFFFFFFFu << (32 - prefix));
+    if (set_in(s, SIOCSIFADDR, "eth0", addr) != 0 || set_in(s, SIOCSIFNETMASK, "eth0", mask) != 0
+        || link_up(s, "eth0") != 0 || default_route(s, "eth0", gw) != 0) {
+        int e = errno;
+        close(s);
+        errno = e;
+        send_errno(OP_NET, id, "configure", "eth0");
+        return;
+    }
+    close(s);
+    char line[64];
+    char txt[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &dns, txt, sizeof txt);
+    int len = snprintf(line, sizeof line, "nameserver %s\n", txt);
+    uint64_t flags = 0;
+    int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd >= 0) {
+        if (write_all(fd, (const uint8_t *)line, (size_t)len) == 0) flags |= 1;
+        close(fd);
+    }
+    long reset = 0;
+    if (field_u64(fs, T_FLAGS, 0) & F_NET_RESET_TCP) reset = reset_tcp(addr);
+    buf_t b = {0};
+    tlv_u64(&b, T_FLAGS, flags);
+    tlv_u64(&b, T_NET_RESET, reset < 0 ? 0 : (uint64_t)reset);
+    send_frame(OP_NET, FL_RESPONSE, id, &b);
+    buf_free(&b);
+}
+
 static void op_hello(uint32_t id, const fields_t *fs)
 {
     uint64_t tns = field_u64(fs, T_TIME_NS, 0);
@@ -1759,6 +1932,7 @@ static void dispatch(uint16_t op, uint32_t id, const uint8_t *payload, size_t le
     case OP_PTY_RESIZE: op_pty_resize(id, &fs); break;
     case OP_IDENTITY: op_identity(id, &fs); break;
     case OP_GROW_FS: op_grow_fs(id, &fs); break;
+    case OP_NET: op_net(id, &fs); break;
     case OP_POWEROFF:
         sync();
         reboot(RB_POWER_OFF);

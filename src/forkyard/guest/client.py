@@ -611,6 +611,15 @@ class AgentClient:
                        timeout=timeout)
         return bool(r.int(Tag.FLAGS) & p.IDENTITY_MACHINE_ID)
 
+    def configure_net(self, *, address: str, prefix: int, gateway: str, dns: str,
+                      reset_tcp: bool, timeout: float = 30.0) -> int:
+        """Set eth0 up (``Op.NET``); the number of stale TCP connections it aborted."""
+        r = self._call(Op.NET, [(Tag.NET_ADDRESS, address), (Tag.NET_PREFIX, prefix),
+                                (Tag.NET_GATEWAY, gateway), (Tag.NET_DNS, dns),
+                                (Tag.FLAGS, p.NET_RESET_TCP if reset_tcp else 0)],
+                       timeout=timeout)
+        return r.int(Tag.NET_RESET)
+
     def grow_fs(self, *, timeout: float = 120.0) -> int:
         """Grow the guest's root filesystem to its disk; returns its new size in bytes."""
         return self._call(Op.GROW_FS, [], timeout=timeout).int(Tag.SIZE)

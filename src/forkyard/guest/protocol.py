@@ -25,6 +25,13 @@ entry (``ENTRY``) is ``mode u32, size u64, mtime_ns i64, name bytes``.  A
 ``LIST`` request carries ``MAX_ENTRIES``; the reply holds at most that many
 entries and ``TRUNCATED`` = 1 when the directory has more.
 
+Network (``NET``): the host sends eth0's address, prefix, gateway and
+nameserver after every boot and restore; the agent sets them with ioctls
+(no tool in the image needed), writes ``/etc/resolv.conf`` and, with
+``NET_RESET_TCP``, aborts the TCP connections of that address through
+``sock_diag`` (``SOCK_DESTROY``), since after a restore their peers are
+gone.  A guest without ``eth0`` answers with an error.
+
 Processes (``SPAWN``): the guest keeps each spawned command's stdout and
 stderr in a ring of scrollback addressed by absolute byte offsets.
 ``PROC_READ(PID, OFFSET, ERR_OFFSET, LENGTH, WAIT_MS)`` answers with the
@@ -108,6 +115,7 @@ class Op(enum.IntEnum):
     # fresh after a restore (numbered apart from the core ops)
     IDENTITY = 64
     GROW_FS = 65
+    NET = 66
     ACK = 0x7FFF
 
 
@@ -159,6 +167,14 @@ class Tag(enum.IntEnum):
     HOSTNAME = 65
     MACHINE_ID = 66
     RESEEDED = 67
+    # NET: eth0's IPv4 address/prefix, gateway and nameserver (dotted strings, prefix
+    # u64); FLAGS NET_RESET_TCP aborts the guest's TCP connections of that address
+    # (after a restore their peers are gone); the reply's NET_RESET counts them
+    NET_ADDRESS = 68
+    NET_PREFIX = 69
+    NET_GATEWAY = 70
+    NET_DNS = 71
+    NET_RESET = 72
 
 
 # T_FLAGS bits, per operation
@@ -178,6 +194,8 @@ PROC_PTY = 2
 PROC_TIMED_OUT = 4
 IDENTITY_MACHINE_ID = 1  # in the reply: /etc/machine-id was rewritten
 SEED_BYTES = 64  # the agent accepts up to 512
+NET_RESET_TCP = 1  # NET request
+NET_RESOLV_CONF = 1  # NET reply: /etc/resolv.conf was written
 
 _FIELD = struct.Struct("<HI")
 _U64 = struct.Struct("<Q")

@@ -31,6 +31,13 @@ MODULES: tuple[str, ...] = (
     "virtio_pci",
     "virtio_blk",
     "virtio_console",
+    # the NIC of a sandbox with a network (forkyard.net), and the socket
+    # diagnostics the agent aborts stale TCP connections with after a restore
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "inet_diag",
+    "tcp_diag",
 )
 
 AGENT_PATH = "/forkyard-agent"

@@ -44,6 +44,9 @@ PACKAGES = [
     "libc6-dev",
     "mmdebstrap",
     "util-linux",  # setpriv: QEMU dies with its worker (see vm/_spawn.py)
+    # sandbox networks (forkyard.net): namespaces, veths, TAPs, and their rules
+    "iproute2",
+    "nftables",
 ]
 
 HOST_FORMAT = 1
@@ -142,7 +145,8 @@ def ensure_host(
         if install:
             apt.ensure_installed(PACKAGES, log=say)
         ensure_vm_ids()  # confinement: the uid range confined QEMUs run as is nobody's
-        for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs", "gcc"):
+        for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs", "gcc", "ip",
+                     "nft"):
             require_tool(tool)
         shared = cache_dir()
         with _locked(shared / ".kernel.lock"):

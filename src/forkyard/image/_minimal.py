@@ -114,6 +114,10 @@ _ETC_FILES: tuple[tuple[str, str], ...] = (
     ),
     ("group", f"root:x:0:\nnogroup:x:65534:\nuser:x:{USER_ID}:\n"),
     ("hostname", "forkyard\n"),
+    # the network (docs/network.md): names resolve through files, then the
+    # worker's resolver that the agent writes into resolv.conf
+    ("hosts", "127.0.0.1 localhost\n::1 localhost\n"),
+    ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n"),
     (
         "os-release",
         'NAME="forkyard minimal"\nID=forkyard-minimal\nVERSION_ID=1\n'

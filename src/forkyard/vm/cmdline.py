@@ -35,7 +35,7 @@ def machine_args(shape: VMShape, *, tb_size: bool = True) -> list[str]:
 def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top_node: str,
               qmp_fd: int, console_fd: int | None, agent_socket: Path, incoming: bool,
               paused: bool = False, opener: Opener | None = None,
-              agent_chardev: str | None = None) -> list[str]:
+              agent_chardev: str | None = None, tap_fd: int | None = None) -> list[str]:
     """The command line of one forkyard VM (see ``QemuVM.launch``).
 
     A confined QEMU (``vm.jail``) gets its files as fds: ``opener`` names each
@@ -43,6 +43,14 @@ def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top
     jail's own arguments (seccomp, ``-add-fd``) are appended by the caller.
     """
     agent = agent_chardev or f"path={agent_socket},server=on,wait=off"
+    net: list[str] = []
+    if "net" in shape.profile.roles():
+        # the TAP was opened by the worker in the sandbox's own namespace
+        # (forkyard.net); QEMU only ever holds its fd.  Without one (the export
+        # helper's QEMU) the card goes to a hub port, which has no saved state:
+        # user-mode networking would add a "slirp" section no TAP QEMU can load
+        net = ["-netdev", (f"tap,id=net0,fd={tap_fd}" if tap_fd is not None
+                           else "hubport,id=net0,hubid=0")]
     return [
         "qemu-system-x86_64",
         "-name", f"forkyard-{name},debug-threads=on",
@@ -60,7 +68,9 @@ def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top
                      else "null,id=console"),
         "-blockdev", json.dumps(disk.blockdev(top_node, opener)),
         "-chardev", f"socket,id=agent,{agent}",
-        *shape.profile.args({"console": "console", "disk": top_node, "agent": "agent"}),
+        *net,
+        *shape.profile.args({"console": "console", "disk": top_node, "agent": "agent",
+                             "net": "net0"}),
         *(["-incoming", "defer"] if incoming else []),
         *(["-S"] if paused else []),
     ]
@@ -75,6 +85,9 @@ def standalone_argv(shape: VMShape, qcow2_path: Path, *, snapshot: str,
         "-chardev", "stdio,id=console",
         "-drive", f"file={qcow2_path},if=none,id=disk0,format=qcow2",
         "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
-        *shape.profile.args({"console": "console", "disk": "disk0", "agent": "agent"}),
+        # user-mode networking has the guest's addresses (10.0.2.15, gateway .2, DNS .3)
+        *(["-netdev", "user,id=net0"] if "net" in shape.profile.roles() else []),
+        *shape.profile.args({"console": "console", "disk": "disk0", "agent": "agent",
+                             "net": "net0"}),
         "-loadvm", snapshot,
     ]

@@ -23,6 +23,8 @@ __all__ = [
     "CURRENT_PROFILE",
     "DEVICE_PROFILE",
     "FORKYARD_V1",
+    "FORKYARD_V2_NET",
+    "NET_PROFILE",
     "PROFILES",
     "Device",
     "DeviceProfile",
@@ -101,8 +103,24 @@ FORKYARD_V1 = DeviceProfile(
     ),
 )
 
-PROFILES: Mapping[str, DeviceProfile] = {p.name: p for p in (FORKYARD_V1,)}
-CURRENT_PROFILE = FORKYARD_V1  # what new sandboxes get
+# forkyard-v1 plus a NIC: sandboxes with a network (forkyard.net); ``network:
+# none`` keeps forkyard-v1 (no card at all), so checkpoints of either restore.
+# The guest's MAC is fixed: every fork is the same machine in its own namespace.
+# No option ROM (romfile=): the kernel boots directly, and a ROM would be one
+# more RAM block whose size differs between QEMU builds, failing a restore.
+FORKYARD_V2_NET = DeviceProfile(
+    name="forkyard-v2-net",
+    devices=(
+        *FORKYARD_V1.devices,
+        Device("virtio-net-pci", "nic0", addr="0x6",
+               props=(("mac", "52:54:00:12:34:56"), ("romfile", "")),
+               backend=("netdev", "net")),
+    ),
+)
+
+PROFILES: Mapping[str, DeviceProfile] = {p.name: p for p in (FORKYARD_V1, FORKYARD_V2_NET)}
+CURRENT_PROFILE = FORKYARD_V1  # what new sandboxes without a network get
+NET_PROFILE = FORKYARD_V2_NET  # ... and with one
 DEVICE_PROFILE = CURRENT_PROFILE.name
 
 

@@ -99,6 +99,9 @@ class QemuVM:
     # the VM is killed right after and ``fault`` keeps the reason
     on_fault: Callable[[str], None] | None = field(default=None, repr=False)
     fault: str | None = None
+    # the TAP of the sandbox's network (forkyard.net), for a shape with a NIC; the
+    # caller owns it, QEMU gets a copy
+    tap_fd: int | None = field(default=None, repr=False)
     _files: VMFiles = field(default_factory=PlainFiles, repr=False)
     _jail: Jail | None = field(default=None, repr=False)
 
@@ -128,7 +131,8 @@ class QemuVM:
         argv = qemu_argv(name=self.name, shape=self.shape, boot=self.boot, disk=self.disk,
                          top_node=self.top_node, qmp_fd=qmp_fd, console_fd=console_fd,
                          agent_socket=self.agent_socket, incoming=incoming, paused=paused,
-                         opener=opener, agent_chardev=f.agent(self.agent_socket))
+                         opener=opener, agent_chardev=f.agent(self.agent_socket),
+                         tap_fd=self.tap_fd)
         # after the rendering: the jail's -add-fd list grows as the opener is called
         return argv + f.args()
 
@@ -175,7 +179,9 @@ class QemuVM:
                 argv, files, name=self.name, memory_mb=self.shape.memory_mb,
                 cpus=self.shape.cpus, accel=self.shape.accel,
                 boot_files=(self.boot.kernel, self.boot.initrd), active=self.disk.active,
-                pass_fds=(theirs.fileno(), console.qemu_fd()), log=self.log_path,
+                pass_fds=(theirs.fileno(), console.qemu_fd(),
+                          *([self.tap_fd] if self.tap_fd is not None else [])),
+                log=self.log_path,
                 cwd=self.workdir)
         except BaseException:
             ours.close()

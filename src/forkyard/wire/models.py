@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, f
 from forkyard.wire.ids import SANDBOX_ID_RE
 from forkyard.wire.lifecycle import SandboxState
 from forkyard.wire.limits import MAX_FILE_BYTES
+from forkyard.wire.network import NetworkSpec
 from forkyard.wire.output import OutputEncoding, encode_output
 
 __all__ = [
@@ -414,6 +415,7 @@ class WorkerSandbox(_Reply):
     last_checkpoint: str | None
     pid: int | None = None
     error: str | None = None  # why it failed, e.g. a host-side disk fault
+    network: NetworkSpec | None = None  # its mode and rules; None: mode none (no NIC)
 
 
 class WorkerCheckpoint(_Reply):
@@ -507,6 +509,7 @@ class WorkerCreateRequest(_Request):
     sandbox_id: str | None = Field(default=None, pattern=SANDBOX_ID_RE.pattern)
     disk: int | None = Field(default=None, ge=DISK_MIN, le=DISK_MAX)
     cold: StrictBool = False
+    network: NetworkSpec | None = None
 
 
 class WorkerCheckpointRequest(_Request):
@@ -516,10 +519,13 @@ class WorkerCheckpointRequest(_Request):
 
 class WorkerForkRequest(_Request):
     sandbox_id: str | None = Field(default=None, pattern=SANDBOX_ID_RE.pattern)
+    # the source sandbox's network as the control plane stored it (None: the manifest's)
+    network: NetworkSpec | None = None
 
 
 class WorkerWakeRequest(_Request):
     checkpoint_id: Digest | None = None
+    network: NetworkSpec | None = None  # the sandbox's stored network (None: the manifest's)
 
 
 def dump(model: BaseModel) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from forkyard._fs import atomic_write_bytes
 from forkyard.errors import ImageError, InsufficientCapacity
+from forkyard.wire.network import NetworkSpec
 
 __all__ = ["DEFAULT_DISK", "HIBERNATING_MARK", "MAX_DISK", "RECORD_NAME", "SandboxInfo",
            "SandboxSpec",
@@ -36,6 +37,7 @@ class SandboxSpec:
     cpus: int
     parent: str | None  # checkpoint it was forked/woken/restored from
     base_size: int = 0  # the raw base's size; 0: the same as disk_size
+    network: NetworkSpec | None = None  # None: network mode none (no NIC at all)
 
 
 def disk_size_for(requested: int | None, base_size: int) -> int:
@@ -62,6 +64,7 @@ class SandboxInfo:
     last_checkpoint: str | None
     pid: int | None
     error: str | None = None  # why it failed, when known (e.g. a host-side disk fault)
+    network: NetworkSpec | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +79,7 @@ class SandboxInfo:
             "last_checkpoint": self.last_checkpoint,
             "pid": self.pid,
             "error": self.error,
+            "network": None if self.network is None else self.network.model_dump(mode="json"),
         }
 
 

@@ -40,6 +40,7 @@ from forkyard.wire.lifecycle import Lifecycle, SandboxState
 from forkyard.worker._boot import Chain, boot_vm
 from forkyard.worker._faults import crash_point
 from forkyard.worker._files import Files
+from forkyard.worker._network import SandboxNetwork
 from forkyard.worker._record import (
     HIBERNATING_MARK,
     SandboxInfo,
@@ -61,7 +62,7 @@ _DROP_CACHE_TIMEOUT = 30.0
 _CAN_FAIL = frozenset({S.STARTING, S.RUNNING, S.PAUSED, S.STOPPED, S.FAILED})
 
 
-class Sandbox:
+class Sandbox(SandboxNetwork):
     """Handle to one sandbox on this worker.  Methods are thread-safe."""
 
     def __init__(self, sandbox_id: str, spec: SandboxSpec, *, directory: Path,
@@ -81,6 +82,7 @@ class Sandbox:
         self._lock = threading.RLock()  # lifecycle: checkpoint, restore, stop
         self._vm: QemuVM | None = None
         self._agent: AgentClient | None = None
+        self._net = None  # the running VM's network namespace (SandboxNetwork)
         self._disk_seq = 0
         # manifest parts of the running chain, so a checkpoint never re-hashes old layers
         self._layers: tuple[PartRef, ...] = ()
@@ -134,6 +136,7 @@ class Sandbox:
             last_checkpoint=self.last_checkpoint,
             pid=vm.pid if vm is not None and vm.alive() else None,
             error=self.error,
+            network=self.network,
         )
 
     def __repr__(self) -> str:
@@ -237,6 +240,12 @@ class Sandbox:
             agent = boot_vm(vm, self.id, incoming=incoming, timeout=timeout,
                             pending_chain=pending_chain)
         except BaseException:
+            self._mark_failed()
+            raise
+        try:
+            self._configure_net(agent, restored=incoming is not None)
+        except BaseException:
+            agent.close()
             self._mark_failed()
             raise
         if not agent.reseeded:
@@ -378,6 +387,7 @@ class Sandbox:
             shape=vm.shape,
             boot=self._boot,
             agent=agent.version,
+            network=self.spec.network,
         )
 
     def _chain_frozen(self, vm: QemuVM, frozen: Path) -> None:
@@ -430,6 +440,9 @@ class Sandbox:
         vm, self._vm = self._vm, None
         if vm is not None:
             vm.kill()
+        net, self._net = self._net, None
+        if net is not None:
+            net.close()
 
     def _discard_disks(self) -> None:
         for p in self._dir.glob("disk-*.qcow2"):

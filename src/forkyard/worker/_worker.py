@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -40,11 +40,14 @@ from forkyard.errors import (
 )
 from forkyard.host.setup import HostInfo, ensure_host
 from forkyard.image import ImageCatalog, ImageInfo, MinimalSource, build_image
+from forkyard.net import NetPlane
 from forkyard.store import BlobCache, BlobStore, ObjectStore, open_store
 from forkyard.tools import qemu_system
 from forkyard.vm.cgroup import sweep_orphans
+from forkyard.vm.devices import CURRENT_PROFILE, NET_PROFILE
 from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape
 from forkyard.wire.ids import new_sandbox_id
+from forkyard.wire.network import NetworkMode, NetworkSpec
 from forkyard.worker._compat import check_compatible
 from forkyard.worker._faults import crash_point
 from forkyard.worker._home import hibernated_records, keep_logs, lock_home, sweep_leftovers
@@ -72,9 +75,15 @@ class Worker:
         install: bool = True,
         log: Callable[[str], None] | None = None,
         confine: bool = True,
+        dns_upstream: tuple[str, int] | None = None,
+        protect_out: Sequence[str] = (),
     ) -> None:
+        """``dns_upstream``: where the sandboxes' resolver forwards (default: the host's
+        first nameserver); ``protect_out``: CIDRs no sandbox may reach whatever its
+        rules (the control plane's address; this host's own are always in)."""
         # confine: False only to measure what the jail costs (benchmarks/bench_confine.py)
         self.confine = confine
+        self._net_options = (dns_upstream, tuple(protect_out))
         self.home = home if isinstance(home, Home) else Home.at(home)
         self.home.ensure()
         self._home_lock = lock_home(self.home)
@@ -93,12 +102,17 @@ class Worker:
         self.store: ObjectStore = store
         self.blobstore = BlobStore(store)
         self.host: HostInfo = ensure_host(self.home, install=install, log=log)
+        dns_upstream, protect = self._net_options
+        # claims this worker's address block and removes what a dead one left there
+        self.net = NetPlane(str(self.home.root.resolve()), dns_upstream=dns_upstream,
+                            protect=protect)
         self.images = ImageCatalog(self.home)
         self.checkpoints = LocalCheckpoints(self.home.checkpoints_dir)
         self.blobs = BlobCache(self.home.cache_dir / "blobs")
         self._parts = PartFetcher(self.images, self.blobs, self.blobstore, worker=self.name)
         self._recorder = Recorder(self.blobs, self.checkpoints, worker=self.name)
         self._sandboxes: dict[str, Sandbox] = {}
+        self._warned_net = False
         self._lock = threading.Lock()
         self._image_lock = threading.Lock()
         self._closed = False
@@ -137,8 +151,12 @@ class Worker:
         cold: bool = False,
         sandbox_id: str | None = None,
         timeout: float = _BOOT_TIMEOUT,
+        network: NetworkSpec | None = None,
     ) -> Sandbox:
         """A new sandbox of ``image`` whose agent answers, with ``disk_size`` bytes of disk.
+
+        ``network``: its mode and egress rules (default: ``outbound`` under the
+        default rules; on a worker that cannot make networks, not root, none).
 
         It forks the image's template (a checkpoint of the machine just booted)
         when this worker has one or the store does; otherwise it boots, and that
@@ -150,17 +168,22 @@ class Worker:
         info = self.image(image)
         settings = self.home.settings()
         disk = disk_size_for(disk_size, info.size)
+        wanted = self._network_for(network)
+        # a template holds no caller's rules: it boots under the default ones
+        boot_net = wanted if cold or wanted is None else NetworkSpec()
         spec = SandboxSpec(base_digest=info.digest, disk_size=disk, base_size=info.size,
                            memory_mb=memory_mb or settings.memory_mb,
-                           cpus=cpus or settings.cpus, parent=None)
+                           cpus=cpus or settings.cpus, parent=None, network=boot_net)
         shape = self._shape(spec)
         key = self._template_key(info.digest, shape)
-        sb = None if cold else self._fork_template(key, sandbox_id, timeout)
+        sb = None if cold else self._fork_template(key, sandbox_id, timeout, wanted)
         if sb is None:
             sb = self._boot(spec, shape, info.path, sandbox_id, timeout)
             if not cold:
                 self._templates.capture(sb, key)
         try:
+            if wanted is not None and sb.network != wanted:
+                sb.set_network(wanted)
             sb.new_identity()
         except BaseException:
             self._discard(sb)
@@ -198,20 +221,32 @@ class Worker:
     # templates
     def _shape(self, spec: SandboxSpec) -> VMShape:
         """The machine a new sandbox of ``spec`` boots as on this host."""
+        devices = (NET_PROFILE if spec.network is not None else CURRENT_PROFILE).name
         return VMShape(spec.memory_mb, spec.cpus, self.host.machine_type, self.host.accel,
-                       qemu=self.host.qemu_version, disk_size=spec.disk_size)
+                       qemu=self.host.qemu_version, disk_size=spec.disk_size, devices=devices)
+
+    def _network_for(self, network: NetworkSpec | None) -> NetworkSpec | None:
+        """What a create's ``network`` means here: None for mode none."""
+        if network is None:
+            if not self.net.available:
+                if not self._warned_net:
+                    self._warned_net = True
+                    log.warning("worker %s is not root: sandboxes get no network", self.name)
+                return None
+            network = NetworkSpec()
+        return None if network.mode is NetworkMode.NONE else network
 
     def _template_key(self, base_digest: str, shape: VMShape) -> TemplateKey:
         return TemplateKey(base_digest, self.host.kernel.digest, self.host.initrd.digest,
                            self.host.agent_digest, shape, self._host_boot().cmdline)
 
     def _fork_template(self, key: TemplateKey, sandbox_id: str | None,
-                       timeout: float) -> Sandbox | None:
+                       timeout: float, network: NetworkSpec | None) -> Sandbox | None:
         cp = self._templates.find(key)
         if cp is None:
             return None
         try:
-            sb = self.fork(cp, sandbox_id=sandbox_id, timeout=timeout)
+            sb = self.fork(cp, sandbox_id=sandbox_id, timeout=timeout, network=network)
         except (CheckpointError, IntegrityError, StoreError, VMError) as exc:
             # a template is only a shortcut: a broken one costs a boot, not the create
             log.warning("template %s unusable, booting instead: %s", key.digest[:12], exc)
@@ -231,11 +266,16 @@ class Worker:
         *,
         sandbox_id: str | None = None,
         timeout: float = _BOOT_TIMEOUT,
+        network: NetworkSpec | None = None,
     ) -> Sandbox:
-        """A new sandbox that continues exactly from ``checkpoint``."""
+        """A new sandbox that continues exactly from ``checkpoint``.
+
+        It keeps the checkpoint's network mode and rules; ``network`` replaces
+        the rules (the mode is the checkpoint's machine: a NIC or none).
+        """
         self._check_open()
         cp = self.resolve_checkpoint(checkpoint)
-        sb = self._register(sandbox_id, _spec_of(cp))
+        sb = self._register(sandbox_id, _spec_of(cp, network))
         try:
             self._launch_from(sb, cp, timeout=timeout)
         except BaseException:
@@ -262,15 +302,15 @@ class Worker:
         return out
 
     def restore(self, sandbox: Sandbox, checkpoint: Checkpoint | str,
-                *, timeout: float = _BOOT_TIMEOUT) -> None:
+                *, timeout: float = _BOOT_TIMEOUT, network: NetworkSpec | None = None) -> None:
         """Revert ``sandbox`` in place: same id, the machine of ``checkpoint``."""
         cp = self.resolve_checkpoint(checkpoint)
         self._check_compatible(cp)  # before the old VM goes
-        with sandbox.restarting(_spec_of(cp)):
+        with sandbox.restarting(_spec_of(cp, network)):
             self._launch_from(sandbox, cp, timeout=timeout)
 
     def wake(self, sandbox_id: str, *, checkpoint: Checkpoint | str | None = None,
-             timeout: float = _BOOT_TIMEOUT) -> Sandbox:
+             timeout: float = _BOOT_TIMEOUT, network: NetworkSpec | None = None) -> Sandbox:
         """Resume a hibernated sandbox (same id) from its last checkpoint.
 
         With ``checkpoint``, a sandbox hibernated on *another* worker is adopted
@@ -286,11 +326,12 @@ class Worker:
                 local.destroy()
                 local = None
             if local is None:
-                return self.fork(cp, sandbox_id=sandbox_id, timeout=timeout)
+                return self.fork(cp, sandbox_id=sandbox_id, timeout=timeout, network=network)
         sb = self.get(sandbox_id)
         if sb.state is not SandboxState.HIBERNATED or sb.last_checkpoint is None:
             raise SandboxStateError(sb.id, sb.state.value, "wake")
-        self.restore(sb, sb.last_checkpoint, timeout=timeout)
+        # rules set while it was hibernated count over the checkpoint's
+        self.restore(sb, sb.last_checkpoint, timeout=timeout, network=network or sb.network)
         return sb
 
     def get(self, sandbox_id: str) -> Sandbox:
@@ -315,6 +356,7 @@ class Worker:
                 if sb.state is SandboxState.HIBERNATED:
                     continue
                 sb.destroy()
+        self.net.close()
         os.close(self._home_lock)
 
     def __enter__(self) -> Worker:
@@ -451,6 +493,11 @@ class Worker:
                        BootSpec(k.path, i.path).cmdline)
 
     def _vm(self, sb: Sandbox, shape: VMShape, boot: BootSpec, disk: DiskChain) -> QemuVM:
+        """The VM of ``sb``; a shape with a NIC gets a network namespace of its own."""
+        net = None
+        if "net" in shape.profile.roles():
+            net = self.net.attach(sb.id, sb.network or NetworkSpec())
+        sb.use_network(net)  # the sandbox removes it with the VM
         return QemuVM(
             name=sb.id,
             workdir=sb.dir,
@@ -459,6 +506,7 @@ class Worker:
             boot=boot,
             disk=disk,
             confine=self.confine,
+            tap_fd=None if net is None else net.tap_fd,
         )
 
     def _new_sandbox(self, sid: str, spec: SandboxSpec, *,
@@ -515,16 +563,36 @@ class Worker:
         for d, info in hibernated_records(self.home):
             spec = SandboxSpec(base_digest=info["image"], disk_size=info["disk_size"],
                                memory_mb=info["memory_mb"], cpus=info["cpus"],
-                               parent=info.get("parent_checkpoint"))
+                               parent=info.get("parent_checkpoint"),
+                               network=_recorded_network(info.get("network")))
             sb = self._new_sandbox(d.name, spec, state=SandboxState.HIBERNATED,
                                    last_checkpoint=info["last_checkpoint"],
                                    created=info.get("created"))
             self._sandboxes[sb.id] = sb
 
 
-def _spec_of(cp: Checkpoint) -> SandboxSpec:
+def _recorded_network(raw: object) -> NetworkSpec | None:
+    """A record's network; an unreadable one counts as absent (the checkpoint's then)."""
+    if raw is None:
+        return None
+    try:
+        return NetworkSpec.model_validate(raw)
+    except ValueError:
+        log.warning("ignoring an unreadable network in a sandbox record")
+        return None
+
+
+def _spec_of(cp: Checkpoint, network: NetworkSpec | None = None) -> SandboxSpec:
+    """A sandbox continuing ``cp``: its machine, and its network unless ``network``
+    replaces the rules (a machine without a NIC stays ``none``: the mode is the
+    machine's, and checkpoints from before networks have none)."""
     m = cp.manifest
+    net = None
+    if "net" in m.vm.profile.roles():
+        net = m.network or NetworkSpec()
+        if network is not None and network.mode is net.mode:
+            net = network
     return SandboxSpec(base_digest=m.base.digest, disk_size=m.vm.disk_size,
                        memory_mb=m.vm.memory_mb, cpus=m.vm.cpus, parent=cp.id,
-                       base_size=m.base.size)
+                       base_size=m.base.size, network=net)
 

@@ -124,8 +124,10 @@ def serve(
     if on_shutdown not in ("destroy", "hibernate"):
         raise ValueError(f"on_shutdown must be 'destroy' or 'hibernate', not {on_shutdown!r}")
     policy: OnShutdown = "hibernate" if on_shutdown == "hibernate" else "destroy"
+    # no sandbox may reach the control plane, whatever its rules (this host's own
+    # addresses, the worker's included, are always protected: forkyard.net)
     worker = Worker(Path(home).expanduser(), name=name, store=store_url,
-                    log=lambda m: log.info("%s", m))
+                    log=lambda m: log.info("%s", m), protect_out=_addresses_of(server_url))
     try:
         if stock_base:
             try:
@@ -150,3 +152,18 @@ def serve(
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         worker.close()  # normally done by the app's shutdown; this is the backstop
+
+
+def _addresses_of(url: str | None) -> list[str]:
+    """The IPv4 addresses ``url``'s host resolves to (none if it does not resolve)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname if url else None
+    if not host:
+        return []
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET)
+    except OSError:
+        return []
+    return sorted({f"{info[4][0]}/32" for info in infos})

@@ -24,6 +24,7 @@ from forkyard.wire.models import (
     WorkerSandbox,
     WorkerStatus,
 )
+from forkyard.wire.network import NetworkSpec
 from forkyard.worker import Sandbox, Worker
 from forkyard.worker._faults import crash_point
 from forkyard.worker.daemon._capacity import Budget, Capacity, free_memory_mb
@@ -104,23 +105,24 @@ class Node:
     # sandbox operations that are more than one library call
     def create(self, image: str, *, memory_mb: int | None, cpus: int | None,
                sandbox_id: str | None, disk: int | None = None,
-               cold: bool = False) -> WorkerSandbox:
+               cold: bool = False, network: NetworkSpec | None = None) -> WorkerSandbox:
         settings = self.worker.home.settings()
         memory_mb = memory_mb or settings.memory_mb
         cpus = cpus or settings.cpus
         with self.capacity.slot(memory_mb=memory_mb, cpus=cpus, sandbox_id=sandbox_id):
             sb = self.worker.create(image, memory_mb=memory_mb, cpus=cpus, sandbox_id=sandbox_id,
-                                    disk_size=disk, cold=cold)
+                                    disk_size=disk, cold=cold, network=network)
         return sandbox_json(sb)
 
-    def fork(self, checkpoint_id: str, sandbox_id: str | None) -> WorkerSandbox:
+    def fork(self, checkpoint_id: str, sandbox_id: str | None,
+             network: NetworkSpec | None = None) -> WorkerSandbox:
         """Fork; the library fetches what is not local (once, even for concurrent forks)."""
         fetched = not self.worker.checkpoints.has(checkpoint_id)
         # the manifest (verified, small) gives the shape; nothing else moves before admission
         cp = self.worker.resolve_checkpoint(checkpoint_id)
         with self.capacity.slot(memory_mb=cp.manifest.vm.memory_mb, cpus=cp.manifest.vm.cpus,
                                 sandbox_id=sandbox_id):
-            sb = self.worker.fork(cp, sandbox_id=sandbox_id)
+            sb = self.worker.fork(cp, sandbox_id=sandbox_id, network=network)
         if fetched:
             self.kick()  # the control plane should know it is local here now
         return sandbox_json(sb)
@@ -134,7 +136,8 @@ class Node:
         return WorkerHibernated(checkpoint=self.publisher.checkpoint_json(cp),
                                 sandbox=sandbox_json(sb))
 
-    def wake(self, sandbox_id: str, checkpoint_id: str | None) -> WorkerSandbox:
+    def wake(self, sandbox_id: str, checkpoint_id: str | None,
+             network: NetworkSpec | None = None) -> WorkerSandbox:
         try:
             local: Sandbox | None = self.worker.get(sandbox_id)
         except SandboxNotFound:
@@ -157,7 +160,7 @@ class Node:
         else:  # pragma: no cover - SandboxNotFound was raised above
             raise SandboxNotFound(sandbox_id)
         with self.capacity.slot(memory_mb=memory_mb, cpus=cpus, sandbox_id=sandbox_id):
-            sb = self.worker.wake(sandbox_id, checkpoint=checkpoint_id)
+            sb = self.worker.wake(sandbox_id, checkpoint=checkpoint_id, network=network)
         return sandbox_json(sb)
 
     def destroy_orphans(self, ids: list[str]) -> None:

@@ -25,6 +25,7 @@ from forkyard.wire.models import (
     WorkerStatus,
     WorkerWakeRequest,
 )
+from forkyard.wire.network import NetworkSpec
 from forkyard.wire.serving import check_length, limited_body
 from forkyard.worker.daemon._node import Node, sandbox_json
 from forkyard.worker.daemon._proc_routes import add_proc_routes
@@ -67,7 +68,8 @@ def add_routes(app: FastAPI, d: Node) -> None:
     @app.post("/sandboxes", status_code=201)
     def create(req: WorkerCreateRequest) -> WorkerSandbox:
         return d.create(req.image, memory_mb=req.memory_mb, cpus=req.cpus,
-                        sandbox_id=req.sandbox_id, disk=req.disk, cold=req.cold)
+                        sandbox_id=req.sandbox_id, disk=req.disk, cold=req.cold,
+                        network=req.network)
 
     @app.get("/sandboxes")
     def list_sandboxes() -> list[WorkerSandbox]:
@@ -143,7 +145,8 @@ def add_routes(app: FastAPI, d: Node) -> None:
 
     @app.post("/checkpoints/{checkpoint_id}/fork", status_code=201)
     def fork(checkpoint_id: CheckpointId, req: WorkerForkRequest | None = None) -> WorkerSandbox:
-        return d.fork(checkpoint_id, (req or WorkerForkRequest()).sandbox_id)
+        req = req or WorkerForkRequest()
+        return d.fork(checkpoint_id, req.sandbox_id, network=req.network)
 
     @app.post("/sandboxes/{sandbox_id}/hibernate")
     def hibernate(sandbox_id: SandboxId) -> WorkerHibernated:
@@ -151,4 +154,11 @@ def add_routes(app: FastAPI, d: Node) -> None:
 
     @app.post("/sandboxes/{sandbox_id}/wake")
     def wake(sandbox_id: SandboxId, req: WorkerWakeRequest | None = None) -> WorkerSandbox:
-        return d.wake(sandbox_id, (req or WorkerWakeRequest()).checkpoint_id)
+        req = req or WorkerWakeRequest()
+        return d.wake(sandbox_id, req.checkpoint_id, network=req.network)
+
+    @app.put("/sandboxes/{sandbox_id}/network")
+    def set_network(sandbox_id: SandboxId, spec: NetworkSpec) -> WorkerSandbox:
+        sb = w.get(sandbox_id)
+        sb.set_network(spec)
+        return sandbox_json(sb)
