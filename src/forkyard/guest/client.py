@@ -537,6 +537,66 @@ class AgentClient:
             raise PayloadTooLarge(f"file {path}", size, MAX_FILE_SIZE)
         return b"" if data is None else bytes(data)
 
+    def write_at(self, path: str, offset: int, data: bytes, *, mode: int = 0o644,
+                 timeout: float = 120.0) -> int:
+        """One chunk of a streamed upload, written in place at ``offset``.
+
+        Offset 0 truncates (and gives the file ``mode``); no temp file, no
+        rename: the caller writes a temp path and commits it with :meth:`rename`.
+        """
+        _check_abs(path)
+        if len(data) > MAX_FILE_SIZE:
+            raise PayloadTooLarge(f"chunk of {path}", len(data), MAX_FILE_SIZE)
+        r = self._call(
+            Op.WRITE_FILE,
+            [(Tag.PATH, path), (Tag.MODE, mode), (Tag.FLAGS, p.WRITE_AT), (Tag.OFFSET, offset),
+             (Tag.DATA, data)],
+            timeout=timeout,
+        )
+        return r.int(Tag.SIZE)
+
+    def read_at(self, path: str, offset: int, length: int, *,
+                timeout: float = 120.0) -> tuple[bytes, int]:
+        """Up to ``length`` bytes at ``offset`` and the file's size then.
+
+        A reply with more than ``length`` bytes is refused unread (its call's
+        limit), so a lying guest costs at most one chunk.
+        """
+        _check_abs(path)
+        if not 0 < length <= MAX_FILE_SIZE or offset < 0:
+            raise ValueError(f"read_at needs 0 < length <= {MAX_FILE_SIZE} and offset >= 0")
+        r = self._call(
+            Op.READ_FILE, [(Tag.PATH, path), (Tag.OFFSET, offset), (Tag.LENGTH, length)],
+            timeout=timeout, reply_limit=Limit(length + _REPLY_SLACK, 16),
+        )
+        data = r.view(Tag.DATA)
+        if data is not None and len(data) > length:
+            raise AgentProtocolError(f"{self._name}: read of {path} answered more than asked")
+        return (b"" if data is None else bytes(data)), r.int(Tag.SIZE)
+
+    def rename(self, src: str, dst: str, *, sync: bool = False, replace: bool = True,
+               timeout: float = 60.0) -> None:
+        """``sync``: fsync the file before and its directory after (a durable commit)."""
+        _check_abs(src)
+        _check_abs(dst)
+        flags = (p.RENAME_SYNC if sync else 0) | (0 if replace else p.RENAME_NOREPLACE)
+        self._call(Op.RENAME, [(Tag.PATH, src), (Tag.TARGET, dst), (Tag.FLAGS, flags)],
+                   timeout=timeout)
+
+    def symlink(self, path: str, target: str, *, timeout: float = 30.0) -> None:
+        _check_abs(path)
+        if not target or "\0" in target:
+            raise ValueError("a symlink needs a target without NUL")
+        self._call(Op.SYMLINK, [(Tag.PATH, path), (Tag.TARGET, target)], timeout=timeout)
+
+    def readlink(self, path: str, *, timeout: float = 30.0) -> str:
+        _check_abs(path)
+        r = self._call(Op.READLINK, [(Tag.PATH, path)], timeout=timeout)
+        target = r.str(Tag.TARGET)
+        if not target or len(target) > p.PATH_MAX:
+            raise AgentProtocolError(f"{self._name}: bad readlink reply for {path}")
+        return target
+
     def stat(self, path: str, *, timeout: float = 30.0) -> EntryInfo:
         _check_abs(path)
         r = self._call(Op.STAT, [(Tag.PATH, path)], timeout=timeout)
@@ -581,9 +641,11 @@ class AgentClient:
         flags = p.REMOVE_RECURSIVE if recursive else 0
         self._call(Op.REMOVE, [(Tag.PATH, path), (Tag.FLAGS, flags)], timeout=timeout)
 
-    def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = True) -> None:
+    def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = True,
+              exact_mode: bool = False) -> None:
+        """``exact_mode`` sets ``mode`` past the guest's umask (also on an existing directory)."""
         _check_abs(path)
-        flags = p.MKDIR_PARENTS if parents else 0
+        flags = (p.MKDIR_PARENTS if parents else 0) | (p.MKDIR_CHMOD if exact_mode else 0)
         self._call(
             Op.MKDIR, [(Tag.PATH, path), (Tag.MODE, mode), (Tag.FLAGS, flags)], timeout=30.0
         )

@@ -41,6 +41,7 @@ __all__ = [
     "EventOut",
     "ExecRequest",
     "ExecResultOut",
+    "FileExists",
     "FileWritten",
     "ForkRequest",
     "Health",
@@ -50,6 +51,7 @@ __all__ = [
     "SandboxOut",
     "SandboxState",
     "TimeoutRequest",
+    "TreeWritten",
     "WakeRequest",
     "WorkerCapacity",
     "WorkerCheckpoint",
@@ -281,6 +283,16 @@ class EntryOut(_Reply):
 class FileWritten(_Reply):
     path: str
     size: int
+
+
+class FileExists(_Reply):
+    path: str
+    exists: bool
+
+
+class TreeWritten(_Reply):
+    path: str
+    entries: int
 
 
 class ErrorInfo(_Reply):
