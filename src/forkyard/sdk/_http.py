@@ -13,7 +13,15 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -54,7 +62,7 @@ class Call(Generic[T]):
     json: Any = None
     # pairs when a key repeats (``label=a=1&label=b=2``)
     params: Mapping[str, str | int] | Sequence[tuple[str, str | int]] | None = None
-    content: bytes | None = None
+    content: bytes | None = None  # a streamed body is given to ``upload`` instead
     # seconds to wait for the answer; None waits forever (a command without limit)
     timeout: float | _Default | None = DEFAULT
 
@@ -104,6 +112,25 @@ def _chunks(data: bytes, progress: Progress | None) -> Iterator[bytes]:
 async def _achunks(data: bytes, progress: Progress | None) -> AsyncIterator[bytes]:
     for chunk in _chunks(data, progress):
         yield chunk
+
+
+def _counted(chunks: Iterable[bytes], progress: Progress | None) -> Iterator[bytes]:
+    done = 0
+    for chunk in chunks:
+        done += len(chunk)
+        yield chunk
+        if progress is not None:
+            progress(done, None)
+
+
+async def _acounted(chunks: AsyncIterable[bytes], progress: Progress | None
+                    ) -> AsyncIterator[bytes]:
+    done = 0
+    async for chunk in chunks:
+        done += len(chunk)
+        yield chunk
+        if progress is not None:
+            progress(done, None)
 
 
 def _total(response: httpx.Response) -> int | None:
@@ -200,28 +227,41 @@ class SyncHTTP:
     def call(self, call: Call[T]) -> T:
         return call.parse(self._send(_request(self._client, call, self.config)))
 
-    def upload(self, call: Call[T], data: bytes, progress: Progress | None) -> T:
-        """Like :meth:`call` with ``data`` as the body, reporting progress per chunk."""
-        if progress is None:
+    def upload(self, call: Call[T], data: bytes | Iterable[bytes],
+               progress: Progress | None) -> T:
+        """Like :meth:`call` with ``data`` as the body, reporting progress per chunk.
+
+        An iterable of chunks is streamed as it is produced (chunked encoding).
+        """
+        if not isinstance(data, bytes):
+            request = _request(self._client, call, self.config, content=_counted(data, progress))
+            return call.parse(self._send(request))
+        if progress is None and call.content is not None:
             return self.call(call)
         request = _request(self._client, call, self.config, content=_chunks(data, progress),
                            headers={"Content-Length": str(len(data))})
         return call.parse(self._send(request))
 
-    def download(self, call: Call[Any], progress: Progress | None) -> bytes:
+    def stream(self, call: Call[Any], progress: Progress | None = None) -> Iterator[bytes]:
+        """The reply body in chunks; the request is made (and an error raised) at once."""
         response = self._send(_request(self._client, call, self.config), stream=True)
-        total, parts, done = _total(response), [], 0
+        return self._drain(response, progress)
+
+    def _drain(self, response: httpx.Response, progress: Progress | None) -> Iterator[bytes]:
+        total, done = _total(response), 0
         try:
             for chunk in response.iter_bytes(_CHUNK):
-                parts.append(chunk)
                 done += len(chunk)
+                yield chunk
                 if progress is not None:
                     progress(done, total)
         except httpx.HTTPError as exc:
             raise from_transport_error(exc, self.config.url) from exc
         finally:
             response.close()
-        return b"".join(parts)
+
+    def download(self, call: Call[Any], progress: Progress | None) -> bytes:
+        return b"".join(self.stream(call, progress))
 
 
 class AsyncHTTP:
@@ -256,24 +296,37 @@ class AsyncHTTP:
     async def call(self, call: Call[T]) -> T:
         return call.parse(await self._send(_request(self._client, call, self.config)))
 
-    async def upload(self, call: Call[T], data: bytes, progress: Progress | None) -> T:
-        if progress is None:
+    async def upload(self, call: Call[T], data: bytes | AsyncIterable[bytes],
+                     progress: Progress | None) -> T:
+        if not isinstance(data, bytes):
+            request = _request(self._client, call, self.config,
+                               content=_acounted(data, progress))
+            return call.parse(await self._send(request))
+        if progress is None and call.content is not None:
             return await self.call(call)
         request = _request(self._client, call, self.config, content=_achunks(data, progress),
                            headers={"Content-Length": str(len(data))})
         return call.parse(await self._send(request))
 
-    async def download(self, call: Call[Any], progress: Progress | None) -> bytes:
+    async def stream(self, call: Call[Any],
+                     progress: Progress | None = None) -> AsyncIterator[bytes]:
+        """The reply body in chunks; the request is made (and an error raised) at once."""
         response = await self._send(_request(self._client, call, self.config), stream=True)
-        total, parts, done = _total(response), [], 0
+        return self._drain(response, progress)
+
+    async def _drain(self, response: httpx.Response,
+                     progress: Progress | None) -> AsyncIterator[bytes]:
+        total, done = _total(response), 0
         try:
             async for chunk in response.aiter_bytes(_CHUNK):
-                parts.append(chunk)
                 done += len(chunk)
+                yield chunk
                 if progress is not None:
                     progress(done, total)
         except httpx.HTTPError as exc:
             raise from_transport_error(exc, self.config.url) from exc
         finally:
             await response.aclose()
-        return b"".join(parts)
+
+    async def download(self, call: Call[Any], progress: Progress | None) -> bytes:
+        return b"".join([c async for c in await self.stream(call, progress)])
