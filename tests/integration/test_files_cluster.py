@@ -111,6 +111,7 @@ def _round_trip(home: Path, sb: Sandbox, tmp_path: Path, size: int) -> None:
         fy("files", "get", sb.id, "/root/big.bin", str(back), home=home, timeout=1800)
     assert _sha(back) == want
     # the server and every worker held chunks, never the file
+    print(f"size {size >> 20} MiB: RSS growth MiB", {p: g >> 20 for p, g in growth.items()})
     assert max(growth.values()) < min(size // 2, 200 * MiB), growth
     sb.files.remove("/root/big.bin")
     src.unlink()

@@ -14,9 +14,11 @@ import os
 import threading
 import weakref
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Callable,
+    Generator,
     Iterable,
     Iterator,
     Mapping,
@@ -242,12 +244,14 @@ class SyncHTTP:
                            headers={"Content-Length": str(len(data))})
         return call.parse(self._send(request))
 
-    def stream(self, call: Call[Any], progress: Progress | None = None) -> Iterator[bytes]:
+    def stream(self, call: Call[Any],
+               progress: Progress | None = None) -> Generator[bytes, None, None]:
         """The reply body in chunks; the request is made (and an error raised) at once."""
         response = self._send(_request(self._client, call, self.config), stream=True)
         return self._drain(response, progress)
 
-    def _drain(self, response: httpx.Response, progress: Progress | None) -> Iterator[bytes]:
+    def _drain(self, response: httpx.Response,
+               progress: Progress | None) -> Generator[bytes, None, None]:
         total, done = _total(response), 0
         try:
             for chunk in response.iter_bytes(_CHUNK):
@@ -309,13 +313,13 @@ class AsyncHTTP:
         return call.parse(await self._send(request))
 
     async def stream(self, call: Call[Any],
-                     progress: Progress | None = None) -> AsyncIterator[bytes]:
+                     progress: Progress | None = None) -> AsyncGenerator[bytes, None]:
         """The reply body in chunks; the request is made (and an error raised) at once."""
         response = await self._send(_request(self._client, call, self.config), stream=True)
         return self._drain(response, progress)
 
     async def _drain(self, response: httpx.Response,
-                     progress: Progress | None) -> AsyncIterator[bytes]:
+                     progress: Progress | None) -> AsyncGenerator[bytes, None]:
         total, done = _total(response), 0
         try:
             async for chunk in response.aiter_bytes(_CHUNK):
