@@ -252,9 +252,11 @@ class SyncHTTP:
 
     def _drain(self, response: httpx.Response,
                progress: Progress | None) -> Generator[bytes, None, None]:
+        # chunks as they arrive (not gathered to a size): a live stream's events must
+        # reach the caller when they are sent
         total, done = _total(response), 0
         try:
-            for chunk in response.iter_bytes(_CHUNK):
+            for chunk in response.iter_bytes():
                 done += len(chunk)
                 yield chunk
                 if progress is not None:
@@ -322,7 +324,7 @@ class AsyncHTTP:
                      progress: Progress | None) -> AsyncGenerator[bytes, None]:
         total, done = _total(response), 0
         try:
-            async for chunk in response.aiter_bytes(_CHUNK):
+            async for chunk in response.aiter_bytes():
                 done += len(chunk)
                 yield chunk
                 if progress is not None:
