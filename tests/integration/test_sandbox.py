@@ -14,7 +14,6 @@ from forkyard.errors import (
     GuestError,
     GuestFileNotFound,
     ImageNotFound,
-    PayloadTooLarge,
     SandboxStateError,
     VMError,
 )
