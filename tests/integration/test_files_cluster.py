@@ -215,3 +215,19 @@ def test_a_cut_upload_through_the_control_plane_leaves_the_target_untouched(home
         assert time.monotonic() < deadline, sb.files.list("/tmp/cut")
         time.sleep(1)
     assert [e.name for e in sb.files.list("/tmp/cut")] == ["target"]
+
+
+def test_the_readme_files_example_runs(home, tmp_path):
+    import subprocess
+
+    from tests.fixtures.cli import FORKYARD, readme_example
+
+    env = {k: v for k, v in os.environ.items() if k not in ("FORKYARD_URL", "FORKYARD_API_TOKEN")}
+    env["FORKYARD_HOME"] = str(home)
+    env["PATH"] = f"{Path(FORKYARD).parent}:{env.get('PATH', '')}"
+    cli = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_example("files")],
+                         cwd=tmp_path, env=env, capture_output=True, timeout=900, check=False)
+    out = cli.stdout.decode(errors="replace")
+    assert cli.returncode == 0, out + cli.stderr.decode(errors="replace")
+    assert out.splitlines() == ["same", "built", "bin/build"], out
+    assert os.access(tmp_path / "copy" / "bin" / "build", os.X_OK)
