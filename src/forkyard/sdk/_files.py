@@ -13,15 +13,29 @@ import builtins
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
 from forkyard.sdk import _ops
-from forkyard.sdk._http import Progress
+from forkyard.sdk._http import AsyncHTTP, Progress, SyncHTTP
 from forkyard.sdk.models import EntryInfo
 
-if TYPE_CHECKING:
-    from forkyard.sdk._async import AsyncSandbox
-    from forkyard.sdk._sync import Sandbox
+
+class _Owner(Protocol):
+    """The sandbox a ``files`` belongs to (protocols: no import cycle with its modules)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def _http(self) -> SyncHTTP: ...
+
+
+class _AsyncOwner(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def _http(self) -> AsyncHTTP: ...
 
 __all__ = ["AsyncFiles", "FileData", "Files"]
 
@@ -70,7 +84,7 @@ def _is_missing(exc: Exception) -> bool:
 class Files:
     """``sandbox.files``: the guest filesystem (paths are absolute guest paths)."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: _Owner) -> None:
         self._sb = sandbox
 
     def write(self, path: str, data: FileData, *, mode: int = 0o644,
@@ -132,7 +146,7 @@ class Files:
 
 
 class AsyncFiles:
-    def __init__(self, sandbox: AsyncSandbox) -> None:
+    def __init__(self, sandbox: _AsyncOwner) -> None:
         self._sb = sandbox
 
     async def write(self, path: str, data: AsyncFileData, *, mode: int = 0o644,

@@ -103,7 +103,9 @@ class Files:
                 self._call(partial(AgentClient.write_file, path=path, data=part, mode=mode,
                                    append=True))
                 total += len(part)
-            return self.stat(path).size if total == 0 else total
+            if total == 0:  # still created, as a one-frame append of nothing is
+                self._call(lambda a: a.write_file(path, b"", mode=mode, append=True))
+            return total
         parent = posixpath.dirname(path)
         if parent != "/":
             self._call(lambda a: a.mkdir(parent, parents=True))
