@@ -1,4 +1,4 @@
-"""Directory trees as tar streams: the entry rules, and local extraction that never leaves its root."""
+"""Trees as tar streams: the entry rules, and local extraction that never leaves its root."""
 
 from __future__ import annotations
 
