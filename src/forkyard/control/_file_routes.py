@@ -42,6 +42,11 @@ Mode = Annotated[int, Query(ge=0, le=0o7777, description="permission bits")]
 Errors = Callable[..., dict[int | str, dict[str, Any]]]
 _W = (400, 404, 409, 422, 502, 503, 504)
 _TAR: dict[str, Any] = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
+# the upload is declared as plain bytes (what it is on the wire; any content type is taken)
+_TAR_BODY: dict[str, Any] = {"requestBody": {"required": False, "description": "a tar stream",
+                                             "content": {"application/octet-stream": {
+                                                 "schema": {"type": "string",
+                                                            "format": "binary"}}}}}
 
 
 def add_file_routes(app: FastAPI, plane: ControlPlane, errors: Errors) -> None:
@@ -49,7 +54,7 @@ def add_file_routes(app: FastAPI, plane: ControlPlane, errors: Errors) -> None:
         return await anyio.to_thread.run_sync(plane.serving, sandbox_id, what, caller)
 
     @app.put("/v1/sandboxes/{sandbox_id}/files/tree", response_model=TreeWritten,
-             tags=["files"], openapi_extra={"requestBody": {"required": False, "content": _TAR}},
+             tags=["files"], openapi_extra=_TAR_BODY,
              responses=errors(*_W, 413))
     async def write_tree(caller: Caller, sandbox_id: SandboxId, request: Request,
                          path: GuestPath) -> Response:
