@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 import forkyard
+from forkyard._malloc import pin_mmap_threshold
 from forkyard.control._db import Database
 from forkyard.control._keys import Keys
 from forkyard.control._routes import add_routes
@@ -256,6 +257,7 @@ def serve(
         webhook_secret=webhook_secret,
         worker_verify=client_verify(tls_ca),
     )
+    pin_mmap_threshold()  # RSS follows the replies held (forkyard._malloc)
     config = uvicorn.Config(app, log_level="info", access_log=False,
                             timeout_graceful_shutdown=30, lifespan="on",
                             ssl_certfile=tls[0] if tls else None,

@@ -34,7 +34,7 @@ from forkyard.errors import (
 from forkyard.guest.client import AgentClient, ExecResult
 from forkyard.guest.procs import Chunk, ProcInfo
 from forkyard.tools import qemu_img
-from forkyard.vm.machine import QemuVM
+from forkyard.vm.machine import QemuVM, VMState
 from forkyard.wire.lifecycle import Lifecycle, SandboxState
 from forkyard.worker._boot import Chain, boot_vm
 from forkyard.worker._files import Files
@@ -342,6 +342,10 @@ class Sandbox:
         except ForkyardError:
             with contextlib.suppress(OSError):
                 state_file.unlink()
+            if vm.alive() and vm.state is not VMState.RUNNING:
+                # not resumed: its block nodes may be inactive after the save, and a
+                # write to one (the parent marker below) would abort QEMU
+                vm.kill()
             if not vm.alive():
                 self._mark_failed()
             elif frozen is not None:
