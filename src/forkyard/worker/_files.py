@@ -43,8 +43,10 @@ def rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     for chunk in chunks:
         buf += chunk
         while len(buf) >= size:
-            yield bytes(buf[:size])
+            with memoryview(buf) as view:
+                part = bytes(view[:size])  # one copy (a slice of the bytearray would be two)
             del buf[:size]
+            yield part
     if buf:
         yield bytes(buf)
 
