@@ -15,6 +15,7 @@ only ever need to catch this tree::
     │   │                          (forkyard.image.catalog)
     │   ├── ImageBuildError        the build itself failed
     │   └── UnsafeInput            a tarball/dir entry escapes its root, bad type, ...
+    │       └── UnsafeArchive      a directory archive (files put/get -r) entry refused
     ├── SandboxError
     │   ├── SandboxNotFound
     │   ├── SandboxStateError      operation not valid in the sandbox's current state
@@ -107,6 +108,7 @@ __all__ = [
     "StoreError",
     "ToolError",
     "ToolTimeout",
+    "UnsafeArchive",
     "UnsafeInput",
     "UnsafePath",
     "VMError",
@@ -177,6 +179,10 @@ class UnsafeInput(ImageError):
     def __init__(self, message: str, *, entry: str = "") -> None:
         self.entry = entry
         super().__init__(f"{message}: {entry!r}" if entry else message)
+
+
+class UnsafeArchive(UnsafeInput):
+    """A directory archive (``files put -r``/``get -r``) holds an entry we refuse to extract."""
 
 
 class SandboxError(ForkyardError):

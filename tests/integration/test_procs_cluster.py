@@ -223,6 +223,39 @@ def test_a_client_that_stops_reading_a_flood_grows_no_memory(home, sb):
     assert h.wait().signal == 9
 
 
+def test_a_process_from_before_a_checkpoint_runs_on_in_a_fork_on_the_other_worker(sb):
+    from forkyard.sdk import list_workers
+
+    h = sb.commands.start("i=0; while true; do echo c$i; i=$((i+1)); sleep 0.5; done")
+    seen = b""
+    for _, data in h:
+        seen += data
+        if b"c2\n" in seen:
+            break
+    cp = sb.checkpoint()
+    other = next(w.name for w in list_workers() if w.name != sb.info.worker)
+    fork = Sandbox.fork(cp, worker=other)
+    try:
+        assert fork.info.worker == other
+        mine = [p for p in fork.commands.list() if p.pid == h.pid]
+        assert mine and mine[0].running, fork.commands.list()
+        fh = fork.commands.connect(h.pid)  # attached in the fork: new output only
+        got = b""
+        for _, data in fh:
+            got += data
+            if got.count(b"\n") >= 3:
+                break
+        counts = [int(line[1:]) for line in got.split(b"\n")[:3]]
+        assert counts == sorted(counts) and counts[0] >= 2, got
+        fh.kill(9)
+        assert fh.wait().signal == 9
+        # the source's own process went on untouched
+        assert any(p.pid == h.pid and p.running for p in sb.commands.list())
+    finally:
+        fork.kill()
+        h.kill(9)
+
+
 def _vm_hwm_sampler(pids: list[int]) -> tuple[threading.Event, dict[int, int]]:
     """Peak RSS of each process while the sampler runs (stop it with the event)."""
     peak = {p: _rss(p) for p in pids}

@@ -123,10 +123,10 @@ def test_exec_killed_by_a_signal_exits_128_plus_n(api, monkeypatch):
 
     def killed(req: httpx.Request) -> httpx.Response:
         resp = orig(req)
-        if req.url.path.endswith(("/exec", "/output")):  # buffered or live
-            data = json.loads(resp.content)
+        if req.url.path.endswith(("/exec", "/output", "/stream")):  # buffered or live
+            data = json.loads(resp.content)  # (the fake's stream is one NDJSON line)
             data.update(exit_code=-1, signal=9)
-            return httpx.Response(200, json=data)
+            return httpx.Response(200, content=json.dumps(data) + "\n")
         return resp
 
     cfg = ConnectionConfig("http://cp.test", "tok", transport=httpx.MockTransport(killed))

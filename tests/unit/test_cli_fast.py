@@ -221,9 +221,9 @@ def test_exec_killed_by_a_signal_exits_128_plus_n_on_the_fast_path(both, monkeyp
 
     def killed(req: httpx.Request) -> httpx.Response:
         resp = plain(req)
-        if req.url.path.endswith(("/exec", "/output")):  # buffered or live
-            return httpx.Response(200, json={**json.loads(resp.content), "exit_code": -1,
-                                             "signal": 9})
+        if req.url.path.endswith(("/exec", "/output", "/stream")):  # buffered or live
+            return httpx.Response(200, content=json.dumps(
+                {**json.loads(resp.content), "exit_code": -1, "signal": 9}) + "\n")
         return resp
 
     cfg = ConnectionConfig("http://cp.test", "tok", transport=httpx.MockTransport(killed))

@@ -284,10 +284,15 @@ def test_malformed_json_is_422(server: Server) -> None:
     assert_error(resp, 422, "invalid", "JSON")
 
 
-def test_file_over_64_mib_is_413_before_the_body_is_read(server: Server) -> None:
-    # A raw socket: the client announces 64 MiB + 1 and sends almost nothing.
-    # The answer must come from the Content-Length alone (no 64 MiB upload).
-    limit = 64 * 1024 * 1024
+@pytest.mark.parametrize(("configured", "limit"), [(None, 16 * 1024**3),
+                                                  ("67108864", 64 * 1024 * 1024)])
+def test_a_file_over_the_limit_is_413_before_the_body_is_read(
+        server: Server, monkeypatch: pytest.MonkeyPatch, configured: str | None,
+        limit: int) -> None:
+    # A raw socket: the client announces limit + 1 and sends almost nothing.  The
+    # answer must come from the Content-Length alone; the operator's limit is per request.
+    if configured is not None:
+        monkeypatch.setenv("FORKYARD_MAX_FILE_BYTES", configured)
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(

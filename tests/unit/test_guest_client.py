@@ -147,6 +147,23 @@ def test_read_file_holds_its_own_limit(agent):
     assert client.ping() == "fake"
 
 
+def test_a_streamed_read_holds_each_chunk_to_what_was_asked(agent):
+    """A guest answering a chunk read with more than asked (or a flood) costs one chunk."""
+    fake, client = agent
+    flood = hostile(Op.READ_FILE, [(Tag.SIZE, 1 << 40), (Tag.DATA, b"d" * (30 * MiB))])
+    fake.script = lambda op, f: flood if op == Op.READ_FILE else None
+    err, peak = traced_peak(lambda: client.read_at("/x", 0, 4 * MiB))
+    assert isinstance(err, PayloadTooLarge), err
+    assert peak < 6 * MiB, f"{peak} bytes allocated for a refused chunk"
+    # within the slack but longer than asked: refused as well
+    fake.script = lambda op, f: hostile(Op.READ_FILE, [(Tag.SIZE, 10),
+                                                       (Tag.DATA, b"d" * (MiB + 10))]) \
+        if op == Op.READ_FILE else None
+    with pytest.raises(AgentProtocolError, match="more than asked"):
+        client.read_at("/x", 0, MiB)
+    assert client.ping() == "fake"
+
+
 def _entry(name: bytes) -> bytes:
     return struct.pack("<IQq", 0o100644, 0, 0) + name
 

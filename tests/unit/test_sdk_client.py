@@ -23,7 +23,6 @@ from forkyard.sdk import (
     PublishFailed,
     Sandbox,
     SandboxTimeout,
-    TooLarge,
     Unavailable,
     _async,
     _sync,
@@ -117,22 +116,29 @@ def test_files_exists_and_not_found(api):
         sb.files.read("/nope")
 
 
-def test_files_refuse_relative_paths_and_oversized_data_before_sending(api):
+def test_files_refuse_relative_paths_before_sending(api):
     sb = Sandbox.create()
     before = len(api.requests)
     with pytest.raises(ValueError, match="absolute"):
         sb.files.write("relative.txt", "x")
-    with pytest.raises(TooLarge) as info:
-        sb.files.write("/big", b"\0" * (64 * 1024 * 1024 + 1))
-    assert info.value.limit == 64 * 1024 * 1024
+    with pytest.raises(ValueError, match="absolute"):
+        sb.files.rename("/a", "b")
     assert len(api.requests) == before
 
 
-def test_make_dir_runs_mkdir_p_in_the_guest(api):
+def test_write_streams_iterators_and_make_dir_rename_use_their_routes(api):
     sb = Sandbox.create()
+    assert sb.files.write("/root/it", (bytes([i]) * 1000 for i in range(5))) == 5000
+    put = api.last("/files")
+    assert "Content-Length" not in put.headers  # streamed, chunked
+    assert sb.files.read("/root/it") == b"".join(bytes([i]) * 1000 for i in range(5))
+    assert b"".join(sb.files.read_stream("/root/it")) == sb.files.read("/root/it")
     sb.files.make_dir("/root/x y", mode=0o700)
-    assert json.loads(api.last("/exec").content)["cmd"] == ["mkdir", "-p", "-m", "700", "--",
-                                                             "/root/x y"]
+    mk = api.last("/files/mkdir")
+    assert mk.url.params["path"] == "/root/x y" and mk.url.params["mode"] == str(0o700)
+    sb.files.rename("/root/it", "/root/it2", overwrite=False)
+    mv = api.last("/files/rename")
+    assert mv.url.params["to"] == "/root/it2" and mv.url.params["overwrite"] == "false"
 
 
 def test_fork_rule_no_count_is_one_sandbox_count_is_a_list(api):

@@ -13,7 +13,7 @@ from forkyard.guest.client import MAX_FILE_SIZE
 from forkyard.sdk.errors import ResponseFormatError
 from forkyard.sdk.models import CommandResult, SandboxInfo
 from forkyard.wire import lifecycle
-from forkyard.wire.limits import MAX_FILE_BYTES
+from forkyard.wire.limits import MAX_FILE_BYTES, max_file_bytes
 from forkyard.wire.models import ExecResultOut
 from forkyard.wire.output import decode_output, encode_output
 
@@ -47,9 +47,17 @@ def test_the_sdk_loads_no_guest_worker_control_or_server_framework_code():
     assert bad == []
 
 
-def test_the_api_file_limit_is_the_guest_agents():
-    # the API must not accept a file the agent one hop later refuses (or the reverse)
-    assert MAX_FILE_BYTES == MAX_FILE_SIZE
+def test_files_stream_in_chunks_the_agent_takes_and_the_api_limit_is_configurable(
+        monkeypatch):
+    # every chunk of a streamed file fits one agent frame; the API's cap is per request
+    from forkyard.worker._files import CHUNK
+
+    assert CHUNK <= MAX_FILE_SIZE < MAX_FILE_BYTES
+    assert max_file_bytes() == MAX_FILE_BYTES
+    monkeypatch.setenv("FORKYARD_MAX_FILE_BYTES", "1000")
+    assert max_file_bytes() == 1000
+    monkeypatch.setenv("FORKYARD_MAX_FILE_BYTES", "junk")
+    assert max_file_bytes() == MAX_FILE_BYTES
 
 
 @pytest.mark.parametrize("data", SAMPLES)

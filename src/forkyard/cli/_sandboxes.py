@@ -6,7 +6,9 @@ fast path of ``forkyard.cli.main`` runs too.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -149,46 +151,117 @@ def exec_(
         raise typer.Exit(code)
 
 
+RecursiveOpt = Annotated[bool, typer.Option(
+    "--recursive", "-r", help="A directory tree (sent as a tar stream; '-' is a raw tar).")]
+
+
 @files_app.command("put")
 def files_put(
     sandbox_id: IdArg,
-    src: Annotated[str, typer.Argument(help="Local file, or - for stdin.")],
+    src: Annotated[str, typer.Argument(help="Local file or directory, or - for stdin.")],
     dst: Annotated[str, typer.Argument(help="Absolute guest path.")],
     mode: Annotated[str, typer.Option("--mode", help="Octal file mode.")] = "644",
+    recursive: RecursiveOpt = False,
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
 ) -> None:
-    """Copy a local file into the sandbox."""
+    """Copy a local file (any size, streamed) or, with -r, a directory into the sandbox."""
     try:
         file_mode = int(mode, 8)
     except ValueError:
         raise typer.BadParameter(f"{mode!r} is not an octal mode", param_hint="--mode") from None
-    data = sys.stdin.buffer.read() if src == "-" else Path(src).read_bytes()
     http = connect(home, url, token)
-    with transfer_progress(f"put {dst}", enabled=interactive()) as progress:
-        http.upload(_ops.write_file(sandbox_id, dst, data, file_mode, False), data, progress)
+    from forkyard.sdk._files import body
+
+    with contextlib.ExitStack() as stack:
+        if src == "-":
+            chunks = body(sys.stdin.buffer)
+        elif recursive:
+            from forkyard import _tarstream
+
+            chunks = _tarstream.pack_dir(Path(src))
+        else:
+            chunks = body(stack.enter_context(Path(src).open("rb")))
+        progress = stack.enter_context(transfer_progress(f"put {dst}", enabled=interactive()))
+        call = (_ops.write_tree(sandbox_id, dst) if recursive
+                else _ops.write_file(sandbox_id, dst, None, file_mode, False))
+        http.upload(call, chunks, progress)
 
 
 @files_app.command("get")
 def files_get(
     sandbox_id: IdArg,
     src: Annotated[str, typer.Argument(help="Absolute guest path.")],
-    dst: Annotated[str, typer.Argument(help="Local file, or - for stdout.")],
+    dst: Annotated[str, typer.Argument(help="Local file or directory, or - for stdout.")],
+    recursive: RecursiveOpt = False,
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
 ) -> None:
-    """Copy a file out of the sandbox."""
+    """Copy a file (streamed) or, with -r, a directory out of the sandbox."""
     http = connect(home, url, token)
+    call = _ops.read_tree(sandbox_id, src) if recursive else _ops.read_file(sandbox_id, src)
     with transfer_progress(f"get {src}", enabled=interactive() and dst != "-") as progress:
-        data = http.download(_ops.read_file(sandbox_id, src), progress)
-    if dst == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
-    else:
-        target = Path(dst)
-        if target.is_dir():
-            target = target / Path(src).name
-        tmp = target.with_name(f".{target.name}.part")
-        tmp.write_bytes(data)
+        chunks = http.stream(call, progress)
+        if dst == "-":
+            for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        elif recursive:
+            from forkyard import _tarstream
+
+            _tarstream.extract_dir(_tarstream.IterReader(chunks), Path(dst))  # type: ignore[arg-type]
+        else:
+            _save(chunks, Path(dst), Path(src).name)
+
+
+def _save(chunks: Iterator[bytes], target: Path, name: str) -> None:
+    if target.is_dir():
+        target = target / name
+    tmp = target.with_name(f".{target.name}.part")
+    try:
+        with tmp.open("wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
         tmp.replace(target)  # never a half-written file under the real name
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@files_app.command("mkdir")
+def files_mkdir(
+    sandbox_id: IdArg,
+    path: Annotated[str, typer.Argument(help="Absolute guest path.")],
+    mode: Annotated[str, typer.Option("--mode", help="Octal mode.")] = "755",
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
+) -> None:
+    """Make a directory (and its parents) in the sandbox."""
+    try:
+        dir_mode = int(mode, 8)
+    except ValueError:
+        raise typer.BadParameter(f"{mode!r} is not an octal mode", param_hint="--mode") from None
+    connect(home, url, token).call(_ops.mkdir(sandbox_id, path, dir_mode, True))
+
+
+@files_app.command("mv")
+def files_mv(
+    sandbox_id: IdArg,
+    src: Annotated[str, typer.Argument(help="Absolute guest path.")],
+    dst: Annotated[str, typer.Argument(help="Absolute guest path.")],
+    no_clobber: Annotated[bool, typer.Option("--no-clobber", "-n",
+                                             help="Fail if DST exists.")] = False,
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
+) -> None:
+    """Rename a file or directory in the sandbox."""
+    connect(home, url, token).call(_ops.rename(sandbox_id, src, dst, not no_clobber))
+
+
+@files_app.command("exists")
+def files_exists(
+    sandbox_id: IdArg,
+    path: Annotated[str, typer.Argument(help="Absolute guest path.")],
+    home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
+) -> None:
+    """Exit 0 if the path exists in the sandbox, 1 if not."""
+    if not connect(home, url, token).call(_ops.exists(sandbox_id, path)):
+        raise typer.Exit(1)
 
 
 def checkpoint(

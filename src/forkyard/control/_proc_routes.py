@@ -11,6 +11,7 @@ of filling this server's memory.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -91,16 +92,25 @@ def add_proc_routes(app: FastAPI, plane: ControlPlane, errors: Errors) -> None:
                                                         READ_MAX))
 
         async def events() -> AsyncIterator[bytes]:
-            raw, o, e = first, out, err
+            # One read ahead: the next worker read runs while this event is being sent,
+            # so a fast stream costs one round trip per event, not two; a stalled
+            # client still stops the reads (at most this event and the next are held).
+            raw = first
             while True:
                 ev = ProcOutput.model_validate_json(raw)
-                yield raw + b"\n"
                 if ev.exited:
+                    yield raw + b"\n"
                     return
                 o = ev.out_offset + _length(ev.stdout, ev.stdout_encoding)
                 e = ev.err_offset + _length(ev.stderr, ev.stderr_encoding)
-                raw = await client.raw(worker_api.proc_output(sandbox_id, pid, o, e,
-                                                              _STREAM_WAIT, READ_MAX))
+                ahead = asyncio.ensure_future(client.raw(worker_api.proc_output(
+                    sandbox_id, pid, o, e, _STREAM_WAIT, READ_MAX)))
+                try:
+                    yield raw + b"\n"
+                except BaseException:
+                    ahead.cancel()
+                    raise
+                raw = await ahead
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
 

@@ -101,7 +101,8 @@ enum {
     OP_HELLO = 1, OP_EXEC = 2, OP_WRITE_FILE = 3, OP_READ_FILE = 4, OP_STAT = 5,
     OP_LIST = 6, OP_REMOVE = 7, OP_MKDIR = 8, OP_SYNC = 9, OP_KILL = 10,
     OP_POWEROFF = 11, OP_SPAWN = 12, OP_PROC_READ = 13, OP_PROC_INPUT = 14,
-    OP_PROC_LIST = 15, OP_PTY_RESIZE = 16, OP_ACK = 0x7fff,
+    OP_PROC_LIST = 15, OP_PTY_RESIZE = 16, OP_RENAME = 17, OP_SYMLINK = 18,
+    OP_READLINK = 19, OP_ACK = 0x7fff,
 };
 #define FL_RESPONSE 1u
 #define FL_ERROR 2u
@@ -114,15 +115,19 @@ enum {
     T_TIME_NS = 18, T_VERSION = 19, T_FLAGS = 20, T_PID = 21, T_ENTRY = 22, T_SIZE = 23,
     T_MAX_OUTPUT = 24, T_UPTIME_MS = 25, T_OFFSET = 26, T_LENGTH = 27, T_TRUNCATED = 28,
     T_NONCE = 29, T_MAX_ENTRIES = 30, T_ERR_OFFSET = 31, T_WAIT_MS = 32, T_EXITED = 33,
-    T_PROC = 34, T_ROWS = 35, T_COLS = 36, T_USER = 37,
+    T_PROC = 34, T_ROWS = 35, T_COLS = 36, T_USER = 37, T_TARGET = 38,
 };
 
 /* T_FLAGS bits */
 #define F_EXEC_BACKGROUND 1u
 #define F_WRITE_MKDIRS 1u
 #define F_WRITE_APPEND 2u
+#define F_WRITE_AT 4u
 #define F_REMOVE_RECURSIVE 1u
 #define F_MKDIR_PARENTS 1u
+#define F_MKDIR_CHMOD 2u
+#define F_RENAME_SYNC 1u
+#define F_RENAME_NOREPLACE 2u
 #define F_SYNC_DROP_CACHES 1u
 
 /* ------------------------------------------------------------------ */
@@ -1350,6 +1355,19 @@ static int write_all(int fd, const uint8_t *p, size_t n)
     return 0;
 }
 
+static int pwrite_all(int fd, const uint8_t *p, size_t n, off_t off)
+{
+    while (n) {
+        ssize_t w = pwrite(fd, p, n, off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0) return -1;
+        p += w;
+        off += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
 static void op_write_file(uint32_t id, const fields_t *fs)
 {
     char *path = field_str(fs, T_PATH);
@@ -1371,6 +1389,27 @@ static void op_write_file(uint32_t id, const fields_t *fs)
         }
     }
     int fd;
+    if (flags & F_WRITE_AT) {
+        /* one chunk of a streamed upload, into the host's temp file: written in
+           place, no rename (RENAME commits the whole file); offset 0 starts it */
+        uint64_t off = field_u64(fs, T_OFFSET, 0);
+        int trunc = off == 0 ? O_TRUNC : 0;
+        fd = open(path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC | trunc, mode);
+        if (fd < 0) { send_errno(OP_WRITE_FILE, id, "open", path); free(path); return; }
+        if ((off == 0 && fchmod(fd, mode) != 0) || pwrite_all(fd, data->val, data->len, (off_t)off) != 0) {
+            send_errno(OP_WRITE_FILE, id, "write", path);
+            close(fd);
+            free(path);
+            return;
+        }
+        close(fd);
+        buf_t b = {0};
+        tlv_u64(&b, T_SIZE, off + data->len);
+        send_frame(OP_WRITE_FILE, FL_RESPONSE, id, &b);
+        buf_free(&b);
+        free(path);
+        return;
+    }
     if (flags & F_WRITE_APPEND) {
         fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, mode);
         if (fd < 0) { send_errno(OP_WRITE_FILE, id, "open", path); free(path); return; }
@@ -1567,9 +1606,85 @@ static void op_mkdir(uint32_t id, const fields_t *fs)
         return;
     }
     mode_t mode = (mode_t)field_u64(fs, T_MODE, 0755) & 07777;
-    int rc = (field_u64(fs, T_FLAGS, 0) & F_MKDIR_PARENTS) ? mkdirs(path, mode) : mkdir(path, mode);
+    uint64_t flags = field_u64(fs, T_FLAGS, 0);
+    int rc = (flags & F_MKDIR_PARENTS) ? mkdirs(path, mode) : mkdir(path, mode);
+    /* the exact mode, past the umask (a directory copied in keeps its mode) */
+    if (rc == 0 && (flags & F_MKDIR_CHMOD)) rc = chmod(path, mode);
     if (rc != 0) send_errno(OP_MKDIR, id, "mkdir", path);
     else send_frame(OP_MKDIR, FL_RESPONSE, id, NULL);
+    free(path);
+}
+
+static int fsync_path(const char *path, int flags)
+{
+    int fd = open(path, flags | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int rc = fsync(fd);
+    int e = errno;
+    close(fd);
+    errno = e;
+    return rc;
+}
+
+/* also the commit of a streamed upload: fsync of the temp file, rename over the
+   target, fsync of the directory, so a crash leaves the old file or the new one */
+static void op_rename(uint32_t id, const fields_t *fs)
+{
+    char *from = field_str(fs, T_PATH), *to = field_str(fs, T_TARGET);
+    if (!from || !to || from[0] != '/' || to[0] != '/' || !strcmp(from, "/") || !strcmp(to, "/")) {
+        send_error(OP_RENAME, id, "bad_request", EINVAL, "rename needs two absolute paths other than /");
+        free(from); free(to);
+        return;
+    }
+    uint64_t flags = field_u64(fs, T_FLAGS, 0);
+    struct stat st;
+    if (lstat(from, &st) != 0) { send_errno(OP_RENAME, id, "rename", from); free(from); free(to); return; }
+    if ((flags & F_RENAME_SYNC) && S_ISREG(st.st_mode) && fsync_path(from, O_RDONLY | O_NOFOLLOW) != 0) {
+        send_errno(OP_RENAME, id, "fsync", from);
+        free(from); free(to);
+        return;
+    }
+    int rc = (flags & F_RENAME_NOREPLACE) ? renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE)
+                                          : rename(from, to);
+    if (rc != 0) { send_errno(OP_RENAME, id, "rename to", to); free(from); free(to); return; }
+    if (flags & F_RENAME_SYNC) {
+        char *slash = strrchr(to, '/');
+        *slash = 0;
+        fsync_path(slash == to ? "/" : to, O_RDONLY | O_DIRECTORY);  /* best effort */
+    }
+    send_frame(OP_RENAME, FL_RESPONSE, id, NULL);
+    free(from); free(to);
+}
+
+static void op_symlink(uint32_t id, const fields_t *fs)
+{
+    char *path = field_str(fs, T_PATH), *target = field_str(fs, T_TARGET);
+    if (!path || !target || path[0] != '/' || !target[0]) {
+        send_error(OP_SYMLINK, id, "bad_request", EINVAL, "symlink needs an absolute path and a target");
+        free(path); free(target);
+        return;
+    }
+    if (symlink(target, path) != 0) send_errno(OP_SYMLINK, id, "symlink", path);
+    else send_frame(OP_SYMLINK, FL_RESPONSE, id, NULL);
+    free(path); free(target);
+}
+
+static void op_readlink(uint32_t id, const fields_t *fs)
+{
+    char *path = field_str(fs, T_PATH);
+    if (!path || path[0] != '/') {
+        send_error(OP_READLINK, id, "bad_request", EINVAL, "readlink needs an absolute path");
+        free(path);
+        return;
+    }
+    char target[PATH_MAX];
+    ssize_t n = readlink(path, target, sizeof target);
+    if (n < 0) { send_errno(OP_READLINK, id, "readlink", path); free(path); return; }
+    if (n >= (ssize_t)sizeof target) { errno = ENAMETOOLONG; send_errno(OP_READLINK, id, "readlink", path); free(path); return; }
+    buf_t b = {0};
+    tlv(&b, T_TARGET, target, (size_t)n);
+    send_frame(OP_READLINK, FL_RESPONSE, id, &b);
+    buf_free(&b);
     free(path);
 }
 
@@ -1923,6 +2038,9 @@ static void dispatch(uint16_t op, uint32_t id, const uint8_t *payload, size_t le
     case OP_LIST: op_list(id, &fs); break;
     case OP_REMOVE: op_remove(id, &fs); break;
     case OP_MKDIR: op_mkdir(id, &fs); break;
+    case OP_RENAME: op_rename(id, &fs); break;
+    case OP_SYMLINK: op_symlink(id, &fs); break;
+    case OP_READLINK: op_readlink(id, &fs); break;
     case OP_SYNC: op_sync(id, &fs); break;
     case OP_KILL: op_kill(id, &fs); break;
     case OP_SPAWN: op_spawn(id, &fs); break;

@@ -22,7 +22,6 @@ import logging
 import os
 import secrets
 import socket
-import stat as stat_mod
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,6 +39,15 @@ from forkyard.errors import (
     PayloadTooLarge,
 )
 from forkyard.guest import protocol as p
+from forkyard.guest._fileops import (
+    DEFAULT_LIST_ENTRIES,
+    MAX_FILE_SIZE,
+    MAX_LIST_ENTRIES,
+    REPLY_SLACK,
+    EntryInfo,
+    FileOps,
+    Listing,
+)
 from forkyard.guest.procs import Processes
 from forkyard.guest.protocol import (
     SMALL_REPLY,
@@ -67,13 +75,8 @@ __all__ = [
 
 log = logging.getLogger("forkyard.agent")
 
-MAX_FILE_SIZE = 64 * 1024 * 1024
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024  # per stream (stdout, stderr)
 MAX_OUTPUT = 64 * 1024 * 1024  # the largest max_output a caller may ask for
-DEFAULT_LIST_ENTRIES = 10_000
-MAX_LIST_ENTRIES = 100_000
-# room in a reply for the small fields around its data (exit code, pid, flags, ...)
-_REPLY_SLACK = 64 * 1024
 _GRACE = 10.0  # on top of a command's own timeout: reply transfer under TCG
 
 
@@ -100,34 +103,6 @@ class ExecResult:
         return self.exit_code == 0
 
 
-@dataclass(frozen=True, slots=True)
-class EntryInfo:
-    name: str
-    mode: int
-    size: int
-    mtime_ns: int
-
-    @property
-    def is_dir(self) -> bool:
-        return stat_mod.S_ISDIR(self.mode)
-
-    @property
-    def is_file(self) -> bool:
-        return stat_mod.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return stat_mod.S_ISLNK(self.mode)
-
-
-class Listing(list[EntryInfo]):
-    """A directory listing; ``truncated`` when the directory held more entries than asked."""
-
-    def __init__(self, entries: list[EntryInfo], *, truncated: bool = False) -> None:
-        super().__init__(entries)
-        self.truncated = truncated
-
-
 class _Call:
     __slots__ = ("acked", "done", "error", "limit", "op", "reply")
 
@@ -140,7 +115,7 @@ class _Call:
         self.error: AgentError | None = None
 
 
-class AgentClient:
+class AgentClient(FileOps):
     """A connection to one guest agent over its virtio-serial unix socket."""
 
     def __init__(self, sock_path: str | os.PathLike[str], *, name: str = "sandbox") -> None:
@@ -484,7 +459,7 @@ class AgentClient:
             fields.append((Tag.USER, user))
         fields.append((Tag.MAX_OUTPUT, max_output))
         call_timeout = (timeout or 24 * 3600.0) + _GRACE
-        limit = Limit(2 * max_output + _REPLY_SLACK, 32)
+        limit = Limit(2 * max_output + REPLY_SLACK, 32)
         r = self._call(Op.EXEC, fields, timeout=call_timeout, reply_limit=limit)
         sig = r.raw(Tag.SIGNAL)
         out, err = r.view(Tag.STDOUT), r.view(Tag.STDERR)
@@ -503,90 +478,6 @@ class AgentClient:
         if check and result.exit_code != 0:
             raise CommandFailed(_describe(cmd), result)
         return result
-
-    def write_file(
-        self,
-        path: str,
-        data: bytes,
-        *,
-        mode: int = 0o644,
-        make_parents: bool = True,
-        append: bool = False,
-        timeout: float = 120.0,
-    ) -> int:
-        _check_abs(path)
-        if len(data) > MAX_FILE_SIZE:
-            raise PayloadTooLarge(f"file {path}", len(data), MAX_FILE_SIZE)
-        flags = (p.WRITE_MKDIRS if make_parents else 0) | (p.WRITE_APPEND if append else 0)
-        r = self._call(
-            Op.WRITE_FILE,
-            [(Tag.PATH, path), (Tag.MODE, mode), (Tag.FLAGS, flags), (Tag.DATA, data)],
-            timeout=timeout,
-        )
-        return r.int(Tag.SIZE)
-
-    def read_file(self, path: str, *, timeout: float = 120.0) -> bytes:
-        _check_abs(path)
-        r = self._call(
-            Op.READ_FILE, [(Tag.PATH, path), (Tag.LENGTH, MAX_FILE_SIZE)], timeout=timeout,
-            reply_limit=Limit(MAX_FILE_SIZE + _REPLY_SLACK, 16),
-        )
-        data = r.view(Tag.DATA)
-        if r.int(Tag.TRUNCATED) or (data is not None and len(data) > MAX_FILE_SIZE):
-            size = max(r.int(Tag.SIZE), 0 if data is None else len(data))
-            raise PayloadTooLarge(f"file {path}", size, MAX_FILE_SIZE)
-        return b"" if data is None else bytes(data)
-
-    def stat(self, path: str, *, timeout: float = 30.0) -> EntryInfo:
-        _check_abs(path)
-        r = self._call(Op.STAT, [(Tag.PATH, path)], timeout=timeout)
-        raw = r.raw(Tag.ENTRY)
-        if raw is None:
-            raise AgentError("stat reply without an entry")
-        mode, size, mtime, name = p.decode_entry(raw, max_name=p.PATH_MAX)
-        return EntryInfo(name, mode, size, mtime)
-
-    def exists(self, path: str) -> bool:
-        try:
-            self.stat(path)
-        except GuestFileNotFound:
-            return False
-        return True
-
-    def list(self, path: str, *, limit: int = DEFAULT_LIST_ENTRIES,
-             timeout: float = 30.0) -> Listing:
-        """Up to ``limit`` entries of a directory, sorted by name.
-
-        A larger directory gives the first ``limit`` entries the guest's
-        ``readdir`` returns (not the first by name) and ``truncated=True``.
-        """
-        _check_abs(path)
-        if not 1 <= limit <= MAX_LIST_ENTRIES:
-            raise ValueError(f"limit must be within 1..{MAX_LIST_ENTRIES}")
-        reply_limit = Limit(limit * p.ENTRY_FIELD_MAX + _REPLY_SLACK, limit + 16)
-        r = self._call(Op.LIST, [(Tag.PATH, path), (Tag.MAX_ENTRIES, limit)], timeout=timeout,
-                       reply_limit=reply_limit)
-        entries: list[EntryInfo] = []
-        truncated = bool(r.int(Tag.TRUNCATED))
-        for raw in r.views(Tag.ENTRY):
-            if len(entries) == limit:  # a guest that ignored MAX_ENTRIES
-                truncated = True
-                break
-            entries.append(EntryInfo(*_reorder(p.decode_entry(raw))))
-        entries.sort(key=lambda e: e.name)
-        return Listing(entries, truncated=truncated)
-
-    def remove(self, path: str, *, recursive: bool = False, timeout: float = 60.0) -> None:
-        _check_abs(path)
-        flags = p.REMOVE_RECURSIVE if recursive else 0
-        self._call(Op.REMOVE, [(Tag.PATH, path), (Tag.FLAGS, flags)], timeout=timeout)
-
-    def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = True) -> None:
-        _check_abs(path)
-        flags = p.MKDIR_PARENTS if parents else 0
-        self._call(
-            Op.MKDIR, [(Tag.PATH, path), (Tag.MODE, mode), (Tag.FLAGS, flags)], timeout=30.0
-        )
 
     def sync(self, *, drop_page_cache: bool = False, timeout: float = 60.0) -> None:
         """Flush the guest's dirty data to disk; then, optionally, drop its clean page cache."""
@@ -627,16 +518,6 @@ class AgentClient:
     def ping(self, *, timeout: float = 10.0) -> str:
         r = self._call(Op.HELLO, [], timeout=timeout)
         return r.str(Tag.VERSION)
-
-
-def _reorder(entry: tuple[int, int, int, str]) -> tuple[str, int, int, int]:
-    mode, size, mtime, name = entry
-    return name, mode, size, mtime
-
-
-def _check_abs(path: str) -> None:
-    if not path.startswith("/") or "\0" in path:
-        raise ValueError(f"guest paths must be absolute: {path!r}")
 
 
 def _describe(cmd: str | Sequence[str]) -> str:

@@ -112,6 +112,9 @@ class Op(enum.IntEnum):
     PROC_INPUT = 14
     PROC_LIST = 15
     PTY_RESIZE = 16
+    RENAME = 17
+    SYMLINK = 18
+    READLINK = 19
     # fresh after a restore (numbered apart from the core ops)
     IDENTITY = 64
     GROW_FS = 65
@@ -162,6 +165,7 @@ class Tag(enum.IntEnum):
     ROWS = 35
     COLS = 36
     USER = 37
+    TARGET = 38
     # HELLO: host randomness the guest reseeds its RNG with; RESEEDED = 1 if it did
     SEED = 64
     HOSTNAME = 65
@@ -181,8 +185,12 @@ class Tag(enum.IntEnum):
 EXEC_BACKGROUND = 1
 WRITE_MKDIRS = 1
 WRITE_APPEND = 2
+WRITE_AT = 4  # one chunk at OFFSET, in place (a streamed upload's temp file)
 REMOVE_RECURSIVE = 1
 MKDIR_PARENTS = 1
+MKDIR_CHMOD = 2
+RENAME_SYNC = 1  # fsync the file first and its new directory after
+RENAME_NOREPLACE = 2
 SYNC_DROP_CACHES = 1
 SPAWN_LOSSLESS = 1
 SPAWN_PTY = 2

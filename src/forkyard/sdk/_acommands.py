@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from forkyard.sdk import _proc_ops as ops
-from forkyard.sdk._commands import DEFAULT_MAX_OUTPUT, OutputFollower, TextSink
+from forkyard.sdk._commands import DEFAULT_MAX_OUTPUT, STREAM_BREAKS, OutputFollower, TextSink
 from forkyard.sdk._proc_ops import Output, ProcessInfo
 from forkyard.sdk.errors import GuestOperationError
 from forkyard.sdk.models import CommandResult
@@ -55,9 +55,27 @@ class AsyncCommandHandle:
             ops.output(self.sandbox_id, self.pid, self._f.out, self._f.err, wait)))
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
+        breaks = 0  # as the sync twin: the live stream, reopened, then the long poll
         while not self._f.exited:
-            for ev in await self.read():
-                yield ev
+            if breaks >= 2:
+                for ev in await self.read():
+                    yield ev
+                continue
+            try:
+                call = ops.stream(self.sandbox_id, self.pid, self._f.out, self._f.err)
+                chunks = await self._http.stream(call)
+                try:
+                    async for o in ops.aevents(chunks):
+                        breaks = 0
+                        for ev in self._f.take(o):
+                            yield ev
+                        if self._f.exited:
+                            return
+                finally:
+                    await chunks.aclose()
+            except STREAM_BREAKS:
+                pass
+            breaks += 1
 
     async def wait(self, *, on_stdout: TextSink | None = None,
                    on_stderr: TextSink | None = None) -> CommandResult:

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import IO, overload
+from typing import overload
 
 from forkyard.sdk import _ops
 from forkyard.sdk._acommands import AsyncCommands, AsyncPty
@@ -23,17 +23,17 @@ from forkyard.sdk._common import (
     HIBERNATE_TIMEOUT,
     PUBLISH_TIMEOUT,
     WAKE_TIMEOUT,
-    as_bytes,
     check_result,
     fork_timeout,
     poll_delays,
     publish_outcome,
     publish_timed_out,
 )
-from forkyard.sdk._http import AsyncHTTP, Progress
+from forkyard.sdk._files import AsyncFiles
+from forkyard.sdk._http import AsyncHTTP
 from forkyard.sdk.config import ConnectionConfig
 from forkyard.sdk.errors import NotFoundError
-from forkyard.sdk.models import CheckpointInfo, CommandResult, EntryInfo, SandboxInfo, WorkerInfo
+from forkyard.sdk.models import CheckpointInfo, CommandResult, SandboxInfo, WorkerInfo
 
 __all__ = ["AsyncCheckpoint", "AsyncFiles", "AsyncSandbox", "async_list_workers"]
 
@@ -47,42 +47,6 @@ def _http(url: str | None, token: str | None, home: PathLike | None) -> AsyncHTT
 async def async_list_workers(*, url: str | None = None, token: str | None = None,
                              home: PathLike | None = None) -> list[WorkerInfo]:
     return await _http(url, token, home).call(_ops.list_workers())
-
-
-class AsyncFiles:
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sb = sandbox
-
-    async def write(self, path: str, data: bytes | str | IO[bytes], *, mode: int = 0o644,
-                    append: bool = False, progress: Progress | None = None) -> int:
-        raw = as_bytes(data)
-        call = _ops.write_file(self._sb.id, path, raw, mode, append)
-        return await self._sb._http.upload(call, raw, progress)
-
-    async def read(self, path: str, *, progress: Progress | None = None) -> bytes:
-        return await self._sb._http.download(_ops.read_file(self._sb.id, path), progress)
-
-    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return (await self.read(path)).decode(encoding)
-
-    async def list(self, path: str) -> builtins.list[EntryInfo]:
-        return await self._sb._http.call(_ops.list_entries(self._sb.id, path))
-
-    async def stat(self, path: str) -> EntryInfo:
-        return await self._sb._http.call(_ops.stat(self._sb.id, path))
-
-    async def exists(self, path: str) -> bool:
-        try:
-            await self.stat(path)
-        except NotFoundError:
-            return False
-        return True
-
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._sb._http.call(_ops.remove(self._sb.id, path, recursive))
-
-    async def make_dir(self, path: str, *, mode: int = 0o755) -> None:
-        await self._sb.exec(_ops.mkdir_argv(path, mode), check=True)
 
 
 class AsyncCheckpoint:

@@ -11,13 +11,19 @@ printing gigabytes costs bounded memory.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from forkyard.sdk import _proc_ops as ops
 from forkyard.sdk._proc_ops import Output, ProcessInfo
-from forkyard.sdk.errors import GuestOperationError
+from forkyard.sdk.errors import (
+    GuestOperationError,
+    ResponseFormatError,
+    SandboxTimeout,
+    Unavailable,
+)
 from forkyard.sdk.models import CommandResult
 
 if TYPE_CHECKING:
@@ -37,6 +43,8 @@ __all__ = [
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 TextSink = Callable[[str], object]
 _BUSY_BACKOFF = 0.05
+# a live stream that failed this way is reopened (then the long poll takes over)
+STREAM_BREAKS = (Unavailable, SandboxTimeout, ResponseFormatError)
 
 
 class OutputFollower:
@@ -116,9 +124,27 @@ class CommandHandle:
                                                        self._f.err, wait)))
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
-        """``("stdout" | "stderr", bytes)`` events until the process ends."""
+        """``("stdout" | "stderr", bytes)`` events until the process ends.
+
+        Read from the live stream; a stream that breaks is reopened from the
+        offsets reached, and after two breaks in a row the long poll takes over.
+        """
+        breaks = 0
         while not self._f.exited:
-            yield from self.read()
+            if breaks >= 2:
+                yield from self.read()
+                continue
+            try:
+                call = ops.stream(self.sandbox_id, self.pid, self._f.out, self._f.err)
+                with contextlib.closing(self._http.stream(call)) as chunks:
+                    for o in ops.events(chunks):
+                        breaks = 0
+                        yield from self._f.take(o)
+                        if self._f.exited:
+                            return
+            except STREAM_BREAKS:
+                pass
+            breaks += 1
 
     def wait(self, *, on_stdout: TextSink | None = None,
              on_stderr: TextSink | None = None) -> CommandResult:

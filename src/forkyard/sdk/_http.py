@@ -13,7 +13,17 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -54,7 +64,7 @@ class Call(Generic[T]):
     json: Any = None
     # pairs when a key repeats (``label=a=1&label=b=2``)
     params: Mapping[str, str | int] | Sequence[tuple[str, str | int]] | None = None
-    content: bytes | None = None
+    content: bytes | None = None  # a streamed body is given to ``upload`` instead
     # seconds to wait for the answer; None waits forever (a command without limit)
     timeout: float | _Default | None = DEFAULT
 
@@ -105,6 +115,25 @@ def _chunks(data: bytes, progress: Progress | None) -> Iterator[bytes]:
 async def _achunks(data: bytes, progress: Progress | None) -> AsyncIterator[bytes]:
     for chunk in _chunks(data, progress):
         yield chunk
+
+
+def _counted(chunks: Iterable[bytes], progress: Progress | None) -> Iterator[bytes]:
+    done = 0
+    for chunk in chunks:
+        done += len(chunk)
+        yield chunk
+        if progress is not None:
+            progress(done, None)
+
+
+async def _acounted(chunks: AsyncIterable[bytes], progress: Progress | None
+                    ) -> AsyncIterator[bytes]:
+    done = 0
+    async for chunk in chunks:
+        done += len(chunk)
+        yield chunk
+        if progress is not None:
+            progress(done, None)
 
 
 def _total(response: httpx.Response) -> int | None:
@@ -239,29 +268,47 @@ class SyncHTTP:
         return call.parse(self._send(lambda base: _request(self._client, call, self.config,
                                                            base)))
 
-    def upload(self, call: Call[T], data: bytes, progress: Progress | None) -> T:
-        """Like :meth:`call` with ``data`` as the body, reporting progress per chunk."""
-        if progress is None:
+    def upload(self, call: Call[T], data: bytes | Iterable[bytes],
+               progress: Progress | None) -> T:
+        """Like :meth:`call` with ``data`` as the body, reporting progress per chunk.
+
+        An iterable of chunks is streamed as it is produced (chunked encoding).
+        """
+        if not isinstance(data, bytes):
+            body = _counted(data, progress)  # made once: a URL that never connected read none of it
+            return call.parse(self._send(lambda base: _request(
+                self._client, call, self.config, base, content=body)))
+        if progress is None and call.content is not None:
             return self.call(call)
         return call.parse(self._send(lambda base: _request(
             self._client, call, self.config, base, content=_chunks(data, progress),
             headers={"Content-Length": str(len(data))})))
 
-    def download(self, call: Call[Any], progress: Progress | None) -> bytes:
-        response = self._send(lambda base: _request(self._client, call, self.config, base),
-                              stream=True)
-        total, parts, done = _total(response), [], 0
+    def stream(self, call: Call[Any],
+               progress: Progress | None = None) -> Generator[bytes, None, None]:
+        """The reply body in chunks; the request is made (and an error raised) at once."""
+        response = self._send(
+            lambda base: _request(self._client, call, self.config, base), stream=True)
+        return self._drain(response, progress)
+
+    def _drain(self, response: httpx.Response,
+               progress: Progress | None) -> Generator[bytes, None, None]:
+        # chunks as they arrive (not gathered to a size): a live stream's events must
+        # reach the caller when they are sent
+        total, done = _total(response), 0
         try:
-            for chunk in response.iter_bytes(_CHUNK):
-                parts.append(chunk)
+            for chunk in response.iter_bytes():
                 done += len(chunk)
+                yield chunk
                 if progress is not None:
                     progress(done, total)
         except httpx.HTTPError as exc:
             raise from_transport_error(exc, self.config.url) from exc
         finally:
             response.close()
-        return b"".join(parts)
+
+    def download(self, call: Call[Any], progress: Progress | None) -> bytes:
+        return b"".join(self.stream(call, progress))
 
 
 class AsyncHTTP:
@@ -306,25 +353,38 @@ class AsyncHTTP:
         return call.parse(await self._send(lambda base: _request(self._client, call,
                                                                  self.config, base)))
 
-    async def upload(self, call: Call[T], data: bytes, progress: Progress | None) -> T:
-        if progress is None:
+    async def upload(self, call: Call[T], data: bytes | AsyncIterable[bytes],
+                     progress: Progress | None) -> T:
+        if not isinstance(data, bytes):
+            body = _acounted(data, progress)  # made once: a URL that never connected read none of it
+            return call.parse(await self._send(lambda base: _request(
+                self._client, call, self.config, base, content=body)))
+        if progress is None and call.content is not None:
             return await self.call(call)
         return call.parse(await self._send(lambda base: _request(
             self._client, call, self.config, base, content=_achunks(data, progress),
             headers={"Content-Length": str(len(data))})))
 
-    async def download(self, call: Call[Any], progress: Progress | None) -> bytes:
+    async def stream(self, call: Call[Any],
+                     progress: Progress | None = None) -> AsyncGenerator[bytes, None]:
+        """The reply body in chunks; the request is made (and an error raised) at once."""
         response = await self._send(
             lambda base: _request(self._client, call, self.config, base), stream=True)
-        total, parts, done = _total(response), [], 0
+        return self._drain(response, progress)
+
+    async def _drain(self, response: httpx.Response,
+                     progress: Progress | None) -> AsyncGenerator[bytes, None]:
+        total, done = _total(response), 0
         try:
-            async for chunk in response.aiter_bytes(_CHUNK):
-                parts.append(chunk)
+            async for chunk in response.aiter_bytes():
                 done += len(chunk)
+                yield chunk
                 if progress is not None:
                     progress(done, total)
         except httpx.HTTPError as exc:
             raise from_transport_error(exc, self.config.url) from exc
         finally:
             await response.aclose()
-        return b"".join(parts)
+
+    async def download(self, call: Call[Any], progress: Progress | None) -> bytes:
+        return b"".join([c async for c in await self.stream(call, progress)])

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import httpx
 
 from forkyard.sdk._http import Call, json_body, no_body
-from forkyard.sdk.errors import ResponseFormatError, TooLarge
+from forkyard.sdk.errors import ResponseFormatError
 from forkyard.sdk.models import (
     CheckpointInfo,
     CommandResult,
@@ -24,7 +24,6 @@ from forkyard.sdk.models import (
     WorkerInfo,
     entry_from_json,
 )
-from forkyard.wire.limits import MAX_FILE_BYTES
 
 __all__ = [
     "BOOT_TIMEOUT",
@@ -35,6 +34,7 @@ __all__ = [
     "delete_checkpoint",
     "disk_bytes",
     "exec_",
+    "exists",
     "fork",
     "get_checkpoint",
     "get_sandbox",
@@ -45,12 +45,15 @@ __all__ = [
     "list_entries",
     "list_sandboxes",
     "list_workers",
-    "mkdir_argv",
+    "mkdir",
     "read_file",
+    "read_tree",
     "remove",
+    "rename",
     "stat",
     "wake",
     "write_file",
+    "write_tree",
 ]
 
 # A TCG boot takes ~3 s, but shared CI machines can be 50x slower; the server
@@ -58,6 +61,8 @@ __all__ = [
 BOOT_TIMEOUT = 300.0
 # On top of a command's own timeout: the server's agent grace plus transfer.
 EXEC_GRACE = 30.0
+# a file transfer: the longest wait between two chunks, or for the guest's fsync at the end
+FILE_TIMEOUT = 300.0
 
 
 def _sid(sandbox_id: str) -> str:
@@ -229,20 +234,9 @@ def _guest_path(path: str) -> str:
     return path
 
 
-def mkdir_argv(path: str, mode: int) -> list[str]:
-    """``make_dir`` as a guest command: docs/api.md has no mkdir endpoint."""
-    return ["mkdir", "-p", "-m", format(mode, "o"), "--", _guest_path(path)]
-
-
-def write_file(sandbox_id: str, path: str, data: bytes, mode: int,
+def write_file(sandbox_id: str, path: str, data: bytes | None, mode: int,
                append: bool) -> Call[int]:
-    # Refused here rather than after sending 64 MiB+ that the server will refuse.
-    if len(data) > MAX_FILE_BYTES:
-        raise TooLarge(
-            f"file {path} is {len(data)} bytes, over the limit of {MAX_FILE_BYTES} bytes",
-            status=413, type="too_large", detail={"size": len(data), "limit": MAX_FILE_BYTES},
-        )
-
+    """``data`` None: the body is streamed by ``upload`` (any size; the server caps it)."""
     def parse(r: httpx.Response) -> int:
         data = json_body(r)
         size = data.get("size") if isinstance(data, dict) else None
@@ -250,17 +244,60 @@ def write_file(sandbox_id: str, path: str, data: bytes, mode: int,
             raise ResponseFormatError("file write: reply has no size")
         return size
 
+    # timeout: between two chunks of the transfer, or for the commit after it
     return Call(
         "PUT", f"/v1/sandboxes/{_sid(sandbox_id)}/files", parse,
         params={"path": _guest_path(path), "mode": mode, "append": "true" if append else "false"},
         content=data,
-        timeout=120.0,
+        timeout=FILE_TIMEOUT,
     )
+
+
+def write_tree(sandbox_id: str, path: str) -> Call[int]:
+    """A tar stream into the guest directory ``path`` (body given to ``upload``)."""
+    def parse(r: httpx.Response) -> int:
+        data = json_body(r)
+        n = data.get("entries") if isinstance(data, dict) else None
+        if not isinstance(n, int):
+            raise ResponseFormatError("tree write: reply has no entry count")
+        return n
+
+    return Call("PUT", f"/v1/sandboxes/{_sid(sandbox_id)}/files/tree", parse,
+                params={"path": _guest_path(path)}, timeout=FILE_TIMEOUT)
+
+
+def read_tree(sandbox_id: str, path: str) -> Call[bytes]:
+    return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/files/tree", lambda r: r.content,
+                params={"path": _guest_path(path)}, timeout=FILE_TIMEOUT)
+
+
+def exists(sandbox_id: str, path: str) -> Call[bool]:
+    def parse(r: httpx.Response) -> bool:
+        data = json_body(r)
+        found = data.get("exists") if isinstance(data, dict) else None
+        if not isinstance(found, bool):
+            raise ResponseFormatError("exists: reply has no 'exists'")
+        return found
+
+    return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/files/exists", parse,
+                params={"path": _guest_path(path)})
+
+
+def mkdir(sandbox_id: str, path: str, mode: int, parents: bool) -> Call[None]:
+    return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/files/mkdir", no_body,
+                params={"path": _guest_path(path), "mode": mode,
+                        "parents": "true" if parents else "false"})
+
+
+def rename(sandbox_id: str, path: str, to: str, overwrite: bool) -> Call[None]:
+    return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/files/rename", no_body,
+                params={"path": _guest_path(path), "to": _guest_path(to),
+                        "overwrite": "true" if overwrite else "false"})
 
 
 def read_file(sandbox_id: str, path: str) -> Call[bytes]:
     return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/files", lambda r: r.content,
-                params={"path": _guest_path(path)}, timeout=120.0)
+                params={"path": _guest_path(path)}, timeout=FILE_TIMEOUT)
 
 
 def list_entries(sandbox_id: str, path: str) -> Call[list[EntryInfo]]:

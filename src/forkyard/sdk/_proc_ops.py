@@ -1,15 +1,17 @@
 """The process endpoints (``/v1/sandboxes/{id}/procs...``) as :class:`Call` descriptions.
 
-Output is pulled by offset with a long poll (``wait``): each reply is
-bounded (1 MiB a stream), and the next one is asked for only when the
-caller has taken the last, so a slow consumer slows the command (lossless
-mode) or loses old output, never grows this process's memory.
+Output is followed on the control plane's NDJSON stream (``.../stream``),
+each event bounded (1 MiB a stream) and read only as the caller takes them,
+so a slow consumer slows the command (lossless mode) or loses old output,
+never grows this process's memory.  The long poll by offset (``output``,
+``wait``) is the fallback when a stream breaks twice in a row.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -20,11 +22,14 @@ from forkyard.sdk._http import Call, json_body, no_body
 from forkyard.sdk.errors import ResponseFormatError
 from forkyard.wire.output import decode_output
 
-__all__ = ["POLL_WAIT", "STDIN_CHUNK", "Output", "ProcessInfo", "list_procs", "output",
-           "resize", "signal", "spawn", "stdin"]
+__all__ = ["POLL_WAIT", "STDIN_CHUNK", "Output", "ProcessInfo", "aevents", "events",
+           "list_procs", "output", "parse_output", "resize", "signal", "spawn", "stdin",
+           "stream"]
 
 POLL_WAIT = 20.0  # seconds one read waits in the guest for output
 STDIN_CHUNK = 256 * 1024
+# one event of the stream: 1 MiB a stream, base64 at worst, and the JSON around it
+STREAM_LINE_MAX = 4 * 1024 * 1024
 _QUICK = 30.0
 
 
@@ -68,7 +73,12 @@ def _obj(r: httpx.Response) -> dict[str, Any]:
 
 
 def _output(r: httpx.Response) -> Output:
-    d = _obj(r)
+    return parse_output(_obj(r))
+
+
+def parse_output(d: Any) -> Output:
+    if not isinstance(d, dict):
+        raise ResponseFormatError("process output: expected a JSON object")
     try:
         return Output(decode_output(d["stdout"], d.get("stdout_encoding", "utf-8")),
                       decode_output(d["stderr"], d.get("stderr_encoding", "utf-8")),
@@ -115,6 +125,46 @@ def spawn(sandbox_id: str, cmd: str | Sequence[str] | None, *, env: Mapping[str,
 def output(sandbox_id: str, pid: int, out: int, err: int, wait: float = POLL_WAIT) -> Call[Output]:
     return Call("GET", f"{_p(sandbox_id, pid)}/output", _output,
                 params={"out": out, "err": err, "wait": str(wait)}, timeout=wait + _QUICK)
+
+
+def stream(sandbox_id: str, pid: int, out: int, err: int) -> Call[None]:
+    """The NDJSON stream of outputs (body read by ``SyncHTTP.stream``); an event at least
+    every 20 s keeps it alive, so the timeout bounds a silent gap."""
+    return Call("GET", f"{_p(sandbox_id, pid)}/stream", no_body,
+                params={"out": out, "err": err}, timeout=POLL_WAIT + _QUICK)
+
+
+def _event(line: bytes) -> Output:
+    try:
+        return parse_output(json.loads(line))
+    except ValueError as exc:
+        raise ResponseFormatError(f"process stream: a line is not JSON ({exc})") from exc
+
+
+def _split(buf: bytearray, chunk: bytes) -> list[bytes]:
+    buf += chunk
+    lines = []
+    while (i := buf.find(b"\n")) >= 0:
+        lines.append(bytes(buf[:i]))
+        del buf[: i + 1]
+    if len(buf) > STREAM_LINE_MAX:
+        raise ResponseFormatError(f"process stream: a line over {STREAM_LINE_MAX} bytes")
+    return [line for line in lines if line.strip()]
+
+
+def events(chunks: Iterable[bytes]) -> Iterator[Output]:
+    """NDJSON chunks as outputs, one line held at a time (each bounded)."""
+    buf = bytearray()
+    for chunk in chunks:
+        for line in _split(buf, chunk):
+            yield _event(line)
+
+
+async def aevents(chunks: AsyncIterable[bytes]) -> AsyncIterator[Output]:
+    buf = bytearray()
+    async for chunk in chunks:
+        for line in _split(buf, chunk):
+            yield _event(line)
 
 
 def stdin(sandbox_id: str, pid: int, data: bytes, eof: bool) -> Call[int]:

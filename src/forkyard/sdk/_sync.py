@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import IO, overload
+from typing import overload
 
 from forkyard.sdk import _ops
 from forkyard.sdk._commands import Commands, Pty, TextSink
@@ -17,17 +17,17 @@ from forkyard.sdk._common import (
     HIBERNATE_TIMEOUT,
     PUBLISH_TIMEOUT,
     WAKE_TIMEOUT,
-    as_bytes,
     check_result,
     fork_timeout,
     poll_delays,
     publish_outcome,
     publish_timed_out,
 )
-from forkyard.sdk._http import Progress, SyncHTTP
+from forkyard.sdk._files import Files
+from forkyard.sdk._http import SyncHTTP
 from forkyard.sdk.config import ConnectionConfig
 from forkyard.sdk.errors import NotFoundError
-from forkyard.sdk.models import CheckpointInfo, CommandResult, EntryInfo, SandboxInfo, WorkerInfo
+from forkyard.sdk.models import CheckpointInfo, CommandResult, SandboxInfo, WorkerInfo
 
 __all__ = ["Checkpoint", "Files", "Sandbox", "list_workers"]
 
@@ -44,46 +44,6 @@ def list_workers(*, url: str | None = None, token: str | None = None,
                  home: PathLike | None = None) -> list[WorkerInfo]:
     """The workers the control plane knows, alive or dead."""
     return _http(url, token, home).call(_ops.list_workers())
-
-
-class Files:
-    """``sandbox.files``: the guest filesystem (paths are absolute guest paths)."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
-
-    def write(self, path: str, data: bytes | str | IO[bytes], *, mode: int = 0o644,
-              append: bool = False, progress: Progress | None = None) -> int:
-        """Write (or append to) a file, creating parent directories; returns its size."""
-        raw = as_bytes(data)
-        call = _ops.write_file(self._sb.id, path, raw, mode, append)
-        return self._sb._http.upload(call, raw, progress)
-
-    def read(self, path: str, *, progress: Progress | None = None) -> bytes:
-        return self._sb._http.download(_ops.read_file(self._sb.id, path), progress)
-
-    def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return self.read(path).decode(encoding)
-
-    def list(self, path: str) -> builtins.list[EntryInfo]:
-        return self._sb._http.call(_ops.list_entries(self._sb.id, path))
-
-    def stat(self, path: str) -> EntryInfo:
-        return self._sb._http.call(_ops.stat(self._sb.id, path))
-
-    def exists(self, path: str) -> bool:
-        try:
-            self.stat(path)
-        except NotFoundError:
-            return False
-        return True
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        self._sb._http.call(_ops.remove(self._sb.id, path, recursive))
-
-    def make_dir(self, path: str, *, mode: int = 0o755) -> None:
-        """``mkdir -p``; the API has no mkdir endpoint, so this runs in the guest."""
-        self._sb.exec(_ops.mkdir_argv(path, mode), check=True)
 
 
 class Checkpoint:

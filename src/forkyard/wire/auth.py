@@ -25,7 +25,7 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from forkyard.wire.limits import MAX_FILE_BYTES
+from forkyard.wire.limits import EXEC_STDIN_BYTES, max_file_bytes
 
 __all__ = [
     "BearerAuth",
@@ -278,14 +278,15 @@ async def _reply_429(send: Send, wait: float) -> None:
 
 JSON_LIMIT = 1024 * 1024  # a JSON request body; far above any real one
 # exec carries stdin as base64 in its JSON: as much as a file, plus the rest
-EXEC_LIMIT = MAX_FILE_BYTES * 4 // 3 + JSON_LIMIT
+EXEC_LIMIT = EXEC_STDIN_BYTES * 4 // 3 + JSON_LIMIT
 REPORT_LIMIT = 16 * 1024 * 1024  # a worker's report lists every sandbox and checkpoint
 
 
 def body_limit(path: str) -> tuple[int, bool]:
     """``(limit, streamed)`` of a request body on ``path``, for both services' routes."""
-    if path.startswith(("/v1/sandboxes/", "/sandboxes/")) and path.endswith("/files"):
-        return MAX_FILE_BYTES, True  # the route counts it as it streams it on
+    if path.startswith(("/v1/sandboxes/", "/sandboxes/")) and path.endswith(
+            ("/files", "/files/tree")):
+        return max_file_bytes(), True  # the route counts it as it streams it on
     if path.startswith(("/v1/sandboxes/", "/sandboxes/")) and path.endswith("/exec"):
         return EXEC_LIMIT, False
     if path.startswith("/internal/"):

@@ -42,6 +42,7 @@ __all__ = [
     "EventOut",
     "ExecRequest",
     "ExecResultOut",
+    "FileExists",
     "FileWritten",
     "ForkRequest",
     "Health",
@@ -51,6 +52,7 @@ __all__ = [
     "SandboxOut",
     "SandboxState",
     "TimeoutRequest",
+    "TreeWritten",
     "WakeRequest",
     "WorkerCapacity",
     "WorkerCheckpoint",
@@ -284,6 +286,16 @@ class EntryOut(_Reply):
 class FileWritten(_Reply):
     path: str
     size: int
+
+
+class FileExists(_Reply):
+    path: str
+    exists: bool
+
+
+class TreeWritten(_Reply):
+    path: str
+    entries: int
 
 
 class ErrorInfo(_Reply):

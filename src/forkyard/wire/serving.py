@@ -13,7 +13,7 @@ from typing import Any
 from starlette.requests import Request
 
 from forkyard.wire.errors import ApiError
-from forkyard.wire.models import MAX_FILE_BYTES
+from forkyard.wire.limits import max_file_bytes
 
 __all__ = ["bind", "check_length", "limited_body", "setup_logging", "write_ready_file"]
 
@@ -60,9 +60,9 @@ def setup_logging() -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _too_large(size: int) -> ApiError:
-    return ApiError(413, f"file is {size} bytes or more, over the limit of {MAX_FILE_BYTES}",
-                    detail={"limit": MAX_FILE_BYTES})
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"file is {size} bytes or more, over the limit of {limit}",
+                    detail={"limit": limit})
 
 
 def check_length(request: Request) -> None:
@@ -74,16 +74,17 @@ def check_length(request: Request) -> None:
         length = int(raw)
     except ValueError:
         raise ApiError(400, f"bad Content-Length {raw!r}") from None
-    if length > MAX_FILE_BYTES:
-        raise _too_large(length)
+    limit = max_file_bytes()
+    if length > limit:
+        raise _too_large(length, limit)
 
 
 async def limited_body(request: Request) -> AsyncIterator[bytes]:
     """The request body as it arrives, refused (413) as soon as it passes the limit."""
-    total = 0
+    total, limit = 0, max_file_bytes()
     async for chunk in request.stream():
         total += len(chunk)
-        if total > MAX_FILE_BYTES:
-            raise _too_large(total)
+        if total > limit:
+            raise _too_large(total, limit)
         if chunk:
             yield chunk

@@ -21,7 +21,9 @@ from forkyard.wire.models import (
     EntryOut,
     ExecRequest,
     ExecResultOut,
+    FileExists,
     FileWritten,
+    TreeWritten,
     WorkerCheckpoint,
     WorkerCheckpointRequest,
     WorkerCreateRequest,
@@ -58,23 +60,28 @@ __all__ = [
     "create",
     "destroy",
     "exec_",
+    "file_exists",
     "fork",
     "get_sandbox",
     "hibernate",
     "list_files",
     "list_procs",
+    "make_dir",
     "proc_output",
     "proc_resize",
     "proc_signal",
     "proc_stdin",
     "publish_status",
     "read_file",
+    "read_tree",
     "remove_file",
+    "rename_file",
     "set_network",
     "spawn",
     "stat_file",
     "wake",
     "write_file",
+    "write_tree",
 ]
 
 QUICK_TIMEOUT = 10.0
@@ -130,6 +137,11 @@ READ_FILE = Route("GET", "/sandboxes/{sandbox_id}/files")
 LIST_FILES = Route("GET", "/sandboxes/{sandbox_id}/files/list")
 STAT_FILE = Route("GET", "/sandboxes/{sandbox_id}/files/stat")
 REMOVE_FILE = Route("DELETE", "/sandboxes/{sandbox_id}/files")
+WRITE_TREE = Route("PUT", "/sandboxes/{sandbox_id}/files/tree")
+READ_TREE = Route("GET", "/sandboxes/{sandbox_id}/files/tree")
+FILE_EXISTS = Route("GET", "/sandboxes/{sandbox_id}/files/exists")
+MAKE_DIR = Route("POST", "/sandboxes/{sandbox_id}/files/mkdir")
+RENAME_FILE = Route("POST", "/sandboxes/{sandbox_id}/files/rename")
 CHECKPOINT = Route("POST", "/sandboxes/{sandbox_id}/checkpoint")
 CHECKPOINT_INFO = Route("GET", "/checkpoints/{checkpoint_id}")
 FORK = Route("POST", "/checkpoints/{checkpoint_id}/fork")
@@ -147,7 +159,8 @@ PROC_SIGNAL = Route("POST", "/sandboxes/{sandbox_id}/procs/{pid}/signal")
 ROUTES: tuple[Route, ...] = (CREATE, SANDBOX, DESTROY, EXEC, WRITE_FILE, READ_FILE,
                              LIST_FILES, STAT_FILE, REMOVE_FILE, CHECKPOINT, CHECKPOINT_INFO,
                              FORK, HIBERNATE, WAKE, NETWORK, SPAWN, LIST_PROCS, PROC_OUTPUT,
-                             PROC_STDIN, PROC_RESIZE, PROC_SIGNAL)
+                             PROC_STDIN, PROC_RESIZE, PROC_SIGNAL, WRITE_TREE,
+                             READ_TREE, FILE_EXISTS, MAKE_DIR, RENAME_FILE)
 
 
 def _none(_: Any) -> None:
@@ -238,6 +251,32 @@ def write_file(sandbox_id: str, path: str, *, mode: int, append: bool) -> Call[F
 def read_file(sandbox_id: str, path: str) -> Call[bytes]:
     return Call(READ_FILE, READ_FILE.path(sandbox_id=sandbox_id), _raw, FILE_TIMEOUT,
                 params={"path": path})
+
+
+def write_tree(sandbox_id: str, path: str) -> Call[TreeWritten]:
+    """The body (a tar stream) is streamed by the caller."""
+    return Call(WRITE_TREE, WRITE_TREE.path(sandbox_id=sandbox_id), TreeWritten.model_validate,
+                FILE_TIMEOUT, params={"path": path})
+
+
+def read_tree(sandbox_id: str, path: str) -> Call[bytes]:
+    return Call(READ_TREE, READ_TREE.path(sandbox_id=sandbox_id), _raw, FILE_TIMEOUT,
+                params={"path": path})
+
+
+def file_exists(sandbox_id: str, path: str) -> Call[FileExists]:
+    return Call(FILE_EXISTS, FILE_EXISTS.path(sandbox_id=sandbox_id), FileExists.model_validate,
+                QUICK_TIMEOUT * 3, params={"path": path})
+
+
+def make_dir(sandbox_id: str, path: str, *, mode: int, parents: bool) -> Call[None]:
+    return Call(MAKE_DIR, MAKE_DIR.path(sandbox_id=sandbox_id), _none, QUICK_TIMEOUT * 3,
+                params={"path": path, "mode": mode, "parents": parents})
+
+
+def rename_file(sandbox_id: str, path: str, to: str, *, overwrite: bool) -> Call[None]:
+    return Call(RENAME_FILE, RENAME_FILE.path(sandbox_id=sandbox_id), _none, QUICK_TIMEOUT * 3,
+                params={"path": path, "to": to, "overwrite": overwrite})
 
 
 def list_files(sandbox_id: str, path: str) -> Call[list[EntryOut]]:

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Response
 from fastapi import Path as PathParam
-from fastapi.concurrency import run_in_threadpool
 
-from forkyard.guest.client import EntryInfo, ExecResult
+from forkyard.guest.client import ExecResult
 from forkyard.wire.models import (
-    EntryOut,
     ExecRequest,
     ExecResultOut,
-    FileWritten,
     WorkerCheckpoint,
     WorkerCheckpointRequest,
     WorkerCreateRequest,
@@ -26,7 +22,7 @@ from forkyard.wire.models import (
     WorkerWakeRequest,
 )
 from forkyard.wire.network import NetworkSpec
-from forkyard.wire.serving import check_length, limited_body
+from forkyard.worker.daemon._file_routes import add_file_routes
 from forkyard.worker.daemon._node import Node, sandbox_json
 from forkyard.worker.daemon._proc_routes import add_proc_routes
 from forkyard.worker.daemon._publish import MAX_WAIT
@@ -37,7 +33,6 @@ T = TypeVar("T")
 
 SandboxId = Annotated[str, PathParam(pattern=r"^sb-[0-9a-f]{20}$")]
 CheckpointId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{64}$")]
-GuestPath = Annotated[str, Query(pattern=r"^/[^\x00]*$", max_length=4096)]
 
 
 def exec_json(r: ExecResult) -> ExecResultOut:
@@ -45,17 +40,10 @@ def exec_json(r: ExecResult) -> ExecResultOut:
                             signal=r.signal, timed_out=r.timed_out, truncated=r.truncated)
 
 
-def _entry_json(e: EntryInfo) -> EntryOut:
-    return EntryOut(name=e.name, mode=e.mode, size=e.size, mtime_ns=e.mtime_ns,
-                    is_dir=e.is_dir)
-
-
 def add_routes(app: FastAPI, d: Node) -> None:
     w = d.worker
     add_proc_routes(app, d)
-
-    async def threaded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await run_in_threadpool(fn, *args, **kwargs)
+    add_file_routes(app, d)
 
     @app.get("/health")
     def health() -> WorkerHealth:
@@ -97,34 +85,6 @@ def add_routes(app: FastAPI, d: Node) -> None:
         body = model.model_dump_json()
         del model
         return Response(body, media_type="application/json")
-
-    @app.put("/sandboxes/{sandbox_id}/files", status_code=200)
-    async def write_file(sandbox_id: SandboxId, request: Request, path: GuestPath,
-                         mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
-                         append: bool = False) -> FileWritten:
-        check_length(request)
-        sb = w.get(sandbox_id)
-        data = b"".join([chunk async for chunk in limited_body(request)])
-        size = await threaded(sb.files.write, path, data, mode=mode, append=append)
-        return FileWritten(path=path, size=size)
-
-    @app.get("/sandboxes/{sandbox_id}/files")
-    def read_file(sandbox_id: SandboxId, path: GuestPath) -> Response:
-        data = w.get(sandbox_id).files.read(path)
-        return Response(data, media_type="application/octet-stream")
-
-    @app.get("/sandboxes/{sandbox_id}/files/list")
-    def list_files(sandbox_id: SandboxId, path: GuestPath) -> list[EntryOut]:
-        return [_entry_json(e) for e in w.get(sandbox_id).files.list(path)]
-
-    @app.get("/sandboxes/{sandbox_id}/files/stat")
-    def stat_file(sandbox_id: SandboxId, path: GuestPath) -> EntryOut:
-        return _entry_json(w.get(sandbox_id).files.stat(path))
-
-    @app.delete("/sandboxes/{sandbox_id}/files", status_code=204)
-    def remove_file(sandbox_id: SandboxId, path: GuestPath, recursive: bool = False) -> Response:
-        w.get(sandbox_id).files.remove(path, recursive=recursive)
-        return Response(status_code=204)
 
     @app.post("/sandboxes/{sandbox_id}/checkpoint", status_code=201)
     def checkpoint(sandbox_id: SandboxId,
