@@ -92,9 +92,11 @@ __all__ = [
     "InsufficientCapacity",
     "IntegrityError",
     "ManifestError",
+    "NetworkConflict",
     "ObjectNotFound",
     "PayloadTooLarge",
     "PlacementConflict",
+    "PreviewUnauthorized",
     "SandboxBusy",
     "SandboxError",
     "SandboxNotFound",
@@ -103,6 +105,7 @@ __all__ = [
     "StoreError",
     "ToolError",
     "ToolTimeout",
+    "TunnelLimit",
     "UnsafeInput",
     "UnsafePath",
     "VMError",
@@ -447,4 +450,24 @@ class InsufficientCapacity(FleetError):
         self.limit = limit
         self.needed = needed
         self.free = free
+        super().__init__(message)
+
+
+class NetworkConflict(SandboxError):
+    """The sandbox's network forbids it (rules for a sandbox made with ``network: none``)."""
+
+
+class PreviewUnauthorized(AccessError):
+    """A request to a guest port without a valid API key, preview token or public port."""
+
+
+class TunnelLimit(FleetError):
+    """Too many tunnels (proxied connections to guest ports) are open: retry later.
+
+    ``scope`` is what is full: ``"server"`` or ``"sandbox"``; ``limit`` its cap.
+    """
+
+    def __init__(self, message: str, *, scope: str, limit: int) -> None:
+        self.scope = scope
+        self.limit = limit
         super().__init__(message)

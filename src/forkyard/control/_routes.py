@@ -24,6 +24,7 @@ from starlette.background import BackgroundTask
 import forkyard
 from forkyard.control._deps import Admin, Caller
 from forkyard.control._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from forkyard.control._port_routes import add_port_routes
 from forkyard.control._proc_routes import add_proc_routes
 from forkyard.control._service import ControlPlane
 from forkyard.errors import Forbidden
@@ -140,6 +141,7 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
         return await anyio.to_thread.run_sync(fn, *args)
 
     add_proc_routes(app, plane, _errors)
+    add_port_routes(app, plane, _errors)
 
     @app.get("/health", tags=["meta"])
     def health() -> Health:

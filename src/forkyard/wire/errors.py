@@ -37,13 +37,16 @@ from forkyard.errors import (
     KeyConflict,
     KeyNotFound,
     ManifestError,
+    NetworkConflict,
     ObjectNotFound,
     PayloadTooLarge,
     PlacementConflict,
+    PreviewUnauthorized,
     SandboxNotFound,
     SandboxStateError,
     StoreError,
     ToolError,
+    TunnelLimit,
     UnsafeInput,
     UnsafePath,
     VMError,
@@ -97,6 +100,8 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
     (WorkerNotFound, 404, "not_found"),
     (KeyNotFound, 404, "not_found"),
     (Forbidden, 403, "forbidden"),
+    (PreviewUnauthorized, 401, "unauthorized"),
+    (NetworkConflict, 409, "conflict"),
     (KeyConflict, 409, "conflict"),
     (SandboxStateError, 409, "conflict"),
     (WorkerConflict, 409, "conflict"),
@@ -115,6 +120,7 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
     (BadWorkerReport, 400, "bad_request"),
     # nothing can take the work now: retry later (or ask for a smaller sandbox)
     (InsufficientCapacity, 503, "insufficient_capacity"),
+    (TunnelLimit, 503, "unavailable"),
     (WorkerUnavailable, 503, "unavailable"),
     (DatabaseUnavailable, 503, "unavailable"),
     (WorkerReplyError, 502, "worker_error"),
@@ -198,6 +204,8 @@ def _detail(exc: ForkyardError) -> dict[str, Any] | None:
     if isinstance(exc, InsufficientCapacity):
         return {"worker": exc.worker or None, "resource": exc.resource, "needed": exc.needed,
                 "free": exc.free, "limit": exc.limit}
+    if isinstance(exc, TunnelLimit):
+        return {"scope": exc.scope, "limit": exc.limit}
     if isinstance(exc, IntegrityError):
         return {"what": exc.what, "expected": exc.expected, "actual": exc.actual}
     return None

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, f
 from forkyard.wire.ids import SANDBOX_ID_RE
 from forkyard.wire.lifecycle import SandboxState
 from forkyard.wire.limits import MAX_FILE_BYTES
+from forkyard.wire.network import NetworkSpec
 from forkyard.wire.output import OutputEncoding, encode_output
 
 __all__ = [
@@ -189,6 +190,8 @@ class SandboxOut(_Reply):
     idle_hibernate: int | None = Field(None, description="hibernate after this many "
                                                          "seconds without exec/file traffic")
     auto_wake: bool = False
+    network: NetworkSpec | None = Field(None, description="its network mode and egress "
+                                        "rules (null: made before networks, i.e. none)")
 
 
 class CheckpointOut(_Reply):
@@ -314,6 +317,8 @@ class CreateSandboxRequest(_Request):
                                        description="hibernate after this many idle seconds")
     auto_wake: StrictBool = Field(default=False, description="an exec or file request to "
                                   "the hibernated sandbox wakes it first")
+    network: NetworkSpec = Field(default_factory=NetworkSpec, description="network mode "
+                                 "and egress rules; forks and wakes keep them")
 
 
 class TimeoutRequest(_Request):
@@ -505,6 +510,7 @@ class WorkerCreateRequest(_Request):
     sandbox_id: str | None = Field(default=None, pattern=SANDBOX_ID_RE.pattern)
     disk: int | None = Field(default=None, ge=DISK_MIN, le=DISK_MAX)
     cold: StrictBool = False
+    network: NetworkSpec | None = None
 
 
 class WorkerCheckpointRequest(_Request):
@@ -514,10 +520,13 @@ class WorkerCheckpointRequest(_Request):
 
 class WorkerForkRequest(_Request):
     sandbox_id: str | None = Field(default=None, pattern=SANDBOX_ID_RE.pattern)
+    # the source sandbox's network as the control plane stored it (None: the manifest's)
+    network: NetworkSpec | None = None
 
 
 class WorkerWakeRequest(_Request):
     checkpoint_id: Digest | None = None
+    network: NetworkSpec | None = None  # the sandbox's stored network (None: the manifest's)
 
 
 def dump(model: BaseModel) -> dict[str, Any]:

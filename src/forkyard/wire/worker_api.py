@@ -31,6 +31,7 @@ from forkyard.wire.models import (
     WorkerSandbox,
     WorkerWakeRequest,
 )
+from forkyard.wire.network import NetworkSpec
 from forkyard.wire.procs import (
     ProcOut,
     ProcOutput,
@@ -49,6 +50,7 @@ __all__ = [
     "HIBERNATE_TIMEOUT",
     "QUICK_TIMEOUT",
     "ROUTES",
+    "WEBSOCKETS",
     "Call",
     "Params",
     "Route",
@@ -69,8 +71,10 @@ __all__ = [
     "publish_status",
     "read_file",
     "remove_file",
+    "set_network",
     "spawn",
     "stat_file",
+    "tunnel_path",
     "wake",
     "write_file",
 ]
@@ -133,6 +137,10 @@ CHECKPOINT_INFO = Route("GET", "/checkpoints/{checkpoint_id}")
 FORK = Route("POST", "/checkpoints/{checkpoint_id}/fork")
 HIBERNATE = Route("POST", "/sandboxes/{sandbox_id}/hibernate")
 WAKE = Route("POST", "/sandboxes/{sandbox_id}/wake")
+# served by the worker's network code (not in ROUTES until that route is on every worker)
+NETWORK = Route("PUT", "/sandboxes/{sandbox_id}/network")
+# a WebSocket (GET + Upgrade) carrying one TCP connection's bytes (forkyard.wire.ports)
+TUNNEL = Route("GET", "/sandboxes/{sandbox_id}/ports/{port}/tunnel")
 
 SPAWN = Route("POST", "/sandboxes/{sandbox_id}/procs")
 LIST_PROCS = Route("GET", "/sandboxes/{sandbox_id}/procs")
@@ -145,6 +153,7 @@ ROUTES: tuple[Route, ...] = (CREATE, SANDBOX, DESTROY, EXEC, WRITE_FILE, READ_FI
                              LIST_FILES, STAT_FILE, REMOVE_FILE, CHECKPOINT, CHECKPOINT_INFO,
                              FORK, HIBERNATE, WAKE, SPAWN, LIST_PROCS, PROC_OUTPUT, PROC_STDIN,
                              PROC_RESIZE, PROC_SIGNAL)
+WEBSOCKETS: tuple[Route, ...] = (TUNNEL,)
 
 
 def _none(_: Any) -> None:
@@ -165,9 +174,9 @@ def _entries(data: Any) -> list[EntryOut]:
 # --- sandboxes -----------------------------------------------------------------
 def create(sandbox_id: str, image: str, memory_mb: int | None,
            cpus: int | None, *, disk: int | None = None,
-           cold: bool = False) -> Call[WorkerSandbox]:
+           cold: bool = False, network: NetworkSpec | None = None) -> Call[WorkerSandbox]:
     body = WorkerCreateRequest(image=image, memory_mb=memory_mb, cpus=cpus,
-                               sandbox_id=sandbox_id, disk=disk, cold=cold)
+                               sandbox_id=sandbox_id, disk=disk, cold=cold, network=network)
     return Call(CREATE, CREATE.path(), WorkerSandbox.model_validate, BOOT_TIMEOUT, body)
 
 
@@ -271,9 +280,10 @@ def publish_status(checkpoint_id: str, wait: float) -> Call[WorkerPublishStatus]
                 params={"wait": wait})
 
 
-def fork(checkpoint_id: str, sandbox_id: str) -> Call[WorkerSandbox]:
+def fork(checkpoint_id: str, sandbox_id: str,
+         network: NetworkSpec | None = None) -> Call[WorkerSandbox]:
     return Call(FORK, FORK.path(checkpoint_id=checkpoint_id), WorkerSandbox.model_validate,
-                BOOT_TIMEOUT, WorkerForkRequest(sandbox_id=sandbox_id))
+                BOOT_TIMEOUT, WorkerForkRequest(sandbox_id=sandbox_id, network=network))
 
 
 def hibernate(sandbox_id: str) -> Call[WorkerHibernated]:
@@ -281,6 +291,17 @@ def hibernate(sandbox_id: str) -> Call[WorkerHibernated]:
                 WorkerHibernated.model_validate, HIBERNATE_TIMEOUT)
 
 
-def wake(sandbox_id: str, checkpoint_id: str) -> Call[WorkerSandbox]:
+def wake(sandbox_id: str, checkpoint_id: str,
+         network: NetworkSpec | None = None) -> Call[WorkerSandbox]:
     return Call(WAKE, WAKE.path(sandbox_id=sandbox_id), WorkerSandbox.model_validate,
-                BOOT_TIMEOUT, WorkerWakeRequest(checkpoint_id=checkpoint_id))
+                BOOT_TIMEOUT, WorkerWakeRequest(checkpoint_id=checkpoint_id, network=network))
+
+
+def set_network(sandbox_id: str, spec: NetworkSpec) -> Call[None]:
+    """Apply new egress rules to a running sandbox (the worker replaces its rule set)."""
+    return Call(NETWORK, NETWORK.path(sandbox_id=sandbox_id), _none, QUICK_TIMEOUT, spec)
+
+
+def tunnel_path(sandbox_id: str, port: int) -> str:
+    """Where a worker opens a byte tunnel to ``port`` of ``sandbox_id``'s guest."""
+    return TUNNEL.path(sandbox_id=sandbox_id, port=str(port))
