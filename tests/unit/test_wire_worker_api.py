@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, APIWebSocketRoute
 from pydantic import ValidationError
 
 from forkyard._digest import resolve_prefix
@@ -35,6 +35,15 @@ def test_every_description_is_a_route_of_the_worker_daemon():
     # and the control plane uses every worker route but the worker's own listings
     assert served - described == {("GET", "/health"), ("GET", "/status"),
                                   ("GET", "/sandboxes")}
+
+
+def test_every_tunnel_is_a_websocket_of_the_worker_daemon():
+    from forkyard.worker.daemon._routes import add_routes
+
+    app = FastAPI()
+    add_routes(app, SimpleNamespace(worker=None))  # type: ignore[arg-type]
+    served = {r.path for r in app.routes if isinstance(r, APIWebSocketRoute)}
+    assert {r.template for r in api.WEBSOCKETS} == served
 
 
 CALLS = [
@@ -75,13 +84,13 @@ def test_calls_fill_their_templates(call: api.Call[object], method: str, path: s
 def test_bodies_and_timeouts():
     assert api.create(SID, "minimal", 256, None).json() == {
         "image": "minimal", "memory_mb": 256, "cpus": None, "sandbox_id": SID,
-        "disk": None, "cold": False}
+        "disk": None, "cold": False, "network": None}
     assert api.create(SID, "minimal", None, 2, disk=4 << 30, cold=True).json() == {
         "image": "minimal", "memory_mb": None, "cpus": 2, "sandbox_id": SID,
-        "disk": 4 << 30, "cold": True}
+        "disk": 4 << 30, "cold": True, "network": None}
     assert api.checkpoint(SID, None, False).json() == {"name": None, "publish": False}
-    assert api.wake(SID, CP).json() == {"checkpoint_id": CP}
-    assert api.fork(CP, SID).json() == {"sandbox_id": SID}
+    assert api.wake(SID, CP).json() == {"checkpoint_id": CP, "network": None}
+    assert api.fork(CP, SID).json() == {"sandbox_id": SID, "network": None}
     assert api.hibernate(SID).json() is None
     # a command's own timeout plus the margin for the agent and the reply
     assert api.exec_(SID, ExecRequest(cmd="x", timeout=7)).timeout == 7 + api.EXEC_MARGIN

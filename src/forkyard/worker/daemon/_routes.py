@@ -27,6 +27,7 @@ from forkyard.wire.models import (
 )
 from forkyard.wire.serving import check_length, limited_body
 from forkyard.worker.daemon._node import Node, sandbox_json
+from forkyard.worker.daemon._port_routes import add_port_routes
 from forkyard.worker.daemon._proc_routes import add_proc_routes
 from forkyard.worker.daemon._publish import MAX_WAIT
 
@@ -52,6 +53,7 @@ def _entry_json(e: EntryInfo) -> EntryOut:
 def add_routes(app: FastAPI, d: Node) -> None:
     w = d.worker
     add_proc_routes(app, d)
+    add_port_routes(app, lambda sandbox_id: w.get(sandbox_id))
 
     async def threaded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await run_in_threadpool(fn, *args, **kwargs)
