@@ -1,0 +1,306 @@
+"""Networks and guest ports through the control plane, against the fake worker.
+
+The worker here is ``tests.fixtures.fake_worker`` (no VM): its tunnel route is
+the real worker daemon's (``worker.daemon._port_routes``), but the "guest
+port" it connects to is a local test server.  So this tests the proxy layer
+(auth, tokens, streaming, limits), not a guest; the real-VM tests are in
+tests/integration/test_ports.py.
+"""
+
+from __future__ import annotations
+
+import http.server
+import resource
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+from websockets.exceptions import ConnectionClosed
+
+from forkyard.control.server import create_app
+from forkyard.sdk import Sandbox
+from forkyard.sdk._forward import Forwarder, open_tunnel, tunnel_error
+from forkyard.sdk.config import ConnectionConfig
+from forkyard.wire.serving import bind
+from tests.fixtures.fake_worker import FakeWorker, fake_worker
+
+API = "api-" + "p" * 40
+WORKER = "wrk-" + "p" * 40
+MAX_TUNNELS = 4
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    """A "guest" web server: answers with what it was sent."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = (f"{self.server.server_address[1]} {self.path}\n"  # type: ignore[index]
+                + "".join(f"{k.lower()}: {v}\n" for k, v in self.headers.items())).encode()
+        self._send(body)
+
+    def do_POST(self) -> None:
+        n = int(self.headers.get("content-length", "0"))
+        self._send(self.rfile.read(n)[::-1])
+
+    def _send(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.send_header("x-guest", "yes")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Sink(socketserver.BaseRequestHandler):
+    """A raw TCP "guest" service: echoes what it reads (for port-forward)."""
+
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+def _serve(handler: type) -> tuple[socketserver.ThreadingTCPServer, int]:
+    kind = http.server.ThreadingHTTPServer if issubclass(
+        handler, http.server.BaseHTTPRequestHandler) else socketserver.ThreadingTCPServer
+    srv = kind(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, srv.server_address[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[tuple[str, httpx.Client, FakeWorker, dict[str, int]]]:
+    home = tmp_path_factory.mktemp("ports")
+    store = f"file://{home / 'store'}"
+    app = create_app(db_url=f"sqlite:///{home}/control.db", api_token=API,
+                     worker_token=WORKER, store_url=store, heartbeat_timeout=3600,
+                     max_tunnels=MAX_TUNNELS)
+    sock, url = bind("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    web, web_port = _serve(_Echo)
+    web2, web2_port = _serve(_Echo)
+    sink, sink_port = _serve(_Sink)
+    try:
+        with fake_worker("fakeports", server_url=url, worker_token=WORKER,
+                         store_url=store) as w, \
+                httpx.Client(base_url=url, headers={"authorization": f"Bearer {API}"},
+                             timeout=30) as api:
+            yield url, api, w, {"web": web_port, "web2": web2_port, "sink": sink_port}
+    finally:
+        for s in (web, web2, sink):
+            s.shutdown()
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+def _sandbox(api: httpx.Client, worker: FakeWorker, ports: dict[str, int],
+             body: dict[str, object] | None = None, web: str = "web") -> str:
+    resp = api.post("/v1/sandboxes", json=body or {})
+    assert resp.status_code == 201, resp.text
+    sid = str(resp.json()["id"])
+    worker.guest_ports[(sid, 8000)] = ("127.0.0.1", ports[web])
+    worker.guest_ports[(sid, 7000)] = ("127.0.0.1", ports["sink"])
+    return sid
+
+
+def test_network_is_stored_passed_on_and_updated(cluster) -> None:  # type: ignore[no-untyped-def]
+    _url, api, worker, ports = cluster
+    sid = _sandbox(api, worker, ports, {"network": {"mode": "outbound",
+                                                    "allow_out": ["10.1.2.0/24"],
+                                                    "deny_out": ["Example.COM"]}})
+    out = api.get(f"/v1/sandboxes/{sid}").json()
+    assert out["network"] == {"mode": "outbound", "allow_out": ["10.1.2.0/24"],
+                              "deny_out": ["example.com"]}
+    assert worker.networks[sid] is not None and worker.networks[sid].deny_out == ("example.com",)
+    # a rule change reaches the worker and is stored; the list left out stays
+    resp = api.put(f"/v1/sandboxes/{sid}/network", json={"deny_out": ["1.2.3.4"]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["network"]["allow_out"] == ["10.1.2.0/24"]
+    assert worker.networks[sid].deny_out == ("1.2.3.4/32",)  # type: ignore[union-attr]
+    # forks keep the source's network, wakes send the stored one
+    cp = api.post(f"/v1/sandboxes/{sid}/checkpoint", json={}).json()["id"]
+    fork = api.post(f"/v1/checkpoints/{cp}/fork", json={}).json()[0]
+    assert fork["network"]["deny_out"] == ["1.2.3.4/32"]
+    assert worker.networks[fork["id"]].deny_out == ("1.2.3.4/32",)  # type: ignore[union-attr]
+    assert api.post(f"/v1/sandboxes/{sid}/hibernate", json={}).status_code == 200
+    worker.networks.pop(sid)
+    assert api.post(f"/v1/sandboxes/{sid}/wake", json={}).status_code == 200
+    assert worker.networks[sid].allow_out == ("10.1.2.0/24",)  # type: ignore[union-attr]
+    # the default is outbound without rules
+    plain = _sandbox(api, worker, ports)
+    assert api.get(f"/v1/sandboxes/{plain}").json()["network"]["mode"] == "outbound"
+
+
+@pytest.mark.parametrize("body", [
+    {"network": {"mode": "bridged"}},
+    {"network": {"allow_out": ["not a rule!"]}},
+    {"network": {"deny_out": ["10.0.0.0/99"]}},
+    {"network": {"deny_out": ["x"] * 300}},
+    {"network": {"mode": "none", "extra": 1}},
+])
+def test_bad_network_is_422_naming_the_rule(cluster, body) -> None:  # type: ignore[no-untyped-def]
+    _, api, worker, _ = cluster
+    before = len(worker.create_requests)
+    resp = api.post("/v1/sandboxes", json=body)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["type"] == "invalid"
+    if "not a rule" in str(body):
+        assert "not a rule!" in resp.text
+    assert len(worker.create_requests) == before
+
+
+def test_rules_for_network_none_are_a_conflict(cluster) -> None:  # type: ignore[no-untyped-def]
+    _, api, worker, ports = cluster
+    sid = _sandbox(api, worker, ports, {"network": {"mode": "none"}})
+    resp = api.put(f"/v1/sandboxes/{sid}/network", json={"allow_out": ["1.1.1.1"]})
+    assert resp.status_code == 409 and resp.json()["error"]["type"] == "conflict"
+    bad = api.put(f"/v1/sandboxes/{sid}/network", json={"allow_out": ["bad rule"]})
+    assert bad.status_code == 422
+
+
+def test_preview_url_needs_its_token_or_the_key(cluster) -> None:  # type: ignore[no-untyped-def]
+    url, api, worker, ports = cluster
+    sid = _sandbox(api, worker, ports)
+    prev = api.post(f"/v1/sandboxes/{sid}/previews/8000")
+    assert prev.status_code == 201, prev.text
+    data = prev.json()
+    token = data["token"]
+    assert data["url"].endswith(f"/v1/sandboxes/{sid}/ports/8000/?forkyard_token={token}")
+    with httpx.Client(base_url=url, timeout=30) as anon:
+        ok = anon.get(f"/v1/sandboxes/{sid}/ports/8000/hello?a=1&forkyard_token={token}",
+                      headers={"authorization": "Basic guest-own"})
+        assert ok.status_code == 200, ok.text
+        assert ok.text.startswith(f"{ports['web']} /hello?a=1\n")
+        assert ok.headers["x-guest"] == "yes"
+        assert token not in ok.text  # the token never reaches the guest ...
+        assert "authorization: Basic guest-own" in ok.text  # ... the guest's own auth does
+        cookie = ok.headers["set-cookie"]
+        assert f"Path=/v1/sandboxes/{sid}/ports/8000/" in cookie and "HttpOnly" in cookie
+        # the page's next requests carry it as the cookie
+        again = anon.get(f"/v1/sandboxes/{sid}/ports/8000/next",
+                         headers={"cookie": f"forkyard_token={token}"})
+        assert again.status_code == 200 and token not in again.text
+        anon.cookies.clear()  # httpx kept the one the proxy set
+        for bad in ({"forkyard_token": token[:-2] + "xx"}, {}):
+            resp = anon.get(f"/v1/sandboxes/{sid}/ports/8000/", params=bad)
+            assert resp.status_code == 401, resp.text
+            assert resp.json()["error"]["type"] == "unauthorized"
+        # a token opens only its own port, and only its own sandbox
+        other = _sandbox(api, worker, ports)
+        assert anon.get(f"/v1/sandboxes/{other}/ports/8000/",
+                        params={"forkyard_token": token}).status_code == 401
+        assert anon.get(f"/v1/sandboxes/{sid}/ports/7000/",
+                        params={"forkyard_token": token}).status_code == 401
+        assert anon.get(f"/v1/sandboxes/{sid}/ports/8000/",
+                        headers={"authorization": "Bearer nope"}).status_code == 401
+    # the API key opens it too, and is not passed to the guest
+    keyed = api.post(f"/v1/sandboxes/{sid}/ports/8000/echo", content=b"abc")
+    assert keyed.status_code == 200 and keyed.content == b"cba"
+    assert API not in api.get(f"/v1/sandboxes/{sid}/ports/8000/").text
+    # public ports need the operator's consent
+    pub = api.post(f"/v1/sandboxes/{sid}/previews/8000", json={"public": True})
+    assert pub.status_code == 403 and pub.json()["error"]["type"] == "forbidden"
+
+
+def test_guest_errors_are_typed(cluster) -> None:  # type: ignore[no-untyped-def]
+    _, api, worker, ports = cluster
+    sid = _sandbox(api, worker, ports)
+    resp = api.get(f"/v1/sandboxes/{sid}/ports/9999/")  # nothing listens there
+    assert resp.status_code == 409, resp.text
+    assert resp.json()["error"]["type"] == "conflict"
+    assert api.get(f"/v1/sandboxes/{sid}/ports/70000/").status_code == 422
+    assert api.get(f"/v1/sandboxes/sb-{'0' * 20}/ports/8000/").status_code == 404
+    # a port speaking no HTTP is a 502, not a hang
+    raw = api.get(f"/v1/sandboxes/{sid}/ports/7000/", timeout=30)
+    assert raw.status_code == 502, raw.text
+
+
+def test_two_sandboxes_each_answer_on_their_own_url(cluster) -> None:  # type: ignore[no-untyped-def]
+    url, api, worker, ports = cluster
+    a = Sandbox.connect(_sandbox(api, worker, ports), url=url, token=API)
+    b = Sandbox.connect(_sandbox(api, worker, ports, web="web2"), url=url, token=API)
+    ua, ub = a.get_url(8000), b.get_url(8000)
+    assert ua != ub
+    assert httpx.get(ua).text.startswith(f"{ports['web']} ")
+    assert httpx.get(ub).text.startswith(f"{ports['web2']} ")
+    # the SDK's network sub-API
+    assert a.network.mode == "outbound"
+    assert a.network.update(allow_out=["192.168.5.0/24"]).allow_out == ("192.168.5.0/24",)
+
+
+def test_port_forward_tunnels_raw_tcp(cluster) -> None:  # type: ignore[no-untyped-def]
+    url, api, worker, ports = cluster
+    sid = _sandbox(api, worker, ports)
+    fwd = Forwarder(ConnectionConfig(url=url, token=API), sid, 7000).start()
+    try:
+        with socket.create_connection(("127.0.0.1", fwd.port), timeout=30) as c:
+            payload = bytes(range(256)) * 1024  # 256 KiB, several tunnel messages
+            threading.Thread(target=c.sendall, args=(payload,), daemon=True).start()
+            got = b""
+            while len(got) < len(payload):
+                chunk = c.recv(65536)
+                assert chunk, "tunnel closed early"
+                got += chunk
+            assert got == payload
+    finally:
+        fwd.close()
+    # without the key: refused with the typed code
+    with pytest.raises(Exception) as info:
+        open_tunnel(ConnectionConfig(url=url, token="wrong"), sid, 7000).recv(timeout=30)
+    assert isinstance(info.value, ConnectionClosed)
+    err = tunnel_error(info.value)
+    assert err is not None and err.status == 401
+
+
+def test_many_tunnels_get_a_typed_refusal_and_memory_stays_bounded(cluster  # type: ignore[no-untyped-def]
+                                                                    ) -> None:
+    url, api, worker, ports = cluster
+    sid = _sandbox(api, worker, ports)
+    config = ConnectionConfig(url=url, token=API)
+    held = [open_tunnel(config, sid, 7000) for _ in range(MAX_TUNNELS)]
+    try:
+        for ws in held:  # each is open (an echo comes back)
+            ws.send(b"x")
+            assert ws.recv(timeout=30) == b"x"
+        with pytest.raises(ConnectionClosed) as info:
+            open_tunnel(config, sid, 7000).recv(timeout=30)
+        err = tunnel_error(info.value)
+        assert err is not None and (err.status, err.type) == (503, "unavailable")
+        # a sender that never stops: 64 MiB through one tunnel, read back as it comes;
+        # this process (it runs the control plane) does not grow by what passed through
+        ws = held[0]
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        block = b"\0" * 65536
+        received = 0
+
+        def drain() -> None:
+            nonlocal received
+            while received < 1024 * len(block):
+                received += len(ws.recv(timeout=60))
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        for _ in range(1024):
+            ws.send(block)
+        reader.join(timeout=120)
+        assert received == 1024 * len(block)
+        grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        assert grown_kb < 48 * 1024, f"RSS grew {grown_kb} KiB relaying 64 MiB"
+    finally:
+        for ws in held:
+            ws.close()
