@@ -21,6 +21,9 @@ import httpx
 import pytest
 import uvicorn
 from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
+from websockets.sync.server import ServerConnection
+from websockets.sync.server import serve as ws_serve
 
 from forkyard.control.server import create_app
 from forkyard.sdk import Sandbox
@@ -59,12 +62,25 @@ class _Echo(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Discard(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while self.request.recv(65536):
+            pass
+
+
 class _Sink(socketserver.BaseRequestHandler):
     """A raw TCP "guest" service: echoes what it reads (for port-forward)."""
 
     def handle(self) -> None:
         while data := self.request.recv(65536):
             self.request.sendall(data)
+
+
+def _ws_echo(conn: ServerConnection) -> None:
+    """A "guest" WebSocket server: echoes every message, with the path it was opened on."""
+    for message in conn:
+        conn.send(message if isinstance(message, bytes)
+                  else f"{conn.request.path if conn.request else ''} {message}")
 
 
 def _serve(handler: type) -> tuple[socketserver.ThreadingTCPServer, int]:
@@ -92,17 +108,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
+    wsrv = ws_serve(_ws_echo, "127.0.0.1", 0)
+    threading.Thread(target=wsrv.serve_forever, daemon=True).start()
     web, web_port = _serve(_Echo)
     web2, web2_port = _serve(_Echo)
     sink, sink_port = _serve(_Sink)
+    discard, discard_port = _serve(_Discard)
     try:
         with fake_worker("fakeports", server_url=url, worker_token=WORKER,
                          store_url=store) as w, \
                 httpx.Client(base_url=url, headers={"authorization": f"Bearer {API}"},
                              timeout=30) as api:
-            yield url, api, w, {"web": web_port, "web2": web2_port, "sink": sink_port}
+            yield url, api, w, {"web": web_port, "web2": web2_port, "sink": sink_port, "discard": discard_port,
+                                "ws": wsrv.socket.getsockname()[1]}
     finally:
-        for s in (web, web2, sink):
+        wsrv.shutdown()
+        for s in (web, web2, sink, discard):
             s.shutdown()
         srv.should_exit = True
         thread.join(timeout=30)
@@ -115,6 +136,7 @@ def _sandbox(api: httpx.Client, worker: FakeWorker, ports: dict[str, int],
     sid = str(resp.json()["id"])
     worker.guest_ports[(sid, 8000)] = ("127.0.0.1", ports[web])
     worker.guest_ports[(sid, 7000)] = ("127.0.0.1", ports["sink"])
+    worker.guest_ports[(sid, 9000)] = ("127.0.0.1", ports["ws"])
     return sid
 
 
@@ -304,3 +326,49 @@ def test_many_tunnels_get_a_typed_refusal_and_memory_stays_bounded(cluster  # ty
     finally:
         for ws in held:
             ws.close()
+
+
+def test_websocket_through_the_proxy(cluster) -> None:  # type: ignore[no-untyped-def]
+    url, api, worker, ports = cluster
+    sid = _sandbox(api, worker, ports)
+    sb = Sandbox.connect(sid, url=url, token=API)
+    preview = sb.get_url(9000)
+    ws_url = "ws" + preview.removeprefix("http").replace("/ports/9000/?", "/ports/9000/chat?q=1&")
+    with ws_connect(ws_url, proxy=None) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=30) == "/chat?q=1 hello"  # the token is not in the guest's path
+        ws.send(b"\x00\xffbin")
+        assert ws.recv(timeout=30) == b"\x00\xffbin"
+        big = "x" * (300 * 1024)  # several tunnel messages, one WebSocket message
+        ws.send(big)
+        assert ws.recv(timeout=30) == f"/chat?q=1 {big}"
+    # a wrong token: refused with 4401 before any guest connection
+    bad = ws_url.replace("forkyard_token=", "forkyard_token=x")
+    with ws_connect(bad, proxy=None) as ws, pytest.raises(ConnectionClosed) as info:
+        ws.recv(timeout=30)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 4401
+    # a port that is no WebSocket server: typed 502 close
+    plain = ws_url.replace("/ports/9000/", "/ports/8000/")
+    plain = plain.split("forkyard_token=")[0] + "forkyard_token=" + sb.get_url(
+        8000).split("forkyard_token=")[1]
+    with ws_connect(plain, proxy=None) as ws, pytest.raises(ConnectionClosed) as info:
+        ws.recv(timeout=30)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 4502
+
+
+def test_request_body_over_the_limit_is_413(cluster) -> None:  # type: ignore[no-untyped-def]
+    url, api, worker, ports = cluster
+    sid = _sandbox(api, worker, ports)
+    worker.guest_ports[(sid, 6000)] = ("127.0.0.1", ports["discard"])
+    from forkyard.control import _proxy
+
+    # the limit is the proxy's own (64 MiB): a streamed body past it is cut off with 413,
+    # to a guest that reads all it is sent and never answers
+    def body() -> Iterator[bytes]:
+        chunk = b"y" * (1 << 20)
+        for _ in range(_proxy.MAX_BODY // len(chunk) + 2):
+            yield chunk
+
+    resp = api.post(f"/v1/sandboxes/{sid}/ports/6000/upload", content=body(), timeout=120)
+    assert resp.status_code == 413, resp.text[:200]
+    assert resp.json()["error"]["type"] == "too_large"

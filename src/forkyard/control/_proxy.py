@@ -17,6 +17,7 @@ hop-by-hop headers are dropped both ways.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from websockets.asyncio.client import ClientConnection
 
 from forkyard.control._network import port_path
 from forkyard.control._tunnel import open_tunnel
+from forkyard.control._wsproxy import relay_websocket
 from forkyard.errors import ForkyardError, TunnelLimit
 from forkyard.wire.auth import Principal, bearer_token
 from forkyard.wire.errors import ApiError, WorkerReply, error_body
@@ -88,14 +90,13 @@ class PortProxy:
         sandbox_id, kind, raw_port, rest = match.groups()
         port = int(raw_port)
         is_ws = scope["type"] == "websocket"
+        if is_ws and (await receive())["type"] != "websocket.connect":
+            return
         try:
             if not 1 <= port <= MAX_PORT:
                 raise ApiError(422, f"port {port} is not a TCP port (1-{MAX_PORT})")
             if kind == "tunnel" and (rest or not is_ws):
                 raise ApiError(400, "a tunnel is a WebSocket on /v1/sandboxes/{id}/tunnel/{port}")
-            if kind == "ports" and is_ws:
-                raise ApiError(400, "WebSockets to a guest port are not proxied yet; use "
-                                    "port-forward")
             if kind == "ports" and rest is None:
                 await _redirect(send, scope, port_path(sandbox_id, port))
                 return
@@ -105,8 +106,14 @@ class PortProxy:
                 sandbox_id, port, principal=principal, token=token))
             with self._slot(sandbox_id):
                 async with open_tunnel(client, sandbox_id, port) as tunnel:
-                    if is_ws:
+                    if is_ws and kind == "tunnel":
                         await _relay_socket(tunnel, receive, send)
+                    elif is_ws:
+                        await relay_websocket(
+                            tunnel, receive, send, host=_host(scope).decode("latin-1"),
+                            target=_target(scope, rest or "/"),
+                            headers=_forward_headers(scope, principal is None, ws=True),
+                            subprotocols=scope.get("subprotocols") or [])
                     else:
                         await self._relay_http(scope, receive, send, tunnel, rest or "/",
                                                principal is None, token if from_query else None,
@@ -114,7 +121,7 @@ class PortProxy:
         except Exception as exc:
             refusal = _as_refusal(exc)
             if is_ws:
-                await _close_ws(receive, send, refusal)
+                await _close_ws(send, refusal)
             else:
                 await _reply(send, refusal.status, refusal.body)
 
@@ -147,17 +154,12 @@ class PortProxy:
                           tunnel: ClientConnection, path: str, strip_auth: bool,
                           new_token: str | None, cookie_path: str) -> None:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
-        query = urlencode([(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode(
-            "latin-1"), keep_blank_values=True) if k != TOKEN_PARAM])
-        target = path + (f"?{query}" if query else "")
+        target = _target(scope, path)
         first = await receive()
         body = first.get("body", b"") if first["type"] == "http.request" else b""
         more = bool(first.get("more_body", False))
-        headers = [(k, v) for k, v in scope["headers"] if k not in _HOP
-                   and not (k == b"authorization" and not strip_auth)
-                   and not (k == b"cookie" and TOKEN_PARAM.encode() in v)]
-        host = next((v for k, v in scope["headers"] if k == b"host"), b"localhost")
-        headers = [(b"host", host), *headers, (b"connection", b"close")]
+        headers = [(b"host", _host(scope)), *_forward_headers(scope, strip_auth),
+                   (b"connection", b"close")]
         headers.append((b"transfer-encoding", b"chunked") if more
                        else (b"content-length", str(len(body)).encode()))
         await tunnel.send(conn.send(h11.Request(method=scope["method"], target=target,
@@ -237,6 +239,28 @@ def _first(exc: BaseException) -> BaseException:
     return exc
 
 
+def _host(scope: Scope) -> bytes:
+    return next((v for k, v in scope["headers"] if k == b"host"), b"localhost")
+
+
+def _target(scope: Scope, path: str) -> str:
+    """The guest's request target: the path below the port, the query without the token."""
+    query = urlencode([(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode(
+        "latin-1"), keep_blank_values=True) if k != TOKEN_PARAM])
+    return path + (f"?{query}" if query else "")
+
+
+def _forward_headers(scope: Scope, strip_auth: bool, *,
+                     ws: bool = False) -> list[tuple[bytes, bytes]]:
+    """The caller's headers the guest gets: no hop-by-hop ones, never the API key or the
+    preview-token cookie (``strip_auth``: the Authorization header was a preview token's
+    caller's own, for the guest)."""
+    return [(k, v) for k, v in scope["headers"] if k not in _HOP
+            and not (ws and k.startswith(b"sec-websocket-"))
+            and not (k == b"authorization" and not strip_auth)
+            and not (k == b"cookie" and TOKEN_PARAM.encode() in v)]
+
+
 def _token(scope: Scope, port: int) -> tuple[str | None, bool]:
     """The preview token of the request, and whether it came in the query."""
     for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
@@ -292,14 +316,15 @@ async def _relay_socket(tunnel: ClientConnection, receive: Receive, send: Send) 
         tg.cancel_scope.cancel()
 
 
-async def _close_ws(receive: Receive, send: Send, refusal: _Refused) -> None:
-    message = await receive()  # websocket.connect
-    if message["type"] != "websocket.connect":
-        return
-    await send({"type": "websocket.accept"})
+async def _close_ws(send: Send, refusal: _Refused) -> None:
     kind = str(refusal.body.get("error", {}).get("type", "error"))[:100]
-    await send({"type": "websocket.close", "code": close_code(refusal.status),
-                "reason": kind})
+    # accepted first so that the close code (4000 + status) reaches the caller; a relay
+    # that failed after its accept only closes
+    with contextlib.suppress(RuntimeError, OSError):
+        await send({"type": "websocket.accept"})
+    with contextlib.suppress(RuntimeError, OSError):
+        await send({"type": "websocket.close", "code": close_code(refusal.status),
+                    "reason": kind})
 
 
 async def _redirect(send: Send, scope: Scope, path: str) -> None:

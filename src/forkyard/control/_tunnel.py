@@ -14,11 +14,12 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from forkyard.control._workers import WorkerClient
-from forkyard.errors import WorkerReplyError, WorkerUnavailable
+from forkyard.errors import WorkerReplyError, WorkerTimeout, WorkerUnavailable
 from forkyard.wire import worker_api
 from forkyard.wire.errors import WorkerReply
 from forkyard.wire.ports import TUNNEL_MESSAGE, close_status
@@ -70,7 +71,11 @@ async def open_tunnel(client: WorkerClient, sandbox_id: str,
                                 f"{sandbox_id}:{port}): {exc}", worker=client.name) from exc
     try:
         try:
-            first = await ws.recv()
+            with anyio.fail_after(OPEN_TIMEOUT):
+                first = await ws.recv()
+        except TimeoutError as exc:
+            raise WorkerTimeout(client.name, f"tunnel to {sandbox_id}:{port}",
+                                OPEN_TIMEOUT) from exc
         except websockets.exceptions.ConnectionClosed as exc:
             rcvd = exc.rcvd
             raise refusal(client.name, rcvd.code if rcvd else None,

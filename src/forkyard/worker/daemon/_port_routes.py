@@ -21,7 +21,7 @@ import anyio.to_thread
 from anyio.abc import SocketStream
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from forkyard.errors import ForkyardError, TunnelLimit
+from forkyard.errors import ForkyardError
 from forkyard.wire.errors import error_body
 from forkyard.wire.ports import MAX_PORT, TUNNEL_MESSAGE, close_code
 
@@ -45,27 +45,27 @@ def add_port_routes(app: FastAPI, sandbox: Callable[[str], Any], *,
     @app.websocket("/sandboxes/{sandbox_id}/ports/{port}/tunnel")
     async def tunnel(ws: WebSocket, sandbox_id: str, port: int) -> None:
         await ws.accept()
-        try:
-            if not 1 <= port <= MAX_PORT:
-                raise _Close(close_code(422), "invalid")
-            if open_now[0] >= max_tunnels:
-                raise TunnelLimit(f"worker has {max_tunnels} tunnels open", scope="worker",
-                                  limit=max_tunnels)
-            target = sandbox(sandbox_id)
-            connect = getattr(target, "connect_port", None)
-            if connect is None:  # a worker library without guest networking
-                raise _Close(close_code(409), "conflict")
-            sock = await anyio.to_thread.run_sync(
-                lambda: connect(port, timeout=CONNECT_TIMEOUT))
-        except _Close as exc:
-            await ws.close(code=exc.code, reason=exc.reason)
-            return
-        except ForkyardError as exc:
-            status, body = error_body(exc)
-            await ws.close(code=close_code(status), reason=str(body["error"]["type"])[:100])
+        if open_now[0] >= max_tunnels:  # counted before the connect: no burst passes the cap
+            await ws.close(code=close_code(503), reason="unavailable")
             return
         open_now[0] += 1
         try:
+            try:
+                if not 1 <= port <= MAX_PORT:
+                    raise _Close(close_code(422), "invalid")
+                target = sandbox(sandbox_id)
+                connect = getattr(target, "connect_port", None)
+                if connect is None:  # a worker library without guest networking
+                    raise _Close(close_code(409), "conflict")
+                sock = await anyio.to_thread.run_sync(
+                    lambda: connect(port, timeout=CONNECT_TIMEOUT))
+            except _Close as exc:
+                await ws.close(code=exc.code, reason=exc.reason)
+                return
+            except ForkyardError as exc:
+                status, body = error_body(exc)
+                await ws.close(code=close_code(status), reason=str(body["error"]["type"])[:100])
+                return
             stream = await SocketStream.from_socket(sock)
             async with stream:
                 await ws.send_text("ok")
@@ -93,10 +93,8 @@ async def _relay(ws: WebSocket, stream: SocketStream) -> None:
         except (WebSocketDisconnect, anyio.BrokenResourceError, anyio.ClosedResourceError,
                 OSError):
             pass
-        try:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             await stream.send_eof()  # the caller finished sending: half-close, keep reading
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
 
     async def from_guest() -> None:
         try:
