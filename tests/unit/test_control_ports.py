@@ -119,8 +119,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory
                          store_url=store) as w, \
                 httpx.Client(base_url=url, headers={"authorization": f"Bearer {API}"},
                              timeout=30) as api:
-            yield url, api, w, {"web": web_port, "web2": web2_port, "sink": sink_port, "discard": discard_port,
-                                "ws": wsrv.socket.getsockname()[1]}
+            yield url, api, w, {"web": web_port, "web2": web2_port, "sink": sink_port,
+                                "discard": discard_port, "ws": wsrv.socket.getsockname()[1]}
     finally:
         wsrv.shutdown()
         for s in (web, web2, sink, discard):
@@ -282,11 +282,25 @@ def test_port_forward_tunnels_raw_tcp(cluster) -> None:  # type: ignore[no-untyp
     finally:
         fwd.close()
     # without the key: refused with the typed code
-    with pytest.raises(Exception) as info:
-        open_tunnel(ConnectionConfig(url=url, token="wrong"), sid, 7000).recv(timeout=30)
-    assert isinstance(info.value, ConnectionClosed)
+    with pytest.raises(ConnectionClosed) as info, \
+            open_tunnel(ConnectionConfig(url=url, token="wrong"), sid, 7000) as ws:
+        ws.recv(timeout=30)
     err = tunnel_error(info.value)
     assert err is not None and err.status == 401
+
+
+def _wait_tunnels_free(config: ConnectionConfig, sid: str) -> None:
+    """Closed tunnels leave the server's count as their close arrives: wait for that."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with open_tunnel(config, sid, 7000) as ws:
+                ws.send(b"x")
+                if ws.recv(timeout=30) == b"x":
+                    return
+        except ConnectionClosed:
+            assert time.monotonic() < deadline, "tunnels were not released"
+            time.sleep(0.1)
 
 
 def test_many_tunnels_get_a_typed_refusal_and_memory_stays_bounded(cluster  # type: ignore[no-untyped-def]
@@ -299,33 +313,51 @@ def test_many_tunnels_get_a_typed_refusal_and_memory_stays_bounded(cluster  # ty
         for ws in held:  # each is open (an echo comes back)
             ws.send(b"x")
             assert ws.recv(timeout=30) == b"x"
-        with pytest.raises(ConnectionClosed) as info:
-            open_tunnel(config, sid, 7000).recv(timeout=30)
+        with pytest.raises(ConnectionClosed) as info, open_tunnel(config, sid, 7000) as extra:
+            extra.recv(timeout=30)
         err = tunnel_error(info.value)
         assert err is not None and (err.status, err.type) == (503, "unavailable")
-        # a sender that never stops: 64 MiB through one tunnel, read back as it comes;
-        # this process (it runs the control plane) does not grow by what passed through
-        ws = held[0]
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        block = b"\0" * 65536
-        received = 0
-
-        def drain() -> None:
-            nonlocal received
-            while received < 1024 * len(block):
-                received += len(ws.recv(timeout=60))
-
-        reader = threading.Thread(target=drain, daemon=True)
-        reader.start()
-        for _ in range(1024):
-            ws.send(block)
-        reader.join(timeout=120)
-        assert received == 1024 * len(block)
-        grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-        assert grown_kb < 48 * 1024, f"RSS grew {grown_kb} KiB relaying 64 MiB"
     finally:
         for ws in held:
             ws.close()
+    _wait_tunnels_free(config, sid)
+    # a sender that never stops: 64 MiB through port-forward's tunnel, read back as it
+    # comes; this process (it runs the control plane) does not grow by what passed
+    forwarded: list[Exception] = []
+    fwd = Forwarder(config, sid, 7000, on_error=forwarded.append).start()
+    try:
+        with socket.create_connection(("127.0.0.1", fwd.port), timeout=60) as c:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            block = b"\0" * 65536
+            total = 1024 * len(block)
+            received = 0
+
+            def drain() -> None:
+                nonlocal received
+                while received < total and (chunk := c.recv(1 << 20)):
+                    received += len(chunk)
+
+            reader = threading.Thread(target=drain, daemon=True)
+            reader.start()
+            for _ in range(1024):
+                c.sendall(block)
+            reader.join(timeout=120)
+            assert received == total
+            grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+            assert grown_kb < 48 * 1024, f"RSS grew {grown_kb} KiB relaying 64 MiB"
+    finally:
+        fwd.close()
+    assert not forwarded
+    # port-forward's own refusal is typed too
+    refused: list[Exception] = []
+    bad = Forwarder(ConnectionConfig(url=url, token="wrong"), sid, 7000,
+                    on_error=refused.append).start()
+    try:
+        with socket.create_connection(("127.0.0.1", bad.port), timeout=30) as c:
+            assert c.recv(10) == b""  # closed
+    finally:
+        bad.close()
+    assert refused and getattr(refused[0], "status", None) == 401
 
 
 def test_websocket_through_the_proxy(cluster) -> None:  # type: ignore[no-untyped-def]
@@ -357,7 +389,7 @@ def test_websocket_through_the_proxy(cluster) -> None:  # type: ignore[no-untype
 
 
 def test_request_body_over_the_limit_is_413(cluster) -> None:  # type: ignore[no-untyped-def]
-    url, api, worker, ports = cluster
+    _, api, worker, ports = cluster
     sid = _sandbox(api, worker, ports)
     worker.guest_ports[(sid, 6000)] = ("127.0.0.1", ports["discard"])
     from forkyard.control import _proxy

@@ -7,13 +7,14 @@ Each accepted connection opens one WebSocket to ``/v1/sandboxes/{id}/tunnel/{por
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import socket
 import ssl
 import threading
 from collections.abc import Callable
 from urllib.parse import quote
 
+from websockets.asyncio.client import connect as aconnect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import ClientConnection, connect
 
@@ -58,7 +59,13 @@ def tunnel_error(exc: ConnectionClosed) -> APIError | None:
 
 
 class Forwarder:
-    """Listen on ``host:local_port``; every connection is tunnelled to the guest's port."""
+    """Listen on ``host:local_port``; every connection is tunnelled to the guest's port.
+
+    The relays run on an asyncio loop of their own (one thread): the asyncio
+    WebSocket client waits for a slow peer without blocking its reader, where
+    the threaded one holds its lock while a send blocks and so can deadlock a
+    connection carrying a full load both ways.
+    """
 
     def __init__(self, config: ConnectionConfig, sandbox_id: str, remote_port: int, *,
                  local_port: int = 0, host: str = "127.0.0.1", max_connections: int = 64,
@@ -69,65 +76,86 @@ class Forwarder:
         self.listener = socket.create_server((host, local_port))
         self.port = self.listener.getsockname()[1]
         self.on_error = on_error
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._stop = threading.Event()
+        self.max_connections = max_connections
+        self._open = 0
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
 
     def serve_forever(self) -> None:
-        self.listener.settimeout(0.5)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not self._slots.acquire(blocking=False):
-                conn.close()  # bounded: a flood of local connections opens no more tunnels
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        """Serve until :meth:`close` (from another thread) or KeyboardInterrupt."""
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, sock=self.listener, limit=TUNNEL_MESSAGE))
+        try:
+            self._loop.run_forever()
+        finally:
+            self._server.close()
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:  # open connections end with the forwarder
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.close()
 
     def start(self) -> Forwarder:
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread.start()
         return self
 
     def close(self) -> None:
-        self._stop.set()
-        self.listener.close()
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _report(self, exc: Exception) -> None:
+        if self.on_error is not None:
+            self.on_error(exc)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.max_connections:
+            writer.close()  # bounded: a flood of local connections opens no more tunnels
+            return
+        self._open += 1
         try:
-            ws = open_tunnel(self.config, self.sandbox_id, self.remote_port)
-        except Exception as exc:
-            conn.close()
-            self._slots.release()
-            if self.on_error is not None:
-                self.on_error(exc)
+            await self._relay(reader, writer)
+        finally:
+            self._open -= 1
+            writer.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        config = self.config
+        url = ("ws" + config.url.rstrip("/").removeprefix("http")
+               + f"/v1/sandboxes/{quote(self.sandbox_id, safe='')}/tunnel/{self.remote_port}")
+        headers = {"authorization": f"Bearer {config.token}"} if config.token else {}
+        try:
+            ws = await aconnect(url, additional_headers=headers, ssl=_ssl(config),
+                                open_timeout=30, max_size=TUNNEL_MESSAGE, max_queue=4,
+                                compression=None, proxy=None)
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            self._report(Unavailable(f"cannot open a tunnel at {config.url}: {exc}"))
             return
 
-        def upstream() -> None:
+        async def upstream() -> None:
             try:
-                while data := conn.recv(TUNNEL_MESSAGE):
-                    ws.send(data)
+                while data := await reader.read(TUNNEL_MESSAGE):
+                    await ws.send(data)
             except (OSError, ConnectionClosed):
                 pass
-            ws.close()
+            await ws.close()
 
-        up = threading.Thread(target=upstream, daemon=True)
-        up.start()
+        up = asyncio.ensure_future(upstream())
         try:
-            for message in ws:
+            async for message in ws:
                 if isinstance(message, bytes):
-                    conn.sendall(message)
+                    writer.write(message)
+                    await writer.drain()
         except ConnectionClosed as exc:
             err = tunnel_error(exc)
-            if err is not None and self.on_error is not None:
-                self.on_error(err)
+            if err is not None:
+                self._report(err)
         except OSError:
             pass
         finally:
-            ws.close()
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-            up.join(timeout=5)
-            self._slots.release()
+            up.cancel()
+            await ws.close()
