@@ -9,17 +9,24 @@ tests/integration/test_ports.py.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import os
 import resource
+import signal
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import ServerConnection
@@ -35,6 +42,8 @@ from tests.fixtures.fake_worker import FakeWorker, fake_worker
 API = "api-" + "p" * 40
 WORKER = "wrk-" + "p" * 40
 MAX_TUNNELS = 4
+APPS: list[FastAPI] = []  # the control plane of the module's cluster
+FORKYARD = str(Path(sys.executable).with_name("forkyard"))
 
 
 class _Echo(http.server.BaseHTTPRequestHandler):
@@ -100,6 +109,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory
     app = create_app(db_url=f"sqlite:///{home}/control.db", api_token=API,
                      worker_token=WORKER, store_url=store, heartbeat_timeout=3600,
                      max_tunnels=MAX_TUNNELS)
+    APPS.append(app)
     sock, url = bind("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -308,8 +318,8 @@ def test_many_tunnels_get_a_typed_refusal_and_memory_stays_bounded(cluster  # ty
     url, api, worker, ports = cluster
     sid = _sandbox(api, worker, ports)
     config = ConnectionConfig(url=url, token=API)
-    held = [open_tunnel(config, sid, 7000) for _ in range(MAX_TUNNELS)]
-    try:
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(open_tunnel(config, sid, 7000)) for _ in range(MAX_TUNNELS)]
         for ws in held:  # each is open (an echo comes back)
             ws.send(b"x")
             assert ws.recv(timeout=30) == b"x"
@@ -317,9 +327,6 @@ def test_many_tunnels_get_a_typed_refusal_and_memory_stays_bounded(cluster  # ty
             extra.recv(timeout=30)
         err = tunnel_error(info.value)
         assert err is not None and (err.status, err.type) == (503, "unavailable")
-    finally:
-        for ws in held:
-            ws.close()
     _wait_tunnels_free(config, sid)
     # a sender that never stops: 64 MiB through port-forward's tunnel, read back as it
     # comes; this process (it runs the control plane) does not grow by what passed
@@ -404,3 +411,65 @@ def test_request_body_over_the_limit_is_413(cluster) -> None:  # type: ignore[no
     resp = api.post(f"/v1/sandboxes/{sid}/ports/6000/upload", content=body(), timeout=120)
     assert resp.status_code == 413, resp.text[:200]
     assert resp.json()["error"]["type"] == "too_large"
+
+
+def test_public_ports_only_where_the_operator_allows(cluster) -> None:  # type: ignore[no-untyped-def]
+    url, api, worker, ports = cluster
+    sid = _sandbox(api, worker, ports)
+    plane = APPS[-1].state.plane
+    with httpx.Client(base_url=url, timeout=30) as anon:
+        assert anon.get(f"/v1/sandboxes/{sid}/ports/8000/").status_code == 401
+        plane.public_ports_enabled = True
+        try:
+            pub = api.post(f"/v1/sandboxes/{sid}/previews/8000", json={"public": True})
+            assert pub.status_code == 201 and pub.json()["token"] is None
+            assert anon.get(f"/v1/sandboxes/{sid}/ports/8000/").status_code == 200
+            assert anon.get(f"/v1/sandboxes/{sid}/ports/7000/").status_code == 401  # not public
+        finally:
+            plane.public_ports_enabled = False
+        # the operator withdrew consent: the port is closed again
+        assert anon.get(f"/v1/sandboxes/{sid}/ports/8000/").status_code == 401
+
+
+def _cli(url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FORKYARD_URL": url, "FORKYARD_API_TOKEN": API}
+    proc = subprocess.run([FORKYARD, *args], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_cli_network_url_and_port_forward(cluster) -> None:  # type: ignore[no-untyped-def]
+    url, _, worker, ports = cluster
+    sid = _cli(url, "create", "--network", "outbound", "--deny-out", "10.0.0.0/8",
+               "--deny-out", "example.com", "--allow-out", "10.9.0.0/16").stdout.strip()
+    worker.guest_ports[(sid, 8000)] = ("127.0.0.1", ports["web"])
+    worker.guest_ports[(sid, 7000)] = ("127.0.0.1", ports["sink"])
+    assert worker.networks[sid].deny_out == ("10.0.0.0/8", "example.com")  # type: ignore[union-attr]
+    shown = _cli(url, "network", sid, "--allow-out", "192.168.1.0/24").stdout
+    assert "allow_out: 192.168.1.0/24" in shown and "deny_out: 10.0.0.0/8 example.com" in shown
+    bad = _cli(url, "network", sid, "--allow-out", "no such rule", check=False)
+    assert bad.returncode != 0 and "no such rule" in bad.stderr and "Traceback" not in bad.stderr
+    preview = _cli(url, "url", sid, "8000").stdout.strip()
+    assert preview.startswith(f"{url}/v1/sandboxes/{sid}/ports/8000/?forkyard_token=fyp_")
+    assert httpx.get(preview).text.startswith(f"{ports['web']} /")
+    assert httpx.get(preview.split("?")[0]).status_code == 401
+    public = _cli(url, "url", sid, "8000", "--public", check=False)
+    assert public.returncode != 0 and "public ports are not enabled" in public.stderr
+    with socket.socket() as probe:  # a free local port for the forward
+        probe.bind(("127.0.0.1", 0))
+        local = probe.getsockname()[1]
+    env = {**os.environ, "FORKYARD_URL": url, "FORKYARD_API_TOKEN": API}
+    fwd = subprocess.Popen([FORKYARD, "port-forward", sid, f"{local}:7000"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert fwd.stdout is not None
+        assert f"127.0.0.1:{local} -> {sid}:7000" in fwd.stdout.readline()
+        with socket.create_connection(("127.0.0.1", local), timeout=30) as c:
+            c.sendall(b"ping through the tunnel")
+            assert c.recv(100) == b"ping through the tunnel"
+    finally:
+        fwd.send_signal(signal.SIGINT)
+        fwd.wait(timeout=30)
+    assert _cli(url, "port-forward", sid, "x:y", check=False).returncode == 2

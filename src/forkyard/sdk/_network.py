@@ -7,15 +7,15 @@ or domain names; deny wins), ``get_url(port)`` for a guest port from outside.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from forkyard.sdk import _ops
 from forkyard.sdk.models import NetworkInfo
 
-if TYPE_CHECKING:
-    from forkyard.sdk._async import AsyncSandbox
-    from forkyard.sdk._sync import Sandbox
+# the sandbox handle (sync or async) these belong to: ``_http``, ``id``, ``info`` and
+# its ``_info`` to refresh; typed loosely so that this module imports neither handle
+Handle = Any
 
 __all__ = ["AsyncNetwork", "Network", "preview_url"]
 
@@ -52,7 +52,7 @@ class _Spec:
 
 
 class Network(_Spec):
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: Handle) -> None:
         self._sandbox = sandbox
         self._info = sandbox.info.network
 
@@ -66,7 +66,7 @@ class Network(_Spec):
 
 
 class AsyncNetwork(_Spec):
-    def __init__(self, sandbox: AsyncSandbox) -> None:
+    def __init__(self, sandbox: Handle) -> None:
         self._sandbox = sandbox
         self._info = sandbox.info.network
 
