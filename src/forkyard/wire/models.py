@@ -287,7 +287,7 @@ class FileWritten(_Reply):
 
 
 class ErrorInfo(_Reply):
-    type: Literal["bad_request", "unauthorized", "not_found", "method_not_allowed",
+    type: Literal["bad_request", "unauthorized", "forbidden", "not_found", "method_not_allowed",
                   "conflict", "integrity", "incompatible", "too_large", "invalid",
                   "guest_error", "internal", "worker_error", "unavailable", "timeout"]
     message: str
