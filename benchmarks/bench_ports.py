@@ -48,7 +48,7 @@ class _Hello(http.server.BaseHTTPRequestHandler):
         # head and body are separate writes: without this, Nagle + delayed ACK add 40 ms
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         body = b"hello\n"
         self.send_response(200)
         self.send_header("content-length", str(len(body)))

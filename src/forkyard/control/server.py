@@ -19,8 +19,10 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 import forkyard
+from forkyard._malloc import pin_mmap_threshold
 from forkyard.control._db import Database
 from forkyard.control._keys import Keys
+from forkyard.control._leader import StandbyGate
 from forkyard.control._proxy import PortProxy
 from forkyard.control._routes import add_routes
 from forkyard.control._service import ControlPlane
@@ -133,6 +135,8 @@ def create_app(
     # guest ports: before KeyAuth, since a preview URL carries a token and no API key
     app.add_middleware(PortProxy, plane=plane, resolve=keys.principal,
                        max_tunnels=max_tunnels, per_sandbox=max(1, min(32, max_tunnels)))
+    # outermost: a standby control plane answers only /health (clients move on)
+    app.add_middleware(StandbyGate, active=plane.leader.active)
     _document_auth(app)
     return app
 
@@ -267,6 +271,7 @@ def serve(
         worker_verify=client_verify(tls_ca),
         public_ports=public_ports,
     )
+    pin_mmap_threshold()  # RSS follows the replies held (forkyard._malloc)
     config = uvicorn.Config(app, log_level="info", access_log=False,
                             timeout_graceful_shutdown=30, lifespan="on",
                             ssl_certfile=tls[0] if tls else None,
