@@ -99,6 +99,7 @@ __all__ = [
     "PayloadTooLarge",
     "PlacementConflict",
     "PortUnreachable",
+    "PreviewUnauthorized",
     "SandboxBusy",
     "SandboxError",
     "SandboxNotFound",
@@ -108,6 +109,7 @@ __all__ = [
     "StoreError",
     "ToolError",
     "ToolTimeout",
+    "TunnelLimit",
     "UnsafeArchive",
     "UnsafeInput",
     "UnsafePath",
@@ -475,3 +477,19 @@ class InsufficientCapacity(FleetError):
 
 class NetworkConflict(SandboxError):
     """The sandbox's network forbids it (rules for a sandbox made with ``network: none``)."""
+
+
+class PreviewUnauthorized(AccessError):
+    """A request to a guest port without a valid API key, preview token or public port."""
+
+
+class TunnelLimit(FleetError):
+    """Too many tunnels (proxied connections to guest ports) are open: retry later.
+
+    ``scope`` is what is full: ``"server"`` or ``"sandbox"``; ``limit`` its cap.
+    """
+
+    def __init__(self, message: str, *, scope: str, limit: int) -> None:
+        self.scope = scope
+        self.limit = limit
+        super().__init__(message)

@@ -61,6 +61,8 @@ DOCUMENTED = {
     ("DELETE", "/v1/checkpoints/{checkpoint_id}"),
     ("POST", "/v1/checkpoints/{checkpoint_id}/fork"),
     ("POST", "/v1/sandboxes/{sandbox_id}/timeout"),
+    ("PUT", "/v1/sandboxes/{sandbox_id}/network"),
+    ("POST", "/v1/sandboxes/{sandbox_id}/previews/{port}"),
     ("GET", "/v1/events"),
     ("GET", "/metrics"),
     ("POST", "/internal/workers/register"),
@@ -163,7 +165,8 @@ def _routes(app: FastAPI) -> list[tuple[str, str]]:
 
 def _fill(path: str) -> str:
     return (path.replace("{sandbox_id}", NO_SANDBOX)
-            .replace("{checkpoint_id}", NO_CHECKPOINT).replace("{name}", "w1"))
+            .replace("{checkpoint_id}", NO_CHECKPOINT).replace("{name}", "w1")
+            .replace("{port}", "8000"))
 
 
 def test_health_needs_no_token(server: Server) -> None:

@@ -159,6 +159,8 @@ MATRIX: dict[tuple[str, str], tuple[dict[str, int], int, Req]] = {
     ("post", f"{SB}/hibernate"): (OWNED, 200, lambda o: {"json": {}}),
     ("post", f"{SB}/wake"): (OWNED, 200, lambda o: {"json": {}}),
     ("post", f"{SB}/timeout"): (OWNED, 200, lambda o: {"json": {"timeout": 3600}}),
+    ("put", f"{SB}/network"): (OWNED, 200, lambda o: {"json": {"deny_out": ["1.2.3.4"]}}),
+    ("post", f"{SB}/previews/{{port}}"): (OWNED, 201, lambda o: {"json": {}}),
     ("post", f"{SB}/procs"): (OWNED, 201, lambda o: {"json": {"cmd": "true"}}),
     ("get", f"{SB}/procs"): (OWNED, 200, _NONE),
     ("get", f"{SB}/procs/{{pid}}/output"): (OWNED, 200, _NONE),
@@ -198,6 +200,7 @@ def test_auth_matrix(plane: Plane, method: str, path: str, who: str) -> None:
     _register_matrix_worker(plane)
     url = (path.replace("{sandbox_id}", objs.sandbox)
            .replace("{checkpoint_id}", objs.checkpoint).replace("{pid}", "2")  # pid 1 is the agent
+           .replace("{port}", "8000")
            .replace("{name}", objs.key if path.startswith("/v1/keys/") else MATRIX_WORKER))
     with plane.client(who) as client:
         resp = client.request(method.upper(), url, **extra(objs))

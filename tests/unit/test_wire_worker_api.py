@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, APIWebSocketRoute
 from pydantic import ValidationError
 
 from forkyard._digest import resolve_prefix
@@ -36,6 +36,15 @@ def test_every_description_is_a_route_of_the_worker_daemon():
     # and the control plane uses every worker route but the worker's own listings
     assert served - described == {("GET", "/health"), ("GET", "/status"),
                                   ("GET", "/sandboxes")}
+
+
+def test_every_tunnel_is_a_websocket_of_the_worker_daemon():
+    from forkyard.worker.daemon._routes import add_routes
+
+    app = FastAPI()
+    add_routes(app, SimpleNamespace(worker=None))  # type: ignore[arg-type]
+    served = {r.path for r in app.routes if isinstance(r, APIWebSocketRoute)}
+    assert {r.template for r in api.WEBSOCKETS} == served
 
 
 CALLS = [

@@ -13,7 +13,16 @@ import typer
 from typer.core import TyperGroup
 
 from forkyard import __version__
-from forkyard.cli import _admin, _checkpoints, _cluster, _demo, _events, _processes, _sandboxes
+from forkyard.cli import (
+    _admin,
+    _checkpoints,
+    _cluster,
+    _demo,
+    _events,
+    _network,
+    _processes,
+    _sandboxes,
+)
 from forkyard.cli._output import report_error
 from forkyard.errors import ForkyardError
 
@@ -71,6 +80,7 @@ def _root(
 
 _cluster.register(app)
 _sandboxes.register(app)
+_network.register(app)
 _events.register(app)
 _processes.register(app)
 _checkpoints.register(app)

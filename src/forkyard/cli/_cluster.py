@@ -433,6 +433,9 @@ def server(
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
     tls_ca: TlsCaOpt = None,
+    public_ports: Annotated[bool, typer.Option(
+        "--public-ports", help="Allow `forkyard url --public`: guest ports reachable "
+                               "without a key or token.")] = False,
 ) -> None:
     """Run the control plane in the foreground (what `forkyard up` starts).
 
@@ -447,7 +450,7 @@ def server(
           worker_token=worker_token, store_url=store or Home.at(root).default_store_url(),
           heartbeat_timeout=heartbeat_timeout, ready_file=ready_file,
           webhook_url=webhook_url, webhook_secret=webhook_secret,
-          tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
+          tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, public_ports=public_ports)
 
 
 def worker(

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from forkyard.cli._hot import EXEC_TIMEOUT, parse_env, parse_labels, run_exec, run_ls
+from forkyard.cli._network import AllowOpt, DenyOpt, NetworkOpt
 from forkyard.cli._options import HomeOpt, JsonOpt, TokenOpt, UrlOpt, connect, interactive
 from forkyard.cli._output import (
     console,
@@ -86,6 +87,7 @@ def create(
                                         "exec or file traffic.")] = None,
     auto_wake: Annotated[bool, typer.Option(
         "--auto-wake", help="An exec or file request wakes it when hibernated.")] = False,
+    network: NetworkOpt = None, allow_out: AllowOpt = None, deny_out: DenyOpt = None,
     home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Start a new sandbox (from the image's template, or booting it); prints its id."""
@@ -102,7 +104,8 @@ def create(
                                  labels=labels, lifetime=timeout,
                                  on_timeout=on_timeout if timeout else None,
                                  idle_hibernate=idle_hibernate, auto_wake=auto_wake,
-                                 disk=size, cold=cold))
+                                 disk=size, cold=cold, network=network,
+                                 allow_out=allow_out, deny_out=deny_out))
     if json_:
         print_json(info.to_json())
     else:

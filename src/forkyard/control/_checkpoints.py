@@ -18,6 +18,7 @@ from forkyard.control._records import (
     checkpoint_out,
     checkpoint_row,
     store_checkpoint,
+    stored_spec,
 )
 from forkyard.control._transitions import Transitions
 from forkyard.control._workers import WorkerClient
@@ -40,6 +41,7 @@ from forkyard.wire.models import (
     SandboxState,
     WorkerSandbox,
 )
+from forkyard.wire.network import NetworkSpec
 
 __all__ = ["Checkpoints"]
 
@@ -142,7 +144,7 @@ class Checkpoints(Transitions):
     def fork(self, ref: str, req: ForkRequest, caller: Principal) -> list[SandboxOut]:
         self._adopt_if_unknown(ref, caller)
         try:
-            cp_id, plan = self._plan_fork(ref, req, caller)
+            cp_id, plan, network = self._plan_fork(ref, req, caller)
         except (PlacementConflict, WorkerUnavailable):
             # An unpublished checkpoint starts only where it was taken; if its
             # publish is under way (``checkpoint`` returns at once), waiting for
@@ -154,11 +156,11 @@ class Checkpoints(Transitions):
             if not publishing:
                 raise
             self.publishes.wait_settled(cp.id, origin, self.publish_wait)
-            cp_id, plan = self._plan_fork(ref, req, caller)
-        return self._start_forks(cp_id, plan)
+            cp_id, plan, network = self._plan_fork(ref, req, caller)
+        return self._start_forks(cp_id, plan, network)
 
     def _plan_fork(self, ref: str, req: ForkRequest, caller: Principal
-                   ) -> tuple[str, list[tuple[str, WorkerClient]]]:
+                   ) -> tuple[str, list[tuple[str, WorkerClient]], NetworkSpec | None]:
         """Place every fork and record it ``starting`` (one transaction)."""
         now = utcnow()
         with self.db.tx() as s:
@@ -177,6 +179,8 @@ class Checkpoints(Transitions):
             source = s.get(SandboxRow, cp.sandbox)
             memory_mb = source.memory_mb if source is not None else None
             cpus = source.cpus if source is not None else None
+            # forks keep their source's network (unknown source: the manifest's, on the worker)
+            network = source.network if source is not None else None
             placement = Placement(checkpoint=cp.id, base=cp.base,
                                   only_on=None if published else cp.worker,
                                   memory_mb=memory_mb, cpus=cpus)
@@ -190,15 +194,16 @@ class Checkpoints(Transitions):
                 s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image=cp.base,
                                  memory_mb=memory_mb, cpus=cpus,
                                  parent_checkpoint=cp.id, created=now, updated=now,
-                                 labels={**(cp.labels or {}), **req.labels}, tenant=tenant))
+                                 labels={**(cp.labels or {}), **req.labels}, tenant=tenant,
+                                 network=network))
             cp_id = cp.id
-        return cp_id, plan
+        return cp_id, plan, stored_spec(network)
 
-    def _start_forks(self, cp_id: str, plan: list[tuple[str, WorkerClient]]
-                     ) -> list[SandboxOut]:
+    def _start_forks(self, cp_id: str, plan: list[tuple[str, WorkerClient]],
+                     network: NetworkSpec | None) -> list[SandboxOut]:
         def start(item: tuple[str, WorkerClient]) -> WorkerSandbox:
             sid, client = item
-            return client.send(worker_api.fork(cp_id, sid))
+            return client.send(worker_api.fork(cp_id, sid, network))
 
         results: list[WorkerSandbox | BaseException] = []
         with ThreadPoolExecutor(max_workers=min(len(plan), 8),

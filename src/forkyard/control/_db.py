@@ -60,6 +60,7 @@ __all__ = [
     "Database",
     "DatabaseError",
     "EventRow",
+    "PreviewTokenRow",
     "SandboxRow",
     "TombstoneRow",
     "WorkerRow",
@@ -155,6 +156,9 @@ class SandboxRow(Base):
     auto_wake: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_activity: Mapped[dt.datetime | None]
     tenant: Mapped[str | None] = mapped_column(String(64), index=True)  # NULL: admins only
+    # a wire NetworkSpec as JSON; NULL: made before networks (none)
+    network: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    public_ports: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
 
 
 class CheckpointRow(Base):
@@ -232,6 +236,17 @@ class TombstoneRow(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str | None] = mapped_column(String(64))
     deleted: Mapped[dt.datetime]
+
+
+class PreviewTokenRow(Base):
+    """A preview token of one sandbox port; only its sha256 is kept."""
+
+    __tablename__ = "preview_tokens"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sandbox: Mapped[str] = mapped_column(String(32), index=True)
+    port: Mapped[int] = mapped_column(Integer)
+    created: Mapped[dt.datetime]
 
 
 def _sqlite_events(engine: Engine) -> None:

@@ -19,6 +19,7 @@ from forkyard.control._records import (
     sandbox_out,
     sandbox_row,
     store_checkpoint,
+    stored_spec,
 )
 from forkyard.control._transitions import Transitions, refused
 from forkyard.control._workers import WorkerClient
@@ -192,8 +193,9 @@ class Hibernation(Transitions):
             client = self.workers.client(s, target)
             move(row, S.WAKING, "wake")
             row.worker = target
+            network = stored_spec(row.network)
         try:
-            info = client.send(worker_api.wake(sandbox_id, cp_id))
+            info = client.send(worker_api.wake(sandbox_id, cp_id, network))
         except BaseException as exc:
             self._settle(sandbox_id, S.WAKING, None, state=S.HIBERNATED, worker=old,
                          error=f"wake on {target} failed: {describe(exc)}")

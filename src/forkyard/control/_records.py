@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -32,6 +34,7 @@ from forkyard.wire.models import (
     WorkerOut,
     WorkerState,
 )
+from forkyard.wire.network import NetworkSpec
 
 __all__ = [
     "ACTIVE",
@@ -49,6 +52,7 @@ __all__ = [
     "sees",
     "status_of",
     "store_checkpoint",
+    "stored_spec",
     "tombstoned",
     "worker_out",
 ]
@@ -94,7 +98,13 @@ def sandbox_out(row: SandboxRow) -> SandboxOut:
         labels=dict(row.labels or {}), timeout=row.timeout_s, expires_at=iso(row.expires_at),
         on_timeout=OnTimeout(row.on_timeout) if row.timeout_s and row.on_timeout else None,
         idle_hibernate=row.idle_hibernate_s, auto_wake=row.auto_wake,
+        network=stored_spec(row.network),
     )
+
+
+def stored_spec(raw: dict[str, Any] | None) -> NetworkSpec | None:
+    """A network spec as the database keeps it (None: a row from before networks)."""
+    return NetworkSpec.model_validate(raw) if raw is not None else None
 
 
 def checkpoint_out(row: CheckpointRow) -> CheckpointOut:

@@ -25,6 +25,7 @@ import forkyard
 from forkyard.control._deps import Admin, Caller
 from forkyard.control._file_routes import add_file_routes
 from forkyard.control._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from forkyard.control._port_routes import add_port_routes
 from forkyard.control._proc_routes import add_proc_routes
 from forkyard.control._service import ControlPlane
 from forkyard.errors import Forbidden
@@ -142,6 +143,7 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
 
     add_proc_routes(app, plane, _errors)
     add_file_routes(app, plane, _errors)
+    add_port_routes(app, plane, _errors)
 
     @app.get("/health", tags=["meta"])
     def health() -> Health:

@@ -20,13 +20,20 @@ from sqlalchemy import select
 from forkyard.control._checkpoints import Checkpoints
 from forkyard.control._db import CheckpointRow, SandboxRow, utcnow
 from forkyard.control._metrics import timed
+from forkyard.control._network import Networks
 from forkyard.control._placement import Placement
 from forkyard.control._records import TRANSITIONAL, sandbox_out
 from forkyard.control._timers import Timers, timer_fields
 from forkyard.wire import worker_api
 from forkyard.wire.auth import Principal
 from forkyard.wire.ids import new_sandbox_id
-from forkyard.wire.models import CheckpointState, CreateSandboxRequest, SandboxOut, SandboxState
+from forkyard.wire.models import (
+    CheckpointState,
+    CreateSandboxRequest,
+    SandboxOut,
+    SandboxState,
+    dump,
+)
 
 __all__ = ["ControlPlane"]
 
@@ -35,7 +42,7 @@ log = logging.getLogger("forkyard.control")
 S = SandboxState
 
 
-class ControlPlane(Checkpoints, Timers):
+class ControlPlane(Checkpoints, Timers, Networks):
     """Sandboxes and checkpoints; ``workers`` is the fleet, ``publishes`` follows uploads."""
 
     @timed("create")
@@ -49,10 +56,11 @@ class ControlPlane(Checkpoints, Timers):
             s.add(SandboxRow(id=sid, state=S.STARTING, worker=target, image_ref=req.image,
                              memory_mb=req.memory_mb, cpus=req.cpus, created=now, updated=now,
                              labels=dict(req.labels), tenant=caller.name,
-                             **timer_fields(req, now)))
+                             network=dump(req.network), **timer_fields(req, now)))
         try:
             info = client.send(worker_api.create(sid, req.image, req.memory_mb, req.cpus,
-                                                 disk=req.disk, cold=req.cold))
+                                                 disk=req.disk, cold=req.cold,
+                                                 network=req.network))
         except BaseException as exc:
             self._start_failed([sid], exc)
             raise

@@ -90,6 +90,15 @@ class WorkerClient:
         self._token = token
         self._verify = verify
 
+    @property
+    def token(self) -> str:
+        """The worker's credential, for connections outside this client (tunnels)."""
+        return self._token
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return self._verify
+
     def send(self, call: Call[R]) -> R:
         """Make ``call`` and parse its reply."""
         try:

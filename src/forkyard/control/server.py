@@ -23,6 +23,7 @@ from forkyard._malloc import pin_mmap_threshold
 from forkyard.control._db import Database
 from forkyard.control._keys import Keys
 from forkyard.control._leader import StandbyGate
+from forkyard.control._proxy import PortProxy
 from forkyard.control._routes import add_routes
 from forkyard.control._service import ControlPlane
 from forkyard.control._workers import WorkerClients
@@ -62,6 +63,8 @@ def create_app(
     rate: float | None = RATE,
     burst: int = BURST,
     worker_verify: ssl.SSLContext | bool = True,
+    public_ports: bool = False,
+    max_tunnels: int = 256,
 ) -> FastAPI:
     """The control-plane app; the database is migrated to the newest schema here.
 
@@ -70,6 +73,8 @@ def create_app(
     worker's credential is derived from (:func:`worker_credential`); it never
     goes to a worker itself.  ``rate``/``burst``: the per-key rate limit (None:
     none).  ``worker_verify``: how workers' TLS certificates are checked.
+    ``public_ports``: whether a sandbox port may be made reachable without auth;
+    ``max_tunnels``: proxied connections to guest ports open at once.
 
     Its lifespan starts the liveness monitor and resumes work a previous run
     left open; ``app.state.plane`` is the :class:`ControlPlane` behind it.
@@ -88,6 +93,7 @@ def create_app(
     plane = ControlPlane(db, clients, store_url=store_url, heartbeat_timeout=heartbeat_timeout)
     # every event is POSTed there, signed with the secret (docs/api.md, "Events")
     plane.events.configure_webhook(webhook_url, webhook_secret)
+    plane.public_ports_enabled = public_ports
     keys: Keys = plane.keys
     keys.bootstrap(api_token)
 
@@ -126,6 +132,9 @@ def create_app(
     app.add_middleware(BodyLimit, limit_for=body_limit)
     app.add_middleware(KeyAuth, resolve=resolve,
                        limiter=RateLimiter(rate, burst) if rate is not None else None)
+    # guest ports: before KeyAuth, since a preview URL carries a token and no API key
+    app.add_middleware(PortProxy, plane=plane, resolve=keys.principal,
+                       max_tunnels=max_tunnels, per_sandbox=max(1, min(32, max_tunnels)))
     # outermost: a standby control plane answers only /health (clients move on)
     app.add_middleware(StandbyGate, active=plane.leader.active)
     _document_auth(app)
@@ -227,6 +236,7 @@ def serve(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     tls_ca: Path | None = None,
+    public_ports: bool = False,
 ) -> None:
     """Run the control plane until SIGINT/SIGTERM.
 
@@ -259,6 +269,7 @@ def serve(
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
         worker_verify=client_verify(tls_ca),
+        public_ports=public_ports,
     )
     pin_mmap_threshold()  # RSS follows the replies held (forkyard._malloc)
     config = uvicorn.Config(app, log_level="info", access_log=False,

@@ -31,6 +31,7 @@ from forkyard.sdk._common import (
 )
 from forkyard.sdk._files import AsyncFiles
 from forkyard.sdk._http import AsyncHTTP
+from forkyard.sdk._network import AsyncNetwork, preview_url
 from forkyard.sdk.config import ConnectionConfig
 from forkyard.sdk.errors import NotFoundError
 from forkyard.sdk.models import CheckpointInfo, CommandResult, SandboxInfo, WorkerInfo
@@ -124,13 +125,17 @@ class AsyncSandbox:
         auto_wake: bool = False,
         disk: int | str | None = None,
         cold: bool = False,
+        network: str | None = None,
+        allow_out: Sequence[str] | None = None,
+        deny_out: Sequence[str] | None = None,
         boot_timeout: float | None = _ops.BOOT_TIMEOUT,
     ) -> AsyncSandbox:
         http = _http(url, token, home)
         call = _ops.create(image, worker, memory_mb, cpus, boot_timeout, labels=labels,
                            lifetime=timeout, on_timeout=on_timeout if timeout else None,
                            idle_hibernate=idle_hibernate, auto_wake=auto_wake,
-                           disk=disk, cold=cold)
+                           disk=disk, cold=cold, network=network, allow_out=allow_out,
+                           deny_out=deny_out)
         return cls(await http.call(call), http)
 
     @classmethod
@@ -206,6 +211,15 @@ class AsyncSandbox:
     async def refresh(self) -> SandboxInfo:
         self._info = await self._http.call(_ops.get_sandbox(self.id))
         return self._info
+
+    @property
+    def network(self) -> AsyncNetwork:
+        """Its network mode and egress rules; ``await .update(allow_out=..., ...)``."""
+        return AsyncNetwork(self)
+
+    async def get_url(self, port: int, *, public: bool = False) -> str:
+        data = await self._http.call(_ops.preview(self.id, port, public))
+        return preview_url(self._http.config.url, data)
 
     async def set_timeout(self, timeout: int | None) -> SandboxInfo:
         """End it ``timeout`` seconds from now (by its ``on_timeout``); None: never."""

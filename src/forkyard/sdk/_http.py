@@ -275,7 +275,7 @@ class SyncHTTP:
         An iterable of chunks is streamed as it is produced (chunked encoding).
         """
         if not isinstance(data, bytes):
-            body = _counted(data, progress)  # made once: a URL that never connected read none of it
+            body = _counted(data, progress)  # made once: an unreached URL read none of it
             return call.parse(self._send(lambda base: _request(
                 self._client, call, self.config, base, content=body)))
         if progress is None and call.content is not None:
@@ -356,7 +356,7 @@ class AsyncHTTP:
     async def upload(self, call: Call[T], data: bytes | AsyncIterable[bytes],
                      progress: Progress | None) -> T:
         if not isinstance(data, bytes):
-            body = _acounted(data, progress)  # made once: a URL that never connected read none of it
+            body = _acounted(data, progress)  # made once: an unreached URL read none of it
             return call.parse(await self._send(lambda base: _request(
                 self._client, call, self.config, base, content=body)))
         if progress is None and call.content is not None:

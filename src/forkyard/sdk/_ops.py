@@ -46,10 +46,13 @@ __all__ = [
     "list_sandboxes",
     "list_workers",
     "mkdir",
+    "network_body",
+    "preview",
     "read_file",
     "read_tree",
     "remove",
     "rename",
+    "set_network",
     "stat",
     "wake",
     "write_file",
@@ -121,7 +124,9 @@ def create(image: str, worker: str | None, memory_mb: int | None, cpus: int | No
            timeout: float | None, *, labels: Mapping[str, str] | None = None,
            lifetime: int | None = None, on_timeout: str | None = None,
            idle_hibernate: int | None = None, auto_wake: bool = False,
-           disk: int | str | None = None, cold: bool = False) -> Call[SandboxInfo]:
+           disk: int | str | None = None, cold: bool = False,
+           network: str | None = None, allow_out: Sequence[str] | None = None,
+           deny_out: Sequence[str] | None = None) -> Call[SandboxInfo]:
     """``timeout`` bounds the request; ``lifetime`` is the sandbox's own timeout."""
     body: dict[str, Any] = {"image": image, "worker": worker, "memory_mb": memory_mb,
                             "cpus": cpus}
@@ -129,9 +134,50 @@ def create(image: str, worker: str | None, memory_mb: int | None, cpus: int | No
     extra = {"labels": dict(labels) if labels else None, "timeout": lifetime,
              "on_timeout": on_timeout, "idle_hibernate": idle_hibernate,
              "auto_wake": auto_wake or None,
-             "disk": None if disk is None else disk_bytes(disk), "cold": cold or None}
+             "disk": None if disk is None else disk_bytes(disk), "cold": cold or None,
+             "network": network_body(network, allow_out, deny_out)}
     body.update({k: v for k, v in extra.items() if v is not None})
     return Call("POST", "/v1/sandboxes", _sandbox, json=body, timeout=timeout)
+
+
+def network_body(mode: str | None, allow_out: Sequence[str] | None,
+                 deny_out: Sequence[str] | None) -> dict[str, Any] | None:
+    """The ``network`` of a create (None: the server's default, outbound without rules)."""
+    if mode is None and allow_out is None and deny_out is None:
+        return None
+    body: dict[str, Any] = {"mode": mode or "outbound"}
+    if allow_out is not None:
+        body["allow_out"] = _rules(allow_out)
+    if deny_out is not None:
+        body["deny_out"] = _rules(deny_out)
+    return body
+
+
+def _rules(rules: Sequence[str]) -> list[str]:
+    if isinstance(rules, str):  # one rule, not its characters
+        return [rules]
+    return [str(r) for r in rules]
+
+
+def set_network(sandbox_id: str, allow_out: Sequence[str] | None,
+                deny_out: Sequence[str] | None) -> Call[SandboxInfo]:
+    body: dict[str, Any] = {}
+    if allow_out is not None:
+        body["allow_out"] = _rules(allow_out)
+    if deny_out is not None:
+        body["deny_out"] = _rules(deny_out)
+    return Call("PUT", f"/v1/sandboxes/{_sid(sandbox_id)}/network", _sandbox, json=body)
+
+
+def preview(sandbox_id: str, port: int, public: bool = False) -> Call[dict[str, Any]]:
+    def parse(r: httpx.Response) -> dict[str, Any]:
+        data = json_body(r)
+        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+            raise ResponseFormatError("previews: expected an object with a url")
+        return data
+
+    return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/previews/{int(port)}", parse,
+                json={"public": public} if public else None)
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

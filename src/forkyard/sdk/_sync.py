@@ -25,6 +25,7 @@ from forkyard.sdk._common import (
 )
 from forkyard.sdk._files import Files
 from forkyard.sdk._http import SyncHTTP
+from forkyard.sdk._network import Network, preview_url
 from forkyard.sdk.config import ConnectionConfig
 from forkyard.sdk.errors import NotFoundError
 from forkyard.sdk.models import CheckpointInfo, CommandResult, SandboxInfo, WorkerInfo
@@ -151,6 +152,9 @@ class Sandbox:
         auto_wake: bool = False,
         disk: int | str | None = None,
         cold: bool = False,
+        network: str | None = None,
+        allow_out: Sequence[str] | None = None,
+        deny_out: Sequence[str] | None = None,
         boot_timeout: float | None = _ops.BOOT_TIMEOUT,
     ) -> Sandbox:
         """Boot a new sandbox and return once its guest answers.
@@ -167,7 +171,8 @@ class Sandbox:
         call = _ops.create(image, worker, memory_mb, cpus, boot_timeout, labels=labels,
                            lifetime=timeout, on_timeout=on_timeout if timeout else None,
                            idle_hibernate=idle_hibernate, auto_wake=auto_wake,
-                           disk=disk, cold=cold)
+                           disk=disk, cold=cold, network=network, allow_out=allow_out,
+                           deny_out=deny_out)
         return cls(http.call(call), http)
 
     @classmethod
@@ -253,6 +258,17 @@ class Sandbox:
     def refresh(self) -> SandboxInfo:
         self._info = self._http.call(_ops.get_sandbox(self.id))
         return self._info
+
+    @property
+    def network(self) -> Network:
+        """Its network mode and egress rules; ``.update(allow_out=..., deny_out=...)``."""
+        return Network(self)
+
+    def get_url(self, port: int, *, public: bool = False) -> str:
+        """A URL of the guest's ``port`` through the control plane's proxy, carrying a new
+        preview token (or none, with ``public``, where the operator allows public ports)."""
+        data = self._http.call(_ops.preview(self.id, port, public))
+        return preview_url(self._http.config.url, data)
 
     def set_timeout(self, timeout: int | None) -> SandboxInfo:
         """End it ``timeout`` seconds from now (by its ``on_timeout``); None: never."""

@@ -31,6 +31,7 @@ __all__ = [
     "CommandResult",
     "EntryInfo",
     "EventInfo",
+    "NetworkInfo",
     "SandboxInfo",
     "SandboxState",
     "WorkerInfo",
@@ -80,6 +81,25 @@ def _obj(data: object, what: str) -> Mapping[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkInfo:
+    """A sandbox's network: ``"outbound"`` or ``"none"``, and its egress rules."""
+
+    mode: str
+    allow_out: tuple[str, ...] = ()
+    deny_out: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: object) -> NetworkInfo:
+        d = _obj(data, "network")
+        allow, deny = (tuple(str(r) for r in (d.get(k) or ())) for k in ("allow_out", "deny_out"))
+        return cls(mode=_get(d, "mode", str, "network"), allow_out=allow, deny_out=deny)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "allow_out": list(self.allow_out),
+                "deny_out": list(self.deny_out)}
+
+
+@dataclass(frozen=True, slots=True)
 class SandboxInfo:
     """What the control plane knows about one sandbox, at the time it answered."""
 
@@ -100,6 +120,7 @@ class SandboxInfo:
     on_timeout: str | None = None
     idle_hibernate: int | None = None
     auto_wake: bool = False
+    network: NetworkInfo | None = None  # None: made before networks (none)
 
     @classmethod
     def from_json(cls, data: object) -> SandboxInfo:
@@ -123,6 +144,7 @@ class SandboxInfo:
             on_timeout=_opt(d, "on_timeout", str, w),
             idle_hibernate=_opt(d, "idle_hibernate", int, w),
             auto_wake=bool(_opt(d, "auto_wake", bool, w)),
+            network=NetworkInfo.from_json(d["network"]) if d.get("network") else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -135,6 +157,7 @@ class SandboxInfo:
             "timeout": self.timeout, "expires_at": self.expires_at,
             "on_timeout": self.on_timeout, "idle_hibernate": self.idle_hibernate,
             "auto_wake": self.auto_wake,
+            "network": self.network.to_json() if self.network is not None else None,
         }
 
 

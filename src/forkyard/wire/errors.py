@@ -42,11 +42,13 @@ from forkyard.errors import (
     PayloadTooLarge,
     PlacementConflict,
     PortUnreachable,
+    PreviewUnauthorized,
     SandboxNotFound,
     SandboxStateError,
     Standby,
     StoreError,
     ToolError,
+    TunnelLimit,
     UnsafeInput,
     UnsafePath,
     VMError,
@@ -100,6 +102,7 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
     (WorkerNotFound, 404, "not_found"),
     (KeyNotFound, 404, "not_found"),
     (Forbidden, 403, "forbidden"),
+    (PreviewUnauthorized, 401, "unauthorized"),
     (NetworkConflict, 409, "conflict"),
     (KeyConflict, 409, "conflict"),
     (SandboxStateError, 409, "conflict"),
@@ -119,6 +122,7 @@ _TABLE: tuple[tuple[type[ForkyardError], int, str], ...] = (
     (BadWorkerReport, 400, "bad_request"),
     # nothing can take the work now: retry later (or ask for a smaller sandbox)
     (InsufficientCapacity, 503, "insufficient_capacity"),
+    (TunnelLimit, 503, "unavailable"),
     (WorkerUnavailable, 503, "unavailable"),
     (DatabaseUnavailable, 503, "unavailable"),
     (Standby, 503, "standby"),
@@ -204,6 +208,8 @@ def _detail(exc: ForkyardError) -> dict[str, Any] | None:
     if isinstance(exc, InsufficientCapacity):
         return {"worker": exc.worker or None, "resource": exc.resource, "needed": exc.needed,
                 "free": exc.free, "limit": exc.limit}
+    if isinstance(exc, TunnelLimit):
+        return {"scope": exc.scope, "limit": exc.limit}
     if isinstance(exc, IntegrityError):
         return {"what": exc.what, "expected": exc.expected, "actual": exc.actual}
     return None

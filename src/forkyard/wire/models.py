@@ -194,6 +194,8 @@ class SandboxOut(_Reply):
     idle_hibernate: int | None = Field(None, description="hibernate after this many "
                                                          "seconds without exec/file traffic")
     auto_wake: bool = False
+    network: NetworkSpec | None = Field(None, description="its network mode and egress "
+                                        "rules (null: made before networks, i.e. none)")
 
 
 class CheckpointOut(_Reply):
@@ -299,7 +301,7 @@ class TreeWritten(_Reply):
 
 
 class ErrorInfo(_Reply):
-    type: Literal["bad_request", "unauthorized", "not_found", "method_not_allowed",
+    type: Literal["bad_request", "unauthorized", "forbidden", "not_found", "method_not_allowed",
                   "conflict", "integrity", "incompatible", "too_large", "invalid",
                   "guest_error", "internal", "worker_error", "unavailable", "timeout"]
     message: str
@@ -329,6 +331,8 @@ class CreateSandboxRequest(_Request):
                                        description="hibernate after this many idle seconds")
     auto_wake: StrictBool = Field(default=False, description="an exec or file request to "
                                   "the hibernated sandbox wakes it first")
+    network: NetworkSpec = Field(default_factory=NetworkSpec, description="network mode "
+                                 "and egress rules; forks and wakes keep them")
 
 
 class TimeoutRequest(_Request):

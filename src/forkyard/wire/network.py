@@ -19,7 +19,7 @@ import ipaddress
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 __all__ = [
     "DEFAULT_DENIED",
@@ -80,7 +80,18 @@ def _normalise(text: str) -> str:
     return str(parse_rule(text))
 
 
-EgressRule = Annotated[str, Field(max_length=253), AfterValidator(_normalise)]
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_NAME_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# what the schema promises is accepted: IPv4 CIDRs and domain names (IPv6 CIDRs are
+# accepted too; the schema leaves them out rather than promise every spelling)
+RULE_PATTERN = (rf"^(?:(?:{_OCTET}\.){{3}}{_OCTET}(?:/(?:3[0-2]|[12]?[0-9]))?"
+                rf"|(?:\*\.)?(?:{_NAME_LABEL}\.)*[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?\.?)$")
+_RULE_SCHEMA = {"type": "string", "maxLength": 253, "pattern": RULE_PATTERN,
+                "description": "a CIDR (e.g. 10.0.0.0/8) or a domain name (`*.` for "
+                               "its subdomains)"}
+
+EgressRule = Annotated[str, Field(max_length=253), AfterValidator(_normalise),
+                       WithJsonSchema(_RULE_SCHEMA)]
 
 
 class NetworkSpec(BaseModel):

@@ -52,6 +52,7 @@ __all__ = [
     "HIBERNATE_TIMEOUT",
     "QUICK_TIMEOUT",
     "ROUTES",
+    "WEBSOCKETS",
     "Call",
     "Params",
     "Route",
@@ -79,6 +80,7 @@ __all__ = [
     "set_network",
     "spawn",
     "stat_file",
+    "tunnel_path",
     "wake",
     "write_file",
     "write_tree",
@@ -148,6 +150,8 @@ FORK = Route("POST", "/checkpoints/{checkpoint_id}/fork")
 HIBERNATE = Route("POST", "/sandboxes/{sandbox_id}/hibernate")
 WAKE = Route("POST", "/sandboxes/{sandbox_id}/wake")
 NETWORK = Route("PUT", "/sandboxes/{sandbox_id}/network")
+# a WebSocket (GET + Upgrade) carrying one TCP connection's bytes (forkyard.wire.ports)
+TUNNEL = Route("GET", "/sandboxes/{sandbox_id}/ports/{port}/tunnel")
 
 SPAWN = Route("POST", "/sandboxes/{sandbox_id}/procs")
 LIST_PROCS = Route("GET", "/sandboxes/{sandbox_id}/procs")
@@ -161,6 +165,7 @@ ROUTES: tuple[Route, ...] = (CREATE, SANDBOX, DESTROY, EXEC, WRITE_FILE, READ_FI
                              FORK, HIBERNATE, WAKE, NETWORK, SPAWN, LIST_PROCS, PROC_OUTPUT,
                              PROC_STDIN, PROC_RESIZE, PROC_SIGNAL, WRITE_TREE,
                              READ_TREE, FILE_EXISTS, MAKE_DIR, RENAME_FILE)
+WEBSOCKETS: tuple[Route, ...] = (TUNNEL,)
 
 
 def _none(_: Any) -> None:
@@ -334,3 +339,8 @@ def set_network(sandbox_id: str, spec: NetworkSpec) -> Call[WorkerSandbox]:
     """Apply new egress rules to a running sandbox (the worker replaces its rule set)."""
     return Call(NETWORK, NETWORK.path(sandbox_id=sandbox_id), WorkerSandbox.model_validate,
                 QUICK_TIMEOUT, spec)
+
+
+def tunnel_path(sandbox_id: str, port: int) -> str:
+    """Where a worker opens a byte tunnel to ``port`` of ``sandbox_id``'s guest."""
+    return TUNNEL.path(sandbox_id=sandbox_id, port=str(port))

@@ -24,6 +24,7 @@ from forkyard.wire.models import (
 from forkyard.wire.network import NetworkSpec
 from forkyard.worker.daemon._file_routes import add_file_routes
 from forkyard.worker.daemon._node import Node, sandbox_json
+from forkyard.worker.daemon._port_routes import add_port_routes
 from forkyard.worker.daemon._proc_routes import add_proc_routes
 from forkyard.worker.daemon._publish import MAX_WAIT
 
@@ -44,6 +45,7 @@ def add_routes(app: FastAPI, d: Node) -> None:
     w = d.worker
     add_proc_routes(app, d)
     add_file_routes(app, d)
+    add_port_routes(app, lambda sandbox_id: w.get(sandbox_id))
 
     @app.get("/health")
     def health() -> WorkerHealth:
