@@ -1,9 +1,8 @@
 """Guest ports from outside on real VMs: `forkyard url` (auth required), `port-forward`,
 WebSockets, and two forks each answering on their own URL.
 
-These use the worker's guest network (``Sandbox.connect_port``, issue 11's data plane);
-until the worker library has it, they are skipped, saying so.  The proxy layer itself is
-tested without a VM in tests/unit/test_control_ports.py.
+They go through the worker's guest network (``Sandbox.connect_port``).  The proxy layer
+itself is tested without a VM in tests/unit/test_control_ports.py.
 """
 
 from __future__ import annotations
@@ -17,14 +16,9 @@ import httpx
 import pytest
 
 from forkyard.sdk import Sandbox
-from forkyard.worker import Sandbox as WorkerSandbox
-from tests.fixtures.cli import fy, readme_example, up_cluster
+from tests.fixtures.cli import FORKYARD, fy, readme_example, up_cluster
 
-pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.skipif(not hasattr(WorkerSandbox, "connect_port"),
-                       reason="the worker library has no guest network yet (connect_port)"),
-]
+pytestmark = pytest.mark.vm
 
 SERVE = "mkdir -p /srv && echo {text} > /srv/index.html && httpd -f -p 8000 -h /srv"
 
@@ -43,6 +37,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("FORKYARD_URL", "FORKYARD_API_TOKEN")}
     env["FORKYARD_HOME"] = str(home)
+    env["PATH"] = f"{Path(FORKYARD).parent}:{env.get('PATH', '')}"  # as the README's reader has it
     return env
 
 
