@@ -35,6 +35,7 @@ from forkyard.guest.client import AgentClient, ExecResult
 from forkyard.guest.procs import Chunk, ProcInfo
 from forkyard.tools import qemu_img
 from forkyard.vm.machine import QemuVM
+from forkyard.vm.ram import RamFile
 from forkyard.wire.lifecycle import Lifecycle, SandboxState
 from forkyard.worker._boot import Chain, boot_vm
 from forkyard.worker._files import Files
@@ -79,6 +80,8 @@ class Sandbox:
         self._layers: tuple[PartRef, ...] = ()
         self._boot: BootRef | None = None
         self.error: str | None = None  # why it failed, when known (a host-side disk fault)
+        # False: checkpoints save the whole stream (format v2) even from a working RAM file
+        self.ram_images = True
 
     # ------------------------------------------------------------------
     @property
@@ -324,22 +327,34 @@ class Sandbox:
             return cp
 
     def _capture(self, vm: QemuVM, agent: AgentClient, name: str | None) -> Capture:
-        """The VM steps of a checkpoint: pause, freeze the top layer, save the state."""
+        """The VM steps of a checkpoint: pause, freeze the top layer, save the state.
+
+        A VM on its own working RAM file saves device state only and copies its
+        RAM into a new frozen image while paused (format v3); a VM mapping a
+        frozen image saves the whole stream (format v2; checkpoint/ram_image.py).
+        """
         new_active = self._new_active(None)
         state_file = self._dir / f"state-{self._disk_seq}.tmp"
         t0 = time.monotonic()
         frozen: Path | None = None
+        working = vm.ram if vm.ram is not None and vm.ram.share and self.ram_images else None
+        image: RamFile | None = None
         try:
             with agent.quiesced():
                 vm.pause()
                 self.lifecycle.move(S.PAUSED, "checkpoint")
                 try:
                     frozen = vm.freeze_disk(new_active)
-                    vm.save_state(state_file)
+                    vm.save_state(state_file, ignore_shared=working is not None)
+                    if working is not None:
+                        image = RamFile.blank_image(working.size)
+                        working.copy_into(image)
                 finally:
                     vm.resume()
                     self.lifecycle.move(S.RUNNING, "checkpoint")
-        except ForkyardError:
+        except (ForkyardError, OSError) as exc:
+            if image is not None:
+                image.release()
             with contextlib.suppress(OSError):
                 state_file.unlink()
             if not vm.alive():
@@ -348,6 +363,8 @@ class Sandbox:
                 # the disk moved on to a new layer even though the state was
                 # not saved: file the frozen layer so later checkpoints chain
                 self._chain_frozen(vm, frozen)
+            if isinstance(exc, OSError):
+                raise CheckpointError(f"sandbox {self.id}: copying guest RAM: {exc}") from exc
             raise
         paused = time.monotonic() - t0
         assert frozen is not None
@@ -365,6 +382,7 @@ class Sandbox:
             shape=vm.shape,
             boot=self._boot,
             agent=agent.version,
+            ram_image=image,
         )
 
     def _chain_frozen(self, vm: QemuVM, frozen: Path) -> None:

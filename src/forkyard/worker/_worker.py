@@ -26,6 +26,7 @@ from pathlib import Path
 
 from forkyard.checkpoint import BootRef, Checkpoint, LocalCheckpoints, PartRef, archive
 from forkyard.checkpoint.local import CheckpointFiles
+from forkyard.checkpoint.ram_image import RamImages
 from forkyard.checkpoint.recorder import Recorder
 from forkyard.config import Home
 from forkyard.errors import (
@@ -43,6 +44,7 @@ from forkyard.image import ImageCatalog, ImageInfo, MinimalSource, build_image
 from forkyard.store import BlobCache, BlobStore, ObjectStore, open_store
 from forkyard.tools import qemu_system
 from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape
+from forkyard.vm.ram import RamFile
 from forkyard.wire.ids import new_sandbox_id
 from forkyard.worker._compat import check_compatible
 from forkyard.worker._home import hibernated_records, keep_logs, lock_home
@@ -94,7 +96,9 @@ class Worker:
         self.checkpoints = LocalCheckpoints(self.home.checkpoints_dir)
         self.blobs = BlobCache(self.home.cache_dir / "blobs")
         self._parts = PartFetcher(self.images, self.blobs, self.blobstore, worker=self.name)
-        self._recorder = Recorder(self.blobs, self.checkpoints, worker=self.name)
+        self.ram_images = RamImages(self.blobs, self.blobstore)
+        self._recorder = Recorder(self.blobs, self.checkpoints, worker=self.name,
+                                  images=self.ram_images)
         self._sandboxes: dict[str, Sandbox] = {}
         self._lock = threading.Lock()
         self._image_lock = threading.Lock()
@@ -385,8 +389,12 @@ class Worker:
         """
         m = cp.manifest
         self._check_compatible(cp)
-        parts = self._parts.gather(cp, stream_state=True)
+        # v3: the device state is small and read whole; RAM is the mapped image
+        parts = self._parts.gather(cp, stream_state=m.ram is None)
+        ram = None
         try:
+            if m.ram is not None:
+                ram = self.ram_images.get(m.ram, what=f"checkpoint {cp.short_id}")
             active = sb.prepare(m.layers, m.boot)
             # the recorded machine, run (and later saved again) by this host's QEMU
             shape = replace(m.vm, qemu=self.host.qemu_version)
@@ -395,10 +403,12 @@ class Worker:
             state = parts.state
             if isinstance(state, Path) and parts.disks.done():
                 base, layers = parts.disks.result()
-                vm = self._vm(sb, shape, boot, DiskChain(base, layers, active))
+                vm = self._vm(sb, shape, boot, DiskChain(base, layers, active), ram)
+                ram = None  # the VM holds it now
                 sb.start(vm, incoming=state, timeout=timeout)
             else:
-                vm = self._vm(sb, shape, boot, DiskChain(None, (), active))
+                vm = self._vm(sb, shape, boot, DiskChain(None, (), active), ram)
+                ram = None
 
                 def pending_chain() -> Chain:
                     if isinstance(state, StateStream):
@@ -409,6 +419,8 @@ class Worker:
                 sb.start(vm, incoming=incoming, timeout=timeout, pending_chain=pending_chain)
         finally:
             parts.close()
+            if ram is not None:
+                ram.release()
         # every part is here now: later forks of it on this worker stay local
         self.checkpoints.add(m)
 
@@ -422,8 +434,10 @@ class Worker:
         return BootRef(PartRef(k.digest, k.size), PartRef(i.digest, i.size),
                        BootSpec(k.path, i.path).cmdline)
 
-    def _vm(self, sb: Sandbox, shape: VMShape, boot: BootSpec, disk: DiskChain) -> QemuVM:
+    def _vm(self, sb: Sandbox, shape: VMShape, boot: BootSpec, disk: DiskChain,
+            ram: RamFile | None = None) -> QemuVM:
         return QemuVM(
+            ram=ram,
             name=sb.id,
             workdir=sb.dir,
             agent_socket=self.home.run_dir / f"{sb.id}.agent",
