@@ -59,6 +59,11 @@ class Recorder:
         self._blobs.add_local(digest, path, verify=False, link=True)
         return PartRef(digest, path.stat().st_size)
 
+    def drop_image(self, manifest: Manifest) -> None:
+        """This worker need not keep the checkpoint's RAM image mapped (a hibernation)."""
+        if manifest.ram is not None:
+            self._images.forget(manifest.ram)
+
     def record(self, capture: Capture) -> Checkpoint:
         """Hash and file the capture's VM state, then write its manifest."""
         # one pass: the whole state's digest (its local key) and its chunks (what travels)

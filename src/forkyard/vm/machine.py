@@ -375,16 +375,21 @@ class QemuVM:
         ``ignore_shared`` leaves out the RAM of a ``share=on`` RAM file (the
         stream then holds device state only: the caller copies the RAM file).
         """
-        qmp = self._require_qmp()
-        self._ignore_shared(ignore_shared)
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.save_state_to(fd, timeout=timeout, ignore_shared=ignore_shared)
+        return dest.stat().st_size
+
+    def save_state_to(self, fd: int, *, timeout: float = 300.0,
+                      ignore_shared: bool = False) -> None:
+        """:meth:`save_state` into ``fd`` (a file or a pipe), which this call closes."""
+        qmp = self._require_qmp()
         try:
+            self._ignore_shared(ignore_shared)
             qmp.send_fd(fd, "outgoing")
         finally:
             os.close(fd)
         qmp.execute("migrate", {"uri": "fd:outgoing"})
         self._wait_migration(timeout, what="saving the VM state")
-        return dest.stat().st_size
 
     def hmp(self, command_line: str, *, timeout: float = 300.0) -> str:
         return self._require_qmp().hmp(command_line, timeout=timeout)

@@ -36,6 +36,7 @@ from forkyard.guest.procs import Chunk, ProcInfo
 from forkyard.tools import qemu_img
 from forkyard.vm.machine import QemuVM
 from forkyard.vm.ram import RamFile
+from forkyard.vm.ram_capture import save_with_image
 from forkyard.wire.lifecycle import Lifecycle, SandboxState
 from forkyard.worker._boot import Chain, boot_vm
 from forkyard.worker._files import Files
@@ -329,15 +330,14 @@ class Sandbox:
     def _capture(self, vm: QemuVM, agent: AgentClient, name: str | None) -> Capture:
         """The VM steps of a checkpoint: pause, freeze the top layer, save the state.
 
-        A VM on its own working RAM file saves device state only and copies its
-        RAM into a new frozen image while paused (format v3); a VM mapping a
-        frozen image saves the whole stream (format v2; checkpoint/ram_image.py).
+        The RAM goes into a new frozen image and the state file holds device
+        state only (format v3, ``vm/ram_capture.py``); ``ram_images = False``
+        saves the whole stream instead (format v2).
         """
         new_active = self._new_active(None)
         state_file = self._dir / f"state-{self._disk_seq}.tmp"
         t0 = time.monotonic()
         frozen: Path | None = None
-        working = vm.ram if vm.ram is not None and vm.ram.share and self.ram_images else None
         image: RamFile | None = None
         try:
             with agent.quiesced():
@@ -345,10 +345,10 @@ class Sandbox:
                 self.lifecycle.move(S.PAUSED, "checkpoint")
                 try:
                     frozen = vm.freeze_disk(new_active)
-                    vm.save_state(state_file, ignore_shared=working is not None)
-                    if working is not None:
-                        image = RamFile.blank_image(working.size)
-                        working.copy_into(image)
+                    if self.ram_images:
+                        image = save_with_image(vm, state_file)
+                    else:
+                        vm.save_state(state_file)
                 finally:
                     vm.resume()
                     self.lifecycle.move(S.RUNNING, "checkpoint")
@@ -401,6 +401,8 @@ class Sandbox:
         with self._lock:
             cp = self.checkpoint(name=f"hibernate-{self.id}")
             self._shutdown()
+            # the point is to free memory: a wake builds the image again from its chunks
+            self._recorder.drop_image(cp.manifest)
             self.lifecycle.move(S.HIBERNATED, "hibernate")
             self._discard_disks()
             self._save_meta()

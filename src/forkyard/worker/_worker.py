@@ -357,12 +357,12 @@ class Worker:
         """Bring a published checkpoint and all its parts here, without starting it."""
         cp = self.resolve_checkpoint(checkpoint)
         self._check_compatible(cp)
-        self._parts.materialize(cp)
+        self._parts.materialize(cp, self.ram_images)
         return self.checkpoints.add(cp.manifest)
 
     def materialize(self, checkpoint: Checkpoint) -> CheckpointFiles:
         """Local, verified files of every part of ``checkpoint`` (fetching what is missing)."""
-        return self._parts.materialize(checkpoint)
+        return self._parts.materialize(checkpoint, self.ram_images)
 
     def cached_bases(self) -> builtins.list[str]:
         digests = {info.digest for info in self.images.list()}
