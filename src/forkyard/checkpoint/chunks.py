@@ -24,27 +24,39 @@ from typing import Any
 
 from forkyard.errors import ManifestError
 
-__all__ = ["MAX_CHUNKS", "MAX_CHUNK_SIZE", "RAM_CHUNK_SIZE", "ram_chunk_size", "STATE_CHUNK_SIZE", "ChunkRef",
-           "RamImageRef", "check_cover", "check_ram", "split_file"]
+__all__ = [
+    "MAX_CHUNKS",
+    "MAX_CHUNK_SIZE",
+    "RAM_CHUNK_SIZE",
+    "STATE_CHUNK_SIZE",
+    "ChunkRef",
+    "RamImageRef",
+    "check_cover",
+    "check_ram",
+    "ram_chunk_size",
+    "split_file",
+]
 
 # 4 MiB: QEMU waits for one verified chunk before its first byte, and a reader holds
 # a few of them; still few objects for a large state (per-object store overhead
 # stays small next to the transfer)
 STATE_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024  # what a reader accepts from a manifest
-# RAM chunks: as small as keeps an image within RAM_MAX_CHUNKS objects.  An idle
-# guest's kernel rewrites ~25-90 scattered pages between two checkpoints
-# (measured: 84-372 KiB of 4 KiB pages), so the chunk size is what an idle
-# checkpoint costs: 2.5-10 MB at 256 KiB, 14-30 MB at 2 MiB, 1-4 MB at 64 KiB.
-# More, smaller objects cost per-object store and fsync overhead and manifest
-# bytes (~100 per chunk; the manifest stays under its 1 MiB limit).
-RAM_MAX_CHUNKS = 1024
+# RAM chunks: as small as keeps an image within RAM_MAX_CHUNKS objects.  The
+# guest kernel scatters what it writes over physical memory (tmpfs pages, page
+# tables, slab), so the chunk size is what a small change costs.  Measured on a
+# 256 MiB guest: between two idle checkpoints 84-372 KiB of 4 KiB pages changed,
+# i.e. 1-4 MB of 64 KiB chunks, 2.5-10 MB of 256 KiB ones, 14-30 MB of 2 MiB
+# ones; 1 MiB written to a guest tmpfs cost ~15 MB of 256 KiB chunks.  Smaller
+# chunks cost more objects (store requests, cache files) and manifest bytes
+# (~100 per chunk: 4096 chunks keep a manifest well under its 1 MiB limit).
+RAM_MAX_CHUNKS = 4096
 _MIN_RAM_CHUNK = 64 * 1024
-RAM_CHUNK_SIZE = 256 * 1024  # a 256 MiB guest's (the default)
+RAM_CHUNK_SIZE = _MIN_RAM_CHUNK  # a guest of up to 256 MiB's
 
 
 def ram_chunk_size(memory_bytes: int) -> int:
-    """The smallest power of two >= 256 KiB cutting ``memory_bytes`` into <= 1024 chunks."""
+    """The smallest power of two >= 64 KiB cutting ``memory_bytes`` into <= 4096 chunks."""
     size = RAM_CHUNK_SIZE
     while memory_bytes > size * RAM_MAX_CHUNKS:
         size *= 2

@@ -5,7 +5,7 @@ A checkpoint of a VM running on its own working RAM file (``vm.ram``: a
 saves a *device-state-only* migration stream (``x-ignore-shared``: 288 KB
 for a 256 MiB guest) and copies the RAM file, while the VM is paused, into a
 new memfd: the frozen image.  After the VM resumed, :func:`file_image` cuts
-the image into fixed-size chunks (256 KiB up to a 256 MiB guest, at most 1024
+the image into fixed-size chunks (64 KiB up to a 256 MiB guest, at most 4096
 chunks: ``chunks.ram_chunk_size`` says why), leaves all-zero chunks out (and
 punches them out of the image, so they cost no memory), files every chunk the
 blob cache does not hold yet under its sha256 and seals the image.  A chunk an earlier

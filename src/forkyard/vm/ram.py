@@ -28,12 +28,13 @@ immutable by the kernel's word, not by a file mode.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import threading
 from dataclasses import dataclass, field
 
-__all__ = ["BACKEND_ID", "RamFile", "SEALS"]
+__all__ = ["BACKEND_ID", "SEALS", "RamFile"]
 
 BACKEND_ID = "pc.ram"  # the legacy -m RAM block name: older streams load into it
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -129,11 +130,12 @@ _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
 
 
-def fallocate(fd: int, offset: int, length: int) -> None:
-    import ctypes
+_libc = ctypes.CDLL(None, use_errno=True)
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    ret = libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+
+def fallocate(fd: int, offset: int, length: int) -> None:
+    """Punch a hole (``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE``)."""
+    ret = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                          ctypes.c_long(offset), ctypes.c_long(length))
     if ret != 0:
         err = ctypes.get_errno()
