@@ -44,6 +44,7 @@ _FLAG_MASK = _PAGE - 1
 _KNOWN_FLAGS = _F_ZERO | _F_MEM_SIZE | _F_PAGE | _F_EOS | _F_CONTINUE
 _COPY = 1 << 20
 _ZERO_PAGE = bytes(_PAGE)
+_BE64 = struct.Struct(">Q")
 Put = Callable[[bytes], object]
 
 
@@ -94,6 +95,7 @@ def split_stream(src: BinaryIO, out: BinaryIO, image: mmap.mmap, *,
     ram_section: int | None = None
     pages = 0
     current: bytes | None = None  # the block of the previous page record (CONTINUE)
+    written = bytearray(len(image) // _PAGE)
     while True:
         kind = r.byte()
         if kind == _START:
@@ -113,7 +115,7 @@ def split_stream(src: BinaryIO, out: BinaryIO, image: mmap.mmap, *,
             if sid != ram_section:
                 raise StreamFormatError(f"part of section {sid}, not of ram ({ram_section})")
             w(bytes([kind]) + raw)
-            n, current = _ram_pages(r, w, block, image, current)
+            n, current = _ram_pages(r, w, block, image, current, written)
             pages += n
             _footer(r, w, sid)
             if kind == _END:
@@ -197,41 +199,53 @@ def _ram_setup(r: _Reader, put: Put, block: bytes, image: mmap.mmap,
 
 
 def _ram_pages(r: _Reader, put: Put, block: bytes, image: mmap.mmap,
-               current: bytes | None) -> tuple[int, bytes | None]:
-    """One ram part's page records up to EOS; ``block``'s go into ``image``."""
+               current: bytes | None, written: bytearray) -> tuple[int, bytes | None]:
+    """One ram part's page records up to EOS; ``block``'s go into ``image``.
+
+    ``written[i]`` is set once page ``i`` of the image holds data from this
+    stream (a later ZERO record for it must clear it; others leave the hole).
+    The loop is the filter's hot path (a record per guest page): local names.
+    """
     size = len(image)
     pages = 0
+    read = r.exact
+    unpack = _BE64.unpack
     while True:
-        header = r.be64()
+        header = unpack(read(8))[0]
         flags = header & _FLAG_MASK
         addr = header & ~_FLAG_MASK
+        name: bytes | None = current
+        if not flags & _F_CONTINUE and flags & (_F_ZERO | _F_PAGE):
+            name = read(read(1)[0])
         if flags & ~_KNOWN_FLAGS or flags & _F_MEM_SIZE:
             raise StreamFormatError(f"unsupported RAM record flags {flags:#x}")
         if flags & _F_EOS:
             if flags != _F_EOS:
                 raise StreamFormatError("EOS combined with other flags")
-            put(struct.pack(">Q", header))
+            put(_BE64.pack(header))
             return pages, current
-        if not flags & (_F_ZERO | _F_PAGE):
-            raise StreamFormatError(f"RAM record without a page ({flags:#x})")
-        name = current if flags & _F_CONTINUE else r.name()
+        if not flags & (_F_ZERO | _F_PAGE) or (flags & _F_ZERO and flags & _F_PAGE):
+            raise StreamFormatError(f"RAM record without exactly one page ({flags:#x})")
         if name is None:
             raise StreamFormatError("CONTINUE record before any block")
         current = name
-        body = r.exact(1) if flags & _F_ZERO else r.exact(_PAGE)
+        body = read(1) if flags & _F_ZERO else read(_PAGE)
         if name != block:
             prefix = b"" if flags & _F_CONTINUE else bytes([len(name)]) + name
-            put(struct.pack(">Q", header) + prefix + body)
+            put(_BE64.pack(header) + prefix + body)
             continue
         if addr + _PAGE > size:
             raise StreamFormatError(f"page at {addr:#x} is outside the {size}-byte image")
+        page = addr >> 12
         if flags & _F_ZERO:
             if body != b"\0":
                 raise StreamFormatError("a ZERO record with a fill byte other than 0")
-            if image[addr:addr + _PAGE] != _ZERO_PAGE:  # sent earlier in this stream
+            if written[page]:  # sent earlier in this stream; else the hole stays
                 image[addr:addr + _PAGE] = _ZERO_PAGE
-            continue  # reading a hole allocates nothing; writing zeros would
+                written[page] = 0
+            continue
         image[addr:addr + _PAGE] = body
+        written[page] = 1
         pages += 1
 
 
