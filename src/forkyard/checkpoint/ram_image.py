@@ -20,21 +20,29 @@ Decisions, and why:
   Forks map it ``share=off``: their writes land in private copy-on-write pages.
   Copying while paused costs one in-kernel copy of the guest's touched memory
   (``copy_file_range`` between memfds, holes skipped: ~0.13 s per 256 MiB
-  here); the alternatives (moving the source onto the image copy-on-write
-  needs a QEMU restart; UFFD write-protect is not wired in QEMU 7.2's
-  ``x-ignore-shared`` path) cost more than this on these guest sizes.
+  here); the alternatives cost more on these guest sizes: moving the source
+  onto the image copy-on-write needs a QEMU restart, and QEMU's UFFD
+  write-protected ``background-snapshot`` streams the whole RAM.
 - **A mapped fork that is itself checkpointed** (its RAM is a ``share=off``
-  mapping, which ``x-ignore-shared`` does not leave out) saves the whole
-  stream, RAM included, as format v2: correct, and the cost of today's method
-  for that one checkpoint.  A fork of *that* checkpoint loads the stream into
-  a working file of its own again, so its next checkpoint is v3 once more.
+  mapping, which ``x-ignore-shared`` does not leave out) streams every page, and
+  ``vm/migstream.py`` splits the stream on the fly: ``pc.ram`` pages into a new
+  image, the rest out as a device-state-only stream (``vm/ram_capture.py``).
+  Its pause costs one pass over the guest's RAM (like today's v2 save, minus the
+  disk), not a QEMU restart; a stream the splitter does not understand is
+  stored whole (format v2), and a fork of that loads it into a working file of
+  its own, whose next checkpoint is v3 again.
+- **Pause.**  A checkpoint copies (or splits) the guest's touched RAM while
+  paused: it grows with the memory the guest touched, at in-kernel copy speed
+  (~0.1 s per 256 MiB here).  Soft-dirty tracking could limit it to what
+  changed since the previous checkpoint; not done (a missed write would be a
+  silently wrong image, and these guest sizes do not need it yet).
 - **Assembled images are memfds, not files** (``vm/ram.py`` says why: QEMU
   7.2 opens its RAM file read-write).  A worker keeps the images in use, and
   a few recent ones (:data:`_KEEP_BYTES`), in :class:`RamImages`, keyed by
   the image's identity (the sha256 of its chunk list); an image is built only
   from chunks verified against their digests (the blob cache verifies what it
-  fetches, and trusts only entries it sealed itself), so QEMU never maps a byte
-  whose digest was not checked.  A missing or corrupt chunk is an
+  fetches, and every chunk is hashed again as it is written into the image),
+  so QEMU never maps a byte whose digest was not checked.  A missing or corrupt chunk is an
   ``IntegrityError`` naming the chunk, and no VM starts.
 """
 
@@ -242,6 +250,14 @@ class RamImages:
             image.release()
             raise
         return image
+
+    def close(self) -> None:
+        """Release every image (VMs still mapping one keep their own hold)."""
+        with self._lock:
+            images = list(self._images.values())
+            self._images.clear()
+        for image in images:
+            image.release()
 
     def _trim(self) -> None:
         """Release the oldest images past the budget (the newest one always stays)."""

@@ -66,19 +66,21 @@ class Recorder:
 
     def record(self, capture: Capture) -> Checkpoint:
         """Hash and file the capture's VM state, then write its manifest."""
-        # one pass: the whole state's digest (its local key) and its chunks (what travels)
-        state_digest, state_size, chunks = split_file(capture.state_file)
-        self._blobs.add_local(state_digest, capture.state_file, verify=False, link=True)
-        capture.state_file.unlink()
         extra = {"worker": self._worker,
                  "pause_ms": str(round(capture.pause_seconds * 1000, 1))}
         ram = None
-        if capture.ram_image is not None:
-            try:
-                filed = file_image(capture.ram_image, self._blobs)
-            except BaseException:
+        try:
+            # one pass: the whole state's digest (its local key) and its chunks (what travels)
+            state_digest, state_size, chunks = split_file(capture.state_file)
+            self._blobs.add_local(state_digest, capture.state_file, verify=False, link=True)
+            capture.state_file.unlink()
+            filed = None if capture.ram_image is None else file_image(capture.ram_image,
+                                                                       self._blobs)
+        except BaseException:
+            if capture.ram_image is not None:
                 capture.ram_image.release()
-                raise
+            raise
+        if capture.ram_image is not None and filed is not None:
             ram = filed.ref
             self._images.add(ram, capture.ram_image)  # forks on this worker map it at once
             # what this checkpoint's RAM added to the worker's chunks, and what it shares

@@ -315,6 +315,7 @@ class Worker:
                 if sb.state is SandboxState.HIBERNATED:
                     continue
                 sb.destroy()
+        self.ram_images.close()
         os.close(self._home_lock)
 
     def __enter__(self) -> Worker:
