@@ -50,7 +50,8 @@ only ever need to catch this tree::
     │   ├── WorkerTimeout          a worker did not answer in time
     │   └── WorkerReplyError       a worker's answer is unusable (or it refused our token)
     ├── DatabaseError              the control plane's database cannot be opened/migrated
-    │   └── DatabaseUnavailable    a transaction failed (connection lost, locked, ...)
+    │   ├── DatabaseUnavailable    a transaction failed (connection lost, locked, ...)
+    │   └── Standby                this control plane stands by: another one is active
     ├── ClusterError               a local cluster process failed to start or stop
     │                              (forkyard.cli._procs)
     └── (SDK) ConfigurationError, ResponseFormatError, APIError and its subclasses
@@ -100,6 +101,7 @@ __all__ = [
     "SandboxNotFound",
     "SandboxStateError",
     "SetupError",
+    "Standby",
     "StoreError",
     "ToolError",
     "ToolTimeout",
@@ -429,6 +431,10 @@ class DatabaseError(ForkyardError):
 
 class DatabaseUnavailable(DatabaseError):
     """A transaction failed (connection lost, database locked, ...): retry later."""
+
+
+class Standby(DatabaseError):
+    """This control plane stands by (another holds the database's lead): ask the next."""
 
 
 class InsufficientCapacity(FleetError):

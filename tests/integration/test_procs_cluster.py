@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,6 +221,48 @@ def test_a_client_that_stops_reading_a_flood_grows_no_memory(home, sb):
         next(lines)  # and the stream is still usable
     h.kill(9)
     assert h.wait().signal == 9
+
+
+def _vm_hwm_sampler(pids: list[int]) -> tuple[threading.Event, dict[int, int]]:
+    """Peak RSS of each process while the sampler runs (stop it with the event)."""
+    peak = {p: _rss(p) for p in pids}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.01):
+            for p in pids:
+                peak[p] = max(peak[p], _rss(p))
+
+    threading.Thread(target=sample, daemon=True).start()
+    return stop, peak
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_200_mb_of_stdout_through_the_control_plane_is_bounded(home, sb):
+    """A buffered exec printing 200 MB: cut at max_output; the control plane's and the
+    worker's memory grow by about the limit, not with what the guest printed."""
+    cfg = json.loads((home / "cluster.json").read_text())
+    pids = list(cfg["pids"].values())
+    sb.exec("true")
+    base = {p: _rss(p) for p in pids}
+    stop, peak = _vm_hwm_sampler(pids)
+    try:
+        r = sb.exec("dd if=/dev/zero bs=1M count=200 2>/dev/null; echo done >&2", timeout=300)
+    finally:
+        stop.set()
+    assert r.exit_code == 0 and r.stderr == "done\n"
+    assert 0 < len(r.stdout) <= 16 * 1024 * 1024
+    limit = 2 * 16 * 1024 * 1024 + 64 * 1024  # the exec reply limit at the default max_output
+    grew = {name: peak[pid] - base[pid] for name, pid in cfg["pids"].items()}
+    # base64 on the wire is 4/3 of the bytes, and each hop holds the reply and its
+    # encoding while one becomes the other; glibc's per-thread arenas add slack
+    assert all(g < 3 * limit for g in grew.values()), grew
 
 
 def test_async_twin_streams_too(sb):

@@ -163,6 +163,9 @@ MATRIX: dict[tuple[str, str], tuple[dict[str, int], int, Req]] = {
     ("get", "/v1/checkpoints"): (COLLECTION, 200, _NONE),
     ("get", CP): (OWNED, 200, _NONE),
     ("delete", CP): (OWNED, 204, _NONE),
+    # the fake worker's checkpoints have no manifest in the real store, so even their
+    # owner meets the store's 404 (the 200 is in test_checkpoint_show_goes_through_the_api)
+    ("get", f"{CP}/manifest"): (OWNED, 404, _NONE),
     ("post", f"{CP}/fork"): (OWNED, 201, lambda o: {"json": {}}),
     ("post", "/internal/workers/register"): (INTERNAL, 200, lambda o: {"json": _report()}),
     ("post", "/internal/workers/{name}/heartbeat"): (INTERNAL, 200,
@@ -279,6 +282,43 @@ def test_checkpoint_rm_is_404_and_is_not_adopted_back_from_the_store(
         manifest.id = "c" * 64
         assert alice.get(f"/v1/checkpoints/{'c' * 64}").status_code == 200
         assert "c" * 64 in {c["id"] for c in alice.get("/v1/checkpoints").json()}
+
+
+def test_checkpoint_show_goes_through_the_api_for_its_tenant_only(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from forkyard.cli import app
+    from forkyard.store import open_store
+    from tests.unit.test_cli_checkpoints import _manifest
+
+    m = _manifest(f"shown-{next(_seq)}")
+    open_store(plane.store).put_bytes(archive.manifest_key(m.id), m.canonical())
+    monkeypatch.setattr(archive, "stored_bytes", lambda _store, _m: 1)  # parts not uploaded
+    for var in ("FORKYARD_URL", "FORKYARD_API_TOKEN", "FORKYARD_HOME"):
+        monkeypatch.delenv(var, raising=False)
+
+    def show(who: str, ref: str) -> Any:
+        return CliRunner().invoke(app, ["checkpoint", "show", ref, "--url", plane.url,
+                                        "--token", plane.keys[who], "--json"])
+
+    with plane.client("alice") as alice, plane.client("bob") as bob:
+        assert alice.get(f"/v1/checkpoints/{m.id}").status_code == 200  # now alice's
+        resp = alice.get(f"/v1/checkpoints/{m.id}/manifest")
+        assert resp.status_code == 200 and resp.content == m.canonical()
+        assert bob.get(f"/v1/checkpoints/{m.id}/manifest").status_code == 404
+        shown = show("alice", m.id[:12])
+        assert shown.exit_code == 0, shown.output
+        data = json.loads(shown.stdout)
+        assert (data["id"], data["name"], data["source"]) == (m.id, m.name, plane.url)
+        assert show("bob", m.id).exit_code == 1  # another tenant's: it does not exist
+        assert alice.delete(f"/v1/checkpoints/{m.id}").status_code == 204
+        # removed: gone for its tenant, though the store still holds the manifest
+        assert alice.get(f"/v1/checkpoints/{m.id}/manifest").status_code == 404
+        assert alice.post(f"/v1/checkpoints/{m.id}/fork", json={}).status_code == 404
+        gone = show("alice", m.id)
+        assert gone.exit_code == 1 and "no checkpoint" in gone.output, gone.output
 
 
 # --- keys -----------------------------------------------------------------------------

@@ -109,3 +109,17 @@ def test_the_sdk_results_read_like_the_worker_librarys():
                            truncated=True)
     assert {n: getattr(local, n) for n in _public(ExecResult)} == {
         n: getattr(remote, n) for n in _public(ExecResult)}
+
+
+def test_large_output_full_of_json_escapes_travels_as_base64():
+    # NULs are valid UTF-8 but six bytes each in JSON: 16 MiB of them would be 96 MiB
+    nuls = b"\0" * (1 << 20)
+    text, encoding = encode_output(nuls)
+    assert encoding == "base64" and decode_output(text, encoding) == nuls
+    wire = ExecResultOut.of(0, nuls, b"", pid=1, signal=None, timed_out=False,
+                            truncated=False).model_dump_json()
+    assert len(wire) < 1.4 * len(nuls)
+    # ordinary logs stay text, however large; small outputs stay text whatever they hold
+    log = b"".join(b"line %d: all fine\tok\n" % i for i in range(100_000))
+    assert encode_output(log)[1] == "utf-8"
+    assert encode_output(b"\x1b[31mred\x1b[0m\n")[1] == "utf-8"

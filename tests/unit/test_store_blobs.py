@@ -300,3 +300,19 @@ def test_put_blob_source_read_errors_are_store_errors(backend: Backend, tmp_path
     with pytest.raises(StoreError):
         blobs.put_blob(tmp_path)  # a directory
     assert list(backend.store.list()) == []
+
+
+def test_bytes_moved_to_and_from_the_store_are_counted(tmp_path):
+    # what /metrics of a worker reports: compressed bytes that crossed, once each
+    from forkyard.store import open_store
+    from forkyard.store.blobs import BlobStore
+
+    blobs = BlobStore(open_store((tmp_path / "s").as_uri()))
+    src = tmp_path / "f"
+    src.write_bytes(os.urandom(100_000))
+    ref = blobs.put_blob(src)
+    assert blobs.uploaded_bytes == ref.stored_size > 0
+    blobs.put_blob(src)  # already stored: nothing moves
+    assert blobs.uploaded_bytes == ref.stored_size
+    got = blobs.get_blob(ref.digest, tmp_path / "g")
+    assert blobs.downloaded_bytes == got.stored_size == ref.stored_size

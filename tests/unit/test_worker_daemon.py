@@ -72,6 +72,12 @@ class _Host:
 
 
 @dataclass
+class _Blobs:  # the counters of forkyard.store.BlobStore
+    uploaded_bytes: int = 0
+    downloaded_bytes: int = 0
+
+
+@dataclass
 class _Home:
     def settings(self) -> Settings:
         return Settings()
@@ -85,6 +91,7 @@ class _Worker:
     created: int = 0
     host: _Host = field(default_factory=_Host)
     home: _Home = field(default_factory=_Home)
+    blobstore: _Blobs = field(default_factory=_Blobs)
 
     def list(self) -> list[_Sandbox]:
         return [s for s in self.sandboxes.values() if s.state is not SandboxState.DESTROYED]
@@ -102,6 +109,9 @@ class _Worker:
         sb = self.sandboxes[sid] = _Sandbox(sid, ExecResult(0, b"", b""), memory_mb=memory_mb,
                                             cpus=cpus)
         return sb
+
+    def unfinished_publishes(self) -> list[object]:
+        return []  # a fresh home: no earlier process left a publish undone
 
     def cached_bases(self) -> list[str]:
         return []
@@ -306,12 +316,17 @@ def test_metrics_parse_as_prometheus_text_and_count_operations():
                 for f in text_string_to_metric_families(resp.text) for s in f.samples}
 
     created = ("forkyard_worker_operations_total", (("operation", "create"), ("outcome", "ok")))
-    with _client(_Worker()) as c:
+    worker = _Worker()
+    with _client(worker) as c:
         assert c.get("/metrics").status_code == 401
         before = scrape(c)
         assert c.post("/sandboxes", json={"image": "minimal"}, headers=AUTH).status_code == 201
         assert c.post("/sandboxes", json={}).status_code == 401  # not counted
+        worker.blobstore.uploaded_bytes += 1234  # a publish went out
         after = scrape(c)
+    up = ("forkyard_worker_store_uploaded_bytes_total", ())
+    assert after[up] == before[up] + 1234
+    assert ("forkyard_worker_store_downloaded_bytes_total", ()) in after
     assert after[created] == before[created] + 1
     count = ("forkyard_worker_operation_seconds_count", (("operation", "create"),))
     assert after[count] == before[count] + 1

@@ -137,6 +137,9 @@ class LocalCheckpoints:
         """Small per-checkpoint facts (e.g. ``published`` with the store URL)."""
         atomic_write_bytes(self._dir(checkpoint_id) / flag, value)
 
+    def unmark(self, checkpoint_id: str, flag: str) -> None:
+        (self._dir(checkpoint_id) / flag).unlink(missing_ok=True)
+
     def flag(self, checkpoint_id: str, flag: str) -> str | None:
         path = self._dir(checkpoint_id) / flag
         return path.read_text() if path.exists() else None

@@ -100,11 +100,33 @@ def ls(home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
 
 @checkpoint_app.command("show")
 def show(checkpoint_id: Annotated[str, typer.Argument(help="Checkpoint id or prefix.")],
-         home: HomeOpt = None, store: StoreOpt = None, json_: JsonOpt = False) -> None:
-    """Print a checkpoint's manifest: every part by digest and size, and the VM shape."""
-    from forkyard.checkpoint import LocalCheckpoints
+         home: HomeOpt = None, url: UrlOpt = None, token: TokenOpt = None,
+         store: StoreOpt = None, json_: JsonOpt = False) -> None:
+    """Print a checkpoint's manifest: every part by digest and size, and the VM shape.
+
+    With a cluster, the control plane answers (only your own checkpoints; a
+    removed one is gone); on a worker home, its catalog, then its store.
+    """
 
     h = home_dir(home)
+    if _cluster_running(h, url) and store is None:
+        http = connect(home, url, token)
+        info = http.call(_ops.get_checkpoint(checkpoint_id))  # a prefix becomes the id
+        # verified here too: the id is the digest of these bytes
+        manifest = Manifest.parse(http.call(_ops.checkpoint_manifest(info.id)),
+                                  expect_id=info.id)
+        cp, where = Checkpoint.of(manifest), http.config.url
+    else:
+        cp, where = _show_local(h, checkpoint_id, store)
+    if json_:
+        print_json(_manifest_json(cp, source=where))
+        return
+    _print_manifest(cp, where)
+
+
+def _show_local(h: Path, checkpoint_id: str, store: str | None) -> tuple[Checkpoint, str]:
+    from forkyard.checkpoint import LocalCheckpoints
+
     try:
         cp = LocalCheckpoints(Home.at(h).checkpoints_dir).get(checkpoint_id)
         where = str(h)
@@ -112,10 +134,7 @@ def show(checkpoint_id: Annotated[str, typer.Argument(help="Checkpoint id or pre
         s = _store(h, store)
         manifest = fetch_manifest(s, checkpoint_id)
         cp, where = Checkpoint.of(manifest), s.url
-    if json_:
-        print_json(_manifest_json(cp, source=where))
-        return
-    _print_manifest(cp, where)
+    return cp, where
 
 
 def _print_manifest(cp: Checkpoint, where: str) -> None:

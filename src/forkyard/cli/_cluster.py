@@ -453,7 +453,10 @@ def server(
 def worker(
     home: Annotated[Path, typer.Option("--home", help="The worker's own forkyard home.")],
     name: Annotated[str, typer.Option("--name")],
-    server_url: Annotated[str, typer.Option("--server-url", envvar="FORKYARD_SERVER_URL")],
+    server_url: Annotated[str, typer.Option(
+        "--server-url", envvar="FORKYARD_SERVER_URL",
+        help="The control plane's URL; several (comma-separated) for control planes "
+             "sharing one PostgreSQL database: the active one is found.")],
     worker_token: Annotated[str, typer.Option("--worker-token",
                                               envvar="FORKYARD_WORKER_TOKEN",
                                               show_default=False)],

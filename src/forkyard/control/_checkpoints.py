@@ -21,7 +21,12 @@ from forkyard.control._records import (
 )
 from forkyard.control._transitions import Transitions
 from forkyard.control._workers import WorkerClient
-from forkyard.errors import CheckpointNotFound, PlacementConflict, WorkerUnavailable
+from forkyard.errors import (
+    CheckpointNotFound,
+    PlacementConflict,
+    SandboxStateError,
+    WorkerUnavailable,
+)
 from forkyard.store import ObjectStore, open_store
 from forkyard.wire import worker_api
 from forkyard.wire.auth import Principal
@@ -115,6 +120,21 @@ class Checkpoints(Transitions):
             row = checkpoint_row(s, ref, caller=caller)
             s.merge(TombstoneRow(id=row.id, tenant=row.tenant, deleted=utcnow()))
             s.delete(row)
+
+    def checkpoint_manifest(self, ref: str, caller: Principal) -> bytes:
+        """The published manifest (canonical bytes, verified by its id) of a checkpoint
+        the caller can see; one not (yet) published is a 409 naming its worker."""
+        self._adopt_if_unknown(ref, caller)
+        with self.db.tx() as s:
+            row = checkpoint_row(s, ref, caller=caller)
+            cp_id, state, origin = row.id, row.state, row.worker
+        if state != CheckpointState.PUBLISHED:
+            raise SandboxStateError(cp_id, state, "show", message=(
+                f"checkpoint {cp_id[:12]} is {state}: its manifest is only on worker "
+                f"{origin} until it is published"))
+        if self._store is None:
+            self._store = open_store(self.store_url)
+        return archive.fetch_manifest(self._store, cp_id).canonical()
 
     publish_wait = PUBLISH_WAIT
 

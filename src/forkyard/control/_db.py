@@ -252,6 +252,10 @@ def _sqlite_events(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+_PG_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+                 "keepalives_count": 2}
+
+
 class Database:
     """Engine + session factory; ``tx()`` is the only way the server touches state."""
 
@@ -272,8 +276,10 @@ class Database:
                 )
                 _sqlite_events(self.engine)
             else:
+                # keepalives: a session of a dead machine ends within ~10 s, and with
+                # it the advisory lock of an active control plane (control._leader)
                 self.engine = create_engine(url, pool_pre_ping=True, pool_size=10,
-                                            max_overflow=20)
+                                            max_overflow=20, connect_args=_PG_KEEPALIVE)
         except (SQLAlchemyError, ImportError) as exc:
             hint = " (PostgreSQL needs: pip install 'forkyard[postgres]')" \
                 if isinstance(exc, ImportError) else ""

@@ -5,13 +5,17 @@ from __future__ import annotations
 import logging
 import time
 
-from forkyard.control._db import CheckpointRow
+from sqlalchemy import select
+
+from forkyard.control._db import CheckpointRow, SandboxRow, WorkerRow
 from forkyard.control._metrics import timed
 from forkyard.control._placement import Placement, shortage
 from forkyard.control._records import (
     SYSTEM,
     describe,
+    mark_lost,
     move,
+    refresh_recoverable,
     sandbox_out,
     sandbox_row,
     store_checkpoint,
@@ -74,6 +78,8 @@ class Hibernation(Transitions):
             raise
         with self.db.tx() as s:
             store_checkpoint(s, reply.checkpoint, client.name, self.store_url)
+        if reply.checkpoint.state == CheckpointState.PUBLISHED:
+            self.metrics.published(reply.checkpoint.stored_bytes)
         self.events.emit("hibernated", sandbox=sandbox_id, checkpoint=reply.checkpoint.id,
                          worker=client.name)
         return self._settle(sandbox_id, S.HIBERNATING, None, state=S.HIBERNATED,
@@ -94,10 +100,59 @@ class Hibernation(Transitions):
             elif info.state == S.HIBERNATED and info.last_checkpoint:
                 self._settle(sandbox_id, S.HIBERNATING, None, state=S.HIBERNATED, error=why,
                              last_checkpoint=info.last_checkpoint)
+                self._worker_back(client.name, [sandbox_id])  # e.g. restarted already
                 return
-        except (FleetError, WorkerReply):
+        except FleetError:
+            # The worker went away mid-hibernate (a crash): lost, not failed.  Its
+            # checkpoint may be safe on its disk; if it comes back reporting the
+            # sandbox hibernated, registration takes it back (Registry._reconcile).
+            self._lose(sandbox_id, S.HIBERNATING, f"{why} (worker {client.name} went away)")
+            return
+        except WorkerReply:
             pass
         self._settle(sandbox_id, S.HIBERNATING, None, state=state, error=why)
+
+    def _lose(self, sandbox_id: str, expect: SandboxState, why: str) -> None:
+        with self.db.tx() as s:
+            row = sandbox_row(s, sandbox_id, caller=SYSTEM, lock=True)
+            if row.state == expect:
+                mark_lost(s, row, why)
+        self.events.emit("lost", sandbox=sandbox_id, detail=why)
+
+    def _worker_back(self, worker: str, revived: list[str]) -> None:
+        """A worker (re)registered: learn the checkpoints a crash kept from us.
+
+        ``revived`` are sandboxes it brought back hibernated that we had lost
+        (their checkpoint was never reported); and a publish of its that we
+        saw fail because it went away may be under way again (a restarted
+        worker publishes again what it had not finished).
+        """
+        client = self.workers.client_if_alive(worker)
+        if client is None:
+            return
+        with self.db.tx() as s:
+            wanted = [sb.last_checkpoint for sid in revived
+                      if (sb := s.get(SandboxRow, sid)) is not None and sb.last_checkpoint]
+            local = set(s.get(WorkerRow, worker).checkpoints or [])  # type: ignore[union-attr]
+            wanted += [c.id for c in s.scalars(select(CheckpointRow).where(
+                CheckpointRow.worker == worker,
+                CheckpointRow.state.in_((CheckpointState.FAILED, CheckpointState.PUBLISHING)),
+            )) if c.id in local]
+        for cp_id in dict.fromkeys(wanted):
+            try:
+                cp = client.send(worker_api.checkpoint_info(cp_id))
+            except (FleetError, WorkerReply) as exc:
+                log.warning("asking %s about checkpoint %s: %s", worker, cp_id[:12],
+                            describe(exc))
+                continue
+            if cp.state not in (CheckpointState.PUBLISHING, CheckpointState.PUBLISHED):
+                continue
+            with self.db.tx() as s:
+                store_checkpoint(s, cp, worker, self.store_url)
+                if cp.state == CheckpointState.PUBLISHED:
+                    refresh_recoverable(s, cp.sandbox)
+            if cp.state == CheckpointState.PUBLISHING:
+                self.publishes.watch(cp_id, worker)  # it stops at once if tombstoned
 
     def _wait_settled(self, sandbox_id: str, transitional: SandboxState) -> SandboxOut:
         while True:

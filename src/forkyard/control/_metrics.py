@@ -85,6 +85,10 @@ class Metrics:
                                   ["operation", "outcome"], registry=self.registry)
         self.seconds = Histogram("forkyard_operation_seconds", "Latency of successful operations",
                                  ["operation"], buckets=_BUCKETS, registry=self.registry)
+        self.published_bytes = Counter(
+            "forkyard_published_bytes", "Bytes stored by the checkpoints published "
+            "(their own parts; shared ones like bases counted once where first stored)",
+            registry=self.registry)
         for op in OPERATIONS:  # every series exists from the start (rate() needs a zero)
             self.seconds.labels(op)
             for outcome in ("ok", "error"):
@@ -106,6 +110,10 @@ class Metrics:
         self.operations.labels(operation, "ok" if ok else "error").inc()
         if ok:
             self.seconds.labels(operation).observe(seconds)
+
+    def published(self, stored_bytes: int | None) -> None:
+        if stored_bytes:
+            self.published_bytes.inc(stored_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,6 +18,7 @@ from forkyard.checkpoint import archive
 from forkyard.control._db import ArchiveRow, CheckpointRow, Database, WorkerRow, utcnow
 from forkyard.control._events import EventLog
 from forkyard.control._metrics import Metrics
+from forkyard.control._records import refresh_recoverable
 from forkyard.control._workers import WorkerClients
 from forkyard.errors import FleetError, ForkyardError, WorkerTimeout
 from forkyard.store import ObjectStore, open_store
@@ -167,6 +168,9 @@ class PublishWatcher:
                 row.archive = ArchiveRow(checkpoint_id=row.id, store_url=self.store_url,
                                          stored_bytes=status.stored_bytes,
                                          published_at=utcnow())
+            if status.state == CheckpointState.PUBLISHED:
+                refresh_recoverable(s, sandbox)  # its sandbox may have been lost meanwhile
+                self.metrics.published(status.stored_bytes)
         self.events.emit("published" if status.state == CheckpointState.PUBLISHED
                          else "publish_failed", sandbox=sandbox, checkpoint=checkpoint_id,
                          worker=worker, detail=status.error)

@@ -43,6 +43,7 @@ __all__ = [
     "describe",
     "mark_lost",
     "move",
+    "refresh_recoverable",
     "sandbox_out",
     "sandbox_row",
     "sees",
@@ -213,6 +214,14 @@ def mark_lost(s: Session, sb: SandboxRow, why: str) -> None:
     move(sb, S.LOST)
     sb.error = why
     sb.recoverable_from = _recoverable_from(s, sb)
+
+
+def refresh_recoverable(s: Session, sandbox_id: str) -> None:
+    """A lost sandbox's newest published checkpoint may have settled after it was lost."""
+    sb = s.get(SandboxRow, sandbox_id, with_for_update=True) \
+        if SANDBOX_ID_RE.match(sandbox_id) else None
+    if sb is not None and sb.state == S.LOST:
+        sb.recoverable_from = _recoverable_from(s, sb)
 
 
 def _recoverable_from(s: Session, sb: SandboxRow) -> str | None:

@@ -1,16 +1,21 @@
 """The fleet: worker registration, heartbeats, liveness, and who can take work.
 
-Liveness is judged on this process's monotonic clock (a wall-clock jump must
-not kill a fleet), from the last report each worker sent.  After the server
-starts, every worker the database calls alive gets one full timeout of grace.
+Liveness is judged from each worker's last report time *in the database*
+(``workers.last_heartbeat``, written by whichever control plane received the
+report), so a control plane that takes over from another (``_leader``) knows
+what the old one knew, and two never disagree about a worker.  When this
+plane becomes active (``grace_from``), every worker the database calls alive
+gets one full timeout of grace: it may have been busy finding the new plane.
+The times are wall-clock times of the active plane; a clock that jumps
+forward by more than the timeout can declare workers dead (they come back at
+their next report, their running sandboxes with them).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from pydantic import ValidationError
@@ -55,18 +60,21 @@ class Registry:
         self.clients = clients
         self.store_url = store_url
         self.heartbeat_timeout = heartbeat_timeout
-        self._seen: dict[str, float] = {}  # worker -> time.monotonic() of its last report
+        self.grace_from = utcnow()  # when this plane became active (Leadership)
         self._lock = threading.Lock()
+        # (worker, sandboxes it revived): a worker came back; see Hibernation._worker_back
+        self.on_back: Callable[[str, list[str]], None] | None = None
 
     # --- liveness bookkeeping ---------------------------------------------
-    def _touch(self, name: str) -> None:
-        with self._lock:
-            self._seen[name] = time.monotonic()
+    def _silent_for(self, row: WorkerRow) -> float:
+        """Seconds since the worker's last report (or since our grace began)."""
+        seen = row.last_heartbeat
+        since = self.grace_from if seen is None else max(seen, self.grace_from)
+        return (utcnow() - since).total_seconds()
 
-    def fresh(self, name: str) -> bool:
-        with self._lock:
-            seen = self._seen.get(name)
-        return seen is not None and time.monotonic() - seen <= self.heartbeat_timeout
+    def fresh_row(self, row: WorkerRow) -> bool:
+        return row.last_heartbeat is not None and \
+            (utcnow() - row.last_heartbeat).total_seconds() <= self.heartbeat_timeout
 
     # --- reports -------------------------------------------------------------
     def _check_report(self, report: WorkerReport) -> None:
@@ -93,7 +101,7 @@ class Registry:
     def _taken(self, row: WorkerRow, report: WorkerReport) -> bool:
         """Another live daemon already answers to this name (at another URL)."""
         return (row.state == WorkerState.ALIVE and row.url != report.url
-                and self.fresh(row.name))
+                and self.fresh_row(row))
 
     def register(self, report: WorkerReport) -> HeartbeatReply:
         """A daemon (re)started: whatever it does not report running is gone."""
@@ -118,9 +126,11 @@ class Registry:
                 if sb.id not in reported:
                     mark_lost(s, sb, f"worker {name} restarted without it")
                     lost.append(sb.id)
-            destroy = self._reconcile(s, name, report.sandboxes)
+            revived: list[str] = []
+            destroy = self._reconcile(s, name, report.sandboxes, revived)
         self._lost(lost, name, "the worker restarted without it")
-        self._touch(name)
+        if self.on_back is not None:
+            self.on_back(name, revived)
         log.info("worker %s registered at %s", name, report.url)
         return HeartbeatReply(name=name, state=WorkerState.ALIVE, destroy=destroy)
 
@@ -138,17 +148,22 @@ class Registry:
             if row.state == WorkerState.DEAD:
                 log.warning("worker %s is back", name)
             self._apply(row, report)
-            destroy = self._reconcile(s, name, report.sandboxes)
-        self._touch(name)
+            revived: list[str] = []
+            destroy = self._reconcile(s, name, report.sandboxes, revived)
+        if revived and self.on_back is not None:
+            self.on_back(name, revived)
         return HeartbeatReply(name=name, state=WorkerState.ALIVE, destroy=destroy)
 
     @staticmethod
-    def _reconcile(s: Session, name: str, reported: Sequence[WorkerSandbox]) -> list[str]:
+    def _reconcile(s: Session, name: str, reported: Sequence[WorkerSandbox],
+                   revived: list[str] | None = None) -> list[str]:
         """Fold a worker's view of its sandboxes into ours; return the ones to destroy.
 
         Only settled states are compared: a transition in flight is owned by
-        the request that started it.
+        the request that started it.  Lost sandboxes it brings back hibernated
+        are appended to ``revived``.
         """
+        revived = [] if revived is None else revived
         if not reported:
             return []
         rows = {r.id: r for r in s.scalars(
@@ -176,6 +191,13 @@ class Registry:
                 move(row, S.RUNNING)
                 row.recoverable_from = None
                 row.error = None
+            elif row.state == S.LOST and sb.state == S.HIBERNATED and sb.last_checkpoint:
+                # a hibernate cut short by the worker's crash, finished from its disk
+                move(row, S.HIBERNATED)
+                row.last_checkpoint = sb.last_checkpoint
+                row.recoverable_from = None
+                row.error = None
+                revived.append(sb.id)
         return destroy
 
     @staticmethod
@@ -214,27 +236,22 @@ class Registry:
                     sb.error = None
                 else:
                     mark_lost(s, sb, f"worker {name} shut down")
-        with self._lock:
-            self._seen.pop(name, None)
         log.info("worker %s left", name)
 
     # --- liveness --------------------------------------------------------------
     def check_liveness(self) -> list[str]:
         """Declare workers dead after ``heartbeat_timeout`` without a report."""
-        now = time.monotonic()
-        late: list[str] = []
         with self.db.tx() as s:
-            for row in s.scalars(select(WorkerRow).where(WorkerRow.state == WorkerState.ALIVE)):
-                with self._lock:
-                    seen = self._seen.setdefault(row.name, now)  # grace after our own start
-                if now - seen > self.heartbeat_timeout:
-                    late.append(row.name)
+            late = [row.name for row in s.scalars(
+                select(WorkerRow).where(WorkerRow.state == WorkerState.ALIVE))
+                if self._silent_for(row) > self.heartbeat_timeout]
         return [name for name in late if self._declare_dead(name)]
 
     def _declare_dead(self, name: str) -> bool:
         with self.db.tx() as s:
             row = s.get(WorkerRow, name, with_for_update=True)
-            if row is None or row.state != WorkerState.ALIVE or self.fresh(name):
+            if row is None or row.state != WorkerState.ALIVE or \
+                    self._silent_for(row) <= self.heartbeat_timeout:
                 return False  # a heartbeat won the race
             row.state = WorkerState.DEAD
             lost: list[str] = []

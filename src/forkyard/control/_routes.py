@@ -143,7 +143,8 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
 
     @app.get("/health", tags=["meta"])
     def health() -> Health:
-        return Health(status="ok", version=forkyard.__version__)
+        role = "active" if plane.leader.active.is_set() else "standby"
+        return Health(status="ok", version=forkyard.__version__, role=role)
 
     # fleet-wide numbers (every tenant's sandboxes, the workers): an operator's, so admin only
     @app.get("/metrics", tags=["meta"], response_class=Response, responses={
@@ -295,6 +296,15 @@ def add_routes(app: FastAPI, plane: ControlPlane) -> None:
              responses=_errors(404, 409, 422, 502, 503))
     def get_checkpoint(caller: Caller, checkpoint_id: CheckpointRef) -> CheckpointOut:
         return plane.get_checkpoint(checkpoint_id, caller)
+
+    @app.get("/v1/checkpoints/{checkpoint_id}/manifest", tags=["checkpoints"],
+             response_class=Response, responses={
+                 200: {"description": "the manifest's canonical JSON (its sha256 is the id)",
+                       "content": {"application/json": {"schema": {"type": "object"}}}},
+                 **_errors(404, 409, 422, 502, 503)})
+    def checkpoint_manifest(caller: Caller, checkpoint_id: CheckpointRef) -> Response:
+        return Response(plane.checkpoint_manifest(checkpoint_id, caller),
+                        media_type="application/json")
 
     @app.delete("/v1/checkpoints/{checkpoint_id}", status_code=204, tags=["checkpoints"],
                 responses=_LOOKUP)

@@ -90,9 +90,18 @@ class ControlPlane(Checkpoints, Timers):
             self._resync(sid, S(state), owner)
 
     def start(self) -> None:
-        self._spawn(self._monitor, "liveness")
-        self._spawn(self._timer_loop, "timers")
-        self.events.start()
+        """Serve once this plane holds the lead (``_leader``): at once, unless another
+        control plane on the same PostgreSQL database is active."""
+        self.leader.start(self._spawn)
+
+    def _take_over(self) -> None:
+        """This plane became active: background work starts (once), open work resumes."""
+        self.workers.grace_from = utcnow()
+        if not self._background_started:
+            self._background_started = True
+            self._spawn(self._monitor, "liveness")
+            self._spawn(self._timer_loop, "timers")
+            self.events.start()
         self._spawn(self._recover_quietly, "recover")
 
     def _recover_quietly(self) -> None:
@@ -104,6 +113,8 @@ class ControlPlane(Checkpoints, Timers):
     def _monitor(self) -> None:
         interval = max(0.1, min(1.0, self.workers.heartbeat_timeout / 5))
         while not self.stopping.wait(interval):
+            if not self.leader.active.is_set():
+                continue  # a standby judges nobody: the active plane does
             try:
                 self.workers.check_liveness()
             except Exception:

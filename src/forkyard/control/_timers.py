@@ -119,6 +119,8 @@ class Timers(Hibernation):
     # --- the loop ----------------------------------------------------------------
     def _timer_loop(self) -> None:
         while not self.stopping.wait(self.timer_tick):
+            if not self.leader.active.is_set():
+                continue  # only the active control plane fires timers
             try:
                 self.check_timers()
             except Exception:

@@ -25,6 +25,7 @@ from typing import Any
 from forkyard.control._db import Database, SandboxRow
 from forkyard.control._events import EventLog
 from forkyard.control._keys import Keys
+from forkyard.control._leader import Leadership
 from forkyard.control._metrics import Metrics
 from forkyard.control._placement import Candidate, Placement, choose
 from forkyard.control._publish import PublishWatcher
@@ -77,6 +78,12 @@ class Transitions:
         self.workers = Registry(db, clients, store_url=store_url,
                                 heartbeat_timeout=heartbeat_timeout, events=self.events)
         self.metrics = Metrics(db)
+        interval = max(0.2, min(2.0, heartbeat_timeout / 4))
+        self.leader = Leadership(db, interval=interval, on_gain=self._take_over,
+                                 stopping=self.stopping)
+        self._background_started = False
+        self.workers.on_back = lambda name, revived: self._spawn(
+            self._worker_back_quietly, f"back-{name}", name, revived)
         self.publishes = PublishWatcher(db, clients, store_url=store_url, spawn=self._spawn,
                                         stopping=self.stopping, events=self.events,
                                         metrics=self.metrics)
@@ -118,6 +125,18 @@ class Transitions:
         except (FleetError, WorkerReply) as exc:
             log.warning("destroying %s on %s: %s (its heartbeat will retry)", sandbox_id,
                         worker, describe(exc))
+
+    def _take_over(self) -> None:
+        """This plane became the active one (``ControlPlane`` starts its work)."""
+
+    def _worker_back(self, worker: str, revived: list[str]) -> None:
+        """A worker registered again (``Hibernation`` learns what its crash hid)."""
+
+    def _worker_back_quietly(self, worker: str, revived: list[str]) -> None:
+        try:
+            self._worker_back(worker, revived)
+        except Exception:
+            log.exception("resyncing worker %s", worker)
 
     # --- the steps ---------------------------------------------------------------
     def _place(self, candidates: list[Candidate], placement: Placement, *,

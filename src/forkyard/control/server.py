@@ -19,8 +19,10 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 import forkyard
+from forkyard._malloc import pin_mmap_threshold
 from forkyard.control._db import Database
 from forkyard.control._keys import Keys
+from forkyard.control._leader import StandbyGate
 from forkyard.control._routes import add_routes
 from forkyard.control._service import ControlPlane
 from forkyard.control._workers import WorkerClients
@@ -124,6 +126,8 @@ def create_app(
     app.add_middleware(BodyLimit, limit_for=body_limit)
     app.add_middleware(KeyAuth, resolve=resolve,
                        limiter=RateLimiter(rate, burst) if rate is not None else None)
+    # outermost: a standby control plane answers only /health (clients move on)
+    app.add_middleware(StandbyGate, active=plane.leader.active)
     _document_auth(app)
     return app
 
@@ -256,6 +260,7 @@ def serve(
         webhook_secret=webhook_secret,
         worker_verify=client_verify(tls_ca),
     )
+    pin_mmap_threshold()  # RSS follows the replies held (forkyard._malloc)
     config = uvicorn.Config(app, log_level="info", access_log=False,
                             timeout_graceful_shutdown=30, lifespan="on",
                             ssl_certfile=tls[0] if tls else None,

@@ -79,10 +79,11 @@ def _timeout(call: Call[Any], config: ConnectionConfig) -> httpx.Timeout:
 
 
 def _request(client: httpx.Client | httpx.AsyncClient, call: Call[Any], config: ConnectionConfig,
-             content: Any = None, headers: Mapping[str, str] | None = None) -> httpx.Request:
+             base: str, content: Any = None,
+             headers: Mapping[str, str] | None = None) -> httpx.Request:
     return client.build_request(
         call.method,
-        call.path,
+        base + call.path,
         json=call.json,
         params=(dict(call.params) if isinstance(call.params, Mapping) else list(call.params))
         if call.params else None,
@@ -131,7 +132,7 @@ def _new_sync(config: ConnectionConfig) -> httpx.Client:
     transport = config.transport
     if transport is not None and not isinstance(transport, httpx.BaseTransport):
         raise ConfigurationError("this transport only serves async clients")
-    return httpx.Client(base_url=config.url, headers=config.headers, transport=transport,
+    return httpx.Client(base_url=config.urls[0], headers=config.headers, transport=transport,
                         timeout=httpx.Timeout(config.request_timeout, connect=_CONNECT_TIMEOUT),
                         verify=config.verify())
 
@@ -141,7 +142,7 @@ def _new_async(config: ConnectionConfig) -> httpx.AsyncClient:
     if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
         raise ConfigurationError("this transport only serves sync clients")
     return httpx.AsyncClient(
-        base_url=config.url, headers=config.headers, transport=transport,
+        base_url=config.urls[0], headers=config.headers, transport=transport,
         timeout=httpx.Timeout(config.request_timeout, connect=_CONNECT_TIMEOUT),
         verify=config.verify(),
     )
@@ -175,6 +176,34 @@ def _async_client(config: ConnectionConfig) -> httpx.AsyncClient:
     return client
 
 
+# --- several control planes ------------------------------------------------------------
+# Which of a config's URLs answered last (by the config's URL list): later
+# requests go there first.
+_active: dict[str, int] = {}
+_Build = Callable[[str], httpx.Request]
+
+
+def _order(config: ConnectionConfig) -> list[int]:
+    n = len(config.urls)
+    first = _active.get(config.url, 0) % n
+    return [(first + i) % n for i in range(n)]
+
+
+def _unreached(exc: httpx.HTTPError) -> bool:
+    """The request never reached that control plane: another may take it unchanged."""
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+
+
+def _standby(response: httpx.Response) -> bool:
+    """It stands by (another control plane on its database is active)."""
+    if response.status_code != 503:
+        return False
+    try:
+        return bool(json.loads(response.content)["error"]["type"] == "standby")
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 class SyncHTTP:
     """Executes :class:`Call` objects with a blocking ``httpx.Client``."""
 
@@ -182,34 +211,45 @@ class SyncHTTP:
         self.config = config
         self._client = _sync_client(config)
 
-    def _send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
-        try:
-            response = self._client.send(request, stream=stream)
-        except httpx.HTTPError as exc:
-            raise from_transport_error(exc, self.config.url) from exc
-        if not response.is_success:
+    def _send(self, build: _Build, *, stream: bool = False) -> httpx.Response:
+        order = _order(self.config)
+        for n, i in enumerate(order):
+            base, last = self.config.urls[i], n == len(order) - 1
             try:
-                response.read()
+                response = self._client.send(build(base), stream=stream)
             except httpx.HTTPError as exc:
-                raise from_transport_error(exc, self.config.url) from exc
-            finally:
-                response.close()
-            raise error_from_response(response)
-        return response
+                if _unreached(exc) and not last:
+                    continue
+                raise from_transport_error(exc, base) from exc
+            if not response.is_success:
+                try:
+                    response.read()
+                except httpx.HTTPError as exc:
+                    raise from_transport_error(exc, base) from exc
+                finally:
+                    response.close()
+                if _standby(response) and not last:
+                    continue
+                raise error_from_response(response)
+            _active[self.config.url] = i
+            return response
+        raise AssertionError("unreachable: the last URL returns or raises")
 
     def call(self, call: Call[T]) -> T:
-        return call.parse(self._send(_request(self._client, call, self.config)))
+        return call.parse(self._send(lambda base: _request(self._client, call, self.config,
+                                                           base)))
 
     def upload(self, call: Call[T], data: bytes, progress: Progress | None) -> T:
         """Like :meth:`call` with ``data`` as the body, reporting progress per chunk."""
         if progress is None:
             return self.call(call)
-        request = _request(self._client, call, self.config, content=_chunks(data, progress),
-                           headers={"Content-Length": str(len(data))})
-        return call.parse(self._send(request))
+        return call.parse(self._send(lambda base: _request(
+            self._client, call, self.config, base, content=_chunks(data, progress),
+            headers={"Content-Length": str(len(data))})))
 
     def download(self, call: Call[Any], progress: Progress | None) -> bytes:
-        response = self._send(_request(self._client, call, self.config), stream=True)
+        response = self._send(lambda base: _request(self._client, call, self.config, base),
+                              stream=True)
         total, parts, done = _total(response), [], 0
         try:
             for chunk in response.iter_bytes(_CHUNK):
@@ -238,33 +278,44 @@ class AsyncHTTP:
             self._client_obj = _async_client(self.config)
         return self._client_obj
 
-    async def _send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
-        try:
-            response = await self._client.send(request, stream=stream)
-        except httpx.HTTPError as exc:
-            raise from_transport_error(exc, self.config.url) from exc
-        if not response.is_success:
+    async def _send(self, build: _Build, *, stream: bool = False) -> httpx.Response:
+        order = _order(self.config)
+        for n, i in enumerate(order):
+            base, last = self.config.urls[i], n == len(order) - 1
             try:
-                await response.aread()
+                response = await self._client.send(build(base), stream=stream)
             except httpx.HTTPError as exc:
-                raise from_transport_error(exc, self.config.url) from exc
-            finally:
-                await response.aclose()
-            raise error_from_response(response)
-        return response
+                if _unreached(exc) and not last:
+                    continue
+                raise from_transport_error(exc, base) from exc
+            if not response.is_success:
+                try:
+                    await response.aread()
+                except httpx.HTTPError as exc:
+                    raise from_transport_error(exc, base) from exc
+                finally:
+                    await response.aclose()
+                if _standby(response) and not last:
+                    continue
+                raise error_from_response(response)
+            _active[self.config.url] = i
+            return response
+        raise AssertionError("unreachable: the last URL returns or raises")
 
     async def call(self, call: Call[T]) -> T:
-        return call.parse(await self._send(_request(self._client, call, self.config)))
+        return call.parse(await self._send(lambda base: _request(self._client, call,
+                                                                 self.config, base)))
 
     async def upload(self, call: Call[T], data: bytes, progress: Progress | None) -> T:
         if progress is None:
             return await self.call(call)
-        request = _request(self._client, call, self.config, content=_achunks(data, progress),
-                           headers={"Content-Length": str(len(data))})
-        return call.parse(await self._send(request))
+        return call.parse(await self._send(lambda base: _request(
+            self._client, call, self.config, base, content=_achunks(data, progress),
+            headers={"Content-Length": str(len(data))})))
 
     async def download(self, call: Call[Any], progress: Progress | None) -> bytes:
-        response = await self._send(_request(self._client, call, self.config), stream=True)
+        response = await self._send(
+            lambda base: _request(self._client, call, self.config, base), stream=True)
         total, parts, done = _total(response), [], 0
         try:
             async for chunk in response.aiter_bytes(_CHUNK):

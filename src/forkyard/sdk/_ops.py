@@ -30,6 +30,7 @@ __all__ = [
     "BOOT_TIMEOUT",
     "EXEC_GRACE",
     "checkpoint",
+    "checkpoint_manifest",
     "create",
     "delete_checkpoint",
     "disk_bytes",
@@ -288,6 +289,12 @@ def list_checkpoints() -> Call[list[CheckpointInfo]]:
 
 def get_checkpoint(checkpoint_id: str) -> Call[CheckpointInfo]:
     return Call("GET", f"/v1/checkpoints/{_sid(checkpoint_id)}", _checkpoint)
+
+
+def checkpoint_manifest(checkpoint_id: str) -> Call[bytes]:
+    """The published manifest's canonical bytes (the caller checks them against the id)."""
+    return Call("GET", f"/v1/checkpoints/{_sid(checkpoint_id)}/manifest",
+                lambda r: r.content)
 
 
 def delete_checkpoint(checkpoint_id: str) -> Call[None]:

@@ -62,12 +62,21 @@ class ConnectionConfig:
     ca: str | None = None  # PEM bundle to check the server's certificate; None: system's
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
-            raise ConfigurationError(
-                f"forkyard URL must start with http:// or https://, got {self.url!r} "
-                f"(from {self.source})"
-            )
-        object.__setattr__(self, "url", self.url.rstrip("/"))
+        # several control planes (comma-separated): see ``urls``
+        urls = [u.strip().rstrip("/") for u in self.url.split(",")]
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise ConfigurationError(
+                    f"forkyard URL must start with http:// or https://, got {u!r} "
+                    f"(from {self.source})"
+                )
+        object.__setattr__(self, "url", ",".join(urls))
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every control plane's URL, in order: a request goes to the next one when a
+        control plane cannot be reached or stands by (another one is active)."""
+        return tuple(self.url.split(","))
 
     @classmethod
     def resolve(

@@ -288,6 +288,15 @@ class ObjectStore(ABC):
                     )
         return b"".join(chunks)
 
+    def own_uploads(self, journal: Path) -> int:
+        """Note this process's uploads under ``journal`` from now on, and clean up what
+        uploads an earlier process with the same journal left half done; how many.
+
+        ``journal`` is private to one writer at a time (a worker's home), so what
+        it names at start is nobody's upload in flight.  Default: nothing to do.
+        """
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections; the store must not be used afterwards."""
 

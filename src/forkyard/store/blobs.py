@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,15 @@ class BlobStore:
         self._store = store
         self._level = level
         self._threads = _default_threads() if threads is None else threads
+        # bytes that crossed to and from the store (compressed), for /metrics
+        self._moved = threading.Lock()
+        self.uploaded_bytes = 0
+        self.downloaded_bytes = 0
+
+    def _count(self, *, up: int = 0, down: int = 0) -> None:
+        with self._moved:
+            self.uploaded_bytes += up
+            self.downloaded_bytes += down
 
     @property
     def store(self) -> ObjectStore:
@@ -159,6 +169,8 @@ class BlobStore:
                 written = self._store.put_stream(key, pipe)
         except OSError as exc:  # store errors are StoreErrors by now; this is the file
             raise StoreError(f"cannot read {os.fspath(path)!r}: {exc}") from exc
+        if written:
+            self._count(up=pipe.compressed_size)
         stored = self._store.size(key)
         if written and stored != pipe.compressed_size:
             self._store.delete(key)  # ours (write-once), and wrong: don't let it be deduped
@@ -200,7 +212,10 @@ class BlobStore:
         key = blob_key(digest)
         with self._store.open_read(key) as raw:
             counted = CountingReader(raw)
-            actual, n = self._decompress(key, counted, out, size, progress, sparse)
+            try:
+                actual, n = self._decompress(key, counted, out, size, progress, sparse)
+            finally:
+                self._count(down=counted.count)  # what crossed, verified or not
         if not counted.frames.complete:
             raise IntegrityError(
                 f"blob {key} in {self._store.url}",

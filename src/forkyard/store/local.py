@@ -12,6 +12,7 @@ whatever the umask.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
@@ -50,6 +51,7 @@ class LocalStore(ObjectStore):
             raise StoreError(f"local store root must be an absolute path, not {str(root)!r}")
         self._root = path
         self._staging = path / STAGING_DIR
+        self._stage_prefix = "put-"  # own_uploads makes it this owner's
         if create:
             try:
                 private_dir(path)
@@ -64,6 +66,19 @@ class LocalStore(ObjectStore):
     @property
     def root(self) -> Path:
         return self._root
+
+    def own_uploads(self, journal: Path) -> int:
+        """Staged uploads are named after ``journal``: those of an earlier process
+        with it are removed (other writers' staged files are not touched)."""
+        tag = hashlib.sha256(str(journal.resolve()).encode()).hexdigest()[:16]
+        self._stage_prefix = f"put-{tag}-"
+        removed = 0
+        with suppress(OSError):
+            for p in self._staging.glob(f"{self._stage_prefix}*.part"):
+                with suppress(OSError):
+                    p.unlink()
+                    removed += 1
+        return removed
 
     # --- reading --------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -148,7 +163,8 @@ class LocalStore(ObjectStore):
             return refuse_existing(key, if_absent)
         try:
             private_dir(self._staging)
-            fd, tmp_name = tempfile.mkstemp(dir=self._staging, prefix="put-", suffix=".part")
+            fd, tmp_name = tempfile.mkstemp(dir=self._staging, prefix=self._stage_prefix,
+                                            suffix=".part")
         except OSError as exc:
             raise StoreError(f"cannot stage an upload in {self._staging}: {exc}") from exc
         try:

@@ -14,6 +14,8 @@ which leaves a small race window that is harmless for content-addressed keys
 from __future__ import annotations
 
 import builtins
+import hashlib
+import json
 import logging
 import os
 from collections import deque
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from botocore.exceptions import ClientError
 
+from forkyard._fs import atomic_write_bytes
 from forkyard.config import Settings
 from forkyard.errors import ObjectNotFound, StoreError
 from forkyard.store._base import (
@@ -102,6 +105,7 @@ class S3Store(ObjectStore):
         self._part_size = part_size
         self._concurrency = max_concurrency
         self._conditional = True  # flipped once if the server rejects If-None-Match
+        self._journal: Path | None = None  # own_uploads: where open multipart uploads are noted
         self._client = client or make_s3_client(
             endpoint_url=endpoint_url,
             region=region,
@@ -343,6 +347,7 @@ class S3Store(ObjectStore):
             upload_id = self._client.create_multipart_upload(Bucket=self._bucket, Key=full)[
                 "UploadId"
             ]
+        note = self._note_upload(full, upload_id)
         try:
             parts = upload_parts(
                 lambda number, data: self._upload_part(full, upload_id, number, data),
@@ -361,9 +366,45 @@ class S3Store(ObjectStore):
         except BaseException:
             self._abort(full, upload_id)
             raise
+        finally:
+            if note is not None:
+                note.unlink(missing_ok=True)
         if not written:
             self._abort(full, upload_id)  # the parts are useless now; free their space
         return written
+
+    def own_uploads(self, journal: Path) -> int:
+        """Abort the multipart uploads an earlier process noted in ``journal`` (their
+        parts would be billed forever); note this process's from now on."""
+        journal.mkdir(parents=True, exist_ok=True, mode=0o700)
+        aborted = 0
+        for note in sorted(journal.glob("*.json")):
+            try:
+                entry = json.loads(note.read_text())
+                full, upload_id = str(entry["key"]), str(entry["upload_id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                note.unlink(missing_ok=True)  # torn note: the upload it named is unknown
+                continue
+            try:
+                self._client.abort_multipart_upload(Bucket=self._bucket, Key=full,
+                                                    UploadId=upload_id)
+                aborted += 1
+            except S3_ERRORS as exc:
+                if not _no_such_upload(exc):
+                    log.warning("could not abort leftover upload of %s in %s: %s", full,
+                                self.url, exc)
+                    continue  # tried again at the next start
+            note.unlink(missing_ok=True)
+        self._journal = journal
+        return aborted
+
+    def _note_upload(self, full: str, upload_id: str) -> Path | None:
+        if self._journal is None:
+            return None
+        name = hashlib.sha256(f"{full}\0{upload_id}".encode()).hexdigest()[:32]
+        note = self._journal / f"{name}.json"
+        atomic_write_bytes(note, json.dumps({"key": full, "upload_id": upload_id}))
+        return note
 
     def _upload_part(self, full: str, upload_id: str, number: int, data: bytes) -> str:
         resp = self._client.upload_part(
@@ -397,3 +438,9 @@ class S3Store(ObjectStore):
         except S3_ERRORS as exc:
             # The original failure matters more; a lifecycle rule can reap the parts.
             log.warning("could not abort multipart upload of %s in %s: %s", full, self.url, exc)
+
+
+def _no_such_upload(exc: BaseException) -> bool:
+    """The upload is gone already (completed, aborted, or reaped by a lifecycle rule)."""
+    return isinstance(exc, ClientError) and \
+        exc.response.get("Error", {}).get("Code") in ("NoSuchUpload", "404")

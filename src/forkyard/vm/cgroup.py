@@ -29,7 +29,7 @@ from pathlib import Path
 
 from forkyard.errors import VMError
 
-__all__ = ["CgroupLimits", "VMCgroup", "limits_for"]
+__all__ = ["CgroupLimits", "VMCgroup", "limits_for", "sweep_orphans"]
 
 _ROOT = Path("/sys/fs/cgroup")
 _GROUP = "forkyard"
@@ -153,3 +153,21 @@ def _sweep(parent: Path) -> None:
             with contextlib.suppress(OSError):
                 if d.is_dir() and now - d.stat().st_mtime > _STALE_AFTER:
                     os.rmdir(d)  # fails (EBUSY) while a process is in it
+
+
+def sweep_orphans(root: Path = _ROOT) -> int:
+    """Remove the empty groups of VMs whose owning process is gone (a crashed worker's);
+    how many.  A group's name starts with its owner's pid (``jail.Jail``)."""
+    removed = 0
+    parents = [root / _GROUP] if _is_v2(root) else \
+        [root / c / _GROUP for c in ("memory", "cpu", "pids")]
+    for parent in parents:
+        with contextlib.suppress(OSError):
+            for d in parent.iterdir():
+                owner = d.name.split("-", 1)[0]
+                if not owner.isdigit() or Path(f"/proc/{owner}").exists():
+                    continue
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)  # fails (EBUSY) while a process is still in it
+                    removed += 1
+    return removed

@@ -390,6 +390,23 @@ class QemuVM:
             os.close(fd)
         qmp.execute("migrate", {"uri": "fd:outgoing"})
         self._wait_migration(timeout, what="saving the VM state")
+        self._wait_finalized(timeout)
+
+    def _wait_finalized(self, timeout: float) -> None:
+        """Wait for the run state to leave ``finish-migrate``.
+
+        QEMU reports a migration ``completed`` before its migration thread
+        moves the run state on; a ``cont`` in between is refused ("Migration is
+        not finalized yet") and leaves every block node inactive, and a write to
+        one then aborts QEMU (``bdrv_co_write_req_prepare`` assertion).
+        """
+        qmp = self._require_qmp()
+        deadline = time.monotonic() + timeout
+        while qmp.execute("query-status").get("status") == "finish-migrate":
+            self._check_alive("finishing the state save")
+            if time.monotonic() > deadline:
+                raise VMError(f"{self.name}: the state save did not finalize in {timeout:g}s")
+            time.sleep(0.005)
 
     def hmp(self, command_line: str, *, timeout: float = 300.0) -> str:
         return self._require_qmp().hmp(command_line, timeout=timeout)

@@ -165,6 +165,8 @@ Digest = Annotated[str, Field(pattern=_DIGEST)]
 class Health(_Reply):
     status: str
     version: str
+    # "standby": another control plane on the same database is active (it serves)
+    role: str = "active"
 
 
 class SandboxOut(_Reply):

@@ -14,10 +14,13 @@ from typing import Any
 from forkyard._fs import atomic_write_bytes
 from forkyard.errors import ImageError, InsufficientCapacity
 
-__all__ = ["DEFAULT_DISK", "MAX_DISK", "RECORD_NAME", "SandboxInfo", "SandboxSpec",
+__all__ = ["DEFAULT_DISK", "HIBERNATING_MARK", "MAX_DISK", "RECORD_NAME", "SandboxInfo",
+           "SandboxSpec",
            "disk_size_for", "read_record", "write_record"]
 
 RECORD_NAME = "sandbox.json"
+# holds the id of the checkpoint a hibernate under way took (removed once hibernated)
+HIBERNATING_MARK = "hibernating"
 GIB = 1 << 30
 DEFAULT_DISK = 4 * GIB  # thin: only what the guest writes takes host space
 MAX_DISK = 1024 * GIB  # = the wire's DISK_MAX

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from forkyard._fs import atomic_write_bytes
 from forkyard.checkpoint import BootRef, Checkpoint, PartRef, qcow2
 from forkyard.checkpoint.manifest import utcnow
 from forkyard.checkpoint.recorder import Capture, Recorder
@@ -34,13 +35,19 @@ from forkyard.errors import (
 from forkyard.guest.client import AgentClient, ExecResult
 from forkyard.guest.procs import Chunk, ProcInfo
 from forkyard.tools import qemu_img
-from forkyard.vm.machine import QemuVM
+from forkyard.vm.machine import QemuVM, VMState
 from forkyard.vm.ram import RamFile
 from forkyard.vm.ram_capture import save_with_image
 from forkyard.wire.lifecycle import Lifecycle, SandboxState
 from forkyard.worker._boot import Chain, boot_vm
+from forkyard.worker._faults import crash_point
 from forkyard.worker._files import Files
-from forkyard.worker._record import SandboxInfo, SandboxSpec, write_record
+from forkyard.worker._record import (
+    HIBERNATING_MARK,
+    SandboxInfo,
+    SandboxSpec,
+    write_record,
+)
 
 __all__ = ["Chain", "Files", "Sandbox", "SandboxInfo", "SandboxSpec", "SandboxState",
            "utcnow"]
@@ -344,11 +351,13 @@ class Sandbox:
                 vm.pause()
                 self.lifecycle.move(S.PAUSED, "checkpoint")
                 try:
+                    crash_point("checkpoint-paused")
                     frozen = vm.freeze_disk(new_active)
                     if self.ram_images:
                         image = save_with_image(vm, state_file)
                     else:
                         vm.save_state(state_file)
+                    crash_point("checkpoint-saved")
                 finally:
                     vm.resume()
                     self.lifecycle.move(S.RUNNING, "checkpoint")
@@ -357,6 +366,10 @@ class Sandbox:
                 image.release()
             with contextlib.suppress(OSError):
                 state_file.unlink()
+            if vm.alive() and vm.state is not VMState.RUNNING:
+                # not resumed: its block nodes may be inactive after the save, and a
+                # write to one (the parent marker below) would abort QEMU
+                vm.kill()
             if not vm.alive():
                 self._mark_failed()
             elif frozen is not None:
@@ -400,12 +413,18 @@ class Sandbox:
         """Checkpoint, then stop and free the VM; :meth:`Worker.wake` brings it back."""
         with self._lock:
             cp = self.checkpoint(name=f"hibernate-{self.id}")
+            # From here the checkpoint is the sandbox: a worker killed before the
+            # record says hibernated finds this mark and keeps it (``_home``).
+            mark = self._dir / HIBERNATING_MARK
+            atomic_write_bytes(mark, cp.id)
+            crash_point("hibernate-recorded")
             self._shutdown()
             # the point is to free memory: a wake builds the image again from its chunks
             self._recorder.drop_image(cp.manifest)
             self.lifecycle.move(S.HIBERNATED, "hibernate")
             self._discard_disks()
             self._save_meta()
+            mark.unlink(missing_ok=True)
             return cp
 
     def stop(self) -> None:

@@ -43,11 +43,13 @@ from forkyard.host.setup import HostInfo, ensure_host
 from forkyard.image import ImageCatalog, ImageInfo, MinimalSource, build_image
 from forkyard.store import BlobCache, BlobStore, ObjectStore, open_store
 from forkyard.tools import qemu_system
+from forkyard.vm.cgroup import sweep_orphans
 from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape
 from forkyard.vm.ram import RamFile
 from forkyard.wire.ids import new_sandbox_id
 from forkyard.worker._compat import check_compatible
-from forkyard.worker._home import hibernated_records, keep_logs, lock_home
+from forkyard.worker._faults import crash_point
+from forkyard.worker._home import hibernated_records, keep_logs, lock_home, sweep_leftovers
 from forkyard.worker._parts import PartFetcher
 from forkyard.worker._record import SandboxSpec, disk_size_for
 from forkyard.worker._sandbox import Chain, Sandbox, SandboxState
@@ -58,6 +60,7 @@ __all__ = ["Worker"]
 
 log = logging.getLogger("forkyard.worker")
 BUILTIN_IMAGES = {"minimal": MinimalSource}
+_PUBLISHING = "publishing"  # flag of a checkpoint whose publish is under way
 _BOOT_TIMEOUT = 180.0  # a TCG boot is ~3 s, but CI machines are shared and slow
 
 
@@ -107,6 +110,7 @@ class Worker:
                                     self.checkpoints, resolve=self.resolve_checkpoint,
                                     publish=self.publish)
         self._revive_hibernated()
+        self._sweep()
         for f in (self.host.kernel, self.host.initrd):
             self.blobs.add_local(f.digest, f.path, verify=False, link=True)
 
@@ -346,10 +350,34 @@ class Worker:
         """Make ``checkpoint`` forkable on any worker sharing this worker's store."""
         cp = self.checkpoints.get(checkpoint.id if isinstance(checkpoint, Checkpoint)
                                   else checkpoint)
+        # the intent outlives a crash: the next worker start publishes it again
+        self.checkpoints.mark(cp.id, _PUBLISHING, self.store.url)
+
+        def report_progress(role: str, done: int, total: int | None) -> None:
+            if done:
+                crash_point("publish-mid")
+            if progress is not None:
+                progress(role, done, total)
+
         report = archive.publish(cp.manifest, self.blobstore, self._parts.local_part,
-                                 progress=progress)
+                                 progress=report_progress)
+        crash_point("publish-uploaded")
         self.checkpoints.mark(cp.id, "published", self.store.url)
+        self.checkpoints.unmark(cp.id, _PUBLISHING)
         return report
+
+    def unfinished_publishes(self) -> builtins.list[Checkpoint]:
+        """Local checkpoints a publish was started for, or a hibernated sandbox here
+        stands on, that are not published: what an earlier process left undone."""
+        wanted = {sb.last_checkpoint for sb in self.list()
+                  if sb.state is SandboxState.HIBERNATED and sb.last_checkpoint}
+        out = []
+        for cp in self.checkpoints.list():
+            if self.checkpoints.flag(cp.id, "published") is not None:
+                continue
+            if cp.id in wanted or self.checkpoints.flag(cp.id, _PUBLISHING) is not None:
+                out.append(cp)
+        return out
 
     def is_published(self, checkpoint_id: str) -> bool:
         return archive.is_published(self.store, checkpoint_id)
@@ -483,6 +511,19 @@ class Worker:
     def _check_open(self) -> None:
         if self._closed:
             raise SandboxStateError("-", "closed", f"use worker {self.name}")
+
+    def _sweep(self) -> None:
+        """What an earlier process on this home left half written goes (it crashed)."""
+        files = sweep_leftovers(self.home)
+        try:
+            uploads = self.store.own_uploads(self.home.root / "uploads")
+        except StoreError as exc:  # the store may be down now; the next start retries
+            log.warning("could not clean up earlier uploads to %s: %s", self.store.url, exc)
+            uploads = 0
+        groups = sweep_orphans() if self.confine and os.geteuid() == 0 else 0
+        if files or uploads or groups:
+            log.info("swept %d temp file(s), %d upload(s), %d cgroup(s) left by an earlier "
+                     "process", files, uploads, groups)
 
     def _revive_hibernated(self) -> None:
         """Hibernated sandboxes of an earlier process come back (others are gone)."""

@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from forkyard._malloc import pin_mmap_threshold
 from forkyard.errors import ImageNotFound
 from forkyard.image import MinimalSource, build_image
 from forkyard.wire.auth import BearerAuth, BodyLimit, body_limit, client_verify, tls_options
@@ -141,6 +142,7 @@ def serve(
                          on_shutdown=policy, ready_file=ready_file, memory_mb=memory_mb,
                          cpus=cpus, server_verify=client_verify(tls_ca))
         log.info("worker %s (pid %d) listening on %s", name, os.getpid(), url)
+        pin_mmap_threshold()  # RSS follows the replies held (forkyard._malloc)
         config = uvicorn.Config(app, log_level="info", access_log=False,
                                 timeout_graceful_shutdown=30, lifespan="on",
                                 ssl_certfile=tls[0] if tls else None,

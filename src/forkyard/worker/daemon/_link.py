@@ -49,7 +49,11 @@ class ControlLink:
         self.name = name
         self.token = token  # this worker's own credential, bound to its name
         self.verify = verify  # how the control plane's TLS certificate is checked
-        self.server_url = server_url.rstrip("/") if server_url else None
+        # several control planes (comma-separated): the one that answers is used
+        # until it stops answering or says it stands by; then the next one
+        self.server_urls = [u.strip().rstrip("/") for u in (server_url or "").split(",")
+                            if u.strip()]
+        self._current = 0
         self.public_url = public_url
         self.interval = interval
         self.ready_file = ready_file
@@ -63,6 +67,14 @@ class ControlLink:
     def kick(self) -> None:
         """Send a report now: the control plane should see this change without delay."""
         self._kick.set()
+
+    @property
+    def server_url(self) -> str | None:
+        """The control plane reported to now (None: this worker has none)."""
+        return self.server_urls[self._current] if self.server_urls else None
+
+    def _next_server(self) -> None:
+        self._current = (self._current + 1) % max(1, len(self.server_urls))
 
     def start(self) -> None:
         if self.server_url is None or self.public_url is None:
@@ -85,13 +97,21 @@ class ControlLink:
         backoff = 0.2
         registered = False
         complained = 0.0
-        with httpx.Client(base_url=self.server_url, headers=headers, verify=self.verify) as http:
+        with httpx.Client(headers=headers, verify=self.verify) as http:
             while not self._stop.is_set():
                 path = ("/internal/workers/register" if not registered
                         else f"/internal/workers/{self.name}/heartbeat")
                 self._kick.clear()  # before the report: a change made during it kicks again
+                url = f"{self.server_url}{path}"
                 try:
-                    resp = self._post(http, path, self._report().model_dump(mode="json"))
+                    try:
+                        resp = self._post(http, url, self._report().model_dump(mode="json"))
+                    except httpx.TransportError:
+                        self._next_server()  # down: the next control plane may be active
+                        raise
+                    if _standby(resp):
+                        self._next_server()
+                        raise RuntimeError(f"{url} stands by")
                     if resp.status_code == 404 and registered:
                         registered = False  # the control plane forgot us: start over
                         continue
@@ -109,10 +129,11 @@ class ControlLink:
                     now = time.monotonic()
                     if now - complained > 10.0:  # a down server is not worth a log flood
                         log.warning("%s %s failed: %s", "heartbeat" if registered
-                                    else "registration", self.server_url, exc)
+                                    else "registration", url, exc)
                         complained = now
                     wait = backoff
-                    backoff = min(backoff * 2, self.interval)
+                    # with several control planes, trying the next one costs nothing
+                    backoff = min(backoff * 2, self.interval / max(1, len(self.server_urls)))
                 sent = time.monotonic()
                 self._kick.wait(wait)
                 # a burst of changes (fork count=32) makes one report, not 32
@@ -127,10 +148,28 @@ class ControlLink:
         """Tell the control plane what became of our sandboxes (if it ever knew us)."""
         if self.server_url is None or not self.registered.is_set():
             return
-        try:
-            httpx.post(f"{self.server_url}/internal/workers/{self.name}/leave",
-                       json=body.model_dump(mode="json"), timeout=_LEAVE_TIMEOUT,
-                       verify=self.verify,
-                       headers={"authorization": f"Bearer {self.token}"}).raise_for_status()
-        except httpx.HTTPError as exc:
-            log.warning("could not tell the control plane we are leaving: %s", exc)
+        error: Exception | None = None
+        for _ in self.server_urls:  # the active one first, then the others
+            try:
+                resp = httpx.post(f"{self.server_url}/internal/workers/{self.name}/leave",
+                                  json=body.model_dump(mode="json"), timeout=_LEAVE_TIMEOUT,
+                                  verify=self.verify,
+                                  headers={"authorization": f"Bearer {self.token}"})
+                if not _standby(resp):
+                    resp.raise_for_status()
+                    return
+                error = RuntimeError(f"{self.server_url} stands by")
+            except httpx.HTTPError as exc:
+                error = exc
+            self._next_server()
+        log.warning("could not tell the control plane we are leaving: %s", error)
+
+
+def _standby(resp: httpx.Response) -> bool:
+    """A control plane that stands by: another one is active (``control._leader``)."""
+    if resp.status_code != 503:
+        return False
+    try:
+        return bool(resp.json()["error"]["type"] == "standby")
+    except (ValueError, KeyError, TypeError):
+        return False

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from forkyard.wire.lifecycle import SandboxState
@@ -46,7 +46,7 @@ class _Load(Collector):
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         memory = cpus = running = 0
         for sb in self.node.worker.list():
             info = sb.info().to_json()
@@ -68,6 +68,14 @@ class _Load(Collector):
              max(0, host_cpus - cpus)),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        blobs = self.node.worker.blobstore
+        for name, doc, value in (
+            ("forkyard_worker_store_uploaded_bytes", "Bytes sent to the object store "
+             "(compressed; publishes)", blobs.uploaded_bytes),
+            ("forkyard_worker_store_downloaded_bytes", "Bytes read from the object store "
+             "(compressed; forks and wakes of parts not here)", blobs.downloaded_bytes),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
 
 
 def add_metrics(app: FastAPI, node: Node) -> None:

@@ -25,6 +25,7 @@ from forkyard.wire.models import (
     WorkerStatus,
 )
 from forkyard.worker import Sandbox, Worker
+from forkyard.worker._faults import crash_point
 from forkyard.worker.daemon._capacity import Budget, Capacity, free_memory_mb
 from forkyard.worker.daemon._link import ControlLink
 from forkyard.worker.daemon._publish import Publisher
@@ -68,6 +69,11 @@ class Node:
         )
         self.capacity = Capacity(worker, max_sandboxes, on_release=self.kick, budget=budget)
         self.publisher = Publisher(worker, on_change=self.kick)
+        for cp in worker.unfinished_publishes():
+            # cut short by a crash: a hibernated sandbox must be wakeable elsewhere, and
+            # the control plane may be waiting for it (it asks again once we register)
+            log.info("publishing %s again: an earlier process did not finish", cp.short_id)
+            self.publisher.publish_later(cp)
 
     def kick(self) -> None:
         """Report to the control plane now rather than at the next heartbeat."""
@@ -124,6 +130,7 @@ class Node:
         cp = sb.hibernate()
         self.kick()
         self.publisher.publish_now(cp)
+        crash_point("hibernate-published")
         return WorkerHibernated(checkpoint=self.publisher.checkpoint_json(cp),
                                 sandbox=sandbox_json(sb))
 

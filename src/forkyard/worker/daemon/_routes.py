@@ -88,8 +88,13 @@ def add_routes(app: FastAPI, d: Node) -> None:
         r = w.get(sandbox_id).exec(req.cmd, env=req.env, cwd=req.cwd,
                                    timeout=req.effective_timeout, stdin=req.stdin_bytes(),
                                    background=req.background, user=req.user)
-        # serialized straight to JSON bytes: the output is held once more, not twice
-        return Response(exec_json(r).model_dump_json(), media_type="application/json")
+        # serialized straight to JSON bytes, each form dropped once the next exists:
+        # a full reply is then held about twice at its peak, not four times
+        model = exec_json(r)
+        del r
+        body = model.model_dump_json()
+        del model
+        return Response(body, media_type="application/json")
 
     @app.put("/sandboxes/{sandbox_id}/files", status_code=200)
     async def write_file(sandbox_id: SandboxId, request: Request, path: GuestPath,
