@@ -90,13 +90,21 @@ def test_qemu_runs_jailed(worker_factory, monkeypatch):
         assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
     # its whole filesystem: /, /usr, the loader cache, a few /dev nodes, the boot files
     mounts = [line.split()[4] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()]
+    # /proc: pid directories only, for QEMU to open its RAM memfd (vm/ram.py)
     allowed = {"/", "/usr", "/etc/ld.so.cache", "/dev/null", "/dev/zero", "/dev/full",
-               "/dev/random", "/dev/urandom", "/dev/kvm"}
+               "/dev/random", "/dev/urandom", "/dev/kvm", "/proc"}
     strays = [m for m in mounts if m not in allowed and not m.startswith(str(w.home.root))]
     assert not strays, strays
     home_mounts = [m for m in mounts if m.startswith(str(w.home.root))]
     assert len(home_mounts) <= 2 and all("vmlinuz" in m or "initr" in m for m in home_mounts), \
         home_mounts  # kernel + initramfs only: no disks, no cache, no other sandbox
+    # its /proc shows its uid's processes only (hidepid), and no /proc/sys, kcore, ...
+    uid = int(st["Uid"].split()[0])
+    seen = subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", "setpriv",
+                           f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "ls", "/proc"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert str(pid) in seen and "1" not in seen and "sys" not in seen, seen
+    assert all(n.isdigit() or n in ("self", "thread-self") for n in seen), seen
     # and no open file of another sandbox
     fds = [os.readlink(p) for p in Path(f"/proc/{pid}/fd").iterdir()]
     assert not [f for f in fds if b.id in f], fds

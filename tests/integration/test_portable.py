@@ -46,7 +46,8 @@ s3_server = s3_server_fixture(scope="module")
 class Pair:
     a: Worker
     b: Worker
-    cp: Checkpoint
+    cp: Checkpoint  # format v3 (RAM image), the default
+    cp2: Checkpoint  # the same instant's state as one whole stream (format v2)
     sleeper: int
     expected: dict[str, str]  # test-tree checksums of A's base
     root: Path
@@ -81,9 +82,14 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     sleeper = int(src.exec("sleep 1000 & echo $!").stdout)
     src.exec("ls /srv/testtree/d01 > /dev/null")
     cp = src.checkpoint()
+    src.ram_images = False  # what a VM mapping a frozen image saves: the whole stream
+    cp2 = src.checkpoint()
+    src.ram_images = True
+    assert cp.manifest.format.endswith("/v3") and cp2.manifest.format.endswith("/v2")
     src.files.write("/root/after", "not in the checkpoint")
     a.publish(cp)
-    yield Pair(a, b, cp, sleeper, a.images.file_checksums(base_a.digest), root, store_url,
+    a.publish(cp2)
+    yield Pair(a, b, cp, cp2, sleeper, a.images.file_checksums(base_a.digest), root, store_url,
                open_worker)
     for w in workers:
         w.close()
@@ -109,7 +115,7 @@ def test_fork_on_another_worker_with_a_different_base(pair: Pair) -> None:
 
 def test_naive_thin_archive_on_the_other_base_is_corrupt(pair: Pair) -> None:
     """Negative control: the check above can fail.  This is the upstream bug."""
-    b, m = pair.b, pair.cp.manifest
+    b, m = pair.b, pair.cp2.manifest
     layers = tuple(b.blobs.fetch(ref.digest, b.blobstore) for ref in m.layers)
     state = fetch_chunked(b.blobs, b.blobstore, m.state, m.state_chunks, what="VM state")
     own_base = b.images.get("minimal")
@@ -198,10 +204,19 @@ def test_hibernate_on_a_wake_on_b(pair: Pair) -> None:
 @pytest.fixture
 def damaged(pair: Pair) -> Iterator[tuple[Worker, BlobStore, Manifest]]:
     """A fresh worker C (empty cache) reading a private copy of the published checkpoint."""
+    yield from _damaged(pair, pair.cp.manifest)
+
+
+@pytest.fixture
+def damaged_v2(pair: Pair) -> Iterator[tuple[Worker, BlobStore, Manifest]]:
+    """The same for the whole-stream (v2) checkpoint."""
+    yield from _damaged(pair, pair.cp2.manifest)
+
+
+def _damaged(pair: Pair, m: Manifest) -> Iterator[tuple[Worker, BlobStore, Manifest]]:
     url = f"{pair.store_url}-copy-{uuid.uuid4().hex[:6]}" if pair.store_url.startswith(
         "s3://") else f"file://{pair.root}/copy-{uuid.uuid4().hex[:6]}"
     c = pair.open_worker(f"c-{uuid.uuid4().hex[:6]}", url)
-    m = pair.cp.manifest
     src = pair.a.blobstore
     for _role, ref in m.parts():
         with src.store.open_read(blob_key(ref.digest)) as f:
@@ -275,9 +290,9 @@ def fed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[StateStream, list[bytes]]
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
-def test_a_bad_state_chunk_is_never_fed_to_qemu(damaged, pair: Pair, fed, damage: str
+def test_a_bad_state_chunk_is_never_fed_to_qemu(damaged_v2, pair: Pair, fed, damage: str
                                                 ) -> None:
-    c, store, m = damaged
+    c, store, m = damaged_v2
     bad = len(m.state_chunks) // 2
     chunk = m.state_chunks[bad]
     key = blob_key(chunk.digest)
@@ -304,8 +319,39 @@ def test_a_bad_state_chunk_is_never_fed_to_qemu(damaged, pair: Pair, fed, damage
     _assert_clean_failure(c, m.state.digest)
 
 
-def test_a_v1_checkpoint_with_one_state_part_still_forks(damaged, pair: Pair, fed) -> None:
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_a_bad_ram_chunk_is_an_integrity_error_and_nothing_runs(damaged, damage: str) -> None:
     c, store, m = damaged
+    assert m.ram is not None
+    bad = len(m.ram.chunks) // 2
+    chunk = m.ram.chunks[bad]
+    key = blob_key(chunk.digest)
+    if damage == "corrupt":
+        raw = bytearray(store.store.get_bytes(key, max_size=1 << 31))
+        raw[len(raw) // 2] ^= 0x40
+        _rewrite(store, key, bytes(raw))
+    else:
+        store.store.delete(key)
+    with pytest.raises(IntegrityError) as e:
+        c.fork(m.id)
+    assert f"RAM chunk {bad} " in str(e.value) and chunk.digest in str(e.value)
+    if damage == "missing":
+        assert e.value.actual == "no such blob"
+    _assert_clean_failure(c, chunk.digest)
+
+
+def test_a_v2_checkpoint_still_forks_on_another_worker(pair: Pair) -> None:
+    fork = pair.b.fork(pair.cp2.id)
+    try:
+        assert fork.files.read_text("/root/marker") == "from A\n"
+        assert fork.exec(f"kill -0 {pair.sleeper}").exit_code == 0
+    finally:
+        fork.destroy()
+
+
+def test_a_v1_checkpoint_with_one_state_part_still_forks(damaged_v2, pair: Pair, fed
+                                                         ) -> None:
+    c, store, m = damaged_v2
     assert m.state_chunks  # written as v2
     v1 = replace(m, state_chunks=())
     source = pair.a.blobs.path_if_present(m.state.digest)

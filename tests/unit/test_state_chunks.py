@@ -18,7 +18,7 @@ import pytest
 
 from forkyard.checkpoint import archive
 from forkyard.checkpoint.chunks import ChunkRef, split_file
-from forkyard.checkpoint.manifest import FORMAT, FORMAT_V1, BootRef, Manifest, PartRef
+from forkyard.checkpoint.manifest import FORMAT_V1, FORMAT_V2, BootRef, Manifest, PartRef
 from forkyard.errors import IntegrityError, ManifestError
 from forkyard.store import BlobCache, BlobStore, blob_key, open_store
 from forkyard.vm.shape import VMShape
@@ -57,7 +57,7 @@ def test_v2_round_trips_and_v1_keeps_its_bytes(tmp_path: Path) -> None:
     path, _ = _state(tmp_path)
     digest, size, chunks = split_file(path, CHUNK)
     v2 = _manifest(PartRef(digest, size), chunks)
-    assert json.loads(v2.canonical())["format"] == FORMAT
+    assert json.loads(v2.canonical())["format"] == FORMAT_V2
     again = Manifest.parse(v2.canonical(), expect_id=v2.id)
     assert again == v2 and again.state_chunks == chunks
     assert [r for r, _ in v2.own_parts()] == ["layer0"] + [f"state.{i}" for i in range(6)]

@@ -39,6 +39,7 @@ from forkyard.checkpoint import qcow2
 from forkyard.checkpoint.chunks import split_file
 from forkyard.checkpoint.local import Checkpoint, CheckpointFiles, LocalCheckpoints
 from forkyard.checkpoint.manifest import BootRef, Manifest, PartRef, utcnow
+from forkyard.checkpoint.ram_image import RamImages
 from forkyard.config import Home
 from forkyard.errors import (
     CheckpointError,
@@ -69,6 +70,7 @@ class WorkerLike(Protocol):
     images: ImageCatalog
     blobs: BlobCache
     checkpoints: LocalCheckpoints
+    ram_images: RamImages
 
     def fetch_checkpoint(self, checkpoint: Checkpoint | str) -> Checkpoint: ...
 
@@ -117,6 +119,8 @@ def export_checkpoint(worker: WorkerLike, checkpoint: Checkpoint | str, out: Pat
         # 2. the checkpoint's machine, loaded paused on that disk, saved as a snapshot
         vm = _paused_vm(worker, m, DiskChain(None, (), disk), files.kernel, files.initrd, tmp,
                         "export")
+        if m.ram is not None:  # v3: the device state loads over the mapped RAM image
+            vm.ram = worker.ram_images.get(m.ram, what=f"checkpoint {cp.short_id}")
         try:
             vm.launch(incoming_state=files.state, run=False)
             _hmp_ok(vm, f"savevm {snapshot}")

@@ -15,6 +15,11 @@ own blob (:mod:`forkyard.checkpoint.chunks`), so a reader verifies every byte
 before QEMU parses it.  ``state`` still names the whole state (the key of the
 local file a worker keeps and forks from).  A v1 manifest (no chunks) keeps its
 exact bytes, hence its id, and still restores.
+
+v3 adds ``ram``: guest RAM as a page-aligned image in fixed-size content-addressed
+chunks (all-zero ones left out), and ``state`` is then QEMU's device state
+only (a stream saved with ``x-ignore-shared``).  Forks map the image
+(``forkyard.vm.ram``); a checkpoint stores only chunks no earlier one did.
 """
 
 from __future__ import annotations
@@ -28,16 +33,20 @@ from typing import Any
 from pydantic import ValidationError
 
 from forkyard._digest import DIGEST_RE, sha256_bytes
-from forkyard.checkpoint.chunks import ChunkRef, check_cover
+from forkyard.checkpoint.chunks import ChunkRef, RamImageRef, check_cover, check_ram
 from forkyard.errors import IntegrityError, ManifestError
 from forkyard.vm.shape import VMShape
 from forkyard.wire.network import NetworkSpec
 
-__all__ = ["FORMAT", "FORMAT_V1", "MAX_MANIFEST_BYTES", "SHARED_ROLES", "BootRef", "ChunkRef",
-           "Manifest", "PartRef", "VMInfo", "VMShape", "utcnow"]
+__all__ = ["FORMAT", "FORMAT_V1", "FORMAT_V2", "FORMAT_V3", "MAX_MANIFEST_BYTES", "SHARED_ROLES",
+           "BootRef", "ChunkRef", "Manifest", "PartRef", "RamImageRef", "VMInfo", "VMShape",
+           "utcnow"]
 
-FORMAT = "forkyard.checkpoint/v2"  # what checkpoints are written as
+FORMAT_V3 = "forkyard.checkpoint/v3"  # RAM as a chunked image, state = device state only
+FORMAT_V2 = "forkyard.checkpoint/v2"  # the whole migration stream in chunks; still written
+FORMAT = FORMAT_V3  # what checkpoints of a VM on its own RAM file are written as
 FORMAT_V1 = "forkyard.checkpoint/v1"  # one whole state part; still read
+_FORMATS = (FORMAT_V1, FORMAT_V2, FORMAT_V3)
 MAX_MANIFEST_BYTES = 1 << 20
 # Parts that many checkpoints share and that travel once per store.
 SHARED_ROLES = frozenset({"base", "kernel", "initrd"})
@@ -116,11 +125,15 @@ class Manifest:
     # keep; absent (None) for a machine without a NIC, so checkpoints made
     # before networks existed read and hash exactly as before
     network: NetworkSpec | None = None
+    # v3: guest RAM as a chunked image (``state`` is then device state only)
+    ram: RamImageRef | None = None
 
     # ------------------------------------------------------------------
     @property
     def format(self) -> str:
-        return FORMAT if self.state_chunks else FORMAT_V1
+        if self.ram is not None:
+            return FORMAT_V3
+        return FORMAT_V2 if self.state_chunks else FORMAT_V1
 
     def to_json(self) -> dict[str, Any]:
         out = self._json()
@@ -128,6 +141,8 @@ class Manifest:
             out["state_chunks"] = [c.to_json() for c in self.state_chunks]
         if self.network is not None:
             out["network"] = self.network.model_dump(mode="json")
+        if self.ram is not None:
+            out["ram"] = self.ram.to_json()
         return out
 
     def _json(self) -> dict[str, Any]:
@@ -158,8 +173,10 @@ class Manifest:
 
     @property
     def changed_bytes(self) -> int:
-        """Disk layers + VM state, uncompressed: what this checkpoint adds to its base."""
-        return sum(layer.size for layer in self.layers) + self.state.size
+        """Disk layers + VM state (+ non-zero RAM chunks), uncompressed: what this
+        checkpoint adds to its base (chunks shared with other checkpoints included)."""
+        ram = self.ram.stored_bytes if self.ram is not None else 0
+        return sum(layer.size for layer in self.layers) + self.state.size + ram
 
     def own_parts(self) -> list[tuple[str, PartRef]]:
         """The parts this checkpoint stores for itself (layers and state), with roles.
@@ -174,8 +191,15 @@ class Manifest:
         out = [("base", self.base)]
         out += [(f"layer{i}", layer) for i, layer in enumerate(self.layers)]
         out += self.state_parts()
+        out += self.ram_parts()
         out += [("kernel", self.boot.kernel), ("initrd", self.boot.initrd)]
         return out
+
+    def ram_parts(self) -> list[tuple[str, PartRef]]:
+        """The blobs of a v3 RAM image: its non-zero chunks."""
+        if self.ram is None:
+            return []
+        return [(f"ram.{i}", PartRef(c.digest, c.size)) for i, c in enumerate(self.ram.chunks)]
 
     def state_parts(self) -> list[tuple[str, PartRef]]:
         """The blobs the store holds of the VM state: its chunks (v2) or the whole (v1)."""
@@ -210,19 +234,23 @@ class Manifest:
     def from_json(cls, data: object) -> Manifest:
         d = _obj(data, "manifest")
         fmt = d.get("format")
-        if fmt not in (FORMAT, FORMAT_V1):
+        if fmt not in _FORMATS:
             raise ManifestError(
-                f"unsupported manifest format {fmt!r} (this forkyard reads {FORMAT_V1} "
-                f"and {FORMAT})"
+                f"unsupported manifest format {fmt!r} (this forkyard reads "
+                f"{', '.join(_FORMATS)})"
             )
         keys = {"format", "created", "base", "layers", "state", "boot", "vm", "sandbox",
                 "parent", "name", "agent", "extra"}
-        # "network" is optional in both formats (absent: no NIC, as before networks)
-        keys |= {"network"}
-        _only(d, keys | {"state_chunks"} if fmt == FORMAT else keys, "manifest")
+        # "network" is optional in every format (absent: no NIC, as before networks)
+        keys.add("network")
+        if fmt != FORMAT_V1:
+            keys.add("state_chunks")
+        if fmt == FORMAT_V3:
+            keys.add("ram")
+        _only(d, keys, "manifest")
         state = _part(d.get("state"), "state")
         chunks: tuple[ChunkRef, ...] = ()
-        if fmt == FORMAT:
+        if fmt != FORMAT_V1:
             raw_chunks = d.get("state_chunks")
             if not isinstance(raw_chunks, list) or not raw_chunks:
                 raise ManifestError("manifest.state_chunks must be a non-empty list")
@@ -242,7 +270,9 @@ class Manifest:
             for k, v in extra.items()
         ):
             raise ManifestError("manifest.extra must map short strings to strings")
+        ram = _ram(d.get("ram"), vm.get("memory_mb")) if fmt == FORMAT_V3 else None
         return cls(
+            ram=ram,
             created=_str(d.get("created"), "created", 64),
             base=_part(d.get("base"), "base"),
             layers=tuple(_part(x, f"layers[{i}]") for i, x in enumerate(layers_raw)),
@@ -351,3 +381,17 @@ def _chunk(v: object, where: str) -> ChunkRef:
     return ChunkRef(_int(d.get("offset"), f"{where}.offset", 0, _MAX_SIZE),
                     _int(d.get("size"), f"{where}.size", 0, _MAX_SIZE),
                     _digest(d.get("digest"), f"{where}.digest"))
+
+
+def _ram(v: object, memory_mb: object) -> RamImageRef:
+    d = _obj(v, "ram")
+    _only(d, {"size", "chunk_size", "chunks"}, "ram")
+    raw = d.get("chunks")
+    if not isinstance(raw, list):
+        raise ManifestError("manifest ram.chunks must be a list")
+    ram = RamImageRef(_int(d.get("size"), "ram.size", 1, _MAX_SIZE),
+                      _int(d.get("chunk_size"), "ram.chunk_size", 1, _MAX_SIZE),
+                      tuple(_chunk(x, f"ram.chunks[{i}]") for i, x in enumerate(raw)))
+    mb = _int(memory_mb, "vm.memory_mb", 16, MAX_VM_MEMORY_MB)
+    check_ram(ram, mb * 1024 * 1024)
+    return ram

@@ -16,7 +16,9 @@ from forkyard._digest import sha256_file
 from forkyard.checkpoint.chunks import split_file
 from forkyard.checkpoint.local import Checkpoint, LocalCheckpoints
 from forkyard.checkpoint.manifest import BootRef, Manifest, PartRef, utcnow
+from forkyard.checkpoint.ram_image import RamImages, file_image
 from forkyard.store import BlobCache
+from forkyard.vm.ram import RamFile
 from forkyard.vm.shape import VMShape
 from forkyard.wire.network import NetworkSpec
 
@@ -38,15 +40,20 @@ class Capture:
     boot: BootRef
     agent: str  # the guest agent's version ("" if unknown)
     network: NetworkSpec | None = None  # its mode and rules; None: no NIC
+    # format v3: the frozen RAM image copied at that instant (unsealed; the recorder
+    # files and seals it) and ``state_file`` is device state only; None: a whole stream
+    ram_image: RamFile | None = None
 
 
 class Recorder:
     """Files captured parts in a blob cache and catalogues their manifests."""
 
-    def __init__(self, blobs: BlobCache, catalog: LocalCheckpoints, *, worker: str) -> None:
+    def __init__(self, blobs: BlobCache, catalog: LocalCheckpoints, *, worker: str,
+                 images: RamImages | None = None) -> None:
         self._blobs = blobs
         self._catalog = catalog
         self._worker = worker
+        self._images = images or RamImages(blobs, None)
 
     def file_layer(self, path: Path) -> PartRef:
         """File a disk layer no VM writes any more under its digest (hard link)."""
@@ -54,13 +61,35 @@ class Recorder:
         self._blobs.add_local(digest, path, verify=False, link=True)
         return PartRef(digest, path.stat().st_size)
 
+    def drop_image(self, manifest: Manifest) -> None:
+        """This worker need not keep the checkpoint's RAM image mapped (a hibernation)."""
+        if manifest.ram is not None:
+            self._images.forget(manifest.ram)
+
     def record(self, capture: Capture) -> Checkpoint:
         """Hash and file the capture's VM state, then write its manifest."""
-        # one pass: the whole state's digest (its local key) and its chunks (what travels)
-        state_digest, state_size, chunks = split_file(capture.state_file)
-        self._blobs.add_local(state_digest, capture.state_file, verify=False, link=True)
-        capture.state_file.unlink()
+        extra = {"worker": self._worker,
+                 "pause_ms": str(round(capture.pause_seconds * 1000, 1))}
+        ram = None
+        try:
+            # one pass: the whole state's digest (its local key) and its chunks (what travels)
+            state_digest, state_size, chunks = split_file(capture.state_file)
+            self._blobs.add_local(state_digest, capture.state_file, verify=False, link=True)
+            capture.state_file.unlink()
+            filed = None if capture.ram_image is None else file_image(capture.ram_image,
+                                                                       self._blobs)
+        except BaseException:
+            if capture.ram_image is not None:
+                capture.ram_image.release()
+            raise
+        if capture.ram_image is not None and filed is not None:
+            ram = filed.ref
+            self._images.add(ram, capture.ram_image)  # forks on this worker map it at once
+            # what this checkpoint's RAM added to the worker's chunks, and what it shares
+            extra["ram_new_bytes"] = str(filed.new_bytes)
+            extra["ram_shared_bytes"] = str(filed.shared_bytes)
         manifest = Manifest(
+            ram=ram,
             created=utcnow(),
             base=capture.base,
             layers=capture.layers,
@@ -73,7 +102,6 @@ class Recorder:
             name=capture.name,
             agent=capture.agent,
             network=capture.network,
-            extra={"worker": self._worker,
-                   "pause_ms": str(round(capture.pause_seconds * 1000, 1))},
+            extra=extra,
         )
         return self._catalog.add(manifest)

@@ -147,12 +147,25 @@ def _print_manifest(cp: Checkpoint, where: str) -> None:
     v = m.vm
     out.print(f"vm          {v.machine} {v.accel} cpu={v.cpu} {v.memory_mb} MiB x{v.cpus} "
               f"devices={v.devices} (saved by QEMU {v.qemu})")
+    if m.ram is not None:
+        new, shared = m.extra.get("ram_new_bytes"), m.extra.get("ram_shared_bytes")
+        out.print(f"ram         {m.format}: {human_bytes(m.ram.size)} image, "
+                  f"{human_bytes(m.ram.stored_bytes)} non-zero in {len(m.ram.chunks)} chunks "
+                  f"of {human_bytes(m.ram.chunk_size)}")
+        if new is not None and shared is not None:
+            out.print(f"stored      RAM new to this checkpoint {human_bytes(int(new))}, "
+                      f"shared with earlier checkpoints {human_bytes(int(shared))}")
     t = table("part", "sha256", "size")
     for role, ref in m.parts():
         if role.startswith("state."):  # v2: one row for the state, not one per chunk
             if role == "state.0":
                 t.add_row(f"state ({len(m.state_chunks)} chunks)", m.state.digest,
                           human_bytes(m.state.size))
+            continue
+        if role.startswith("ram."):  # v3: one row for the image
+            if role == "ram.0" and m.ram is not None:
+                t.add_row(f"ram ({len(m.ram.chunks)} chunks)", m.ram.id,
+                          human_bytes(m.ram.stored_bytes))
             continue
         t.add_row(role, ref.digest, human_bytes(ref.size))
     out.print(t)

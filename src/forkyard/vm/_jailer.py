@@ -11,7 +11,8 @@ Firecracker jailer's, because QEMU 7.2's own ``-runas``/``-chroot`` die under
 3. new mount, network, IPC and UTS namespaces; every mount made private;
 4. a fresh tmpfs as the new root holding only read-only binds of /usr and the
    few files QEMU opens by path, plus /dev/{null,zero,full,random,urandom}
-   (and /dev/kvm for KVM guests); ``pivot_root`` into it, the host's tree
+   (and /dev/kvm for KVM guests) and a pid-only /proc (QEMU opens its RAM
+   memfd as /proc/self/fd/N); ``pivot_root`` into it, the host's tree
    detached (everything else QEMU touches arrives as an fd);
 5. rlimits (file size, open files, threads, no core dumps), SIGXFSZ ignored
    so an oversized write fails with EFBIG (a disk fault the worker reports)
@@ -128,6 +129,12 @@ def _build_root(spec: dict[str, object]) -> None:
     os.makedirs(root + "/dev", mode=0o755)
     for dev in spec["devices"]:  # type: ignore[attr-defined]
         _bind(dev, root + dev, writable=True)
+    # /proc, for one path only: QEMU 7.2 opens the guest RAM's memory-backend-file by
+    # path, and that file is a memfd it inherited (vm/ram.py): /proc/self/fd/N.  Pid
+    # directories only (no /proc/sys, kcore, ...), other users' processes hidden.
+    os.makedirs(root + "/proc", mode=0o555)
+    _mount("proc", root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+           "subset=pid,hidepid=invisible")
     for src in spec["files"]:  # type: ignore[attr-defined]
         if _readable_by_others(src):
             _bind(src, root + src, writable=False)

@@ -15,16 +15,31 @@ import json
 from pathlib import Path
 
 from forkyard.vm.disks import DiskChain, Opener
+from forkyard.vm.ram import BACKEND_ID
 from forkyard.vm.shape import BootSpec, VMShape
 
 __all__ = ["machine_args", "qemu_argv", "standalone_argv"]
 
 
-def machine_args(shape: VMShape, *, tb_size: bool = True) -> list[str]:
-    """Machine type, accelerator, CPU, memory and vCPUs."""
+def machine_args(shape: VMShape, *, tb_size: bool = True,
+                 ram: tuple[str, bool] | None = None) -> list[str]:
+    """Machine type, accelerator, CPU, memory and vCPUs.
+
+    ``ram`` is (mem-path, share) of the file backing guest RAM (``vm.ram``);
+    without it QEMU allocates RAM itself (a plain command line).  The backend's
+    id is the legacy RAM block name, so either way the same streams load.
+    """
     accel = "kvm" if shape.accel == "kvm" else ("tcg,tb-size=256" if tb_size else "tcg")
+    backend: list[str] = []
+    machine = shape.machine
+    if ram is not None:
+        path, share = ram
+        machine += f",memory-backend={BACKEND_ID}"
+        backend = ["-object", f"memory-backend-file,id={BACKEND_ID},size={shape.memory_mb}M,"
+                              f"mem-path={path},share={'on' if share else 'off'}"]
     return [
-        "-machine", shape.machine,
+        *backend,
+        "-machine", machine,
         "-accel", accel,
         "-cpu", shape.cpu,
         "-m", str(shape.memory_mb),
@@ -35,7 +50,8 @@ def machine_args(shape: VMShape, *, tb_size: bool = True) -> list[str]:
 def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top_node: str,
               qmp_fd: int, console_fd: int | None, agent_socket: Path, incoming: bool,
               paused: bool = False, opener: Opener | None = None,
-              agent_chardev: str | None = None, tap_fd: int | None = None) -> list[str]:
+              agent_chardev: str | None = None, tap_fd: int | None = None,
+              ram: tuple[str, bool] | None = None) -> list[str]:
     """The command line of one forkyard VM (see ``QemuVM.launch``).
 
     A confined QEMU (``vm.jail``) gets its files as fds: ``opener`` names each
@@ -55,7 +71,7 @@ def qemu_argv(*, name: str, shape: VMShape, boot: BootSpec, disk: DiskChain, top
         "qemu-system-x86_64",
         "-name", f"forkyard-{name},debug-threads=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        *machine_args(shape),
+        *machine_args(shape, ram=ram),
         "-kernel", str(boot.kernel),
         "-initrd", str(boot.initrd),
         "-append", boot.cmdline,

@@ -34,6 +34,7 @@ from forkyard.vm.devices import DEVICE_PROFILE
 from forkyard.vm.disks import DiskChain, Opener, qcow2_top_node
 from forkyard.vm.jail import Jail, PlainFiles, VMFiles
 from forkyard.vm.qmp import QMP, Event, io_error_reason
+from forkyard.vm.ram import RamFile
 from forkyard.vm.shape import DEFAULT_CMDLINE, BootSpec, VMShape
 
 __all__ = [
@@ -104,6 +105,9 @@ class QemuVM:
     tap_fd: int | None = field(default=None, repr=False)
     _files: VMFiles = field(default_factory=PlainFiles, repr=False)
     _jail: Jail | None = field(default=None, repr=False)
+    # guest RAM (vm/ram.py): a frozen image this VM maps copy-on-write (one hold of it
+    # is the VM's), or None: a working file of its own is made at launch
+    ram: RamFile | None = field(default=None, repr=False)
 
     def __hash__(self) -> int:
         return id(self)
@@ -128,11 +132,12 @@ class QemuVM:
         def opener(path: Path, writable: bool) -> str:
             return f.disk(path, writable=writable)
 
+        ram = None if self.ram is None else (self.ram.mem_path, self.ram.share)
         argv = qemu_argv(name=self.name, shape=self.shape, boot=self.boot, disk=self.disk,
                          top_node=self.top_node, qmp_fd=qmp_fd, console_fd=console_fd,
                          agent_socket=self.agent_socket, incoming=incoming, paused=paused,
                          opener=opener, agent_chardev=f.agent(self.agent_socket),
-                         tap_fd=self.tap_fd)
+                         tap_fd=self.tap_fd, ram=ram)
         # after the rendering: the jail's -add-fd list grows as the opener is called
         return argv + f.args()
 
@@ -145,6 +150,8 @@ class QemuVM:
         ownership passes to this call.  ``run=False`` leaves the VM paused.
         ``on_started`` runs once QEMU answers QMP, before any state is loaded
         (the agent channel is connected there, see ``AgentClient.open``).
+        With ``ram`` a frozen image, the state holds device state only (format
+        v3: saved with ``x-ignore-shared``) and the image is the guest's RAM.
         """
         # an fd we own sits in this list until closed exactly once (by _load_state
         # once QEMU has it, or here on an earlier failure): fd numbers get reused
@@ -162,6 +169,9 @@ class QemuVM:
         if self.state is not VMState.CREATED:
             raise VMError(f"{self.name}: cannot launch a VM that is {self.state.value}")
         self.state = VMState.STARTING
+        ignore_shared = self.ram is not None and not self.ram.share
+        if self.ram is None:
+            self.ram = RamFile.working(self.shape.memory_mb * 1024 * 1024)
         self.workdir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.agent_socket.unlink()
@@ -179,7 +189,7 @@ class QemuVM:
                 argv, files, name=self.name, memory_mb=self.shape.memory_mb,
                 cpus=self.shape.cpus, accel=self.shape.accel,
                 boot_files=(self.boot.kernel, self.boot.initrd), active=self.disk.active,
-                pass_fds=(theirs.fileno(), console.qemu_fd(),
+                pass_fds=(theirs.fileno(), console.qemu_fd(), self.ram.fd,
                           *([self.tap_fd] if self.tap_fd is not None else [])),
                 log=self.log_path,
                 cwd=self.workdir)
@@ -203,7 +213,8 @@ class QemuVM:
             if on_started is not None:
                 on_started()
             if incoming_state is not None:
-                self._load_state(incoming_state, owned, timeout=timeout, resume=run)
+                self._load_state(incoming_state, owned, timeout=timeout, resume=run,
+                                 ignore_shared=ignore_shared)
             self.state = VMState.RUNNING if run else VMState.PAUSED
         except BaseException as exc:
             self.kill()
@@ -213,8 +224,9 @@ class QemuVM:
             raise
 
     def _load_state(self, state: Path | int, owned: list[int], *, timeout: float,
-                    resume: bool) -> None:
+                    resume: bool, ignore_shared: bool) -> None:
         qmp = self._require_qmp()
+        self._ignore_shared(ignore_shared)
         fd = owned.pop() if isinstance(state, int) else os.open(state, os.O_RDONLY | os.O_CLOEXEC)
         try:
             qmp.send_fd(fd, "incoming")
@@ -224,6 +236,8 @@ class QemuVM:
             os.close(fd)
         qmp.execute("migrate-incoming", {"uri": "fd:incoming"})
         self._wait_migration(timeout, what="loading the VM state")
+        # later saves (a checkpoint, an export's savevm) choose for themselves
+        self._ignore_shared(False)
         # A state saved from a paused VM loads paused; one saved running resumes
         # by itself (unless -S).  Either way, end in the state the caller asked for.
         deadline = time.monotonic() + timeout
@@ -355,21 +369,34 @@ class QemuVM:
             "backing-file": marker,
         })
 
-    def save_state(self, dest: Path, *, timeout: float = 300.0) -> int:
+    def _ignore_shared(self, on: bool) -> None:
+        self._require_qmp().execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": on}]})
+
+    def save_state(self, dest: Path, *, timeout: float = 300.0,
+                   ignore_shared: bool = False) -> int:
         """Write RAM + device state to ``dest`` (a migration stream); returns its size.
 
         With the VM paused this captures the same instant as ``freeze_disk``.
+        ``ignore_shared`` leaves out the RAM of a ``share=on`` RAM file (the
+        stream then holds device state only: the caller copies the RAM file).
         """
-        qmp = self._require_qmp()
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.save_state_to(fd, timeout=timeout, ignore_shared=ignore_shared)
+        return dest.stat().st_size
+
+    def save_state_to(self, fd: int, *, timeout: float = 300.0,
+                      ignore_shared: bool = False) -> None:
+        """:meth:`save_state` into ``fd`` (a file or a pipe), which this call closes."""
+        qmp = self._require_qmp()
         try:
+            self._ignore_shared(ignore_shared)
             qmp.send_fd(fd, "outgoing")
         finally:
             os.close(fd)
         qmp.execute("migrate", {"uri": "fd:outgoing"})
         self._wait_migration(timeout, what="saving the VM state")
         self._wait_finalized(timeout)
-        return dest.stat().st_size
 
     def _wait_finalized(self, timeout: float) -> None:
         """Wait for the run state to leave ``finish-migrate``.
@@ -423,6 +450,12 @@ class QemuVM:
             self._console = None
         if self._proc is not None and self._proc.poll() is not None:
             self._release_jail()  # the cgroup can go once QEMU is gone
+            ram, self.ram = self.ram, None
+            if ram is not None:
+                ram.release()
+        elif self._proc is None and self.ram is not None:  # never started
+            ram, self.ram = self.ram, None
+            ram.release()
         if self.state is not VMState.FAILED:
             self.state = VMState.STOPPED
         with contextlib.suppress(FileNotFoundError):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from forkyard.checkpoint import Checkpoint, PartRef, qcow2
 from forkyard.checkpoint.local import CheckpointFiles
+from forkyard.checkpoint.ram_image import RamImages
 from forkyard.errors import CheckpointError, ForkyardError
 from forkyard.image import ImageCatalog
 from forkyard.store import BlobCache, BlobStore
@@ -52,6 +53,7 @@ class PartFetcher:
         self._worker = worker
         self._lock = threading.Lock()
         self._state_downloads: dict[str, StateStream] = {}  # by digest, while in flight
+        self._state_gates: dict[str, threading.Lock] = {}  # whole fetches, by digest
 
     def find_base(self, digest: str) -> Path | None:
         """A local file with exactly these bytes: a catalogued image or a fetched base."""
@@ -69,10 +71,12 @@ class PartFetcher:
             )
         return path
 
-    def materialize(self, cp: Checkpoint) -> CheckpointFiles:
+    def materialize(self, cp: Checkpoint, ram: RamImages) -> CheckpointFiles:
         """Local, verified files of every part of ``cp`` (fetching what is missing)."""
         parts = self.gather(cp, stream_state=False)
         try:
+            if cp.manifest.ram is not None:
+                ram.fetch_chunks(cp.manifest.ram, what=f"checkpoint {cp.short_id}")
             base, layers = parts.disks.result()
             state = parts.state
             assert isinstance(state, Path)
@@ -152,8 +156,15 @@ class PartFetcher:
         if found is not None:
             return found
         if cp.manifest.state_chunks:
-            return fetch_chunked(self._blobs, self._blobstore, ref, cp.manifest.state_chunks,
-                                 what=f"VM state of checkpoint {cp.short_id}")
+            with self._lock:
+                gate = self._state_gates.setdefault(ref.digest, threading.Lock())
+            with gate:  # concurrent forks (a v3 state is never streamed) fetch it once
+                found = self._blobs.path_if_present(ref.digest)
+                if found is not None:
+                    return found
+                return fetch_chunked(self._blobs, self._blobstore, ref,
+                                     cp.manifest.state_chunks,
+                                     what=f"VM state of checkpoint {cp.short_id}")
         return self._fetch(ref, "VM state", cp)
 
     def _blob(self, ref: PartRef, what: str, cp: Checkpoint) -> Path:

@@ -36,6 +36,8 @@ from forkyard.guest.client import AgentClient, ExecResult
 from forkyard.guest.procs import Chunk, ProcInfo
 from forkyard.tools import qemu_img
 from forkyard.vm.machine import QemuVM, VMState
+from forkyard.vm.ram import RamFile
+from forkyard.vm.ram_capture import save_with_image
 from forkyard.wire.lifecycle import Lifecycle, SandboxState
 from forkyard.worker._boot import Chain, boot_vm
 from forkyard.worker._faults import crash_point
@@ -88,6 +90,8 @@ class Sandbox(SandboxNetwork):
         self._layers: tuple[PartRef, ...] = ()
         self._boot: BootRef | None = None
         self.error: str | None = None  # why it failed, when known (a host-side disk fault)
+        # False: checkpoints save the whole stream (format v2) even from a working RAM file
+        self.ram_images = True
 
     # ------------------------------------------------------------------
     @property
@@ -340,11 +344,17 @@ class Sandbox(SandboxNetwork):
             return cp
 
     def _capture(self, vm: QemuVM, agent: AgentClient, name: str | None) -> Capture:
-        """The VM steps of a checkpoint: pause, freeze the top layer, save the state."""
+        """The VM steps of a checkpoint: pause, freeze the top layer, save the state.
+
+        The RAM goes into a new frozen image and the state file holds device
+        state only (format v3, ``vm/ram_capture.py``); ``ram_images = False``
+        saves the whole stream instead (format v2).
+        """
         new_active = self._new_active(None)
         state_file = self._dir / f"state-{self._disk_seq}.tmp"
         t0 = time.monotonic()
         frozen: Path | None = None
+        image: RamFile | None = None
         try:
             with agent.quiesced():
                 vm.pause()
@@ -352,12 +362,17 @@ class Sandbox(SandboxNetwork):
                 try:
                     crash_point("checkpoint-paused")
                     frozen = vm.freeze_disk(new_active)
-                    vm.save_state(state_file)
+                    if self.ram_images:
+                        image = save_with_image(vm, state_file)
+                    else:
+                        vm.save_state(state_file)
                     crash_point("checkpoint-saved")
                 finally:
                     vm.resume()
                     self.lifecycle.move(S.RUNNING, "checkpoint")
-        except ForkyardError:
+        except (ForkyardError, OSError) as exc:
+            if image is not None:
+                image.release()
             with contextlib.suppress(OSError):
                 state_file.unlink()
             if vm.alive() and vm.state is not VMState.RUNNING:
@@ -370,6 +385,8 @@ class Sandbox(SandboxNetwork):
                 # the disk moved on to a new layer even though the state was
                 # not saved: file the frozen layer so later checkpoints chain
                 self._chain_frozen(vm, frozen)
+            if isinstance(exc, OSError):
+                raise CheckpointError(f"sandbox {self.id}: copying guest RAM: {exc}") from exc
             raise
         paused = time.monotonic() - t0
         assert frozen is not None
@@ -388,6 +405,7 @@ class Sandbox(SandboxNetwork):
             boot=self._boot,
             agent=agent.version,
             network=self.spec.network,
+            ram_image=image,
         )
 
     def _chain_frozen(self, vm: QemuVM, frozen: Path) -> None:
@@ -411,6 +429,8 @@ class Sandbox(SandboxNetwork):
             atomic_write_bytes(mark, cp.id)
             crash_point("hibernate-recorded")
             self._shutdown()
+            # the point is to free memory: a wake builds the image again from its chunks
+            self._recorder.drop_image(cp.manifest)
             self.lifecycle.move(S.HIBERNATED, "hibernate")
             self._discard_disks()
             self._save_meta()

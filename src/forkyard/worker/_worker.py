@@ -26,6 +26,7 @@ from pathlib import Path
 
 from forkyard.checkpoint import BootRef, Checkpoint, LocalCheckpoints, PartRef, archive
 from forkyard.checkpoint.local import CheckpointFiles
+from forkyard.checkpoint.ram_image import RamImages
 from forkyard.checkpoint.recorder import Recorder
 from forkyard.config import Home
 from forkyard.errors import (
@@ -46,6 +47,7 @@ from forkyard.tools import qemu_system
 from forkyard.vm.cgroup import sweep_orphans
 from forkyard.vm.devices import CURRENT_PROFILE, NET_PROFILE
 from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape
+from forkyard.vm.ram import RamFile
 from forkyard.wire.ids import new_sandbox_id
 from forkyard.wire.network import NetworkMode, NetworkSpec
 from forkyard.worker._compat import check_compatible
@@ -110,7 +112,9 @@ class Worker:
         self.checkpoints = LocalCheckpoints(self.home.checkpoints_dir)
         self.blobs = BlobCache(self.home.cache_dir / "blobs")
         self._parts = PartFetcher(self.images, self.blobs, self.blobstore, worker=self.name)
-        self._recorder = Recorder(self.blobs, self.checkpoints, worker=self.name)
+        self.ram_images = RamImages(self.blobs, self.blobstore)
+        self._recorder = Recorder(self.blobs, self.checkpoints, worker=self.name,
+                                  images=self.ram_images)
         self._sandboxes: dict[str, Sandbox] = {}
         self._warned_net = False
         self._lock = threading.Lock()
@@ -357,6 +361,7 @@ class Worker:
                     continue
                 sb.destroy()
         self.net.close()
+        self.ram_images.close()
         os.close(self._home_lock)
 
     def __enter__(self) -> Worker:
@@ -423,12 +428,12 @@ class Worker:
         """Bring a published checkpoint and all its parts here, without starting it."""
         cp = self.resolve_checkpoint(checkpoint)
         self._check_compatible(cp)
-        self._parts.materialize(cp)
+        self._parts.materialize(cp, self.ram_images)
         return self.checkpoints.add(cp.manifest)
 
     def materialize(self, checkpoint: Checkpoint) -> CheckpointFiles:
         """Local, verified files of every part of ``checkpoint`` (fetching what is missing)."""
-        return self._parts.materialize(checkpoint)
+        return self._parts.materialize(checkpoint, self.ram_images)
 
     def cached_bases(self) -> builtins.list[str]:
         digests = {info.digest for info in self.images.list()}
@@ -455,8 +460,12 @@ class Worker:
         """
         m = cp.manifest
         self._check_compatible(cp)
-        parts = self._parts.gather(cp, stream_state=True)
+        # v3: the device state is small and read whole; RAM is the mapped image
+        parts = self._parts.gather(cp, stream_state=m.ram is None)
+        ram = None
         try:
+            if m.ram is not None:
+                ram = self.ram_images.get(m.ram, what=f"checkpoint {cp.short_id}")
             active = sb.prepare(m.layers, m.boot)
             # the recorded machine, run (and later saved again) by this host's QEMU
             shape = replace(m.vm, qemu=self.host.qemu_version)
@@ -465,10 +474,12 @@ class Worker:
             state = parts.state
             if isinstance(state, Path) and parts.disks.done():
                 base, layers = parts.disks.result()
-                vm = self._vm(sb, shape, boot, DiskChain(base, layers, active))
+                vm = self._vm(sb, shape, boot, DiskChain(base, layers, active), ram)
+                ram = None  # the VM holds it now
                 sb.start(vm, incoming=state, timeout=timeout)
             else:
-                vm = self._vm(sb, shape, boot, DiskChain(None, (), active))
+                vm = self._vm(sb, shape, boot, DiskChain(None, (), active), ram)
+                ram = None
 
                 def pending_chain() -> Chain:
                     if isinstance(state, StateStream):
@@ -479,6 +490,8 @@ class Worker:
                 sb.start(vm, incoming=incoming, timeout=timeout, pending_chain=pending_chain)
         finally:
             parts.close()
+            if ram is not None:
+                ram.release()
         # every part is here now: later forks of it on this worker stay local
         self.checkpoints.add(m)
 
@@ -492,13 +505,15 @@ class Worker:
         return BootRef(PartRef(k.digest, k.size), PartRef(i.digest, i.size),
                        BootSpec(k.path, i.path).cmdline)
 
-    def _vm(self, sb: Sandbox, shape: VMShape, boot: BootSpec, disk: DiskChain) -> QemuVM:
+    def _vm(self, sb: Sandbox, shape: VMShape, boot: BootSpec, disk: DiskChain,
+            ram: RamFile | None = None) -> QemuVM:
         """The VM of ``sb``; a shape with a NIC gets a network namespace of its own."""
         net = None
         if "net" in shape.profile.roles():
             net = self.net.attach(sb.id, sb.network or NetworkSpec())
         sb.use_network(net)  # the sandbox removes it with the VM
         return QemuVM(
+            ram=ram,
             name=sb.id,
             workdir=sb.dir,
             agent_socket=self.home.run_dir / f"{sb.id}.agent",

@@ -1,0 +1,89 @@
+"""Save a paused VM's state and freeze its RAM into a new image (format v3's capture).
+
+Two cases, by what the VM's RAM is (``vm/ram.py``):
+
+- its own working file (``share=on``): the stream is saved with
+  ``x-ignore-shared`` (device state only) and the working file is copied into
+  a new memfd in the kernel (``copy_file_range``, holes skipped);
+- a frozen image mapped ``share=off`` (a fork): QEMU streams every RAM page,
+  and :func:`forkyard.vm.migstream.split_stream` moves the ``pc.ram`` pages
+  into a new blank memfd on the fly, writing the device-state-only rest.
+
+Either way the image is *new* (the source never writes an image forks map)
+and unsealed: the caller files its chunks and seals it.  If the stream holds
+something the splitter does not understand, the whole stream is saved
+instead and no image is returned (the checkpoint is then format v2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import mmap
+import os
+import threading
+from pathlib import Path
+
+from forkyard.vm.machine import QemuVM
+from forkyard.vm.migstream import StreamFormatError, split_stream
+from forkyard.vm.ram import RamFile
+
+__all__ = ["save_with_image"]
+
+log = logging.getLogger("forkyard.vm")
+
+
+def save_with_image(vm: QemuVM, state_file: Path) -> RamFile | None:
+    """With ``vm`` paused: save its device state to ``state_file``; its RAM as a new image."""
+    ram = vm.ram
+    if ram is None:
+        vm.save_state(state_file)
+        return None
+    image = RamFile.blank_image(ram.size)
+    try:
+        if ram.share:
+            vm.save_state(state_file, ignore_shared=True)
+            ram.copy_into(image)
+            return image
+        try:
+            _split(vm, state_file, image)
+            return image
+        except StreamFormatError as exc:
+            log.warning("%s: saving the whole stream (format v2): %s", vm.name, exc)
+    except BaseException:
+        image.release()
+        raise
+    image.release()
+    vm.save_state(state_file)
+    return None
+
+
+def _split(vm: QemuVM, state_file: Path, image: RamFile) -> None:
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with open(read_fd, "rb", buffering=1 << 20) as src, \
+                    open(state_file, "wb") as out, \
+                    mmap.mmap(image.fd, image.size, mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+                split_stream(src, out, mm)
+        except BaseException as exc:
+            failure.append(exc)
+
+    reader = threading.Thread(target=run, name=f"split-{vm.name}", daemon=True)
+    reader.start()
+    try:
+        vm.save_state_to(write_fd, ignore_shared=True)
+    except BaseException:
+        reader.join(30)
+        if failure:  # QEMU failed because the splitter stopped reading: say why
+            raise failure[0] from None
+        raise
+    reader.join()
+    if failure:
+        raise failure[0]

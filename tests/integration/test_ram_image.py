@@ -1,0 +1,196 @@
+"""Guest RAM as a shared, sealed, chunked image (format v3), with real guests.
+
+One booted source sandbox holds 24 MiB of random data in a guest tmpfs (so
+the data lives in guest RAM, not on its disk); its checkpoints are forked,
+written over, checkpointed again, and their images inspected from the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from forkyard.checkpoint import Checkpoint
+from forkyard.vm.ram import SEALS
+from forkyard.worker import Worker
+from forkyard.worker._sandbox import Sandbox
+
+pytestmark = pytest.mark.vm
+
+_MOUNT = "mkdir -p /mnt/ram && mount -t tmpfs -o size=160m tmpfs /mnt/ram"
+
+
+def _write_random(sb: Sandbox, path: str, mib: int) -> str:
+    """``mib`` MiB of fresh random bytes at ``path`` in the guest; their md5."""
+    r = sb.exec(f"dd if=/dev/urandom of={path} bs=1M count={mib} 2>/dev/null && "
+                f"md5sum {path}", check=True)
+    return r.stdout.split()[0]
+
+
+def _md5(sb: Sandbox, path: str) -> str:
+    return sb.exec(f"md5sum {path}", check=True).stdout.split()[0]
+
+
+@dataclass
+class Scene:
+    w: Worker
+    src: Sandbox
+    cp: Checkpoint
+    data_md5: str
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
+    w = Worker(tmp_path_factory.mktemp("ram") / "home", name="ram")
+    src = w.create("minimal", cold=True)  # booted: its RAM is its own working file
+    src.exec(_MOUNT, check=True)
+    data = _write_random(src, "/mnt/ram/data", 24)
+    cp = src.checkpoint(name="data")
+    yield Scene(w, src, cp, data)
+    w.close()
+
+
+def _ram_fd(pid: int, name: str) -> Path:
+    """The /proc link of the memfd ``name`` QEMU ``pid`` holds (its guest RAM)."""
+    for link in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(link).startswith(f"/memfd:{name} "):
+                return link
+    raise AssertionError(f"QEMU {pid} holds no memfd {name}")
+
+
+def test_checkpoint_is_v3_with_a_small_device_state(scene: Scene) -> None:
+    m = scene.cp.manifest
+    assert m.format == "forkyard.checkpoint/v3" and m.ram is not None
+    assert m.state.size < 2 * 1024 * 1024  # device state only, no RAM pages in it
+    assert m.ram.size == m.vm.memory_mb * 1024 * 1024
+    # the 24 MiB of random data are in the image, zero chunks are not stored
+    assert 24 * 1024 * 1024 <= m.ram.stored_bytes < m.ram.size
+
+
+def test_forks_map_one_sealed_image_they_cannot_write(scene: Scene) -> None:
+    a, b = scene.w.fork(scene.cp), scene.w.fork(scene.cp)
+    try:
+        assert a.vm is not None and b.vm is not None and a.vm.pid and b.vm.pid
+        links = [_ram_fd(a.vm.pid, "forkyard-ram-image"), _ram_fd(b.vm.pid, "forkyard-ram-image")]
+        inodes = {os.stat(link).st_ino for link in links}
+        assert len(inodes) == 1  # the same pages for both: shared page cache
+        maps = Path(f"/proc/{a.vm.pid}/maps").read_text()
+        assert "/memfd:forkyard-ram-image" in maps
+        fd = os.open(links[0], os.O_RDWR)  # QEMU may open it read-write (7.2 does) ...
+        try:
+            assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+            with pytest.raises(OSError) as e:  # ... but nobody can write it, not even root
+                os.pwrite(fd, b"x", 0)
+            assert e.value.errno == errno.EPERM
+            with pytest.raises(OSError):
+                os.ftruncate(fd, 4096)
+        finally:
+            os.close(fd)
+        assert _md5(a, "/mnt/ram/data") == scene.data_md5
+    finally:
+        a.destroy()
+        b.destroy()
+
+
+def test_two_forks_writing_the_same_pages_do_not_see_each_other(scene: Scene) -> None:
+    a, b = scene.w.fork(scene.cp), scene.w.fork(scene.cp)
+    try:
+        # the same file, hence the same guest pages, overwritten in place in each fork
+        a.exec("dd if=/dev/zero of=/mnt/ram/data bs=1M count=8 conv=notrunc 2>/dev/null",
+               check=True)
+        b.exec("head -c 8388608 /dev/zero | tr '\\0' 'b' | dd of=/mnt/ram/data bs=1M "
+               "conv=notrunc 2>/dev/null", check=True)
+        a_md5, b_md5 = _md5(a, "/mnt/ram/data"), _md5(b, "/mnt/ram/data")
+        assert len({a_md5, b_md5, scene.data_md5}) == 3
+        assert a.exec("head -c 1 /mnt/ram/data | od -An -c").stdout.strip() == "\\0"
+        assert b.exec("head -c 1 /mnt/ram/data").stdout == "b"
+        c = scene.w.fork(scene.cp)  # and the image itself is as it was
+        try:
+            assert _md5(c, "/mnt/ram/data") == scene.data_md5
+        finally:
+            c.destroy()
+    finally:
+        a.destroy()
+        b.destroy()
+
+
+def test_the_source_writing_after_its_checkpoint_never_reaches_later_forks(scene: Scene
+                                                                            ) -> None:
+    src = scene.src
+    early = scene.w.fork(scene.cp)
+    try:
+        _write_random(src, "/mnt/ram/data", 24)  # the source rewrites every page of it
+        src.exec("dd if=/dev/urandom of=/mnt/ram/more bs=1M count=16 2>/dev/null", check=True)
+        late = scene.w.fork(scene.cp)
+        try:
+            for fork in (early, late):
+                assert _md5(fork, "/mnt/ram/data") == scene.data_md5
+                assert not fork.files.exists("/mnt/ram/more")
+        finally:
+            late.destroy()
+    finally:
+        early.destroy()
+        src.exec("rm -f /mnt/ram/more")
+
+
+def test_a_forks_checkpoint_is_v3_and_chains(scene: Scene) -> None:
+    """A mapped fork's RAM is split out of QEMU's stream (vm/migstream.py)."""
+    a = scene.w.fork(scene.cp)
+    try:
+        own = _write_random(a, "/mnt/ram/fork", 4)
+        cp = a.checkpoint(name="fork")
+        assert cp.manifest.format == "forkyard.checkpoint/v3"
+        assert cp.manifest.state.size < 2 * 1024 * 1024
+        b = scene.w.fork(cp)
+        try:
+            assert _md5(b, "/mnt/ram/fork") == own
+            assert _md5(b, "/mnt/ram/data") == scene.data_md5
+            cp2 = b.checkpoint(name="fork-of-fork")  # and again from that one
+            c = scene.w.fork(cp2)
+            try:
+                assert _md5(c, "/mnt/ram/fork") == own
+            finally:
+                c.destroy()
+        finally:
+            b.destroy()
+    finally:
+        a.destroy()
+
+
+@pytest.mark.slow
+def test_ten_checkpoints_with_small_changes_store_little_and_all_fork(scene: Scene) -> None:
+    src = scene.src
+    full = src.checkpoint(name="baseline").manifest.ram  # whatever earlier tests changed
+    assert full is not None
+    cps: list[tuple[Checkpoint, list[str]]] = []
+    sums: list[str] = []
+    for i in range(10):
+        sums.append(_write_random(src, f"/mnt/ram/step{i}", 1))
+        cp = src.checkpoint(name=f"step{i}")
+        m = cp.manifest
+        assert m.ram is not None
+        new = int(m.extra["ram_new_bytes"])
+        # 1 MiB of changes (plus the guest kernel's own scattered writes): a small part
+        # of the image, never the whole of it again
+        assert new < full.stored_bytes // 4, (i, new, full.stored_bytes)
+        assert new + int(m.extra["ram_shared_bytes"]) == m.ram.stored_bytes
+        print(f"checkpoint {i}: RAM new {new >> 10} KiB of {m.ram.stored_bytes >> 10} KiB")
+        cps.append((cp, list(sums)))
+    for i, (cp, expected) in enumerate(cps):
+        fork = scene.w.fork(cp)
+        try:
+            for j, md5 in enumerate(expected):
+                assert _md5(fork, f"/mnt/ram/step{j}") == md5
+            assert not fork.files.exists(f"/mnt/ram/step{i + 1}")
+            assert _md5(fork, "/mnt/ram/data") != ""  # the guest is whole
+        finally:
+            fork.destroy()
+    src.exec("rm -f /mnt/ram/step*")
