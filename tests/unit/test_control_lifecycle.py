@@ -20,8 +20,8 @@ from fastapi import FastAPI
 
 from forkyard.control.server import create_app
 from forkyard.wire.auth import worker_credential
-from forkyard.wire.models import WorkerCheckpoint
 from forkyard.wire.serving import bind
+from forkyard.wire.worker_models import WorkerCheckpoint
 from tests.fixtures.fake_worker import FakeWorker, fake_worker
 from tests.fixtures.postgres import PostgresServer, postgres_fixture
 

@@ -32,8 +32,8 @@ from forkyard.sdk.errors import APIError, ConfigurationError
 from forkyard.wire import worker_api
 from forkyard.wire.auth import client_verify, worker_credential
 from forkyard.wire.errors import WorkerReply
-from forkyard.wire.models import WorkerReport
 from forkyard.wire.serving import bind
+from forkyard.wire.worker_models import WorkerReport
 from forkyard.worker.daemon._link import ControlLink
 from tests.fixtures.fake_worker import FakeWorker
 

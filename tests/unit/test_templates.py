@@ -11,7 +11,8 @@ from forkyard.errors import ImageError, InsufficientCapacity
 from forkyard.sdk._ops import disk_bytes
 from forkyard.store import open_store
 from forkyard.vm.shape import VMShape
-from forkyard.wire.models import CreateSandboxRequest, WorkerCreateRequest
+from forkyard.wire.models import CreateSandboxRequest
+from forkyard.wire.worker_models import WorkerCreateRequest
 from forkyard.worker._record import DEFAULT_DISK, MAX_DISK, disk_size_for
 from forkyard.worker._templates import TemplateIndex, TemplateKey
 

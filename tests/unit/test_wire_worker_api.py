@@ -12,9 +12,10 @@ from pydantic import ValidationError
 from forkyard._digest import resolve_prefix
 from forkyard.errors import AmbiguousCheckpoint, CheckpointNotFound
 from forkyard.wire import worker_api as api
-from forkyard.wire.models import ExecRequest, WorkerSandbox
+from forkyard.wire.models import ExecRequest
 from forkyard.wire.network import NetworkSpec
 from forkyard.wire.procs import ResizeRequest, SignalRequest, SpawnRequest
+from forkyard.wire.worker_models import WorkerSandbox
 
 SID = "sb-" + "a" * 20
 CP = "c" * 64

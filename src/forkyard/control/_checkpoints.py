@@ -39,9 +39,9 @@ from forkyard.wire.models import (
     ForkRequest,
     SandboxOut,
     SandboxState,
-    WorkerSandbox,
 )
 from forkyard.wire.network import NetworkSpec
+from forkyard.wire.worker_models import WorkerSandbox
 
 __all__ = ["Checkpoints"]
 

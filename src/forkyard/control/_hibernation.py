@@ -27,13 +27,8 @@ from forkyard.errors import FleetError, SandboxBusy
 from forkyard.wire import worker_api
 from forkyard.wire.auth import Principal
 from forkyard.wire.errors import WorkerReply
-from forkyard.wire.models import (
-    CheckpointState,
-    SandboxOut,
-    SandboxState,
-    WakeRequest,
-    WorkerSandbox,
-)
+from forkyard.wire.models import CheckpointState, SandboxOut, SandboxState, WakeRequest
+from forkyard.wire.worker_models import WorkerSandbox
 
 __all__ = ["Hibernation"]
 

@@ -24,7 +24,8 @@ from forkyard.errors import FleetError, ForkyardError, WorkerTimeout
 from forkyard.store import ObjectStore, open_store
 from forkyard.wire import worker_api
 from forkyard.wire.errors import WorkerReply
-from forkyard.wire.models import CheckpointState, WorkerPublishStatus, WorkerState
+from forkyard.wire.models import CheckpointState, WorkerState
+from forkyard.wire.worker_models import WorkerPublishStatus
 
 __all__ = ["PUBLISH_WAIT", "PublishTimeout", "PublishWatcher"]
 

@@ -30,11 +30,11 @@ from forkyard.wire.models import (
     OnTimeout,
     SandboxOut,
     SandboxState,
-    WorkerCheckpoint,
     WorkerOut,
     WorkerState,
 )
 from forkyard.wire.network import NetworkSpec
+from forkyard.wire.worker_models import WorkerCheckpoint
 
 __all__ = [
     "ACTIVE",

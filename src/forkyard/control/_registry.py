@@ -35,15 +35,13 @@ from forkyard.control._records import (
 )
 from forkyard.control._workers import WorkerClient, WorkerClients
 from forkyard.errors import BadWorkerReport, WorkerConflict, WorkerNotFound, WorkerUnavailable
-from forkyard.wire.models import (
+from forkyard.wire.models import SandboxState, WorkerOut, WorkerState
+from forkyard.wire.worker_models import (
     HeartbeatReply,
-    SandboxState,
     WorkerCapacity,
     WorkerLeaving,
-    WorkerOut,
     WorkerReport,
     WorkerSandbox,
-    WorkerState,
 )
 
 __all__ = ["Registry"]

@@ -57,17 +57,15 @@ from forkyard.wire.models import (
     FileWritten,
     ForkRequest,
     Health,
-    HeartbeatReply,
     HibernateRequest,
     SandboxOut,
     SandboxState,
     TimeoutRequest,
     WakeRequest,
-    WorkerLeaving,
     WorkerOut,
-    WorkerReport,
 )
 from forkyard.wire.serving import check_length, limited_body
+from forkyard.wire.worker_models import HeartbeatReply, WorkerLeaving, WorkerReport
 
 __all__ = ["add_routes"]
 

@@ -44,7 +44,8 @@ from forkyard.errors import FleetError, SandboxBusy, SandboxStateError
 from forkyard.wire import worker_api
 from forkyard.wire.auth import Principal
 from forkyard.wire.errors import WorkerReply
-from forkyard.wire.models import SandboxOut, SandboxState, WorkerSandbox
+from forkyard.wire.models import SandboxOut, SandboxState
+from forkyard.wire.worker_models import WorkerSandbox
 
 __all__ = ["Transitions", "refused"]
 

@@ -24,14 +24,6 @@ from forkyard.wire.models import (
     FileExists,
     FileWritten,
     TreeWritten,
-    WorkerCheckpoint,
-    WorkerCheckpointRequest,
-    WorkerCreateRequest,
-    WorkerForkRequest,
-    WorkerHibernated,
-    WorkerPublishStatus,
-    WorkerSandbox,
-    WorkerWakeRequest,
 )
 from forkyard.wire.network import NetworkSpec
 from forkyard.wire.procs import (
@@ -42,6 +34,16 @@ from forkyard.wire.procs import (
     SignalRequest,
     SpawnRequest,
     StdinWritten,
+)
+from forkyard.wire.worker_models import (
+    WorkerCheckpoint,
+    WorkerCheckpointRequest,
+    WorkerCreateRequest,
+    WorkerForkRequest,
+    WorkerHibernated,
+    WorkerPublishStatus,
+    WorkerSandbox,
+    WorkerWakeRequest,
 )
 
 __all__ = [

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from forkyard.errors import InsufficientCapacity
 from forkyard.vm.cgroup import KVM_OVERHEAD_MB, TCG_OVERHEAD_MB
 from forkyard.wire.lifecycle import BUSY
-from forkyard.wire.models import WorkerCapacity
+from forkyard.wire.worker_models import WorkerCapacity
 from forkyard.worker import Worker
 
 __all__ = ["CPU_OVERCOMMIT", "HOST_RESERVE_MB", "VM_OVERHEAD_MB", "Budget", "Capacity",

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
-from forkyard.wire.models import HeartbeatReply, WorkerLeaving, WorkerReport
 from forkyard.wire.serving import write_ready_file
+from forkyard.wire.worker_models import HeartbeatReply, WorkerLeaving, WorkerReport
 
 __all__ = ["HEARTBEAT_INTERVAL", "ControlLink"]
 

@@ -16,7 +16,8 @@ from typing import Literal
 
 from forkyard.errors import ForkyardError, SandboxNotFound
 from forkyard.wire.lifecycle import BUSY, SandboxState
-from forkyard.wire.models import (
+from forkyard.wire.network import NetworkSpec
+from forkyard.wire.worker_models import (
     WorkerCheckpoint,
     WorkerHibernated,
     WorkerLeaving,
@@ -24,7 +25,6 @@ from forkyard.wire.models import (
     WorkerSandbox,
     WorkerStatus,
 )
-from forkyard.wire.network import NetworkSpec
 from forkyard.worker import Sandbox, Worker
 from forkyard.worker._faults import crash_point
 from forkyard.worker.daemon._capacity import Budget, Capacity, free_memory_mb

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from fastapi.concurrency import run_in_threadpool
 
 from forkyard.checkpoint import Checkpoint
-from forkyard.wire.models import CheckpointState, WorkerCheckpoint
+from forkyard.wire.models import CheckpointState
+from forkyard.wire.worker_models import WorkerCheckpoint
 from forkyard.worker import Worker
 
 __all__ = ["MAX_WAIT", "Publisher"]

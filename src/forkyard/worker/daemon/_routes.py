@@ -8,9 +8,9 @@ from fastapi import FastAPI, Query, Response
 from fastapi import Path as PathParam
 
 from forkyard.guest.client import ExecResult
-from forkyard.wire.models import (
-    ExecRequest,
-    ExecResultOut,
+from forkyard.wire.models import ExecRequest, ExecResultOut
+from forkyard.wire.network import NetworkSpec
+from forkyard.wire.worker_models import (
     WorkerCheckpoint,
     WorkerCheckpointRequest,
     WorkerCreateRequest,
@@ -21,7 +21,6 @@ from forkyard.wire.models import (
     WorkerStatus,
     WorkerWakeRequest,
 )
-from forkyard.wire.network import NetworkSpec
 from forkyard.worker.daemon._file_routes import add_file_routes
 from forkyard.worker.daemon._node import Node, sandbox_json
 from forkyard.worker.daemon._port_routes import add_port_routes
