@@ -7,17 +7,21 @@ new :class:`~forkyard.worker.Worker` on the same home reads it back.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from forkyard._fs import atomic_write_bytes
+from forkyard.checkpoint import Checkpoint
 from forkyard.errors import ImageError, InsufficientCapacity
 from forkyard.wire.network import NetworkSpec
 
 __all__ = ["DEFAULT_DISK", "HIBERNATING_MARK", "MAX_DISK", "RECORD_NAME", "SandboxInfo",
            "SandboxSpec",
-           "disk_size_for", "read_record", "write_record"]
+           "disk_size_for", "read_record", "spec_of_checkpoint", "spec_of_record", "write_record"]
+
+log = logging.getLogger("forkyard.worker")
 
 RECORD_NAME = "sandbox.json"
 # holds the id of the checkpoint a hibernate under way took (removed once hibernated)
@@ -96,3 +100,37 @@ def read_record(directory: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{directory / RECORD_NAME} is not a JSON object")
     return data
+
+
+def spec_of_record(info: dict[str, Any]) -> SandboxSpec:
+    """The spec of a sandbox an earlier process recorded (``read_record``)."""
+    return SandboxSpec(base_digest=info["image"], disk_size=info["disk_size"],
+                       memory_mb=info["memory_mb"], cpus=info["cpus"],
+                       parent=info.get("parent_checkpoint"),
+                       network=_recorded_network(info.get("network")))
+
+def _recorded_network(raw: object) -> NetworkSpec | None:
+    """A record's network; an unreadable one counts as absent (the checkpoint's then)."""
+    if raw is None:
+        return None
+    try:
+        return NetworkSpec.model_validate(raw)
+    except ValueError:
+        log.warning("ignoring an unreadable network in a sandbox record")
+        return None
+
+
+def spec_of_checkpoint(cp: Checkpoint, network: NetworkSpec | None = None) -> SandboxSpec:
+    """A sandbox continuing ``cp``: its machine, and its network unless ``network``
+    replaces the rules (a machine without a NIC stays ``none``: the mode is the
+    machine's, and checkpoints from before networks have none)."""
+    m = cp.manifest
+    net = None
+    if "net" in m.vm.profile.roles():
+        net = m.network or NetworkSpec()
+        if network is not None and network.mode is net.mode:
+            net = network
+    return SandboxSpec(base_digest=m.base.digest, disk_size=m.vm.disk_size,
+                       memory_mb=m.vm.memory_mb, cpus=m.vm.cpus, parent=cp.id,
+                       base_size=m.base.size, network=net)
+

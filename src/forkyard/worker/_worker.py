@@ -13,7 +13,6 @@ through public methods and frozen values.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import logging
 import os
@@ -24,8 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from forkyard.checkpoint import BootRef, Checkpoint, LocalCheckpoints, PartRef, archive
-from forkyard.checkpoint.local import CheckpointFiles
+from forkyard.checkpoint import BootRef, Checkpoint, LocalCheckpoints, PartRef
 from forkyard.checkpoint.ram_image import RamImages
 from forkyard.checkpoint.recorder import Recorder
 from forkyard.config import Home
@@ -51,11 +49,16 @@ from forkyard.vm.ram import RamFile
 from forkyard.wire.ids import new_sandbox_id
 from forkyard.wire.network import NetworkMode, NetworkSpec
 from forkyard.worker._compat import check_compatible
-from forkyard.worker._faults import crash_point
 from forkyard.worker._home import hibernated_records, keep_logs, lock_home, sweep_leftovers
 from forkyard.worker._parts import PartFetcher
-from forkyard.worker._record import SandboxSpec, disk_size_for
+from forkyard.worker._record import (
+    SandboxSpec,
+    disk_size_for,
+    spec_of_checkpoint,
+    spec_of_record,
+)
 from forkyard.worker._sandbox import Chain, Sandbox, SandboxState
+from forkyard.worker._store_side import StoreSide
 from forkyard.worker._stream import StateStream
 from forkyard.worker._templates import TemplateIndex, TemplateKey, Templates
 
@@ -63,11 +66,10 @@ __all__ = ["Worker"]
 
 log = logging.getLogger("forkyard.worker")
 BUILTIN_IMAGES = {"minimal": MinimalSource}
-_PUBLISHING = "publishing"  # flag of a checkpoint whose publish is under way
 _BOOT_TIMEOUT = 180.0  # a TCG boot is ~3 s, but CI machines are shared and slow
 
 
-class Worker:
+class Worker(StoreSide):
     def __init__(
         self,
         home: Home | str | Path | None = None,
@@ -279,7 +281,7 @@ class Worker:
         """
         self._check_open()
         cp = self.resolve_checkpoint(checkpoint)
-        sb = self._register(sandbox_id, _spec_of(cp, network))
+        sb = self._register(sandbox_id, spec_of_checkpoint(cp, network))
         try:
             self._launch_from(sb, cp, timeout=timeout)
         except BaseException:
@@ -310,7 +312,7 @@ class Worker:
         """Revert ``sandbox`` in place: same id, the machine of ``checkpoint``."""
         cp = self.resolve_checkpoint(checkpoint)
         self._check_compatible(cp)  # before the old VM goes
-        with sandbox.restarting(_spec_of(cp, network)):
+        with sandbox.restarting(spec_of_checkpoint(cp, network)):
             self._launch_from(sandbox, cp, timeout=timeout)
 
     def wake(self, sandbox_id: str, *, checkpoint: Checkpoint | str | None = None,
@@ -369,81 +371,6 @@ class Worker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ------------------------------------------------------------------
-    # checkpoints
-    def resolve_checkpoint(self, checkpoint: Checkpoint | str) -> Checkpoint:
-        """A local checkpoint, or a published one whose manifest is fetched (verified)."""
-        if isinstance(checkpoint, Checkpoint):
-            return checkpoint
-        try:
-            return self.checkpoints.get(checkpoint)
-        except CheckpointNotFound:
-            pass
-        manifest = archive.fetch_manifest(self.store, checkpoint)
-        return Checkpoint.of(manifest)
-
-    def publish(
-        self,
-        checkpoint: Checkpoint | str,
-        *,
-        progress: Callable[[str, int, int | None], None] | None = None,
-    ) -> archive.PublishReport:
-        """Make ``checkpoint`` forkable on any worker sharing this worker's store."""
-        cp = self.checkpoints.get(checkpoint.id if isinstance(checkpoint, Checkpoint)
-                                  else checkpoint)
-        # the intent outlives a crash: the next worker start publishes it again
-        self.checkpoints.mark(cp.id, _PUBLISHING, self.store.url)
-
-        def report_progress(role: str, done: int, total: int | None) -> None:
-            if done:
-                crash_point("publish-mid")
-            if progress is not None:
-                progress(role, done, total)
-
-        report = archive.publish(cp.manifest, self.blobstore, self._parts.local_part,
-                                 progress=report_progress)
-        crash_point("publish-uploaded")
-        self.checkpoints.mark(cp.id, "published", self.store.url)
-        self.checkpoints.unmark(cp.id, _PUBLISHING)
-        return report
-
-    def unfinished_publishes(self) -> builtins.list[Checkpoint]:
-        """Local checkpoints a publish was started for, or a hibernated sandbox here
-        stands on, that are not published: what an earlier process left undone."""
-        wanted = {sb.last_checkpoint for sb in self.list()
-                  if sb.state is SandboxState.HIBERNATED and sb.last_checkpoint}
-        out = []
-        for cp in self.checkpoints.list():
-            if self.checkpoints.flag(cp.id, "published") is not None:
-                continue
-            if cp.id in wanted or self.checkpoints.flag(cp.id, _PUBLISHING) is not None:
-                out.append(cp)
-        return out
-
-    def is_published(self, checkpoint_id: str) -> bool:
-        return archive.is_published(self.store, checkpoint_id)
-
-    def fetch_checkpoint(self, checkpoint: Checkpoint | str) -> Checkpoint:
-        """Bring a published checkpoint and all its parts here, without starting it."""
-        cp = self.resolve_checkpoint(checkpoint)
-        self._check_compatible(cp)
-        self._parts.materialize(cp, self.ram_images)
-        return self.checkpoints.add(cp.manifest)
-
-    def materialize(self, checkpoint: Checkpoint) -> CheckpointFiles:
-        """Local, verified files of every part of ``checkpoint`` (fetching what is missing)."""
-        return self._parts.materialize(checkpoint, self.ram_images)
-
-    def cached_bases(self) -> builtins.list[str]:
-        digests = {info.digest for info in self.images.list()}
-        for cp in self.checkpoints.list():
-            if self.blobs.path_if_present(cp.manifest.base.digest) is not None:
-                digests.add(cp.manifest.base.digest)
-        return sorted(digests)
-
-    def local_checkpoint_ids(self) -> builtins.list[str]:
-        return [cp.id for cp in self.checkpoints.list()]
 
     def supported_machines(self) -> set[str]:
         return qemu_system.supported_machines(self.home.host_dir / "machines.json",
@@ -576,38 +503,7 @@ class Worker:
     def _revive_hibernated(self) -> None:
         """Hibernated sandboxes of an earlier process come back (others are gone)."""
         for d, info in hibernated_records(self.home):
-            spec = SandboxSpec(base_digest=info["image"], disk_size=info["disk_size"],
-                               memory_mb=info["memory_mb"], cpus=info["cpus"],
-                               parent=info.get("parent_checkpoint"),
-                               network=_recorded_network(info.get("network")))
-            sb = self._new_sandbox(d.name, spec, state=SandboxState.HIBERNATED,
+            sb = self._new_sandbox(d.name, spec_of_record(info), state=SandboxState.HIBERNATED,
                                    last_checkpoint=info["last_checkpoint"],
                                    created=info.get("created"))
             self._sandboxes[sb.id] = sb
-
-
-def _recorded_network(raw: object) -> NetworkSpec | None:
-    """A record's network; an unreadable one counts as absent (the checkpoint's then)."""
-    if raw is None:
-        return None
-    try:
-        return NetworkSpec.model_validate(raw)
-    except ValueError:
-        log.warning("ignoring an unreadable network in a sandbox record")
-        return None
-
-
-def _spec_of(cp: Checkpoint, network: NetworkSpec | None = None) -> SandboxSpec:
-    """A sandbox continuing ``cp``: its machine, and its network unless ``network``
-    replaces the rules (a machine without a NIC stays ``none``: the mode is the
-    machine's, and checkpoints from before networks have none)."""
-    m = cp.manifest
-    net = None
-    if "net" in m.vm.profile.roles():
-        net = m.network or NetworkSpec()
-        if network is not None and network.mode is net.mode:
-            net = network
-    return SandboxSpec(base_digest=m.base.digest, disk_size=m.vm.disk_size,
-                       memory_mb=m.vm.memory_mb, cpus=m.vm.cpus, parent=cp.id,
-                       base_size=m.base.size, network=net)
-
