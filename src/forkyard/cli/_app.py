@@ -16,7 +16,7 @@ from forkyard import __version__
 from forkyard.cli import (
     _admin,
     _checkpoints,
-    _cluster,
+    _cluster_cmds,
     _demo,
     _events,
     _network,
@@ -78,7 +78,7 @@ def _root(
     ctx.obj = {"debug": debug}
 
 
-_cluster.register(app)
+_cluster_cmds.register(app)
 _sandboxes.register(app)
 _network.register(app)
 _events.register(app)
