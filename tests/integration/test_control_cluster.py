@@ -287,7 +287,8 @@ def test_worker_daemon_requires_the_worker_token_on_every_route(
     assert resp.status_code == 404 and resp.json()["error"]["type"] == "not_found"
 
 
-def test_sandbox_exec_files_and_destroy(cluster: Cluster) -> None:
+def test_sandbox_exec_files_and_destroy(cluster: Cluster,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     c = cluster
     sb = c.create(worker="w1", memory_mb=256)
     sid = sb["id"]
@@ -341,7 +342,11 @@ def test_sandbox_exec_files_and_destroy(cluster: Cluster) -> None:
         c.error(c.api.get(f"/v1/sandboxes/{sid}/files", params={"path": "/root/d/t"}),
                 404, "not_found")
 
-        # over 64 MiB, streamed without a length: refused while streaming
+        # over the operator's file limit (64 MiB here; the control plane runs in this
+        # process and reads it per request), streamed without a length: refused while
+        # streaming, and nothing is left in the guest
+        monkeypatch.setenv("FORKYARD_MAX_FILE_BYTES", str(64 << 20))
+
         def big() -> Iterator[bytes]:
             chunk = b"\0" * (1 << 20)
             for _ in range(65):
