@@ -8,6 +8,7 @@ import pytest
 
 from forkyard.errors import GuestError
 from forkyard.store import open_store
+from forkyard.wire.network import NetworkMode, NetworkSpec
 
 pytestmark = pytest.mark.vm
 
@@ -182,10 +183,12 @@ def test_guest_rejects_a_bad_identity(pair):
 
 
 def test_v1_checkpoints_of_an_image_sized_disk_still_fork(pair):
-    """Checkpoints made before --disk (disk = the image's size, profile forkyard-v1)."""
+    """Checkpoints made before --disk (disk = the image's size, profile forkyard-v1:
+    no network card either, as before networks)."""
     a, _b, _first, _ = pair
     info = a.image("minimal")
-    sb = a.create("minimal", disk_size=info.size, cold=True)
+    sb = a.create("minimal", disk_size=info.size, cold=True,
+                  network=NetworkSpec(mode=NetworkMode.NONE))
     try:
         sb.files.write("/root/old.txt", "old\n")
         cp = sb.checkpoint()
