@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,17 +108,21 @@ def cluster(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
 # --- forks wait for a publish under way -------------------------------------------------
 def test_a_fork_elsewhere_waits_for_the_publish_under_way(cluster: Cluster) -> None:
     sb = cluster.create()
-    cluster.w1.publish_delay = 1.0
+    cluster.w1.publish_delay = 3600.0  # published below, by hand: no timing to race
     try:
         cp = cluster.api.post(f"/v1/sandboxes/{sb['id']}/checkpoint", json={}).json()
     finally:
         cluster.w1.publish_delay = 0.0
     assert cp["state"] == "publishing"
-    started = time.monotonic()
-    resp = cluster.api.post(f"/v1/checkpoints/{cp['id']}/fork", json={"worker": "w2"})
+    with ThreadPoolExecutor(1) as pool:
+        fork = pool.submit(cluster.api.post, f"/v1/checkpoints/{cp['id']}/fork",
+                           json={"worker": "w2"})
+        time.sleep(1.0)
+        assert not fork.done(), fork.result().text  # it waits (no 409 "not published")
+        cluster.w1.finish_publish(cp["id"])
+        resp = fork.result(timeout=60)
     assert resp.status_code == 201, resp.text
     assert resp.json()[0]["worker"] == "w2"
-    assert time.monotonic() - started >= 0.5  # it did wait for the publish
     assert cluster.api.get(f"/v1/checkpoints/{cp['id']}").json()["state"] == "published"
 
 

@@ -30,8 +30,9 @@ def add_port_routes(app: FastAPI, plane: ControlPlane,
         """New egress rules for a running sandbox (a list left out stays)."""
         return plane.set_network(sandbox_id, req, caller)
 
+    # 400: an optional JSON body that does not parse (FastAPI's answer, as on create)
     @app.post("/v1/sandboxes/{sandbox_id}/previews/{port}", status_code=201, tags=["network"],
-              responses=errors(403, 404, 409, 422, 503))
+              responses=errors(400, 403, 404, 409, 422, 503))
     def create_preview(caller: Caller, sandbox_id: SandboxId, port: Port, request: Request,
                        req: PreviewRequest | None = None) -> PreviewOut:
         """A URL of the guest's ``port`` through the proxy, with a new preview token."""

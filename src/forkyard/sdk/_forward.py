@@ -57,6 +57,8 @@ def tunnel_error(exc: ConnectionClosed) -> APIError | None:
     return error_class(status, rcvd.reason)(f"the tunnel was refused: {status} {rcvd.reason}",
                                             status=status, type=rcvd.reason or "error")
 
+_CLOSE_GRACE = 2.0  # seconds a tunnel's close handshake may take when the forwarder stops
+
 
 class Forwarder:
     """Listen on ``host:local_port``; every connection is tunnelled to the guest's port.
@@ -94,7 +96,9 @@ class Forwarder:
             pending = asyncio.all_tasks(self._loop)
             for task in pending:  # open connections end with the forwarder
                 task.cancel()
-            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                # bounded: a stop (Ctrl-C) does not wait on a slow peer's close handshake
+                self._loop.run_until_complete(asyncio.wait(pending, timeout=_CLOSE_GRACE))
             self._loop.close()
 
     def start(self) -> Forwarder:
@@ -130,7 +134,8 @@ class Forwarder:
         headers = {"authorization": f"Bearer {config.token}"} if config.token else {}
         try:
             ws = await aconnect(url, additional_headers=headers, ssl=_ssl(config),
-                                open_timeout=30, max_size=TUNNEL_MESSAGE, max_queue=4,
+                                open_timeout=30, close_timeout=_CLOSE_GRACE,
+                                max_size=TUNNEL_MESSAGE, max_queue=4,
                                 compression=None, proxy=None)
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             self._report(Unavailable(f"cannot open a tunnel at {config.url}: {exc}"))
