@@ -7,6 +7,7 @@ may not honour it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,12 +46,13 @@ class ExecResult:
         return self.exit_code == 0
 
 
-class CommandOps:
+class CommandOps(ABC):
     """Command calls over the client's ``_call`` (bounded replies, timeouts, errors)."""
 
+    @abstractmethod
     def _call(self, op: Op, fields: Sequence[tuple[Tag, p.FieldValue]], *, timeout: float,
               request_id: int | None = None, reply_limit: Limit = SMALL_REPLY) -> Fields:
-        raise NotImplementedError
+        ...
 
     def exec(
         self,

@@ -9,6 +9,7 @@ Every reply is held to its call's limit, as all agent replies are.
 from __future__ import annotations
 
 import stat as stat_mod
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,14 +64,15 @@ class Listing(list[EntryInfo]):
 
 
 
-class FileOps:
+class FileOps(ABC):
     """File calls over the client's ``_call`` (bounded replies, timeouts, errors)."""
 
     _name: str
 
+    @abstractmethod
     def _call(self, op: Op, fields: Sequence[tuple[Tag, p.FieldValue]], *, timeout: float,
               request_id: int | None = None, reply_limit: Limit = SMALL_REPLY) -> Fields:
-        raise NotImplementedError
+        ...
 
     def write_file(
         self,

@@ -11,6 +11,7 @@ import builtins
 import hashlib
 import json
 import logging
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -33,7 +34,7 @@ __all__ = ["MultipartUploads"]
 log = logging.getLogger("forkyard.store.s3")
 
 
-class MultipartUploads:
+class MultipartUploads(ABC):
     """The multipart side of an S3 store; the attributes are the store's."""
 
     _client: S3Client
@@ -42,15 +43,18 @@ class MultipartUploads:
     _journal: Path | None
 
     @property
+    @abstractmethod
     def url(self) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _boundary(self, op: str, key: str) -> AbstractContextManager[None]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _write_once(self, key: str, op: str, send: Callable[[bool], None],
                     if_absent: bool) -> bool:
-        raise NotImplementedError
+        ...
 
     def _put_multipart(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +18,22 @@ from forkyard.vm.qmp import QMP
 __all__ = ["Migration"]
 
 
-class Migration:
+class Migration(ABC):
     """State save and load over the VM's QMP; the attributes are the VM's."""
 
     name: str
 
+    @abstractmethod
     def _require_qmp(self) -> QMP:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _check_alive(self, what: str) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def log_tail(self, lines: int = 20, max_bytes: int = 8192) -> str:
-        raise NotImplementedError
+        ...
 
     def _load_state(self, state: Path | int, owned: list[int], *, timeout: float,
                     resume: bool, ignore_shared: bool) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import replace
 
 from forkyard.errors import NetworkConflict
@@ -25,7 +26,7 @@ S = SandboxState
 log = logging.getLogger("forkyard.worker")
 
 
-class SandboxNetwork:
+class SandboxNetwork(ABC):
     """Network methods of a sandbox (mixed into ``Sandbox``, which sets these fields)."""
 
     id: str
@@ -34,8 +35,9 @@ class SandboxNetwork:
     _lock: threading.RLock
     _net: SandboxNet | None
 
+    @abstractmethod
     def _save_meta(self) -> None:
-        raise NotImplementedError
+        ...
 
     @property
     def network(self) -> NetworkSpec | None:

@@ -7,6 +7,7 @@ touch the store, the blob cache and the checkpoint catalogue, never a VM.
 from __future__ import annotations
 
 import builtins
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from forkyard.checkpoint import Checkpoint, LocalCheckpoints, archive
@@ -24,7 +25,7 @@ __all__ = ["PUBLISHING", "StoreSide"]
 PUBLISHING = "publishing"  # flag of a checkpoint whose publish is under way
 
 
-class StoreSide:
+class StoreSide(ABC):
     """The checkpoint methods of a worker; the attributes are the worker's."""
 
     store: ObjectStore
@@ -35,11 +36,13 @@ class StoreSide:
     ram_images: RamImages
     _parts: PartFetcher
 
+    @abstractmethod
     def list(self) -> builtins.list[Sandbox]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _check_compatible(self, cp: Checkpoint) -> None:
-        raise NotImplementedError
+        ...
 
     def resolve_checkpoint(self, checkpoint: Checkpoint | str) -> Checkpoint:
         """A local checkpoint, or a published one whose manifest is fetched (verified)."""
