@@ -155,6 +155,22 @@ def _addr_of(sb, both: bool = False):
     return [str(base + 1), str(base + 2)] if both else str(base + 1)
 
 
+def _until(attempt, retry_on, within: float = 30.0):
+    """``attempt()``'s first truthy result, retrying on ``retry_on`` (a guest program
+    started in the background listens or connects a moment later, later still under load)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            got = attempt()
+        except retry_on:
+            got = None
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {attempt}")
+        time.sleep(0.2)
+
+
 def test_connect_port_reaches_a_guest_listener(sb):
     assert http_get(sb.connect_port(8000, timeout=10)).endswith(b"parent\n")
     with pytest.raises(PortUnreachable):
@@ -166,11 +182,9 @@ def test_connect_port_reaches_a_guest_listener(sb):
 def test_forks_each_have_their_own_network_and_stale_connections_reset(worker, sb):
     # open at checkpoint time: the worker into the guest, and the guest out
     inbound_pid = int(sb.exec("nc -l -p 9000 >/dev/null 2>&1 & echo $!").stdout)
-    time.sleep(0.5)
-    held = sb.connect_port(9000, timeout=10)
+    held = _until(lambda: sb.connect_port(9000, timeout=10), PortUnreachable)
     outbound_pid = int(sb.exec(f"sleep 600 | nc {PUBLIC} 80 >/dev/null 2>&1 & echo $!").stdout)
-    time.sleep(1.0)
-    assert "ESTAB" in sb.exec("netstat -tn").stdout
+    _until(lambda: sb.exec("netstat -tn").stdout.count("ESTAB") >= 2, ())
     cp = sb.checkpoint(name="with-connections")
     forks = [worker.fork(cp), worker.fork(cp)]
     try:

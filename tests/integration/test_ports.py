@@ -20,7 +20,9 @@ from tests.fixtures.cli import FORKYARD, fy, readme_example, up_cluster
 
 pytestmark = pytest.mark.vm
 
-SERVE = "mkdir -p /srv && echo {text} > /srv/index.html && httpd -f -p 8000 -h /srv"
+# without -f, busybox httpd binds its port before it goes to the background: the exec
+# returns once the server listens (with `exec -d` and -f a request could come first)
+SERVE = "mkdir -p /srv && echo {text} > /srv/index.html && httpd -p 8000 -h /srv"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_readme_network_example(home: Path) -> None:
 
 def test_url_needs_auth_and_forks_answer_on_their_own_urls(home: Path) -> None:
     with Sandbox.create() as sb:
-        sb.exec(SERVE.format(text="parent"), background=True, check=True)
+        sb.exec(SERVE.format(text="parent"), check=True)
         url = sb.get_url(8000)
         assert httpx.get(url, timeout=60).text.strip() == "parent"
         bare = url.split("?")[0]
@@ -75,7 +77,7 @@ def test_url_needs_auth_and_forks_answer_on_their_own_urls(home: Path) -> None:
 def test_port_forward_reaches_the_guest(home: Path) -> None:
     sid = fy("create", home=home).stdout.decode().strip()
     try:
-        fy("exec", "-d", sid, "--", SERVE.format(text="forwarded"), home=home)
+        fy("exec", sid, "--", SERVE.format(text="forwarded"), home=home)
         from forkyard.sdk._forward import Forwarder
         from forkyard.sdk.config import ConnectionConfig
 
