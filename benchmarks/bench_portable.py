@@ -41,7 +41,7 @@ from forkyard.checkpoint import Checkpoint
 from forkyard.image import DebianSource, MinimalSource, build_image
 from forkyard.store import ObjectStore, open_store
 from forkyard.tools import qemu_img
-from forkyard.vm.machine import BootSpec, DiskChain, QemuVM, VMShape
+from forkyard.vm.machine import BootSpec, DiskChain, QemuVM
 from forkyard.worker import Sandbox, Worker
 
 console = Console()
@@ -98,9 +98,11 @@ def upstream_qcow2(w: Worker, cp: Checkpoint, work: Path) -> tuple[Path, float]:
     up = work / "rootfs.qcow2"
     shutil.copyfile(layers[0], up)
     qemu_img.rebase_unsafe(up, base, "raw")  # an ordinary thin overlay on a base path
+    # format v3: the state is device state only; the RAM image is mapped as a fork maps it
+    ram = None if m.ram is None else w.ram_images.get(m.ram, what="the upstream archive")
     vm = QemuVM("upstream", work / "vm", w.home.run_dir / "bench-up.agent",
-                VMShape(m.vm.memory_mb, m.vm.cpus, m.vm.machine, m.vm.accel),
-                BootSpec(kernel, initrd, m.boot.cmdline), DiskChain(base, (), up))
+                m.vm,  # the shape and device profile the state was saved with
+                BootSpec(kernel, initrd, m.boot.cmdline), DiskChain(base, (), up), ram=ram)
     try:
         vm.launch(incoming_state=state, run=False)
         t, out = timed(lambda: vm.hmp("savevm cp-1"))
@@ -108,7 +110,7 @@ def upstream_qcow2(w: Worker, cp: Checkpoint, work: Path) -> tuple[Path, float]:
             raise SystemExit(f"savevm failed: {out}")
         vm.quit()
     finally:
-        vm.kill()
+        vm.kill()  # the VM releases the hold on ``ram`` it was given
     return up, t
 
 
@@ -146,12 +148,12 @@ def main() -> None:
 
             # the same workload in a second sandbox, checkpointed with its page
             # cache kept: what dropping the cache saves, side by side
-            kept_sb = a.create("bench")
+            kept_sb = a.create("bench", cold=True)  # booted: one layer, as thin-only has
             workload(kept_sb)
             kept_cp = kept_sb.checkpoint(keep_page_cache=True)
             kept_sb.destroy()
 
-            sb = a.create("bench")
+            sb = a.create("bench", cold=True)
             workload(sb)
             t_cp, cp = timed(sb.checkpoint)
             t_pub, report = timed(lambda: a.publish(cp))
@@ -252,10 +254,16 @@ def _rebase_flatten(path: Path) -> None:
 
 
 def _forget_parts(w: Worker, cp: Checkpoint) -> None:
-    for ref in (*cp.manifest.layers, cp.manifest.state):
-        p = w.blobs.path_if_present(ref.digest)
+    """Back to "has the base only": every part of the checkpoint but base and boot files
+    (layers, state or its chunks, RAM chunks of format v3) and its assembled RAM image."""
+    m = cp.manifest
+    keep = {m.base.digest, m.boot.kernel.digest, m.boot.initrd.digest}
+    for _, ref in m.parts():
+        p = w.blobs.path_if_present(ref.digest) if ref.digest not in keep else None
         if p is not None:
             p.unlink()
+    if m.ram is not None:
+        w.ram_images.forget(m.ram)
     if w.checkpoints.has(cp.id):
         w.checkpoints.remove(cp.id)
 
