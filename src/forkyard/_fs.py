@@ -16,6 +16,7 @@ made with :func:`private_dir`, whose modes do not depend on the umask.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import stat
 import tempfile
@@ -31,6 +32,7 @@ __all__ = [
     "commit_file",
     "fsync_dir",
     "private_dir",
+    "syncfs",
 ]
 
 PRIVATE_DIR_MODE = 0o700
@@ -42,6 +44,24 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Make everything written to ``path``'s filesystem durable: one flush for many files.
+
+    Cheaper than an fsync per file when a batch of files is filed at once
+    (a checkpoint's or a fetch's RAM chunks), since each fsync is a journal commit.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {os.fspath(path)}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -44,6 +45,7 @@ ProgressFn = Callable[[int, int | None], None]
 
 CHUNK_SIZE = 4 * 1024 * 1024
 MAX_KEY_BYTES = 1024  # S3's own limit, applied everywhere so backends agree
+_CONTROL = re.compile("[\x00-\x1f\x7f]")  # one scan per key (a fork checks thousands)
 
 
 class Readable(Protocol):
@@ -68,7 +70,7 @@ def validate_key(key: str) -> str:
         raise UnsafePath(key) from exc
     if len(encoded) > MAX_KEY_BYTES or key.startswith("/") or "\\" in key:
         raise UnsafePath(key)
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+    if _CONTROL.search(key):
         raise UnsafePath(key)
     if any(part in ("", ".", "..") for part in key.split("/")):
         raise UnsafePath(key)

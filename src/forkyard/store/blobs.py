@@ -26,12 +26,13 @@ import zstandard
 from forkyard._digest import DIGEST_RE, sha256_bytes
 from forkyard.errors import IntegrityError, StoreError, UnsafePath
 from forkyard.store._base import CHUNK_SIZE, ObjectStore, ProgressFn, atomic_write
-from forkyard.store._frames import CountingReader
+from forkyard.store._frames import CountingReader, FrameTracker
 from forkyard.store._pipes import CompressingReader, HashWriteThread, SparseWriter
 
 __all__ = [
     "BLOB_PREFIX",
     "DEFAULT_JSON_MAX_SIZE",
+    "SMALL_BLOB_MAX",
     "BlobRef",
     "BlobStore",
     "blob_key",
@@ -43,6 +44,7 @@ __all__ = [
 BLOB_PREFIX = "blobs/"
 DEFAULT_LEVEL = 3
 DEFAULT_JSON_MAX_SIZE = 16 * 1024 * 1024
+SMALL_BLOB_MAX = 4 * 1024 * 1024  # get_small_blob holds it (and its compressed form) whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +233,47 @@ class BlobStore:
                 f"blob {key} in {self._store.url}", expected=f"sha256 {digest}", actual=actual
             )
         return BlobRef(digest, n, counted.count)
+
+    def get_small_blob(self, digest: str, *, size: int) -> bytes:
+        """A blob of ``size`` bytes (at most :data:`SMALL_BLOB_MAX`), in memory, verified.
+
+        For many small objects (RAM chunks): one bounded read, one hash, no
+        thread per object (what :meth:`read_blob_into` costs is most of a 64 KiB
+        chunk's fetch).  Anything that is not exactly ``size`` bytes hashing to
+        ``digest`` in complete zstd frames is an IntegrityError.
+        """
+        if not 0 <= size <= SMALL_BLOB_MAX:
+            raise ValueError(f"get_small_blob is for blobs of at most {SMALL_BLOB_MAX} bytes")
+        key = blob_key(digest)
+        where = f"blob {key} in {self._store.url}"
+        limit = 2 * size + 65536  # far above zstd's worst case for incompressible bytes
+        raw = bytearray()
+        with self._store.open_read(key) as f:
+            while len(raw) <= limit and (piece := f.read(limit + 1 - len(raw))):
+                raw += piece
+        self._count(down=len(raw))
+        if len(raw) > limit:
+            raise IntegrityError(where, expected=f"at most {limit} compressed bytes",
+                                 actual="more")
+        try:
+            frames = FrameTracker()
+            frames.feed(bytes(raw))
+            reader = zstandard.ZstdDecompressor().stream_reader(
+                bytes(raw), read_across_frames=True)
+            data = bytearray()
+            while len(data) <= size and (piece := reader.read(size + 1 - len(data))):
+                data += piece
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(where, expected="a valid zstd stream", actual=str(exc)) from exc
+        if not frames.complete:
+            raise IntegrityError(where, expected="complete zstd frames",
+                                 actual=f"a stream truncated after {len(raw)} bytes")
+        if len(data) != size:
+            raise IntegrityError(where, expected=f"{size} bytes",
+                                 actual=f"{len(data)}{'+' if len(data) > size else ''} bytes")
+        out = bytes(data)
+        _check_digest(where, out, digest)
+        return out
 
     # --- small JSON documents -------------------------------------------
     def put_json_once(

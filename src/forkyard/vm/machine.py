@@ -33,7 +33,7 @@ from forkyard.vm.devices import DEVICE_PROFILE
 from forkyard.vm.disks import DiskChain, Opener, qcow2_top_node
 from forkyard.vm.jail import Jail, PlainFiles, VMFiles
 from forkyard.vm.qmp import QMP, Event, io_error_reason
-from forkyard.vm.ram import RamFile
+from forkyard.vm.ram import RamFile, written_kb
 from forkyard.vm.shape import DEFAULT_CMDLINE, BootSpec, VMShape
 
 __all__ = [
@@ -107,6 +107,9 @@ class QemuVM(Migration):
     # guest RAM (vm/ram.py): a frozen image this VM maps copy-on-write (one hold of it
     # is the VM's), or None: a working file of its own is made at launch
     ram: RamFile | None = field(default=None, repr=False)
+    # returns once ``ram`` is complete and sealed (it may still be filling while QEMU
+    # starts: ``RamImages.open``); raises why it cannot be
+    ram_ready: Callable[[], None] | None = field(default=None, repr=False)
 
     def __hash__(self) -> int:
         return id(self)
@@ -212,6 +215,7 @@ class QemuVM(Migration):
             if on_started is not None:
                 on_started()
             if incoming_state is not None:
+                self._image_ready()
                 self._load_state(incoming_state, owned, timeout=timeout, resume=run,
                                  ignore_shared=ignore_shared)
             self.state = VMState.RUNNING if run else VMState.PAUSED
@@ -221,6 +225,21 @@ class QemuVM(Migration):
             if isinstance(exc, VMError):
                 raise VMError(str(exc), log_tail=self.log_tail()) from exc
             raise
+
+    def _image_ready(self) -> None:
+        """Wait for a RAM image still filling, and check QEMU left it untouched meanwhile."""
+        if self.ram_ready is None:
+            return
+        self.ram_ready()
+        pid = self.pid
+        try:
+            written = 0 if pid is None else written_kb(pid)
+        except OSError as exc:
+            raise VMError(f"{self.name}: cannot check QEMU's guest RAM mapping: {exc}") from exc
+        if written:
+            # a page written before the image was complete would hide its bytes
+            raise VMError(f"{self.name}: QEMU wrote {written} kB of guest RAM before loading "
+                          "its state; the RAM image is not what it maps")
 
     # ------------------------------------------------------------------
     def pause(self) -> None:

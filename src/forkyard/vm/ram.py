@@ -34,11 +34,12 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-__all__ = ["BACKEND_ID", "SEALS", "RamFile"]
+__all__ = ["BACKEND_ID", "IMAGE_NAME", "SEALS", "RamFile", "written_kb"]
 
 BACKEND_ID = "pc.ram"  # the legacy -m RAM block name: older streams load into it
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _COPY = 2 * 1024 * 1024
+IMAGE_NAME = "forkyard-ram-image"  # every frozen image's memfd name (smaps shows it)
 
 
 @dataclass(eq=False)
@@ -63,8 +64,12 @@ class RamFile:
 
     @classmethod
     def blank_image(cls, size: int) -> RamFile:
-        """An unsealed image being filled; :meth:`seal` it before any VM maps it."""
-        out = cls.working(size, "forkyard-ram-image")
+        """An unsealed image being filled; :meth:`seal` it before any VM loads from it.
+
+        A VM may map it earlier (QEMU touches no page before it loads its
+        state): :func:`written_kb` tells whether one wrote to it meanwhile.
+        """
+        out = cls.working(size, IMAGE_NAME)
         out.share = False
         return out
 
@@ -140,3 +145,22 @@ def fallocate(fd: int, offset: int, length: int) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def written_kb(pid: int) -> int:
+    """kB of frozen-image pages that process ``pid`` has written (private copies).
+
+    A private mapping's page turns anonymous when the process writes it, and
+    ``/proc/PID/smaps`` counts those per mapping; reading it costs a walk of
+    present pages only.
+    """
+    total = 0
+    inside = False
+    with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's header line
+                inside = f"/memfd:{IMAGE_NAME}" in line
+            elif inside and head == "Anonymous:":
+                total += int(line.split()[1])
+    return total

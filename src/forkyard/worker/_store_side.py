@@ -66,6 +66,7 @@ class StoreSide(ABC):
                                   else checkpoint)
         # the intent outlives a crash: the next worker start publishes it again
         self.checkpoints.mark(cp.id, PUBLISHING, self.store.url)
+        self.ram_images.drain()  # RAM chunks a fork fetched: in the cache, to upload from
 
         def report_progress(role: str, done: int, total: int | None) -> None:
             if done:

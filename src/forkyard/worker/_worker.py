@@ -389,10 +389,12 @@ class Worker(StoreSide):
         self._check_compatible(cp)
         # v3: the device state is small and read whole; RAM is the mapped image
         parts = self._parts.gather(cp, stream_state=m.ram is None)
-        ram = None
+        ram = ram_ready = None
         try:
             if m.ram is not None:
-                ram = self.ram_images.get(m.ram, what=f"checkpoint {cp.short_id}")
+                # QEMU starts while the image fills; it loads nothing before ready()
+                build = self.ram_images.open(m.ram, what=f"checkpoint {cp.short_id}")
+                ram, ram_ready = build.image, build.ready
             active = sb.prepare(m.layers, m.boot)
             # the recorded machine, run (and later saved again) by this host's QEMU
             shape = replace(m.vm, qemu=self.host.qemu_version)
@@ -401,11 +403,11 @@ class Worker(StoreSide):
             state = parts.state
             if isinstance(state, Path) and parts.disks.done():
                 base, layers = parts.disks.result()
-                vm = self._vm(sb, shape, boot, DiskChain(base, layers, active), ram)
+                vm = self._vm(sb, shape, boot, DiskChain(base, layers, active), ram, ram_ready)
                 ram = None  # the VM holds it now
                 sb.start(vm, incoming=state, timeout=timeout)
             else:
-                vm = self._vm(sb, shape, boot, DiskChain(None, (), active), ram)
+                vm = self._vm(sb, shape, boot, DiskChain(None, (), active), ram, ram_ready)
                 ram = None
 
                 def pending_chain() -> Chain:
@@ -433,7 +435,8 @@ class Worker(StoreSide):
                        BootSpec(k.path, i.path).cmdline)
 
     def _vm(self, sb: Sandbox, shape: VMShape, boot: BootSpec, disk: DiskChain,
-            ram: RamFile | None = None) -> QemuVM:
+            ram: RamFile | None = None, ram_ready: Callable[[], None] | None = None
+            ) -> QemuVM:
         """The VM of ``sb``; a shape with a NIC gets a network namespace of its own."""
         net = None
         if "net" in shape.profile.roles():
@@ -441,6 +444,7 @@ class Worker(StoreSide):
         sb.use_network(net)  # the sandbox removes it with the VM
         return QemuVM(
             ram=ram,
+            ram_ready=ram_ready,
             name=sb.id,
             workdir=sb.dir,
             agent_socket=self.home.run_dir / f"{sb.id}.agent",
