@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -320,8 +321,18 @@ def test_a_bad_state_chunk_is_never_fed_to_qemu(damaged_v2, pair: Pair, fed, dam
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
-def test_a_bad_ram_chunk_is_an_integrity_error_and_nothing_runs(damaged, damage: str) -> None:
+def test_a_bad_ram_chunk_is_an_integrity_error_and_nothing_runs(
+        damaged, damage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     c, store, m = damaged
+    # QEMU starts while the image fills: it must never get a state to load
+    loads: list[str] = []
+    real_load = QemuVM._load_state
+
+    def load(vm: QemuVM, *args: Any, **kwargs: Any) -> None:
+        loads.append(vm.name)
+        real_load(vm, *args, **kwargs)
+
+    monkeypatch.setattr(QemuVM, "_load_state", load)
     assert m.ram is not None
     bad = len(m.ram.chunks) // 2
     chunk = m.ram.chunks[bad]
@@ -337,6 +348,7 @@ def test_a_bad_ram_chunk_is_an_integrity_error_and_nothing_runs(damaged, damage:
     assert f"RAM chunk {bad} " in str(e.value) and chunk.digest in str(e.value)
     if damage == "missing":
         assert e.value.actual == "no such blob"
+    assert loads == []
     _assert_clean_failure(c, chunk.digest)
 
 

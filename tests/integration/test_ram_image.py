@@ -194,3 +194,55 @@ def test_ten_checkpoints_with_small_changes_store_little_and_all_fork(scene: Sce
         finally:
             fork.destroy()
     src.exec("rm -f /mnt/ram/step*")
+
+
+def _poke(pid: int, address: int) -> None:
+    """Write one byte into process ``pid`` at ``address`` (process_vm_writev, as root)."""
+    import ctypes
+
+    class IoVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    byte = ctypes.create_string_buffer(b"\x01")
+    local = IoVec(ctypes.cast(byte, ctypes.c_void_p), 1)
+    remote = IoVec(address, 1)
+    if libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != 1:
+        raise OSError(ctypes.get_errno(), "process_vm_writev")
+
+
+def test_a_fork_whose_qemu_wrote_its_image_before_it_was_ready_never_runs(
+        scene: Scene, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU starts while a RAM image fills (RamImages.open); had it written a page of
+    the image meanwhile, that page would hide the image's bytes: the fork fails."""
+    from forkyard.errors import VMError
+    from forkyard.vm.machine import QemuVM
+    from forkyard.vm.ram import IMAGE_NAME
+
+    m = scene.cp.manifest
+    assert m.ram is not None
+    scene.w.ram_images.forget(m.ram)  # the next fork builds the image while QEMU starts
+    real = QemuVM._image_ready
+    loads: list[str] = []
+
+    def early_write(vm: QemuVM) -> None:
+        assert vm.ram_ready is not None and vm.pid is not None  # a build in flight
+        maps = Path(f"/proc/{vm.pid}/maps").read_text().splitlines()
+        [start] = [int(line.split("-")[0], 16) for line in maps if f"/memfd:{IMAGE_NAME}" in line]
+        _poke(vm.pid, start + 4096 * 10)  # as a QEMU writing guest RAM early would
+        real(vm)
+
+    monkeypatch.setattr(QemuVM, "_image_ready", early_write)
+    monkeypatch.setattr(QemuVM, "_load_state",
+                        lambda vm, *a, **k: loads.append(vm.name))  # never reached
+    before = {sb.id for sb in scene.w.list()}
+    with pytest.raises(VMError, match="wrote 4 kB of guest RAM before loading"):
+        scene.w.fork(scene.cp)
+    assert loads == []
+    assert {sb.id for sb in scene.w.list()} == before
+    monkeypatch.undo()
+    fork = scene.w.fork(scene.cp)  # the image itself was never touched
+    try:
+        assert _md5(fork, "/mnt/ram/data") == scene.data_md5
+    finally:
+        fork.destroy()

@@ -14,6 +14,7 @@ import hashlib
 import mmap
 import os
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import zstandard
 
 from forkyard.checkpoint.chunks import ChunkRef, RamImageRef
-from forkyard.checkpoint.ram_image import RamImages
+from forkyard.checkpoint.ram_images import RamImages
 from forkyard.errors import IntegrityError
 from forkyard.store import BlobCache, BlobStore, LocalStore, blob_key
 from forkyard.vm.ram import RamFile, written_kb
@@ -100,7 +101,8 @@ def test_a_second_image_takes_unfiled_chunks_from_the_first(world, tmp_path: Pat
     assert all(cache.path_if_present(c.digest) for c in second.chunks)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "swap", "longer", "huge", "missing"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "swap", "longer", "huge", "bomb",
+                                    "missing"])
 def test_a_bad_chunk_fails_the_build_and_leaves_nothing(world, tmp_path: Path, damage: str
                                                         ) -> None:
     images, store, cache = world
@@ -118,15 +120,23 @@ def test_a_bad_chunk_fails_the_build_and_leaves_nothing(world, tmp_path: Path, d
         "longer": zstandard.ZstdCompressor().compress(bytes([68]) * CHUNK + b"!" * (8 << 20)),
         # more compressed bytes than any chunk of this size needs: not read whole
         "huge": good + os.urandom(2 * CHUNK + 65536),
+        # a few KiB that expand to 256 MiB: never decompressed past the chunk's size
+        "bomb": zstandard.ZstdCompressor(level=19).compress(bytes(256 << 20)),
         "missing": None,
     }[damage]
     store.store.delete(key)
     if damaged is not None:
         store.store.put_bytes(key, damaged)
-    build = images.open(ref, what="checkpoint x")
-    with pytest.raises(IntegrityError) as e:
-        build.ready()
-    build.image.release()
+    tracemalloc.start()
+    try:
+        build = images.open(ref, what="checkpoint x")
+        with pytest.raises(IntegrityError) as e:
+            build.ready()
+        build.image.release()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * CHUNK + (len(damaged or b"") * 3)  # O(chunk), whatever the blob says
     assert "checkpoint x RAM chunk 3 " in str(e.value) and bad.digest in str(e.value)
     if damage == "missing":
         assert e.value.actual == "no such blob"

@@ -39,7 +39,7 @@ from forkyard.checkpoint import qcow2
 from forkyard.checkpoint.chunks import split_file
 from forkyard.checkpoint.local import Checkpoint, CheckpointFiles, LocalCheckpoints
 from forkyard.checkpoint.manifest import BootRef, Manifest, PartRef, utcnow
-from forkyard.checkpoint.ram_image import RamImages
+from forkyard.checkpoint.ram_images import RamImages
 from forkyard.config import Home
 from forkyard.errors import (
     CheckpointError,

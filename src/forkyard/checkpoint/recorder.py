@@ -16,7 +16,8 @@ from forkyard._digest import sha256_file
 from forkyard.checkpoint.chunks import split_file
 from forkyard.checkpoint.local import Checkpoint, LocalCheckpoints
 from forkyard.checkpoint.manifest import BootRef, Manifest, PartRef, utcnow
-from forkyard.checkpoint.ram_image import RamImages, file_image
+from forkyard.checkpoint.ram_image import file_image
+from forkyard.checkpoint.ram_images import RamImages
 from forkyard.store import BlobCache
 from forkyard.vm.ram import RamFile
 from forkyard.vm.shape import VMShape

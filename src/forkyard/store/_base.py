@@ -275,6 +275,14 @@ class ObjectStore(ABC):
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = True) -> bool:
         return self.put_stream(key, io.BytesIO(data), if_absent=if_absent)
 
+    def read_head(self, key: str, n: int) -> bytes:
+        """The first ``n`` bytes of the object (all of it, if it is shorter)."""
+        out = bytearray()
+        with self.open_read(key) as reader:
+            while len(out) < n and (piece := reader.read(n - len(out))):
+                out += piece
+        return bytes(out)
+
     def get_bytes(self, key: str, *, max_size: int) -> bytes:
         """The whole object, refusing (StoreError) anything over ``max_size`` bytes."""
         chunks: list[bytes] = []

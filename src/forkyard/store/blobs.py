@@ -247,20 +247,16 @@ class BlobStore:
         key = blob_key(digest)
         where = f"blob {key} in {self._store.url}"
         limit = 2 * size + 65536  # far above zstd's worst case for incompressible bytes
-        raw = bytearray()
-        with self._store.open_read(key) as f:
-            while len(raw) <= limit and (piece := f.read(limit + 1 - len(raw))):
-                raw += piece
+        raw = self._store.read_head(key, limit + 1)
         self._count(down=len(raw))
         if len(raw) > limit:
             raise IntegrityError(where, expected=f"at most {limit} compressed bytes",
                                  actual="more")
         try:
             frames = FrameTracker()
-            frames.feed(bytes(raw))
-            reader = zstandard.ZstdDecompressor().stream_reader(
-                bytes(raw), read_across_frames=True)
-            data = bytearray()
+            frames.feed(raw)
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            data = reader.read(size + 1)  # bounded: a small frame can expand a million-fold
             while len(data) <= size and (piece := reader.read(size + 1 - len(data))):
                 data += piece
         except zstandard.ZstdError as exc:
@@ -271,9 +267,8 @@ class BlobStore:
         if len(data) != size:
             raise IntegrityError(where, expected=f"{size} bytes",
                                  actual=f"{len(data)}{'+' if len(data) > size else ''} bytes")
-        out = bytes(data)
-        _check_digest(where, out, digest)
-        return out
+        _check_digest(where, data, digest)
+        return data
 
     # --- small JSON documents -------------------------------------------
     def put_json_once(

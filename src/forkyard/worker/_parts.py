@@ -17,7 +17,7 @@ from pathlib import Path
 
 from forkyard.checkpoint import Checkpoint, PartRef, qcow2
 from forkyard.checkpoint.local import CheckpointFiles
-from forkyard.checkpoint.ram_image import RamImages
+from forkyard.checkpoint.ram_images import RamImages
 from forkyard.errors import CheckpointError, ForkyardError
 from forkyard.image import ImageCatalog
 from forkyard.store import BlobCache, BlobStore

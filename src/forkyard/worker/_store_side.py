@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from forkyard.checkpoint import Checkpoint, LocalCheckpoints, archive
 from forkyard.checkpoint.local import CheckpointFiles
-from forkyard.checkpoint.ram_image import RamImages
+from forkyard.checkpoint.ram_images import RamImages
 from forkyard.errors import CheckpointNotFound
 from forkyard.image import ImageCatalog
 from forkyard.store import BlobCache, BlobStore, ObjectStore

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from forkyard.checkpoint import BootRef, Checkpoint, LocalCheckpoints, PartRef
-from forkyard.checkpoint.ram_image import RamImages
+from forkyard.checkpoint.ram_images import RamImages
 from forkyard.checkpoint.recorder import Recorder
 from forkyard.config import Home
 from forkyard.errors import (
