@@ -6,9 +6,11 @@ A part of ``QemuVM`` (which inherits it); it only speaks QMP.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,10 @@ from forkyard.errors import VMError
 from forkyard.vm.qmp import QMP
 
 __all__ = ["Migration"]
+
+# a live save stops the guest once what is left to copy would take this long: the
+# pause is then about this, whatever the guest's memory size (QEMU's default: 300)
+_DOWNTIME_MS = 20
 
 
 class Migration(ABC):
@@ -117,6 +123,69 @@ class Migration(ABC):
         qmp.execute("migrate", {"uri": "fd:outgoing"})
         self._wait_migration(timeout, what="saving the VM state")
         self._wait_finalized(timeout)
+
+    def save_live(self, fd: int, at_switchover: Callable[[], None], *,
+                  timeout: float = 300.0, converge: float = 2.0) -> float:
+        """Save RAM + device state into ``fd`` while the VM runs; returns when it stopped.
+
+        A precopy migration: QEMU copies RAM while the guest runs, resending
+        what it dirties, and stops the guest only for the last dirty pages and
+        the device state (``downtime-limit`` keeps that last set small).  With
+        ``pause-before-switchover`` QEMU waits, guest stopped, before that last
+        pass: ``at_switchover()`` runs there, so whatever it freezes (the disk
+        layer) is of the same instant as the saved RAM.  A guest dirtying
+        memory faster than it is copied is stopped after ``converge`` seconds,
+        and the rest is copied while it is paused.  The VM ends paused
+        (``postmigrate``); the caller resumes it.  Returns the monotonic time
+        of the last check that saw it running (the pause began after that).
+        """
+        qmp = self._require_qmp()
+        try:
+            qmp.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "x-ignore-shared", "state": False},
+                {"capability": "pause-before-switchover", "state": True}]})
+            qmp.send_fd(fd, "outgoing")
+        finally:
+            os.close(fd)
+        qmp.execute("migrate-set-parameters", {"downtime-limit": _DOWNTIME_MS})
+        try:
+            qmp.execute("migrate", {"uri": "fd:outgoing"})
+            stop_by = time.monotonic() + converge
+            deadline = time.monotonic() + timeout
+            running_at = time.monotonic()
+            stopped = False
+            while True:
+                seen = time.monotonic()
+                info = qmp.execute("query-migrate")
+                status = info.get("status")
+                if status == "pre-switchover":
+                    break
+                if status in ("failed", "cancelled", "completed"):
+                    raise VMError(f"{self.name}: saving the VM state live: "
+                                  f"{info.get('error-desc', status)}", log_tail=self.log_tail())
+                if not stopped:
+                    running_at = seen
+                    if seen > stop_by:  # not converging: copy the rest paused
+                        qmp.execute("stop")
+                        stopped = True
+                self._check_alive("saving the VM state live")
+                if seen > deadline:
+                    raise VMError(f"{self.name}: the live state save did not converge "
+                                  f"in {timeout:g}s")
+                time.sleep(0.002)
+            at_switchover()
+            qmp.execute("migrate-continue", {"state": "pre-switchover"})
+            self._wait_migration(timeout, what="saving the VM state")
+            self._wait_finalized(timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                qmp.execute("migrate_cancel")
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                qmp.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "pause-before-switchover", "state": False}]})
+        return running_at
 
     def _wait_finalized(self, timeout: float) -> None:
         """Wait for the run state to leave ``finish-migrate``.

@@ -32,6 +32,7 @@ from forkyard.vm.console import ConsoleRing, file_tail, ring_tail
 from forkyard.vm.devices import DEVICE_PROFILE
 from forkyard.vm.disks import DiskChain, Opener, qcow2_top_node
 from forkyard.vm.jail import Jail, PlainFiles, VMFiles
+from forkyard.vm.migstream import saved_ignore_shared
 from forkyard.vm.qmp import QMP, Event, io_error_reason
 from forkyard.vm.ram import RamFile, written_kb
 from forkyard.vm.shape import DEFAULT_CMDLINE, BootSpec, VMShape
@@ -171,7 +172,9 @@ class QemuVM(Migration):
         if self.state is not VMState.CREATED:
             raise VMError(f"{self.name}: cannot launch a VM that is {self.state.value}")
         self.state = VMState.STARTING
-        ignore_shared = self.ram is not None and not self.ram.share
+        # a frozen image's device state: saved with x-ignore-shared, or live without it
+        ignore_shared = self.ram is not None and not self.ram.share and (
+            not isinstance(incoming_state, Path) or saved_ignore_shared(incoming_state))
         if self.ram is None:
             self.ram = RamFile.working(self.shape.memory_mb * 1024 * 1024)
         self.workdir.mkdir(parents=True, exist_ok=True)

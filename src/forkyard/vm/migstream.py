@@ -28,11 +28,12 @@ import io
 import mmap
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 from forkyard.errors import VMError
 
-__all__ = ["StreamFormatError", "split_stream"]
+__all__ = ["StreamFormatError", "saved_ignore_shared", "split_stream"]
 
 _MAGIC = 0x5145564D
 _VERSION = 3
@@ -125,6 +126,22 @@ def split_stream(src: BinaryIO, out: BinaryIO, image: mmap.mmap, *,
     while data := src.read(_COPY):  # device state, EOF, description: as they are
         w(data)
     return pages
+
+
+def saved_ignore_shared(path: Path) -> bool:
+    """Whether the stream at ``path`` was saved with ``x-ignore-shared`` on.
+
+    Its configuration section lists the capability (QEMU refuses to load a
+    stream whose validated capabilities differ from the loader's).  A format
+    v3 state is device state only either way: saved with the capability (RAM
+    in a ``share=on`` file left out), or live without it (RAM split off).
+    """
+    with open(path, "rb") as f:
+        r = _Reader(f)
+        magic, version = struct.unpack(">II", r.exact(8))
+        if magic != _MAGIC or version != _VERSION:
+            raise StreamFormatError(f"{path}: not a QEMU migration stream v3")
+        return b"x-ignore-shared" in _configuration(r, lambda _data: None)
 
 
 def _configuration(r: _Reader, put: Put) -> set[bytes]:

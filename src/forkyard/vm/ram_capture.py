@@ -23,13 +23,15 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from forkyard.vm.machine import QemuVM
+from forkyard.errors import VMError
+from forkyard.vm.machine import QemuVM, VMState
 from forkyard.vm.migstream import StreamFormatError, split_stream
 from forkyard.vm.ram import RamFile
 
-__all__ = ["save_with_image"]
+__all__ = ["save_live_with_image", "save_with_image"]
 
 log = logging.getLogger("forkyard.vm")
 
@@ -59,7 +61,35 @@ def save_with_image(vm: QemuVM, state_file: Path) -> RamFile | None:
     return None
 
 
-def _split(vm: QemuVM, state_file: Path, image: RamFile) -> None:
+def save_live_with_image(vm: QemuVM, state_file: Path,
+                         at_switchover: Callable[[], None]) -> tuple[RamFile, float]:
+    """With ``vm`` running: its RAM into a new image and its device state into
+    ``state_file``, the guest paused only for the last dirty pages.
+
+    A precopy migration (``QemuVM.save_live``) through :func:`split_stream`:
+    every ``pc.ram`` page lands in the image while the guest runs (pages it
+    dirties meanwhile are sent again and overwrite theirs), and
+    ``at_switchover()`` runs with the guest stopped just before the last pass.
+    The state is saved *without* ``x-ignore-shared`` (RAM sent, then split
+    off), which its configuration section records: a fork loads it with the
+    capability off (``saved_ignore_shared``).  Returns the image and the
+    monotonic time the guest was last seen running; ``vm`` ends paused.
+    """
+    if vm.ram is None:
+        raise VMError(f"{vm.name}: a live save needs a RAM file")
+    image = RamFile.blank_image(vm.ram.size)
+    try:
+        running_at = _split(vm, state_file, image,
+                            save=lambda fd: vm.save_live(fd, at_switchover))
+    except BaseException:
+        image.release()
+        raise
+    vm.state = VMState.PAUSED
+    return image, running_at
+
+
+def _split(vm: QemuVM, state_file: Path, image: RamFile,
+           save: Callable[[int], float] | None = None) -> float:
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):
         fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
@@ -78,7 +108,11 @@ def _split(vm: QemuVM, state_file: Path, image: RamFile) -> None:
     reader = threading.Thread(target=run, name=f"split-{vm.name}", daemon=True)
     reader.start()
     try:
-        vm.save_state_to(write_fd, ignore_shared=True)
+        if save is None:
+            vm.save_state_to(write_fd, ignore_shared=True)
+            out = 0.0
+        else:
+            out = save(write_fd)
     except BaseException:
         reader.join(30)
         if failure:  # QEMU failed because the splitter stopped reading: say why
@@ -87,3 +121,4 @@ def _split(vm: QemuVM, state_file: Path, image: RamFile) -> None:
     reader.join()
     if failure:
         raise failure[0]
+    return out

@@ -36,8 +36,9 @@ from forkyard.guest.client import AgentClient, ExecResult
 from forkyard.guest.procs import Chunk, ProcInfo
 from forkyard.tools import qemu_img
 from forkyard.vm.machine import QemuVM, VMState
+from forkyard.vm.migstream import StreamFormatError
 from forkyard.vm.ram import RamFile
-from forkyard.vm.ram_capture import save_with_image
+from forkyard.vm.ram_capture import save_live_with_image, save_with_image
 from forkyard.wire.lifecycle import Lifecycle, SandboxState
 from forkyard.worker._boot import Chain, boot_vm
 from forkyard.worker._faults import crash_point
@@ -355,17 +356,26 @@ class Sandbox(SandboxNetwork):
         t0 = time.monotonic()
         frozen: Path | None = None
         image: RamFile | None = None
+
+        def freeze() -> None:  # the guest is stopped here
+            nonlocal frozen
+            crash_point("checkpoint-paused")
+            frozen = vm.freeze_disk(new_active)
+
         try:
             with agent.quiesced():
-                vm.pause()
                 self.lifecycle.move(S.PAUSED, "checkpoint")
                 try:
-                    crash_point("checkpoint-paused")
-                    frozen = vm.freeze_disk(new_active)
-                    if self.ram_images:
-                        image = save_with_image(vm, state_file)
-                    else:
-                        vm.save_state(state_file)
+                    if self.ram_images and vm.ram is not None:
+                        image, t0 = self._capture_live(vm, state_file, freeze)
+                    if frozen is None:
+                        t0 = time.monotonic()
+                        vm.pause()
+                        freeze()
+                        if self.ram_images:
+                            image = save_with_image(vm, state_file)
+                        else:
+                            vm.save_state(state_file)
                     crash_point("checkpoint-saved")
                 finally:
                     vm.resume()
@@ -407,6 +417,25 @@ class Sandbox(SandboxNetwork):
             network=self.spec.network,
             ram_image=image,
         )
+
+    def _capture_live(self, vm: QemuVM, state_file: Path, freeze: Callable[[], None]
+                      ) -> tuple[RamFile | None, float]:
+        """RAM copied while the guest runs, paused only for what it dirtied last
+        (``vm/ram_capture.py``); a stream the splitter does not understand before
+        the pause falls back to the paused capture (returns no image then)."""
+        frozen: list[bool] = []
+
+        def at_switchover() -> None:
+            freeze()
+            frozen.append(True)
+
+        try:
+            return save_live_with_image(vm, state_file, at_switchover)
+        except StreamFormatError as exc:
+            if frozen:
+                raise CheckpointError(f"sandbox {self.id}: saving its state: {exc}") from exc
+            log.warning("sandbox %s: live checkpoint not possible, pausing: %s", self.id, exc)
+            return None, time.monotonic()
 
     def _chain_frozen(self, vm: QemuVM, frozen: Path) -> None:
         """A layer the VM no longer writes: file it by digest and name it in the next
