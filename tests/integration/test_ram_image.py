@@ -246,3 +246,52 @@ def test_a_fork_whose_qemu_wrote_its_image_before_it_was_ready_never_runs(
         assert _md5(fork, "/mnt/ram/data") == scene.data_md5
     finally:
         fork.destroy()
+
+
+_SWEEPER = """
+i=0
+while :; do
+  c=$(printf "\\\\$(printf %03o $((65 + i % 26)))")
+  b=0
+  while [ $b -lt 16 ]; do
+    head -c 1048576 /dev/zero | tr '\\0' "$c" |
+      dd of=/mnt/ram/sweep bs=1M seek=$b conv=notrunc 2>/dev/null
+    b=$((b + 1))
+  done
+  i=$((i + 1))
+done
+"""
+
+
+def test_a_live_checkpoint_captures_one_instant_of_a_guest_writing_all_along(
+        scene: Scene) -> None:
+    """RAM is copied while the guest runs (a precopy migration); pages it dirties
+    meanwhile are sent again.  A guest sweeps a 16 MiB tmpfs file over and over,
+    one letter per pass: at any single instant the file reads as one letter, then
+    (the sweep in progress) the previous one.  A capture mixing instants shows more."""
+    from forkyard.vm.migstream import saved_ignore_shared
+
+    src = scene.w.create("minimal", cold=True)
+    try:
+        src.exec("mkdir -p /mnt/ram && mount -t tmpfs -o size=40m tmpfs /mnt/ram && "
+                 "head -c 16777216 /dev/zero | tr '\\0' Z > /mnt/ram/sweep", check=True)
+        sweeper = src.exec(_SWEEPER, background=True).pid
+        src.exec("sleep 1")
+        cps = [src.checkpoint() for _ in range(2)]
+        assert src.exec("md5sum /mnt/ram/sweep").exit_code == 0  # the source runs on
+        for cp in cps:
+            state = scene.w.blobs.path_if_present(cp.manifest.state.digest)
+            assert state is not None and not saved_ignore_shared(state)  # saved live
+            fork = scene.w.fork(cp)
+            try:
+                # stopped (its last block written) before the file is read: the fork
+                # continues the sweep from the captured instant, so it stays one sweep
+                fork.exec(f"kill -STOP {sweeper} && sleep 0.3", check=True)
+                runs = fork.exec("tr -s 'A-Z' < /mnt/ram/sweep", check=True).stdout
+                assert 1 <= len(runs) <= 2, runs
+                if len(runs) == 2:
+                    assert (ord(runs[0]) - ord(runs[1])) % 26 == 1, runs
+            finally:
+                fork.destroy()
+    finally:
+        src.destroy()

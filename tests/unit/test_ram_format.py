@@ -13,7 +13,7 @@ import pytest
 from forkyard.checkpoint.chunks import ChunkRef, RamImageRef, ram_chunk_size
 from forkyard.checkpoint.manifest import FORMAT_V3, BootRef, Manifest, PartRef
 from forkyard.errors import ManifestError
-from forkyard.vm.migstream import StreamFormatError, split_stream
+from forkyard.vm.migstream import StreamFormatError, saved_ignore_shared, split_stream
 from forkyard.vm.shape import VMShape
 
 D = "ab" * 32
@@ -70,22 +70,31 @@ def _name(b: bytes) -> bytes:
     return bytes([len(b)]) + b
 
 
-def _stream(records: list[bytes], *, image_size: int = 4 * 4096) -> tuple[bytes, bytes]:
-    """(a QEMU-shaped stream, what it must become without pc.ram pages)."""
+def _stream(records: list[bytes], *, image_size: int = 4 * 4096, ignore_shared: bool = True,
+            more: tuple[list[bytes], ...] = ()) -> tuple[bytes, bytes]:
+    """(a QEMU-shaped stream, what it must become without pc.ram pages).
+
+    ``ignore_shared=False``: as a live save writes it (no capability, no block
+    addresses); ``more``: further RAM parts (precopy iterations).
+    """
     head = struct.pack(">II", 0x5145564D, 3)
-    config = (b"\x07" + struct.pack(">I", 10) + b"pc-q35-7.2" + b"\x05"
-              + _name(b"configuration/capabilities") + struct.pack(">I", 1)
-              + struct.pack(">I", 1) + _name(b"x-ignore-shared"))
-    blocks = (_name(b"pc.ram") + struct.pack(">Q", image_size) + struct.pack(">Q", 0)
-              + _name(b"pc.bios") + struct.pack(">Q", 4096) + struct.pack(">Q", 0xFFFC0000))
+    config = b"\x07" + struct.pack(">I", 10) + b"pc-q35-7.2"
+    if ignore_shared:
+        config += (b"\x05" + _name(b"configuration/capabilities") + struct.pack(">I", 1)
+                   + struct.pack(">I", 1) + _name(b"x-ignore-shared"))
+    addr = (lambda a: struct.pack(">Q", a)) if ignore_shared else (lambda a: b"")
+    blocks = (_name(b"pc.ram") + struct.pack(">Q", image_size) + addr(0)
+              + _name(b"pc.bios") + struct.pack(">Q", 4096) + addr(0xFFFC0000))
     start = (b"\x01" + struct.pack(">I", 2) + _name(b"ram") + struct.pack(">II", 0, 4)
              + struct.pack(">Q", (image_size + 4096) | 0x04) + blocks
              + struct.pack(">Q", 0x10) + b"\x7e" + struct.pack(">I", 2))
     eos = struct.pack(">Q", 0x10)
     footer = b"\x7e" + struct.pack(">I", 2)
-    kept = [r for r in records if b"pc.bios" in r]
-    part_in = b"\x02" + struct.pack(">I", 2) + b"".join(records) + eos + footer
-    part_out = b"\x02" + struct.pack(">I", 2) + b"".join(kept) + eos + footer
+    part_in = part_out = b""
+    for part in (records, *more):
+        kept = [r for r in part if b"pc.bios" in r]
+        part_in += b"\x02" + struct.pack(">I", 2) + b"".join(part) + eos + footer
+        part_out += b"\x02" + struct.pack(">I", 2) + b"".join(kept) + eos + footer
     end = b"\x03" + struct.pack(">I", 2) + eos + footer
     devices = b"\x04" + b"opaque device sections" + b"\x00"
     return (head + config + start + part_in + end + devices,
@@ -134,3 +143,21 @@ def test_a_truncated_stream_is_an_error() -> None:
     stream, _ = _stream([_page(0, b"pc.ram", b"a")])
     with pytest.raises(StreamFormatError):
         _split(stream[: len(stream) // 2])
+
+
+def test_a_live_stream_splits_to_its_last_pages_and_says_it_was_live(tmp_path) -> None:
+    """A precopy save sends pages again as the guest dirties them: the last wins,
+    a page turned zero is cleared, and the stream records no x-ignore-shared."""
+    first = [_page(0, b"pc.ram", b"a"), _page(4096, b"pc.ram", b"b"), _page(0, b"pc.bios", b"c")]
+    again = [_page(0, b"pc.ram", b"A"), _zero(4096, b"pc.ram"), _page(3 * 4096, b"pc.ram", b"d")]
+    stream, expected = _stream(first, ignore_shared=False, more=(again,))
+    out, image = _split(stream)
+    assert out == expected
+    assert image == b"A" * 4096 + bytes(4096) + bytes(4096) + b"d" * 4096
+    live, paused = tmp_path / "live", tmp_path / "paused"
+    live.write_bytes(out)
+    paused.write_bytes(_stream(first)[1])
+    assert not saved_ignore_shared(live) and saved_ignore_shared(paused)
+    (tmp_path / "junk").write_bytes(b"not a stream at all")
+    with pytest.raises(StreamFormatError):
+        saved_ignore_shared(tmp_path / "junk")

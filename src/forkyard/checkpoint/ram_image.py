@@ -1,10 +1,9 @@
 """Guest RAM images of format v3: chunked, content-addressed, verified, mapped by forks.
 
-A checkpoint of a VM running on its own working RAM file (``vm.ram``: a
-``share=on`` memfd; every booted VM, and every VM that loaded a v1/v2 stream)
-saves a *device-state-only* migration stream (``x-ignore-shared``: 288 KB
-for a 256 MiB guest) and copies the RAM file, while the VM is paused, into a
-new memfd: the frozen image.  After the VM resumed, :func:`file_image` cuts
+A checkpoint saves a *device-state-only* migration stream (~300 KB for a
+256 MiB guest) and the guest's RAM as a new memfd, the frozen image: copied
+live by a precopy migration split on the fly (``vm/ram_capture.py``), or,
+as the fallback, while the VM is paused.  After the VM resumed, :func:`file_image` cuts
 the image into fixed-size chunks (64 KiB up to a 256 MiB guest, at most 4096
 chunks: ``chunks.ram_chunk_size`` says why), leaves all-zero chunks out (and
 punches them out of the image, so they cost no memory), files every chunk the
@@ -31,11 +30,12 @@ Decisions, and why:
   disk), not a QEMU restart; a stream the splitter does not understand is
   stored whole (format v2), and a fork of that loads it into a working file of
   its own, whose next checkpoint is v3 again.
-- **Pause.**  A checkpoint copies (or splits) the guest's touched RAM while
-  paused: it grows with the memory the guest touched, at in-kernel copy speed
-  (~0.1 s per 256 MiB here).  Soft-dirty tracking could limit it to what
-  changed since the previous checkpoint; not done (a missed write would be a
-  silently wrong image, and these guest sizes do not need it yet).
+- **Pause.**  A checkpoint copies the RAM live (``vm/ram_capture.py``,
+  ``save_live_with_image``): a precopy migration through the stream splitter
+  while the guest runs, which stops the guest only for the pages it dirtied
+  last and the device state; the disk layer is frozen in that stop.  The pause
+  no longer grows with the guest's memory; the checkpoint as a whole takes one
+  pass over it while the guest runs.  The paused copy below remains the fallback.
 - **Filing.**  New chunks are written to staging files and filed in one batch
   (``BlobCache.add_batch``: one ``syncfs``, not two fsyncs per chunk).
 
