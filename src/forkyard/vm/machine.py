@@ -386,10 +386,14 @@ class QemuVM(Migration):
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def exit_code(self) -> int | None:
+        """QEMU's exit status once it exited (negative: the signal), else None."""
+        return None if self._proc is None else self._proc.poll()
+
     def _check_alive(self, what: str) -> None:
         if not self.alive():
-            code = self._proc.returncode if self._proc else None
-            raise VMError(f"{self.name}: QEMU exited ({code}) while {what}",
+            raise VMError(f"{self.name}: QEMU exited ({self.exit_code}) while {what}",
                           log_tail=self.log_tail())
 
     def _require_qmp(self) -> QMP:

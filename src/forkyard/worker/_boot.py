@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from forkyard.errors import ForkyardError, VMError
+from forkyard.errors import AgentError, ForkyardError, VMError
 from forkyard.guest.client import AgentClient
 from forkyard.vm.machine import QemuVM
 
@@ -45,7 +46,16 @@ def boot_vm(vm: QemuVM, name: str, *, incoming: Path | int | None, timeout: floa
             base, layers = pending_chain()
             vm.attach_backing(base, layers)
             vm.resume()
-        agent.connect(timeout=timeout)
+        try:
+            agent.connect(timeout=timeout)
+        except AgentError as exc:
+            # the channel closes when QEMU exits (a guest that panics or reboots
+            # ends QEMU: -no-reboot): then say so, with QEMU's and the console's last lines
+            time.sleep(0.2)
+            if not vm.alive():
+                raise VMError(f"{name}: QEMU exited ({vm.exit_code}) while the guest agent "
+                              f"connected: {exc}", log_tail=vm.log_tail()) from exc
+            raise
     except BaseException:
         agent.close()
         vm.kill()
