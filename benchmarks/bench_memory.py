@@ -93,17 +93,24 @@ def transferred(b: Worker, cp_k: Checkpoint, cp_next: Checkpoint) -> int:
     """Bytes worker ``b`` (holding ``cp_k``) reads from the store to fork ``cp_next``."""
     b.fetch_checkpoint(cp_k.id)
     sizes: list[int] = []
-    real = b.store.open_read
+    real, real_head = b.store.open_read, b.store.read_head
 
     def counting(key: str) -> Any:
         sizes.append(b.store.size(key))
         return real(key)
 
+    def counting_head(key: str, n: int) -> bytes:  # how RAM chunks are read
+        data = real_head(key, n)
+        sizes.append(len(data))
+        return data
+
     b.store.open_read = counting  # type: ignore[method-assign]
+    b.store.read_head = counting_head  # type: ignore[method-assign]
     try:
         b.fork(cp_next.id).destroy()
     finally:
         b.store.open_read = real  # type: ignore[method-assign]
+        b.store.read_head = real_head  # type: ignore[method-assign]
     return sum(sizes)
 
 

@@ -134,8 +134,8 @@ class Migration(ABC):
         ``pause-before-switchover`` QEMU waits, guest stopped, before that last
         pass: ``at_switchover()`` runs there, so whatever it freezes (the disk
         layer) is of the same instant as the saved RAM.  A guest dirtying
-        memory faster than it is copied is stopped after ``converge`` seconds,
-        and the rest is copied while it is paused.  The VM ends paused
+        memory faster than it is copied is stopped ``converge`` seconds after
+        the first full pass, and the rest is copied while it is paused.  The VM ends paused
         (``postmigrate``); the caller resumes it.  Returns the monotonic time
         of the last check that saw it running (the pause began after that).
         """
@@ -150,7 +150,7 @@ class Migration(ABC):
         qmp.execute("migrate-set-parameters", {"downtime-limit": _DOWNTIME_MS})
         try:
             qmp.execute("migrate", {"uri": "fd:outgoing"})
-            stop_by = time.monotonic() + converge
+            stop_by: float | None = None  # set once every page was sent once
             deadline = time.monotonic() + timeout
             running_at = time.monotonic()
             stopped = False
@@ -165,7 +165,11 @@ class Migration(ABC):
                                   f"{info.get('error-desc', status)}", log_tail=self.log_tail())
                 if not stopped:
                     running_at = seen
-                    if seen > stop_by:  # not converging: copy the rest paused
+                    # the first pass takes what the memory size takes; the passes
+                    # after it should converge, or the rest is copied paused
+                    if stop_by is None and info.get("ram", {}).get("dirty-sync-count", 0) > 1:
+                        stop_by = seen + converge
+                    if stop_by is not None and seen > stop_by:
                         qmp.execute("stop")
                         stopped = True
                 self._check_alive("saving the VM state live")
