@@ -130,5 +130,3 @@ def _chunks_with_data(image: RamFile, chunk_size: int) -> list[int]:
             if not out or out[-1] < offset:
                 out.append(offset)
     return out
-
-

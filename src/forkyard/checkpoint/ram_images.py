@@ -68,7 +68,6 @@ class ImageBuild:
             self._done.result(timeout)
 
 
-
 class RamImages:
     """This worker's assembled, sealed RAM images, by image id (single-flight builds).
 
@@ -353,10 +352,8 @@ class _Tee:
         return len(data)
 
 
-
 def _private_opener(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_CLOEXEC, 0o600)
-
 
 
 def _translated(name: str, chunk: ChunkRef, blobstore: BlobStore | None,
@@ -370,5 +367,3 @@ def _translated(name: str, chunk: ChunkRef, blobstore: BlobStore | None,
         where = blobstore.store.url if blobstore else "this worker"
         raise IntegrityError(name, expected=f"blob sha256:{chunk.digest} in {where}",
                              actual="no such blob") from exc
-
-

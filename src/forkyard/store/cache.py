@@ -184,7 +184,7 @@ class BlobCache:
     def staging(self) -> Path:
         """A private directory on the cache's filesystem for files about to be filed.
 
-        Names there end in ``.<pid>.<anything>``; the first call of a process
+        Names there are ``<digest>.<pid>.<thread>``; the first call of a process
         removes the files of processes that are gone (a crash mid-batch).
         """
         path = self._root / ".staging"
