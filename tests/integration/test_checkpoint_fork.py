@@ -151,6 +151,8 @@ def test_readme_worker_example_runs_unchanged(tmp_path):
 
 
 def test_a_failed_state_save_leaves_later_checkpoints_consistent(worker_factory, monkeypatch):
+    import os
+
     from forkyard.errors import VMError
 
     w = worker_factory()
@@ -160,8 +162,16 @@ def test_a_failed_state_save_leaves_later_checkpoints_consistent(worker_factory,
     def broken_save(dest, **_kw):
         raise VMError("disk full (simulated)")
 
+    def broken_live(fd, at_switchover, **_kw):
+        # as a live save that fails once the guest stopped and the layer froze
+        os.close(fd)
+        sb.vm.pause()
+        at_switchover()
+        raise VMError("disk full (simulated)")
+
     with monkeypatch.context() as m:
         m.setattr(sb.vm, "save_state", broken_save)
+        m.setattr(sb.vm, "save_live", broken_live)
         with pytest.raises(VMError):
             sb.checkpoint()
     assert sb.state.value == "running"  # the sandbox carries on, on a new layer

@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 from forkyard.errors import VMError
 
-__all__ = ["StreamFormatError", "saved_ignore_shared", "split_stream"]
+__all__ = ["StreamEnded", "StreamFormatError", "saved_ignore_shared", "split_stream"]
 
 _MAGIC = 0x5145564D
 _VERSION = 3
@@ -53,6 +53,10 @@ class StreamFormatError(VMError):
     """The stream holds something this filter does not understand."""
 
 
+class StreamEnded(StreamFormatError):
+    """The stream stopped short: usually because its writer (QEMU) failed."""
+
+
 class _Reader:
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
@@ -60,7 +64,7 @@ class _Reader:
     def exact(self, n: int) -> bytes:
         data = self._f.read(n)
         if len(data) != n:
-            raise StreamFormatError(f"migration stream ended early ({len(data)} of {n} bytes)")
+            raise StreamEnded(f"migration stream ended early ({len(data)} of {n} bytes)")
         return data
 
     def byte(self) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from forkyard.errors import VMError
 from forkyard.vm.machine import QemuVM, VMState
-from forkyard.vm.migstream import StreamFormatError, split_stream
+from forkyard.vm.migstream import StreamEnded, StreamFormatError, split_stream
 from forkyard.vm.ram import RamFile
 
 __all__ = ["save_live_with_image", "save_with_image"]
@@ -118,7 +118,9 @@ def _split(vm: QemuVM, state_file: Path, image: RamFile,
             out = save(write_fd)
     except BaseException:
         reader.join(30)
-        if failure:  # QEMU failed because the splitter stopped reading: say why
+        # QEMU failed because the splitter stopped reading: say why (a stream that
+        # merely ended is the other way round: QEMU's own error says more)
+        if failure and not isinstance(failure[0], StreamEnded):
             raise failure[0] from None
         raise
     reader.join()
