@@ -169,15 +169,18 @@ def test_a_failed_state_save_leaves_later_checkpoints_consistent(worker_factory,
         at_switchover()
         raise VMError("disk full (simulated)")
 
-    with monkeypatch.context() as m:
-        m.setattr(sb.vm, "save_state", broken_save)
-        m.setattr(sb.vm, "save_live", broken_live)
-        with pytest.raises(VMError):
-            sb.checkpoint()
+    for live in (False, True):  # a paused capture, then a live one
+        sb.live_checkpoints = live
+        with monkeypatch.context() as m:
+            m.setattr(sb.vm, "save_state", broken_save)
+            m.setattr(sb.vm, "save_live", broken_live)
+            with pytest.raises(VMError):
+                sb.checkpoint()
+    sb.live_checkpoints = False
     assert sb.state.value == "running"  # the sandbox carries on, on a new layer
     sb.files.write("/root/b", "after it")
     cp = sb.checkpoint()
-    assert len(cp.manifest.layers) == 2  # the layer frozen by the failed attempt is kept
+    assert len(cp.manifest.layers) == 3  # the layers frozen by the failed attempts are kept
     fork = w.fork(cp)
     assert fork.files.read_text("/root/a") == "before the failed checkpoint"
     assert fork.files.read_text("/root/b") == "after it"

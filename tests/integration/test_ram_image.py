@@ -272,6 +272,7 @@ def test_a_live_checkpoint_captures_one_instant_of_a_guest_writing_all_along(
     from forkyard.vm.migstream import saved_ignore_shared
 
     src = scene.w.create("minimal", cold=True)
+    src.live_checkpoints = True  # opt-in for now (worker/_sandbox.py says why)
     try:
         src.exec("mkdir -p /mnt/ram && mount -t tmpfs -o size=40m tmpfs /mnt/ram && "
                  "head -c 16777216 /dev/zero | tr '\\0' Z > /mnt/ram/sweep", check=True)

@@ -93,6 +93,11 @@ class Sandbox(SandboxNetwork):
         self.error: str | None = None  # why it failed, when known (a host-side disk fault)
         # False: checkpoints save the whole stream (format v2) even from a working RAM file
         self.ram_images = True
+        # True: checkpoints copy RAM live (vm/ram_capture.py, save_live_with_image), the
+        # guest paused only for its last dirty pages.  Off by default: under load, a
+        # sandbox forked from a template, checkpointed live and woken twice failed to
+        # answer its agent in the test suite, cause not found yet
+        self.live_checkpoints = False
 
     # ------------------------------------------------------------------
     @property
@@ -366,7 +371,7 @@ class Sandbox(SandboxNetwork):
             with agent.quiesced():
                 self.lifecycle.move(S.PAUSED, "checkpoint")
                 try:
-                    if self.ram_images and vm.ram is not None:
+                    if self.live_checkpoints and self.ram_images and vm.ram is not None:
                         image, t0 = self._capture_live(vm, state_file, freeze)
                     if frozen is None:
                         t0 = time.monotonic()
