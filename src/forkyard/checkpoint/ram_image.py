@@ -2,8 +2,8 @@
 
 A checkpoint saves a *device-state-only* migration stream (~300 KB for a
 256 MiB guest) and the guest's RAM as a new memfd, the frozen image: copied
-live by a precopy migration split on the fly (``vm/ram_capture.py``), or,
-as the fallback, while the VM is paused.  After the VM resumed, :func:`file_image` cuts
+while the VM is paused (the default) or live, by a precopy migration split on
+the fly (opt-in, ``vm/ram_capture.py``).  After the VM resumed, :func:`file_image` cuts
 the image into fixed-size chunks (64 KiB up to a 256 MiB guest, at most 4096
 chunks: ``chunks.ram_chunk_size`` says why), leaves all-zero chunks out (and
 punches them out of the image, so they cost no memory), files every chunk the
@@ -30,12 +30,15 @@ Decisions, and why:
   disk), not a QEMU restart; a stream the splitter does not understand is
   stored whole (format v2), and a fork of that loads it into a working file of
   its own, whose next checkpoint is v3 again.
-- **Pause.**  A checkpoint copies the RAM live (``vm/ram_capture.py``,
-  ``save_live_with_image``): a precopy migration through the stream splitter
-  while the guest runs, which stops the guest only for the pages it dirtied
-  last and the device state; the disk layer is frozen in that stop.  The pause
-  no longer grows with the guest's memory; the checkpoint as a whole takes one
-  pass over it while the guest runs.  The paused copy below remains the fallback.
+- **Pause.**  By default a checkpoint copies (or splits) the guest's touched
+  RAM while paused: it grows with the memory the guest touched, at in-kernel
+  copy speed (~0.1 s per 256 MiB here).  Live checkpoints (opt-in,
+  ``Sandbox.live_checkpoints``; ``vm/ram_capture.py``, ``save_live_with_image``)
+  copy it by a precopy migration through the stream splitter while the guest
+  runs, and stop it only for the pages it dirtied last; the disk layer is
+  frozen in that stop.  They are opt-in until a hang seen once under load
+  (a template fork checkpointed live, then woken, not answering its agent)
+  is understood.
 - **Filing.**  New chunks are written to staging files and filed in one batch
   (``BlobCache.add_batch``: one ``syncfs``, not two fsyncs per chunk).
 

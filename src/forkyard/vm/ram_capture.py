@@ -1,9 +1,9 @@
 """Save a VM's state and freeze its RAM into a new image (format v3's capture).
 
-Live (:func:`save_live_with_image`, what checkpoints use): a precopy
-migration while the guest runs, split on the fly; the guest stops only for
-its last dirty pages and the device state.  Paused (:func:`save_with_image`,
-the fallback), two cases by what the VM's RAM is (``vm/ram.py``):
+Live (:func:`save_live_with_image`, opt-in: ``Sandbox.live_checkpoints``): a
+precopy migration while the guest runs, split on the fly; the guest stops only
+for its last dirty pages and the device state.  Paused (:func:`save_with_image`,
+the default), two cases by what the VM's RAM is (``vm/ram.py``):
 
 - its own working file (``share=on``): the stream is saved with
   ``x-ignore-shared`` (device state only) and the working file is copied into
