@@ -62,6 +62,11 @@ class ImageBuild:
     image: RamFile
     _done: Future[None] | None
 
+    @property
+    def filling(self) -> bool:
+        """Whether the image may still be filling (else it is sealed already)."""
+        return self._done is not None
+
     def ready(self, timeout: float | None = None) -> None:
         """Return once the image is complete, verified and sealed; raise why it is not."""
         if self._done is not None:

@@ -394,7 +394,8 @@ class Worker(StoreSide):
             if m.ram is not None:
                 # QEMU starts while the image fills; it loads nothing before ready()
                 build = self.ram_images.open(m.ram, what=f"checkpoint {cp.short_id}")
-                ram, ram_ready = build.image, build.ready
+                # an image already sealed needs no wait, nor QEMU's smaps read
+                ram, ram_ready = build.image, (build.ready if build.filling else None)
             active = sb.prepare(m.layers, m.boot)
             # the recorded machine, run (and later saved again) by this host's QEMU
             shape = replace(m.vm, qemu=self.host.qemu_version)
