@@ -120,6 +120,11 @@ class Forwarder:
         if self._open >= self.max_connections:
             writer.close()  # bounded: a flood of local connections opens no more tunnels
             return
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # create_server made the listener with proto 0, so asyncio left Nagle on; a relay
+            # writes what arrives at once, and Nagle + delayed ACK would add 40 ms
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._open += 1
         try:
             await self._relay(reader, writer)
