@@ -214,17 +214,48 @@ def damaged_v2(pair: Pair) -> Iterator[tuple[Worker, BlobStore, Manifest]]:
     yield from _damaged(pair, pair.cp2.manifest)
 
 
+_COPIES: dict[tuple[str, str], str] = {}  # (store, checkpoint) -> a pristine private copy
+
+
 def _damaged(pair: Pair, m: Manifest) -> Iterator[tuple[Worker, BlobStore, Manifest]]:
-    url = f"{pair.store_url}-copy-{uuid.uuid4().hex[:6]}" if pair.store_url.startswith(
-        "s3://") else f"file://{pair.root}/copy-{uuid.uuid4().hex[:6]}"
+    # Copying a checkpoint's hundreds of RAM chunks costs ~25 s on the S3 server, so one
+    # copy per checkpoint serves the module: every key a test writes or deletes in it is
+    # put back from the original after the test, and each test gets a fresh worker.
+    src = pair.a.store
+    url = _COPIES.get((pair.store_url, m.id))
+    if url is None:
+        url = f"{pair.store_url}-copy-{uuid.uuid4().hex[:6]}" if pair.store_url.startswith(
+            "s3://") else f"file://{pair.root}/copy-{uuid.uuid4().hex[:6]}"
+        copy = pair.open_worker(f"copy-{uuid.uuid4().hex[:6]}", url).store
+        for _role, ref in m.parts():
+            with src.open_read(blob_key(ref.digest)) as f:
+                copy.put_stream(blob_key(ref.digest), f)
+        copy.put_bytes(manifest_key(m.id), m.canonical())
+        _COPIES[(pair.store_url, m.id)] = url
     c = pair.open_worker(f"c-{uuid.uuid4().hex[:6]}", url)
-    src = pair.a.blobstore
-    for _role, ref in m.parts():
-        with src.store.open_read(blob_key(ref.digest)) as f:
-            c.store.put_stream(blob_key(ref.digest), f)
-    c.store.put_bytes(manifest_key(m.id), m.canonical())
-    yield c, c.blobstore, m
-    assert not qemu_pids(c.home.root)
+    assert c.blobstore.store is c.store
+    touched: set[str] = set()
+
+    def recording(real: Any) -> Any:
+        def call(key: str, *args: Any, **kwargs: Any) -> Any:
+            touched.add(key)
+            return real(key, *args, **kwargs)
+        return call
+
+    for name in ("put_stream", "put_file", "put_bytes", "delete"):
+        setattr(c.store, name, recording(getattr(c.store, name)))
+    try:
+        yield c, c.blobstore, m
+        assert not qemu_pids(c.home.root)
+    finally:
+        for name in ("put_stream", "put_file", "put_bytes", "delete"):
+            delattr(c.store, name)
+        for key in touched:
+            if c.store.exists(key):
+                c.store.delete(key)
+            if src.exists(key):
+                with src.open_read(key) as f:
+                    c.store.put_stream(key, f)
 
 
 def _rewrite(store: BlobStore, key: str, data: bytes) -> None:
