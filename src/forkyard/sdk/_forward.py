@@ -20,7 +20,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from forkyard.sdk.config import ConnectionConfig
 from forkyard.sdk.errors import APIError, Unavailable, error_class
-from forkyard.wire.ports import TUNNEL_MESSAGE, close_status
+from forkyard.wire.ports import TUNNEL_MESSAGE, close_status, no_delay
 
 __all__ = ["Forwarder", "open_tunnel", "tunnel_error"]
 
@@ -120,11 +120,8 @@ class Forwarder:
         if self._open >= self.max_connections:
             writer.close()  # bounded: a flood of local connections opens no more tunnels
             return
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # create_server made the listener with proto 0, so asyncio left Nagle on; a relay
-            # writes what arrives at once, and Nagle + delayed ACK would add 40 ms
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # create_server made the listener with proto 0, so asyncio left Nagle on
+        no_delay(writer.get_extra_info("socket"))
         self._open += 1
         try:
             await self._relay(reader, writer)

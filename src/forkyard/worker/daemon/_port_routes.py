@@ -23,7 +23,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from forkyard.errors import ForkyardError
 from forkyard.wire.errors import error_body
-from forkyard.wire.ports import MAX_PORT, TUNNEL_MESSAGE, close_code
+from forkyard.wire.ports import MAX_PORT, TUNNEL_MESSAGE, close_code, no_delay
 
 __all__ = ["CONNECT_TIMEOUT", "PortTarget", "add_port_routes"]
 
@@ -66,9 +66,7 @@ def add_port_routes(app: FastAPI, sandbox: Callable[[str], Any], *,
                 status, body = error_body(exc)
                 await ws.close(code=close_code(status), reason=str(body["error"]["type"])[:100])
                 return
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                # a relay writes what arrives at once: Nagle + delayed ACK would add 40 ms
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            no_delay(sock)
             stream = await SocketStream.from_socket(sock)
             async with stream:
                 await ws.send_text("ok")
