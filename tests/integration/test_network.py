@@ -6,6 +6,7 @@ other sandbox is a fork.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -17,6 +18,16 @@ from forkyard.wire.network import NetworkMode, NetworkSpec
 from tests.fixtures.internet import NAME, PRIV_NAME, PRIVATE, PUBLIC, internet
 
 pytestmark = pytest.mark.vm
+
+
+@contextlib.contextmanager
+def forked(worker, cp, **kwargs):
+    """A fork of ``cp``, destroyed after the block."""
+    f = worker.fork(cp, **kwargs)
+    try:
+        yield f
+    finally:
+        f.destroy()
 
 
 def fetch(sb, url: str) -> str:
@@ -231,6 +242,48 @@ def test_checkpoint_without_a_card_forks_as_none(worker, sb_none):
         f.destroy()
 
 
+def _spare_ready(worker) -> str:
+    deadline = time.monotonic() + 30
+    while not worker.net._spares:
+        assert time.monotonic() < deadline, "the plane built no spare namespace"
+        time.sleep(0.05)
+    return worker.net._spares[-1].netns
+
+
+def test_a_fork_given_a_spare_namespace_gets_its_own_rules_in_force(worker, sb):
+    # a spare is built with the default rules, before anyone asked for it: the
+    # fork that takes it must run under the rules *it* was given, names included
+    cp = sb.checkpoint(name="spare")
+    spare = _spare_ready(worker)
+    spec = NetworkSpec(allow_out=("10.213.0.0/16",), deny_out=(f"{PUBLIC}/32", NAME))
+    with forked(worker, cp, network=spec) as f:
+        assert f._net.netns == spare
+        assert fetch(f, f"http://{PRIVATE}/") == f"hello from {PRIVATE}\n"
+        assert fetch(f, f"http://{PUBLIC}/") == ""
+        assert PUBLIC not in f.exec(f"nslookup {NAME}", timeout=30).stdout
+        # the next spare is another namespace, and a fork on defaults is back to them
+        with forked(worker, cp) as g:
+            assert g._net.netns != spare
+            assert fetch(g, f"http://{PUBLIC}/") == f"hello from {PUBLIC}\n"
+            assert fetch(g, f"http://{PRIVATE}/") == ""
+
+
+def test_a_restore_sets_back_what_the_guest_changed_of_its_interface(worker, sb):
+    # the agent sets only what differs from the sandbox network's configuration
+    # (after a restore, usually nothing): what root in the guest changed is found
+    with forked(worker, sb.checkpoint(name="reconf")) as f:
+        r = f.exec("ifconfig eth0 10.0.2.99 netmask 255.255.255.128; route del default; "
+                   "echo nameserver 192.0.2.53 > /etc/resolv.conf; ip -4 addr show eth0")
+        assert "10.0.2.99/25" in r.stdout, r.stdout + r.stderr
+        assert fetch(f, f"http://{PUBLIC}/") == ""
+        with forked(worker, f.checkpoint(name="reconf-2")) as g:
+            shown = g.exec("ip -4 addr show eth0; ip route").stdout
+            assert "10.0.2.15/24" in shown and "default via 10.0.2.2" in shown, shown
+            assert fetch(g, f"http://{PUBLIC}/") == f"hello from {PUBLIC}\n"
+            # the guest's own resolver file is its own: a restore leaves it alone
+            assert g.exec("cat /etc/resolv.conf").stdout == "nameserver 192.0.2.53\n"
+
+
 def test_destroy_removes_the_namespace(worker, sb):
     f = worker.fork(sb.checkpoint(name="gone"))
     netns = f._net.netns
@@ -261,7 +314,9 @@ def test_a_new_worker_sweeps_what_a_dead_one_left():
     from forkyard.net import NetPlane
 
     key = f"/tmp/fy-net-sweep-{os.getpid()}"
-    first = NetPlane(key)
+    # no spare-building threads: a dead worker's are dead, and the second
+    # plane's would build a namespace the assertions below would see
+    first = NetPlane(key, spares=0)
     net = first.attach("sb-00000000000000000000", NetworkSpec())
     left = net.netns
     assert left in ip.netns_names()
@@ -271,7 +326,7 @@ def test_a_new_worker_sweeps_what_a_dead_one_left():
     if net.tap_fd is not None:
         os.close(net.tap_fd)
     first.resolver.close()
-    second = NetPlane(key)
+    second = NetPlane(key, spares=0)
     try:
         assert second.block == first.block
         assert left not in ip.netns_names()
