@@ -155,7 +155,11 @@ def test_an_unanswered_hello_is_retried_on_a_fresh_connection(worker_factory):
     sb._agent.close()  # leave the channel to the new client
     client = HalfFrameFirst(sb.vm.agent_socket, name="retry")
     try:
-        client.connect(timeout=30, hello_timeout=2.0)
+        # the first retry comes after the guest's stall window (PARTIAL_IDLE_MS,
+        # 5 s), as with the default hello_timeout (15 s): with 2 s, retries sent
+        # inside the window under load kept the debris alive (failed once with
+        # the suite on two processes) and the last HELLO was dropped with it
+        client.connect(timeout=60, hello_timeout=6.0)
         assert HalfFrameFirst.poisoned
         assert client.exec("echo again").stdout == "again\n"
     finally:
