@@ -31,9 +31,9 @@ Why this shape:
   ``spares`` of them ready, built by a background thread between forks, and
   :meth:`NetPlane.attach` only puts the sandbox's rules in force (one
   ``nft -f``; none for the default rules it was built with) and hands its
-  DNS socket to the resolver.  A spare carries
-  the default rules, and no VM is plugged into it before ``attach``, so
-  nothing ever flows under rules it was not given.
+  DNS socket to the resolver.  A spare carries the default rules, and no VM
+  is plugged into it before ``attach``, so nothing ever flows under rules
+  it was not given.
 - **nftables**, not iptables: a sandbox's rule change is one ``nft -f``
   transaction inside its namespace, atomic, with sets for the ranges.
   The host table drops anything a sandbox's veth sends to the host itself
