@@ -316,3 +316,26 @@ def test_bytes_moved_to_and_from_the_store_are_counted(tmp_path):
     assert blobs.uploaded_bytes == ref.stored_size
     got = blobs.get_blob(ref.digest, tmp_path / "g")
     assert blobs.downloaded_bytes == got.stored_size == ref.stored_size
+
+
+@pytest.mark.parametrize("planted", ["fifo", "directory"])
+def test_a_small_blob_planted_as_no_regular_file_fails_at_once(tmp_path: Path,
+                                                               planted: str) -> None:
+    """A FIFO at a blob's key reads empty (an open that waited for a writer would hang
+    the fork); a directory is no object."""
+    from forkyard.store import open_store
+
+    store = open_store(f"file://{tmp_path}/store")
+    blobs = BlobStore(store)
+    data = b"chunk" * 1000
+    ref = blobs.put_blob(write(tmp_path / "f", data))
+    path = tmp_path / "store" / blob_key(ref.digest)
+    path.unlink()
+    if planted == "fifo":
+        os.mkfifo(path)
+        with pytest.raises(IntegrityError, match="complete zstd frames"):
+            blobs.get_small_blob(ref.digest, size=len(data))
+    else:
+        path.mkdir()
+        with pytest.raises(ObjectNotFound):
+            blobs.get_small_blob(ref.digest, size=len(data))

@@ -193,8 +193,11 @@ class RamImages:
 
         def one(same: list[tuple[int, ChunkRef]]) -> None:
             i, chunk = same[0]
-            name = (f"{what} RAM chunk {i} (bytes {chunk.offset}+{chunk.size}, "
-                    f"sha256:{chunk.digest})")
+
+            def name() -> str:  # only an error needs it: a fork passes a thousand chunks
+                return (f"{what} RAM chunk {i} (bytes {chunk.offset}+{chunk.size}, "
+                        f"sha256:{chunk.digest})")
+
             if image is None:
                 if self._blobs.path_if_present(chunk.digest) is None:
                     tmp = staging_file(staging, chunk.digest)
@@ -216,16 +219,25 @@ class RamImages:
             for _, c in same:
                 os.pwrite(image.fd, data, c.offset)
 
+        groups = list(uses.values())
+        failed = threading.Event()
+
+        def share(k: int) -> None:
+            # a slice per thread, not a future per chunk: the pool's bookkeeping cost
+            # as much as a chunk's hashing
+            for same in groups[k::_FETCHERS]:
+                if failed.is_set():
+                    return
+                try:
+                    one(same)
+                except BaseException:
+                    failed.set()
+                    raise
+
         try:
             with ThreadPoolExecutor(max_workers=_FETCHERS, thread_name_prefix="ram") as pool:
-                futures = [pool.submit(one, same) for same in uses.values()]
-                try:
-                    for f in futures:
-                        f.result()
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+                for f in [pool.submit(share, k) for k in range(_FETCHERS)]:
+                    f.result()
         except BaseException:
             with mu:
                 discard_staged(staged)
@@ -233,7 +245,7 @@ class RamImages:
         self._blobs.add_batch(staged)
         return fetched
 
-    def _local_bytes(self, chunk: ChunkRef, name: str) -> bytes | None:
+    def _local_bytes(self, chunk: ChunkRef, name: Callable[[], str]) -> bytes | None:
         """The chunk's bytes from this worker, verified, or None if it has no copy."""
         found = self._blobs.path_if_present(chunk.digest)
         if found is not None:
@@ -242,7 +254,7 @@ class RamImages:
             # the digest names, whatever the disk did since
             actual = hashlib.sha256(data).hexdigest()
             if actual != chunk.digest or len(data) != chunk.size:
-                raise IntegrityError(f"{name} in the local cache", expected=chunk.digest,
+                raise IntegrityError(f"{name()} in the local cache", expected=chunk.digest,
                                      actual=f"{actual} ({len(data)} bytes)")
             return data
         with self._lock:
@@ -361,14 +373,14 @@ def _private_opener(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_CLOEXEC, 0o600)
 
 
-def _translated(name: str, chunk: ChunkRef, blobstore: BlobStore | None,
+def _translated(name: Callable[[], str], chunk: ChunkRef, blobstore: BlobStore | None,
                 fn: Callable[[], _T]) -> _T:
-    """``fn()``, its integrity and not-found errors naming the chunk ``name``."""
+    """``fn()``, its integrity and not-found errors naming the chunk ``name()``."""
     try:
         return fn()
     except IntegrityError as exc:
-        raise IntegrityError(name, expected=exc.expected, actual=exc.actual) from exc
+        raise IntegrityError(name(), expected=exc.expected, actual=exc.actual) from exc
     except ObjectNotFound as exc:
         where = blobstore.store.url if blobstore else "this worker"
-        raise IntegrityError(name, expected=f"blob sha256:{chunk.digest} in {where}",
+        raise IntegrityError(name(), expected=f"blob sha256:{chunk.digest} in {where}",
                              actual="no such blob") from exc

@@ -3,7 +3,8 @@
 The decoder happily stops at end of input when a frame lacks only its
 checksum, or ends mid-frame; :class:`FrameTracker` tells a complete stream
 from a truncated one without decoding anything, and :class:`CountingReader`
-puts it in the path of a download.
+puts it in the path of a download.  :func:`whole_frames` does the same for a
+buffer held whole (a RAM chunk), in one pass by offsets.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import BinaryIO
 
 import zstandard
 
-__all__ = ["CountingReader", "FrameTracker"]
+__all__ = ["CountingReader", "FrameTracker", "whole_frames"]
 
 
 class CountingReader:
@@ -123,3 +124,50 @@ class FrameTracker:
         else:
             self.frames += 1
             self._expect("magic", 4)
+
+
+def whole_frames(data: bytes) -> bool:
+    """Whether ``data`` is one or more complete zstd frames and nothing else.
+
+    :class:`FrameTracker`'s walk over a buffer held whole: the same checks,
+    without its per-field state machine (a fork checks a thousand RAM chunks).
+    Raises ``zstandard.ZstdError`` for what no encoder writes.
+    """
+    end = len(data)
+    i = frames = 0
+    while i < end:
+        if i + 4 > end:
+            return False
+        magic = int.from_bytes(data[i:i + 4], "little")
+        i += 4
+        if magic in _SKIPPABLE_MAGICS:
+            if i + 4 > end:
+                return False
+            i += 4 + int.from_bytes(data[i:i + 4], "little")
+            continue
+        if magic != _ZSTD_MAGIC:
+            raise zstandard.ZstdError(f"no zstd frame at a frame boundary ({magic:#x})")
+        if i >= end:
+            return False
+        descriptor = data[i]
+        if descriptor & 0x08:
+            raise zstandard.ZstdError("reserved bit set in a zstd frame header")
+        single_segment = bool(descriptor & 0x20)
+        i += 1 + int(not single_segment) + _DICT_ID_BYTES[descriptor & 0x03] + (
+            _CONTENT_SIZE_BYTES[descriptor >> 6] or int(single_segment))
+        while True:
+            if i + 3 > end:
+                return False
+            header = int.from_bytes(data[i:i + 3], "little")
+            block_type = (header >> 1) & 0x03
+            if block_type == 3:
+                raise zstandard.ZstdError("reserved zstd block type")
+            i += 3 + (1 if block_type == 1 else header >> 3)
+            if header & 0x01:
+                break
+        if descriptor & 0x04:
+            i += 4
+        if i > end:
+            return False
+        frames += 1
+    return frames > 0 and i == end
