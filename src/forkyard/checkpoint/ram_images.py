@@ -21,7 +21,10 @@ Decisions, and why:
   (:meth:`RamImages.open`): it maps guest RAM at start but touches none of
   it before it loads its state, which it is given only after
   ``ImageBuild.ready()``; ``QemuVM`` then checks in ``/proc/PID/smaps``
-  that it wrote no page of the image meanwhile.
+  that it wrote no page of the image meanwhile; (3) per chunk, only C work
+  is left (read, decompress, hash, write): each fetch thread walks its own
+  slice of the chunk list, since a pool future per chunk cost about what
+  hashing the chunk does.
 """
 
 from __future__ import annotations
