@@ -162,18 +162,18 @@ def test_a_failed_state_save_leaves_later_checkpoints_consistent(worker_factory,
     def broken_save(dest, **_kw):
         raise VMError("disk full (simulated)")
 
-    def broken_live(fd, at_switchover, **_kw):
+    def broken_live(fd, at_stop, **_kw):
         # as a live save that fails once the guest stopped and the layer froze
         os.close(fd)
         sb.vm.pause()
-        at_switchover()
+        at_stop()
         raise VMError("disk full (simulated)")
 
     for live in (False, True):  # a paused capture, then a live one
         sb.live_checkpoints = live
         with monkeypatch.context() as m:
             m.setattr(sb.vm, "save_state", broken_save)
-            m.setattr(sb.vm, "save_live", broken_live)
+            m.setattr(sb.vm, "save_background", broken_live)
             with pytest.raises(VMError):
                 sb.checkpoint()
     sb.live_checkpoints = False

@@ -71,11 +71,12 @@ def _name(b: bytes) -> bytes:
 
 
 def _stream(records: list[bytes], *, image_size: int = 4 * 4096, ignore_shared: bool = True,
-            more: tuple[list[bytes], ...] = ()) -> tuple[bytes, bytes]:
+            more: tuple[list[bytes], ...] = (), end: bool = True) -> tuple[bytes, bytes]:
     """(a QEMU-shaped stream, what it must become without pc.ram pages).
 
     ``ignore_shared=False``: as a live save writes it (no capability, no block
-    addresses); ``more``: further RAM parts (precopy iterations).
+    addresses); ``more``: further RAM parts; ``end=False``: no RAM END section,
+    the device state right after the last part (a background snapshot).
     """
     head = struct.pack(">II", 0x5145564D, 3)
     config = b"\x07" + struct.pack(">I", 10) + b"pc-q35-7.2"
@@ -95,10 +96,10 @@ def _stream(records: list[bytes], *, image_size: int = 4 * 4096, ignore_shared: 
         kept = [r for r in part if b"pc.bios" in r]
         part_in += b"\x02" + struct.pack(">I", 2) + b"".join(part) + eos + footer
         part_out += b"\x02" + struct.pack(">I", 2) + b"".join(kept) + eos + footer
-    end = b"\x03" + struct.pack(">I", 2) + eos + footer
+    ram_end = b"\x03" + struct.pack(">I", 2) + eos + footer if end else b""
     devices = b"\x04" + b"opaque device sections" + b"\x00"
-    return (head + config + start + part_in + end + devices,
-            head + config + start + part_out + end + devices)
+    return (head + config + start + part_in + ram_end + devices,
+            head + config + start + part_out + ram_end + devices)
 
 
 def _page(addr: int, block: bytes, fill: bytes, *, cont: bool = False) -> bytes:
@@ -161,3 +162,21 @@ def test_a_live_stream_splits_to_its_last_pages_and_says_it_was_live(tmp_path) -
     (tmp_path / "junk").write_bytes(b"not a stream at all")
     with pytest.raises(StreamFormatError):
         saved_ignore_shared(tmp_path / "junk")
+
+
+def test_a_background_snapshot_stream_ends_its_ram_with_a_part() -> None:
+    """QEMU's background snapshot writes no RAM END: the device state (saved at the
+    snapshot's instant, before the RAM) follows the last part, and passes through."""
+    first = [_page(0, b"pc.ram", b"a"), _page(0, b"pc.bios", b"c")]
+    faulted = [_page(3 * 4096, b"pc.ram", b"d"), _zero(4096, b"pc.ram")]
+    stream, expected = _stream(first, ignore_shared=False, more=(faulted,), end=False)
+    out, image = _split(stream)
+    assert out == expected and out.endswith(b"opaque device sections\x00")
+    assert image == b"a" * 4096 + bytes(3 * 4096 - 4096) + b"d" * 4096
+
+
+def test_device_state_before_any_ram_is_an_error() -> None:
+    stream, _ = _stream([_page(0, b"pc.ram", b"a")])
+    head_and_config = stream[:stream.index(b"\x01" + struct.pack(">I", 2))]
+    with pytest.raises(StreamFormatError):
+        _split(head_and_config + b"\x04" + b"opaque device sections" + b"\x00")

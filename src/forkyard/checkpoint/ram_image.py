@@ -30,15 +30,13 @@ Decisions, and why:
   disk), not a QEMU restart; a stream the splitter does not understand is
   stored whole (format v2), and a fork of that loads it into a working file of
   its own, whose next checkpoint is v3 again.
-- **Pause.**  By default a checkpoint copies (or splits) the guest's touched
-  RAM while paused: it grows with the memory the guest touched, at in-kernel
-  copy speed (~0.1 s per 256 MiB here).  Live checkpoints (opt-in,
-  ``Sandbox.live_checkpoints``; ``vm/ram_capture.py``, ``save_live_with_image``)
-  copy it by a precopy migration through the stream splitter while the guest
-  runs, and stop it only for the pages it dirtied last; the disk layer is
-  frozen in that stop.  They are opt-in until a hang seen once under load
-  (a template fork checkpointed live, then woken, not answering its agent)
-  is understood.
+- **Pause.**  A checkpoint stops the guest only while QEMU saves its device
+  state: its RAM of that instant is copied afterwards, while the guest runs
+  (a background snapshot, userfaultfd write-protection; ``vm/ram_capture.py``,
+  ``save_live_with_image``), and the disk layer is frozen in that stop.
+  Where QEMU gets no userfaultfd (``Sandbox.live_checkpoints`` turns off), the
+  guest's touched RAM is copied (or split) while paused: that pause grows with
+  the memory the guest touched, at in-kernel copy speed (~0.1 s per 256 MiB here).
 - **Filing.**  New chunks are written to staging files and filed in one batch
   (``BlobCache.add_batch``: one ``syncfs``, not two fsyncs per chunk).
 

@@ -32,7 +32,8 @@ from forkyard.host.kernel import fetch_kernel
 from forkyard.tools import apt, mkfs, qemu_system
 from forkyard.vm.vmuser import ensure_vm_ids
 
-__all__ = ["PACKAGES", "BootFile", "HostInfo", "cache_dir", "ensure_host", "load_host"]
+__all__ = ["PACKAGES", "BootFile", "HostInfo", "cache_dir", "ensure_host", "ensure_userfaultfd",
+           "load_host"]
 
 PACKAGES = [
     "qemu-system-x86",
@@ -138,6 +139,7 @@ def ensure_host(
     """Set the host up for ``home`` unless it already is; returns what is in use."""
     say = log or (lambda _msg: None)
     home.ensure()
+    ensure_userfaultfd(say)
     with _locked(home.host_dir / ".setup.lock"):
         info = load_host(home)
         if info is not None and _current(info):
@@ -179,6 +181,38 @@ def ensure_host(
         atomic_write_bytes(host / "host.json", json.dumps(info.to_json(), indent=2,
                                                           sort_keys=True), mode=0o644)
         return info
+
+
+_UFFD_SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
+_UFFD_CONF = Path("/etc/sysctl.d/60-forkyard-userfaultfd.conf")
+
+
+def ensure_userfaultfd(say: Callable[[str], None], *, proc: Path = _UFFD_SYSCTL,
+                       conf: Path = _UFFD_CONF) -> bool:
+    """Let confined QEMUs create a userfaultfd: live checkpoints need one.
+
+    A live checkpoint is QEMU's background snapshot, which write-protects
+    guest RAM with userfaultfd (``vm/_migration.py``).  QEMU 7.2 asks the
+    kernel without ``UFFD_USER_MODE_ONLY``, which an unprivileged uid (a
+    confined QEMU) may do only with ``vm.unprivileged_userfaultfd = 1``.  Set
+    here (and in ``/etc/sysctl.d`` for reboots) unless the file is missing or
+    read-only; without it checkpoints pause the guest for the RAM copy.  What
+    the setting costs is in ``docs/security.md``.  Returns whether it is on.
+    """
+    try:
+        if proc.read_text().strip() == "1":
+            return True
+        proc.write_text("1\n")
+    except OSError as exc:
+        say(f"userfaultfd stays root-only ({exc}): checkpoints will pause the guest")
+        return False
+    say("allowed userfaultfd to unprivileged processes (live checkpoints)")
+    try:
+        conf.write_text("# forkyard: confined QEMUs write-protect guest RAM for live "
+                        "checkpoints\nvm.unprivileged_userfaultfd = 1\n")
+    except OSError as exc:
+        say(f"{conf}: {exc} (the setting lasts until the next boot)")
+    return True
 
 
 def _current(info: HostInfo) -> bool:

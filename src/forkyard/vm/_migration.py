@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from forkyard.errors import VMError
-from forkyard.vm.qmp import QMP
+from forkyard.vm.qmp import QMP, QMPCommandError
 
-__all__ = ["Migration"]
+__all__ = ["LiveSaveUnavailable", "Migration"]
 
-# a live save stops the guest once what is left to copy would take this long: the
-# pause is then about this, whatever the guest's memory size (QEMU's default: 300)
-_DOWNTIME_MS = 20
+
+
+class LiveSaveUnavailable(VMError):
+    """QEMU cannot take a background snapshot here (nothing was stopped or saved)."""
 
 
 class Migration(ABC):
@@ -124,72 +125,85 @@ class Migration(ABC):
         self._wait_migration(timeout, what="saving the VM state")
         self._wait_finalized(timeout)
 
-    def save_live(self, fd: int, at_switchover: Callable[[], None], *,
-                  timeout: float = 300.0, converge: float = 2.0) -> float:
-        """Save RAM + device state into ``fd`` while the VM runs; returns when it stopped.
+    def save_background(self, fd: int, at_stop: Callable[[], None], *,
+                        timeout: float = 300.0) -> tuple[float, float]:
+        """Save RAM + device state of one instant into ``fd``, the guest paused
+        only while its device state is saved; returns when it stopped and resumed.
 
-        A precopy migration: QEMU copies RAM while the guest runs, resending
-        what it dirties, and stops the guest only for the last dirty pages and
-        the device state (``downtime-limit`` keeps that last set small).  With
-        ``pause-before-switchover`` QEMU waits, guest stopped, before that last
-        pass: ``at_switchover()`` runs there, so whatever it freezes (the disk
-        layer) is of the same instant as the saved RAM.  A guest dirtying
-        memory faster than it is copied is stopped ``converge`` seconds after
-        the first full pass, and the rest is copied while it is paused.  The VM ends paused
-        (``postmigrate``); the caller resumes it.  Returns the monotonic time
-        of the last check that saw it running (the pause began after that).
+        QEMU's background snapshot (capability ``background-snapshot``): with
+        the guest stopped, QEMU saves the device state and write-protects all
+        RAM (userfaultfd), then lets the guest run while the RAM is copied; a
+        page the guest is about to write is copied first.  So the stream holds
+        the memory of the instant of the stop, whatever the guest writes
+        meanwhile.  ``at_stop()`` runs in that stop, before QEMU saves
+        anything: whatever it freezes (the disk layer) is of the same instant.
+
+        Why not a precopy migration: its final RAM is only as right as QEMU's
+        dirty tracking, and QEMU 7.2 under TCG loses writes.  Its fast bitmap
+        sync clears dirty bits without resetting the vCPUs' TLB entries, so a
+        page written through an entry made writable before the sync is never
+        sent again (fixed in QEMU 9.0, commit "physmem: Fix migration dirty
+        bitmap coherency with TCG memory access").  A guest rewriting a file
+        left its capture holding pages of different instants, and
+        the same probe saw a whole capture of them on every capture after the
+        second (``tests/integration/test_ram_image.py`` keeps that probe).
+
+        ``x-ignore-shared`` is off (RAM is in the stream; the caller splits it
+        off).  Raises :class:`LiveSaveUnavailable` before stopping anything if
+        QEMU refuses the capability (a host whose kernel gives QEMU's uid no
+        userfaultfd: ``vm.unprivileged_userfaultfd``).
         """
         qmp = self._require_qmp()
         try:
-            qmp.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": "x-ignore-shared", "state": False},
-                {"capability": "pause-before-switchover", "state": True}]})
+            try:
+                qmp.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "x-ignore-shared", "state": False},
+                    {"capability": "background-snapshot", "state": True}]})
+            except QMPCommandError as exc:
+                raise LiveSaveUnavailable(f"{self.name}: no background snapshot: "
+                                          f"{exc}") from exc
             qmp.send_fd(fd, "outgoing")
         finally:
             os.close(fd)
-        qmp.execute("migrate-set-parameters", {"downtime-limit": _DOWNTIME_MS})
+        started = False
         try:
+            stopped_at = time.monotonic()
+            qmp.execute("stop")
+            at_stop()
             qmp.execute("migrate", {"uri": "fd:outgoing"})
-            stop_by: float | None = None  # set once every page was sent once
+            started = True
+            resumed_at: float | None = None
             deadline = time.monotonic() + timeout
-            running_at = time.monotonic()
-            stopped = False
             while True:
                 seen = time.monotonic()
+                # QEMU resumes the guest itself once the RAM is write-protected
+                if resumed_at is None and qmp.execute("query-status").get(
+                        "status") == "running":
+                    resumed_at = seen
                 info = qmp.execute("query-migrate")
                 status = info.get("status")
-                if status == "pre-switchover":
+                if status == "completed":
                     break
-                if status in ("failed", "cancelled", "completed"):
+                if status in ("failed", "cancelled"):
                     raise VMError(f"{self.name}: saving the VM state live: "
                                   f"{info.get('error-desc', status)}", log_tail=self.log_tail())
-                if not stopped:
-                    running_at = seen
-                    # the first pass takes what the memory size takes; the passes
-                    # after it should converge, or the rest is copied paused
-                    if stop_by is None and info.get("ram", {}).get("dirty-sync-count", 0) > 1:
-                        stop_by = seen + converge
-                    if stop_by is not None and seen > stop_by:
-                        qmp.execute("stop")
-                        stopped = True
                 self._check_alive("saving the VM state live")
                 if seen > deadline:
-                    raise VMError(f"{self.name}: the live state save did not converge "
+                    raise VMError(f"{self.name}: the live state save did not finish "
                                   f"in {timeout:g}s")
-                time.sleep(0.002)
-            at_switchover()
-            qmp.execute("migrate-continue", {"state": "pre-switchover"})
-            self._wait_migration(timeout, what="saving the VM state")
-            self._wait_finalized(timeout)
+                time.sleep(0.002 if resumed_at is None else 0.01)
         except BaseException:
             with contextlib.suppress(Exception):
-                qmp.execute("migrate_cancel")
+                if started:
+                    qmp.execute("migrate_cancel")
+                else:  # QEMU holds the pipe's write end: close it, or its reader waits
+                    qmp.execute("closefd", {"fdname": "outgoing"})
             raise
         finally:
             with contextlib.suppress(Exception):
                 qmp.execute("migrate-set-capabilities", {"capabilities": [
-                    {"capability": "pause-before-switchover", "state": False}]})
-        return running_at
+                    {"capability": "background-snapshot", "state": False}]})
+        return stopped_at, resumed_at if resumed_at is not None else time.monotonic()
 
     def _wait_finalized(self, timeout: float) -> None:
         """Wait for the run state to leave ``finish-migrate``.

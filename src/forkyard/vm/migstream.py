@@ -125,6 +125,11 @@ def split_stream(src: BinaryIO, out: BinaryIO, image: mmap.mmap, *,
             _footer(r, w, sid)
             if kind == _END:
                 break
+        elif kind in (_FULL, _EOF) and ram_section is not None:
+            # a background snapshot ends RAM with a PART and no END: the device
+            # state follows (QEMU saved it before the RAM, at the snapshot's instant)
+            w(bytes([kind]))
+            break
         else:
             raise StreamFormatError(f"section type {kind} before the end of RAM")
     while data := src.read(_COPY):  # device state, EOF, description: as they are

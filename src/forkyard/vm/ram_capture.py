@@ -1,9 +1,11 @@
 """Save a VM's state and freeze its RAM into a new image (format v3's capture).
 
-Live (:func:`save_live_with_image`, opt-in: ``Sandbox.live_checkpoints``): a
-precopy migration while the guest runs, split on the fly; the guest stops only
-for its last dirty pages and the device state.  Paused (:func:`save_with_image`,
-the default), two cases by what the VM's RAM is (``vm/ram.py``):
+Live (:func:`save_live_with_image`, the default: ``Sandbox.live_checkpoints``):
+QEMU's background snapshot, split on the fly; the guest stops only while its
+device state is saved, then runs on while RAM of that instant is copied
+(``QemuVM.save_background`` says why not a precopy migration).  Paused
+(:func:`save_with_image`, where the host gives QEMU no userfaultfd), two cases
+by what the VM's RAM is (``vm/ram.py``):
 
 - its own working file (``share=on``): the stream is saved with
   ``x-ignore-shared`` (device state only) and the working file is copied into
@@ -30,11 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from forkyard.errors import VMError
+from forkyard.vm._migration import LiveSaveUnavailable
 from forkyard.vm.machine import QemuVM, VMState
 from forkyard.vm.migstream import StreamEnded, StreamFormatError, split_stream
 from forkyard.vm.ram import RamFile
 
-__all__ = ["save_live_with_image", "save_with_image"]
+__all__ = ["LiveSaveUnavailable", "save_live_with_image", "save_with_image"]
 
 log = logging.getLogger("forkyard.vm")
 
@@ -65,34 +68,40 @@ def save_with_image(vm: QemuVM, state_file: Path) -> RamFile | None:
 
 
 def save_live_with_image(vm: QemuVM, state_file: Path,
-                         at_switchover: Callable[[], None]) -> tuple[RamFile, float]:
+                         at_stop: Callable[[], None]) -> tuple[RamFile, float]:
     """With ``vm`` running: its RAM into a new image and its device state into
-    ``state_file``, the guest paused only for the last dirty pages.
+    ``state_file``, both of one instant, the guest paused only for the device state.
 
-    A precopy migration (``QemuVM.save_live``) through :func:`split_stream`:
-    every ``pc.ram`` page lands in the image while the guest runs (pages it
-    dirties meanwhile are sent again and overwrite theirs), and
-    ``at_switchover()`` runs with the guest stopped just before the last pass.
-    The state is saved *without* ``x-ignore-shared`` (RAM sent, then split
-    off), which its configuration section records: a fork loads it with the
-    capability off (``saved_ignore_shared``).  Returns the image and the
-    monotonic time the guest was last seen running; ``vm`` ends paused.
+    A background snapshot (``QemuVM.save_background``) through
+    :func:`split_stream`: every ``pc.ram`` page lands in the image as QEMU
+    copies it, while the guest runs.  ``at_stop()`` runs with the guest
+    stopped, at the instant captured.  The state is saved *without*
+    ``x-ignore-shared`` (RAM sent, then split off), which its configuration
+    section records: a fork loads it with the capability off
+    (``saved_ignore_shared``).  Returns the image and how long the guest was
+    paused; ``vm`` ends running.  :class:`LiveSaveUnavailable` (nothing
+    stopped): the caller captures paused instead.
     """
     if vm.ram is None:
         raise VMError(f"{vm.name}: a live save needs a RAM file")
     image = RamFile.blank_image(vm.ram.size)
+    times: list[float] = []
+
+    def save(fd: int) -> float:
+        times.extend(vm.save_background(fd, at_stop))
+        return 0.0
+
     try:
-        running_at = _split(vm, state_file, image,
-                            save=lambda fd: vm.save_live(fd, at_switchover))
+        _split(vm, state_file, image, save=save)
     except BaseException:
         image.release()
         raise
-    vm.state = VMState.PAUSED
-    return image, running_at
+    vm.state = VMState.RUNNING
+    return image, times[1] - times[0]
 
 
 def _split(vm: QemuVM, state_file: Path, image: RamFile,
-           save: Callable[[int], float] | None = None) -> float:
+           save: Callable[[int], object] | None = None) -> None:
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):
         fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
@@ -113,9 +122,8 @@ def _split(vm: QemuVM, state_file: Path, image: RamFile,
     try:
         if save is None:
             vm.save_state_to(write_fd, ignore_shared=True)
-            out = 0.0
         else:
-            out = save(write_fd)
+            save(write_fd)
     except BaseException:
         reader.join(30)
         # QEMU failed because the splitter stopped reading: say why (a stream that
@@ -126,4 +134,3 @@ def _split(vm: QemuVM, state_file: Path, image: RamFile,
     reader.join()
     if failure:
         raise failure[0]
-    return out

@@ -38,7 +38,7 @@ from forkyard.tools import qemu_img
 from forkyard.vm.machine import QemuVM, VMState
 from forkyard.vm.migstream import StreamFormatError
 from forkyard.vm.ram import RamFile
-from forkyard.vm.ram_capture import save_live_with_image, save_with_image
+from forkyard.vm.ram_capture import LiveSaveUnavailable, save_live_with_image, save_with_image
 from forkyard.wire.lifecycle import Lifecycle, SandboxState
 from forkyard.worker._boot import Chain, boot_vm
 from forkyard.worker._faults import crash_point
@@ -93,11 +93,10 @@ class Sandbox(SandboxNetwork):
         self.error: str | None = None  # why it failed, when known (a host-side disk fault)
         # False: checkpoints save the whole stream (format v2) even from a working RAM file
         self.ram_images = True
-        # True: checkpoints copy RAM live (vm/ram_capture.py, save_live_with_image), the
-        # guest paused only for its last dirty pages.  Off by default: under load, a
-        # sandbox forked from a template, checkpointed live and woken twice failed to
-        # answer its agent in the test suite, cause not found yet
-        self.live_checkpoints = False
+        # True: checkpoints copy RAM while the guest runs (vm/ram_capture.py,
+        # save_live_with_image), the guest paused only for its device state; turned
+        # off by the first checkpoint that finds the host cannot (no userfaultfd)
+        self.live_checkpoints = True
 
     # ------------------------------------------------------------------
     @property
@@ -361,6 +360,7 @@ class Sandbox(SandboxNetwork):
         t0 = time.monotonic()
         frozen: Path | None = None
         image: RamFile | None = None
+        paused: float | None = None  # measured by the live capture
 
         def freeze() -> None:  # the guest is stopped here
             nonlocal frozen
@@ -372,7 +372,7 @@ class Sandbox(SandboxNetwork):
                 self.lifecycle.move(S.PAUSED, "checkpoint")
                 try:
                     if self.live_checkpoints and self.ram_images and vm.ram is not None:
-                        image, t0 = self._capture_live(vm, state_file, freeze)
+                        image, paused = self._capture_live(vm, state_file, freeze)
                     if frozen is None:
                         t0 = time.monotonic()
                         vm.pause()
@@ -383,7 +383,8 @@ class Sandbox(SandboxNetwork):
                             vm.save_state(state_file)
                     crash_point("checkpoint-saved")
                 finally:
-                    vm.resume()
+                    if paused is None:  # else the live capture resumed it
+                        vm.resume()
                     self.lifecycle.move(S.RUNNING, "checkpoint")
         except (ForkyardError, OSError) as exc:
             if image is not None:
@@ -403,7 +404,8 @@ class Sandbox(SandboxNetwork):
             if isinstance(exc, OSError):
                 raise CheckpointError(f"sandbox {self.id}: copying guest RAM: {exc}") from exc
             raise
-        paused = time.monotonic() - t0
+        if paused is None:
+            paused = time.monotonic() - t0
         assert frozen is not None
         self._chain_frozen(vm, frozen)
         if self._boot is None:
@@ -424,23 +426,28 @@ class Sandbox(SandboxNetwork):
         )
 
     def _capture_live(self, vm: QemuVM, state_file: Path, freeze: Callable[[], None]
-                      ) -> tuple[RamFile | None, float]:
-        """RAM copied while the guest runs, paused only for what it dirtied last
-        (``vm/ram_capture.py``); a stream the splitter does not understand before
-        the pause falls back to the paused capture (returns no image then)."""
+                      ) -> tuple[RamFile | None, float | None]:
+        """RAM of one instant copied while the guest runs, paused only for the device
+        state (``vm/ram_capture.py``); returns the image and the pause.  A host that
+        cannot, or a stream the splitter does not understand before the stop, falls
+        back to the paused capture (no image, no pause then)."""
         frozen: list[bool] = []
 
-        def at_switchover() -> None:
+        def at_stop() -> None:
             freeze()
             frozen.append(True)
 
         try:
-            return save_live_with_image(vm, state_file, at_switchover)
+            return save_live_with_image(vm, state_file, at_stop)
+        except LiveSaveUnavailable as exc:
+            log.warning("sandbox %s: checkpoints pause the guest: %s", self.id, exc)
+            self.live_checkpoints = False
         except StreamFormatError as exc:
+            self.live_checkpoints = False  # the next checkpoint pauses (and falls back)
             if frozen:
                 raise CheckpointError(f"sandbox {self.id}: saving its state: {exc}") from exc
             log.warning("sandbox %s: live checkpoint not possible, pausing: %s", self.id, exc)
-            return None, time.monotonic()
+        return None, None
 
     def _chain_frozen(self, vm: QemuVM, frozen: Path) -> None:
         """A layer the VM no longer writes: file it by digest and name it in the next

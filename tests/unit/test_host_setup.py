@@ -1,0 +1,32 @@
+"""``forkyard setup`` lets confined QEMUs use userfaultfd (live checkpoints need it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from forkyard.host.setup import ensure_userfaultfd
+
+
+def test_userfaultfd_is_allowed_now_and_after_a_reboot(tmp_path: Path) -> None:
+    proc, conf = tmp_path / "unprivileged_userfaultfd", tmp_path / "60-forkyard.conf"
+    proc.write_text("0\n")
+    said: list[str] = []
+    assert ensure_userfaultfd(said.append, proc=proc, conf=conf)
+    assert proc.read_text() == "1\n"
+    assert "vm.unprivileged_userfaultfd = 1" in conf.read_text()
+    assert said and "allowed" in said[0]
+    said.clear()
+    assert ensure_userfaultfd(said.append, proc=proc, conf=conf) and said == []  # idempotent
+
+
+def test_a_host_that_refuses_says_checkpoints_will_pause(tmp_path: Path) -> None:
+    proc = tmp_path / "unprivileged_userfaultfd"
+    proc.write_text("0\n")
+    proc.chmod(0o444)
+    said: list[str] = []
+    import os
+
+    if os.geteuid() == 0:  # root writes a 0444 file: a missing one refuses the same way
+        proc = tmp_path / "no-such-dir" / "unprivileged_userfaultfd"
+    assert not ensure_userfaultfd(said.append, proc=proc, conf=tmp_path / "conf")
+    assert "pause" in said[0] and not (tmp_path / "conf").exists()
