@@ -1,9 +1,10 @@
 """Guest RAM images of format v3: chunked, content-addressed, verified, mapped by forks.
 
 A checkpoint saves a *device-state-only* migration stream (~300 KB for a
-256 MiB guest) and the guest's RAM as a new memfd, the frozen image: copied
-while the VM is paused (the default) or live, by a precopy migration split on
-the fly (opt-in, ``vm/ram_capture.py``).  After the VM resumed, :func:`file_image` cuts
+256 MiB guest) and the guest's RAM as a new memfd, the frozen image: that
+instant's RAM copied while the guest runs on (a background snapshot split on
+the fly, ``vm/ram_capture.py``), or while it is paused where QEMU cannot
+snapshot in the background.  After the VM resumed, :func:`file_image` cuts
 the image into fixed-size chunks (64 KiB up to a 256 MiB guest, at most 4096
 chunks: ``chunks.ram_chunk_size`` says why), leaves all-zero chunks out (and
 punches them out of the image, so they cost no memory), files every chunk the
