@@ -192,3 +192,25 @@ def test_a_query_flood_is_bounded(resolver_pair) -> None:
     assert r.pending() <= dns.PER_SANDBOX
     time.sleep(dns.TIMEOUT + 1.5)
     assert r.pending() == 0  # unanswered queries expire
+
+
+def test_protected_keeps_host_addresses_but_not_the_veth_ends_that_come_and_go(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sandbox veths' host ends are inside the sandbox space (protected whole): listed
+    one by one they would change the list, and reload a spare's rules, at every fork."""
+    from types import SimpleNamespace
+
+    from forkyard.net import plane
+    from forkyard.tools import ip
+
+    fake = SimpleNamespace(protect_extra=[ipaddress.IPv4Network("192.0.2.0/24")])
+    hosts = ["10.0.2.15", "127.0.0.1", "100.64.16.1"]
+    monkeypatch.setattr(ip, "addresses", lambda: list(hosts))
+    first = plane.NetPlane.protected(fake)  # type: ignore[arg-type]
+    assert first == [plane.SANDBOX_SPACE, ipaddress.IPv4Network("192.0.2.0/24"),
+                     ipaddress.IPv4Network("10.0.2.15/32"),
+                     ipaddress.IPv4Network("127.0.0.1/32")]
+    hosts[2] = "100.64.16.5"  # one sandbox gone, another one come
+    assert plane.NetPlane.protected(fake) == first  # type: ignore[arg-type]
+    hosts.append("198.51.100.7")  # a new host address is protected at once
+    assert ipaddress.IPv4Network("198.51.100.7/32") in plane.NetPlane.protected(fake)  # type: ignore[arg-type]

@@ -75,6 +75,7 @@ log = logging.getLogger("forkyard.net")
 
 LOCK_DIR = Path("/run/forkyard/net")
 SANDBOX_SPACE = ipaddress.IPv4Network("100.64.0.0/10")
+_REFILL_DELAY = 0.3  # seconds between handing out a spare and building the next
 _BLOCK_BITS = 12  # a /20 per worker: 1024 sandboxes of a /30 each
 _BLOCKS = 1 << (32 - SANDBOX_SPACE.prefixlen - _BLOCK_BITS)
 SLOTS = 1 << (_BLOCK_BITS - 2)
@@ -183,7 +184,11 @@ table inet {self._host_table} {{
         """Never reachable from a sandbox: every sandbox range, this host's addresses."""
         nets = [SANDBOX_SPACE, *self.protect_extra]
         for addr in ip.addresses():
-            nets.append(ipaddress.IPv4Network(addr))
+            net = ipaddress.IPv4Network(addr)
+            # the host ends of sandbox veths come and go with every namespace: left
+            # in, they would change this list (and reload a spare's rules) each time
+            if not net.subnet_of(SANDBOX_SPACE) and net not in nets:
+                nets.append(net)
         return nets
 
     # ------------------------------------------------------------------
@@ -225,6 +230,9 @@ table inet {self._host_table} {{
             with self._lock:
                 while not self._closing and len(self._spares) >= self._want_spares:
                     self._refill.wait()
+                    # not at once: the VM that took the spare is starting now, and
+                    # building beside it (two cores) slowed that fork by ~15 ms here
+                    self._refill.wait(_REFILL_DELAY)
                 if self._closing:
                     return
             try:
