@@ -22,6 +22,9 @@ def test_demo_verifies_forks_on_both_workers_and_cleans_up(tmp_path):
     assert [c["label"] for c in checks] == ["fork 1", "fork 2", "woken on w2"]
     assert [c["worker"] for c in checks] == ["w1", "w2", "w2"]
     assert all(c["verified"] and c["files"] >= 1000 for c in checks)
+    # the guest web server of the source answers in every fork and after the wake,
+    # through the control plane's port proxy, each on its own network
+    assert all(c["web"] for c in checks)
     assert report["checksums_from"] == "image catalog"
     cp, base = report["checkpoint"], report["base_image"]
     assert 0 < cp["stored_bytes"] < cp["changed_bytes"]  # archives are compressed

@@ -2,13 +2,16 @@
 
 1. use the cluster of ``--home``, or start one there (2 workers, stock bases:
    each worker builds its own base, so bases differ between them);
-2. create a sandbox on the first worker, write marker files and a random
-   blob, start a background counter process;
+2. create a sandbox on the first worker (with its own network), write marker
+   files and a random blob, start a background counter process and a web
+   server on guest port 8000;
 3. checkpoint it and wait until the checkpoint is published;
 4. fork it N times, alternating workers, timing each fork;
 5. verify every fork: the markers and blob, the background process still
-   running, and every file of the base image's test tree after
-   ``drop_caches`` against the checksums recorded when the base was built;
+   running, the web server answering through the control plane's port proxy
+   (each fork on its own network, the listener not restarted), and every
+   file of the base image's test tree after ``drop_caches`` against the
+   checksums recorded when the base was built;
 6. hibernate the source on one worker and wake it on the other; verify it;
 7. print a table per fork and the archive sizes, stop the cluster it started
    (``--keep`` leaves it up) and exit 1 if anything failed verification.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -39,11 +44,13 @@ from forkyard.cli._output import console, err_console, human_bytes, print_json, 
 from forkyard.errors import ForkyardError
 from forkyard.sdk._sync import Checkpoint, Sandbox, list_workers
 from forkyard.sdk.cluster import load_cluster
+from forkyard.sdk.config import ConnectionConfig
 
 __all__ = ["register", "run_demo"]
 
 _MARKERS = 3
 _BLOB_MIB = 4
+_WEB_PORT = 8000
 _COUNTER = (
     "i=0; while :; do i=$((i+1)); echo $i > /root/demo/counter.tmp; "
     "mv /root/demo/counter.tmp /root/demo/counter; sleep 1; done"
@@ -58,14 +65,15 @@ class Check:
     seconds: float  # time to fork/wake
     verified: bool = False
     files: int = 0
+    web: bool = False  # the guest web server answered through the port proxy
     verify_seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "sandbox": self.sandbox, "worker": self.worker,
                 "seconds": round(self.seconds, 3), "verified": self.verified,
-                "files": self.files, "verify_seconds": round(self.verify_seconds, 3),
-                "problems": self.problems}
+                "files": self.files, "web": self.web,
+                "verify_seconds": round(self.verify_seconds, 3), "problems": self.problems}
 
 
 @dataclass(slots=True)
@@ -77,6 +85,7 @@ class Source:
     counter_pid: int
     expected_files: dict[str, str]
     checksum_source: str
+    page: str  # what the guest web server answers
 
 
 def _find_checksums(homes: list[Path], base: str) -> dict[str, str]:
@@ -130,6 +139,10 @@ def _prepare(sb: Sandbox, homes: list[Path], say: Callable[[str], None]) -> Sour
     sb.exec(f"head -c {_BLOB_MIB << 20} /dev/urandom > /root/demo/blob", check=True)
     blob_sha = sb.exec("sha256sum /root/demo/blob", check=True).stdout.split()[0]
     counter = sb.exec(["sh", "-c", _COUNTER], background=True, timeout=None)
+    page = secrets.token_hex(16)
+    sb.files.write("/root/demo/www/index.html", page + "\n")
+    # busybox httpd forks into the background once it listens
+    sb.exec(f"httpd -p {_WEB_PORT} -h /root/demo/www", check=True)
     if sb.info.image is None:
         raise ForkyardError(f"sandbox {sb.id} has no base image digest")
     expected = _find_checksums(homes, sb.info.image)
@@ -142,10 +155,18 @@ def _prepare(sb: Sandbox, homes: list[Path], say: Callable[[str], None]) -> Sour
                       timeout=600).stdout
         expected = {p: d for d, _, p in (line.partition("  ") for line in out.splitlines())}
         origin = "source sandbox"
-    return Source(markers, blob_sha, counter.pid, expected, origin)
+    return Source(markers, blob_sha, counter.pid, expected, origin, page)
 
 
-def _verify(sb: Sandbox, src: Source, check: Check) -> Check:
+def _fetch(url: str, verify: ssl.SSLContext | bool) -> str:
+    try:
+        r = httpx.get(url, timeout=30, verify=verify)
+    except httpx.HTTPError as exc:
+        return f"nothing ({type(exc).__name__}: {exc})"
+    return r.text.strip() if r.status_code == 200 else f"HTTP {r.status_code}"
+
+
+def _verify(sb: Sandbox, src: Source, check: Check, verify: ssl.SSLContext | bool) -> Check:
     from forkyard.verify import verify_files
 
     t0 = time.monotonic()
@@ -159,6 +180,11 @@ def _verify(sb: Sandbox, src: Source, check: Check) -> Check:
             check.problems.append("blob checksum differs")
         if sb.exec(f"kill -0 {src.counter_pid}").exit_code != 0:
             check.problems.append(f"background process {src.counter_pid} is gone")
+        page = _fetch(sb.get_url(_WEB_PORT), verify)
+        check.web = page == src.page
+        if not check.web:
+            check.problems.append(f"guest port {_WEB_PORT} answered {page[:60]!r} through "
+                                  "the port proxy")
         report = verify_files(sb, src.expected_files)
         check.files = report.checked
         if not report.ok:
@@ -207,6 +233,7 @@ def run_demo(home: Path, *, forks: int, keep: bool, url: str | None, token: str 
 def _run(home: Path, *, forks: int, url: str | None, token: str | None, show: bool,
          say: Callable[[str], None], started: bool) -> dict[str, Any]:
     opts: dict[str, Any] = {"url": url, "token": token, "home": home}
+    verify = ConnectionConfig.resolve(url=url, token=token, home=home).verify()
     cluster = load_cluster(home) if url is None else None
     homes = [Path(w.home) for w in cluster.workers] if cluster else []
     names = sorted(w.name for w in list_workers(**opts) if w.state == "alive")
@@ -247,7 +274,8 @@ def _run(home: Path, *, forks: int, url: str | None, token: str | None, show: bo
             # verification is guest-bound (sha256 of the test tree under TCG):
             # run a few at once, as the workers have spare CPUs while one hashes
             with ThreadPoolExecutor(max_workers=4) as pool:
-                for done in pool.map(lambda pair: _verify(pair[0], src, pair[1]), sandboxes):
+                for done in pool.map(lambda pair: _verify(pair[0], src, pair[1], verify),
+                                     sandboxes):
                     checks.append(done)
                     bar.advance(verify_task)
 
@@ -261,7 +289,7 @@ def _run(home: Path, *, forks: int, url: str | None, token: str | None, show: bo
         src_sb.wake(worker=other)
         moved = Check(f"woken on {other}", src_sb.id, src_sb.worker, time.monotonic() - t0)
         bar.update(move_task, description="verifying the woken sandbox")
-        checks.append(_verify(src_sb, src, moved))
+        checks.append(_verify(src_sb, src, moved, verify))
         hib_cp = Checkpoint.get(src_sb.info.last_checkpoint, **opts) \
             if src_sb.info.last_checkpoint else None
 
@@ -292,13 +320,15 @@ def _run(home: Path, *, forks: int, url: str | None, token: str | None, show: bo
 
 def _print_report(report: dict[str, Any]) -> None:
     out = console()
-    t = table("", "sandbox", "worker", "fork/wake", "files", "verify", "verified",
+    t = table("", "sandbox", "worker", "fork/wake", "files", f"port {_WEB_PORT}", "verify",
+              "verified",
               title="forks of one checkpoint, alternating workers")
     for c in report["checks"]:
         mark = "[green]yes[/green]" if c["verified"] else \
             f"[red]NO[/red] {'; '.join(c['problems'])[:120]}"
         t.add_row(c["label"], c["sandbox"], c["worker"] or "-", f"{c['seconds']:.2f} s",
-                  str(c["files"]), f"{c['verify_seconds']:.1f} s", mark)
+                  str(c["files"]), "answers" if c["web"] else "-",
+                  f"{c['verify_seconds']:.1f} s", mark)
     out.print(t)
     cp, hib, base = report["checkpoint"], report["hibernate"], report["base_image"]
     sizes = table("object", "in the store (zstd)", "uncompressed",
