@@ -356,3 +356,43 @@ def test_a_live_checkpoint_holds_one_instant_of_a_guest_writing_all_along(
         assert min(tops[3:]) >= tops[2]  # the fork went on from its checkpoint's instant
     finally:
         src.destroy()
+
+
+def test_qemu_killed_while_it_copies_ram_live_leaves_no_checkpoint(
+        scene: Scene, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QEMU that dies while a live checkpoint copies its RAM (a guest that crashed it,
+    say): the checkpoint fails with a typed error, nothing of it is recorded, the
+    sandbox is failed, its state files are gone, and earlier checkpoints still fork."""
+    import signal
+
+    import forkyard.vm.ram_capture as ram_capture
+    from forkyard.errors import ForkyardError
+
+    sb = scene.w.create("minimal", cold=True)
+    real = ram_capture.split_stream
+    killed: list[int] = []
+
+    def dying(src, out, image, **kw):  # type: ignore[no-untyped-def]
+        src.peek(1)  # the stream flows: the guest was stopped, its layer frozen
+        assert sb.vm is not None and sb.vm.pid is not None
+        os.kill(sb.vm.pid, signal.SIGKILL)
+        killed.append(sb.vm.pid)
+        return real(src, out, image, **kw)
+
+    try:
+        before = {cp.id for cp in scene.w.checkpoints.list()}
+        monkeypatch.setattr(ram_capture, "split_stream", dying)
+        with pytest.raises(ForkyardError):
+            sb.checkpoint()
+        monkeypatch.undo()
+        assert killed
+        assert {cp.id for cp in scene.w.checkpoints.list()} == before
+        assert sb.state.value == "failed"
+        assert not list(sb.dir.glob("state-*.tmp"))  # no half-written state left
+    finally:
+        sb.destroy()
+    fork = scene.w.fork(scene.cp)
+    try:
+        assert _md5(fork, "/mnt/ram/data") == scene.data_md5
+    finally:
+        fork.destroy()
