@@ -20,7 +20,6 @@ from forkyard.vm.qmp import QMP, QMPCommandError
 __all__ = ["LiveSaveUnavailable", "Migration"]
 
 
-
 class LiveSaveUnavailable(VMError):
     """QEMU cannot take a background snapshot here (nothing was stopped or saved)."""
 
@@ -143,10 +142,9 @@ class Migration(ABC):
         sync clears dirty bits without resetting the vCPUs' TLB entries, so a
         page written through an entry made writable before the sync is never
         sent again (fixed in QEMU 9.0, commit "physmem: Fix migration dirty
-        bitmap coherency with TCG memory access").  A guest rewriting a file
-        left its capture holding pages of different instants, and
-        the same probe saw a whole capture of them on every capture after the
-        second (``tests/integration/test_ram_image.py`` keeps that probe).
+        bitmap coherency with TCG memory access").  A guest program rewriting
+        a file page by page (the probe ``tests/integration/test_ram_image.py``
+        keeps) found captures mixing pages of different instants.
 
         ``x-ignore-shared`` is off (RAM is in the stream; the caller splits it
         off).  Raises :class:`LiveSaveUnavailable` before stopping anything if

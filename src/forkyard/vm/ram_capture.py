@@ -85,14 +85,10 @@ def save_live_with_image(vm: QemuVM, state_file: Path,
     if vm.ram is None:
         raise VMError(f"{vm.name}: a live save needs a RAM file")
     image = RamFile.blank_image(vm.ram.size)
-    times: list[float] = []
-
-    def save(fd: int) -> float:
-        times.extend(vm.save_background(fd, at_stop))
-        return 0.0
-
+    times: list[float] = []  # when the guest stopped, when it resumed
     try:
-        _split(vm, state_file, image, save=save)
+        _split(vm, state_file, image,
+               save=lambda fd: times.extend(vm.save_background(fd, at_stop)))
     except BaseException:
         image.release()
         raise
