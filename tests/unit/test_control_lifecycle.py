@@ -249,6 +249,7 @@ def test_timeout_hibernate_then_an_exec_wakes_it(cluster: Cluster) -> None:
     wait_for(lambda: _state(cluster, plain["id"]) == "hibernated", 10, "hibernation")
     resp = cluster.api.post(f"/v1/sandboxes/{plain['id']}/exec", json={"cmd": "true"})
     assert resp.status_code == 409 and "wake it first" in resp.json()["error"]["message"]
+    _remove(cluster, sb, plain)  # their timers must not act during later tests
 
 
 def test_idle_hibernate_takes_the_idle_one_and_not_the_busy_one(cluster: Cluster) -> None:
@@ -261,6 +262,12 @@ def test_idle_hibernate_takes_the_idle_one_and_not_the_busy_one(cluster: Cluster
         time.sleep(0.3)
     assert _state(cluster, idle["id"]) == "hibernated"
     assert _state(cluster, busy["id"]) == "running"
+    _remove(cluster, idle, busy)  # busy would hibernate 2 s from now, during later tests
+
+
+def _remove(cluster: Cluster, *sandboxes: dict[str, Any]) -> None:
+    for sb in sandboxes:
+        assert cluster.api.delete(f"/v1/sandboxes/{sb['id']}").status_code == 204
 
 
 def test_timers_survive_a_control_plane_restart(tmp_path: Any) -> None:

@@ -86,6 +86,7 @@ def save_live_with_image(vm: QemuVM, state_file: Path,
         raise VMError(f"{vm.name}: a live save needs a RAM file")
     image = RamFile.blank_image(vm.ram.size)
     times: list[float] = []  # when the guest stopped, when it resumed
+    vm.state = VMState.PAUSED  # until QEMU has resumed it (a failure leaves it unknown)
     try:
         _split(vm, state_file, image,
                save=lambda fd: times.extend(vm.save_background(fd, at_stop)))
