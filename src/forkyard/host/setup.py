@@ -12,9 +12,11 @@ so a cluster of several workers on one machine fetches the kernel once.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -195,23 +197,31 @@ def ensure_userfaultfd(say: Callable[[str], None], *, proc: Path = _UFFD_SYSCTL,
     guest RAM with userfaultfd (``vm/_migration.py``).  QEMU 7.2 asks the
     kernel without ``UFFD_USER_MODE_ONLY``, which an unprivileged uid (a
     confined QEMU) may do only with ``vm.unprivileged_userfaultfd = 1``.  Set
-    here (and in ``/etc/sysctl.d`` for reboots) unless the file is missing or
-    read-only; without it checkpoints pause the guest for the RAM copy.  What
-    the setting costs is in ``docs/security.md``.  Returns whether it is on.
+    here, and in ``conf`` for reboots, unless ``conf`` says ``= 0``: that is the
+    operator's no, kept (``docs/security.md`` says what the setting costs).
+    Without it checkpoints pause the guest for the RAM copy.  Returns whether
+    it is on.
     """
+    with contextlib.suppress(OSError):
+        if re.search(r"^\s*vm\.unprivileged_userfaultfd\s*=\s*0\s*$", conf.read_text(),
+                     re.MULTILINE):
+            say(f"{conf} keeps userfaultfd root-only: checkpoints will pause the guest")
+            return False
     try:
-        if proc.read_text().strip() == "1":
-            return True
-        proc.write_text("1\n")
+        if proc.read_text().strip() != "1":
+            proc.write_text("1\n")
+            say("allowed userfaultfd to unprivileged processes (live checkpoints)")
     except OSError as exc:
         say(f"userfaultfd stays root-only ({exc}): checkpoints will pause the guest")
         return False
-    say("allowed userfaultfd to unprivileged processes (live checkpoints)")
-    try:
-        conf.write_text("# forkyard: confined QEMUs write-protect guest RAM for live "
-                        "checkpoints\nvm.unprivileged_userfaultfd = 1\n")
-    except OSError as exc:
-        say(f"{conf}: {exc} (the setting lasts until the next boot)")
+    if not conf.exists():
+        try:
+            conf.write_text("# forkyard: confined QEMUs write-protect guest RAM for live "
+                            "checkpoints (docs/security.md).\n# Set to 0 to keep "
+                            "userfaultfd root-only: forkyard setup leaves 0 alone.\n"
+                            "vm.unprivileged_userfaultfd = 1\n")
+        except OSError as exc:
+            say(f"{conf}: {exc} (the setting lasts until the next boot)")
     return True
 
 
