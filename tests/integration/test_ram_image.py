@@ -411,3 +411,36 @@ def test_qemu_killed_while_it_copies_ram_live_leaves_no_checkpoint(
         assert _md5(fork, "/mnt/ram/data") == scene.data_md5
     finally:
         fork.destroy()
+
+
+def test_a_host_without_userfaultfd_checkpoints_paused(
+        scene: Scene, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU refusing the background snapshot (``vm.unprivileged_userfaultfd = 0``):
+    the checkpoint is taken paused instead, and so are the sandbox's later ones."""
+    from forkyard.vm.migstream import saved_ignore_shared
+    from forkyard.vm.ram_capture import LiveSaveUnavailable
+
+    sb = scene.w.create("minimal", cold=True)
+    try:
+        assert sb.vm is not None
+        asked: list[int] = []
+
+        def refuse(fd: int, at_stop: object, **_kw: object) -> tuple[float, float]:
+            os.close(fd)
+            asked.append(fd)
+            raise LiveSaveUnavailable("Background-snapshot is not supported by host kernel")
+
+        monkeypatch.setattr(sb.vm, "save_background", refuse)
+        sb.files.write("/root/note", "paused")
+        cps = [sb.checkpoint(), sb.checkpoint()]
+        assert len(asked) == 1 and not sb.live_checkpoints  # asked once, then not again
+        for cp in cps:
+            state = scene.w.blobs.path_if_present(cp.manifest.state.digest)
+            assert state is not None and saved_ignore_shared(state)  # the paused save
+        fork = scene.w.fork(cps[-1])
+        try:
+            assert fork.files.read_text("/root/note") == "paused"
+        finally:
+            fork.destroy()
+    finally:
+        sb.destroy()
