@@ -64,6 +64,12 @@ def test_sdk_lifecycle(env_home):
 
         cp = sb.checkpoint(name="sdk")
         assert cp.id and cp.info.sandbox == sb.id
+        # a first checkpoint stores its RAM chunks; the worker's template had some of them
+        assert cp.ram_new_bytes is not None and cp.ram_new_bytes > 0
+        assert cp.ram_shared_bytes is not None
+        again = sb.checkpoint(name="sdk-again")  # little changed: mostly shared
+        assert again.ram_shared_bytes is not None and again.ram_new_bytes is not None
+        assert again.ram_shared_bytes > again.ram_new_bytes
         sb.files.write("/root/after", "after")
         forks = Sandbox.fork(cp, count=2)
         try:

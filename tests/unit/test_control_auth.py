@@ -268,7 +268,8 @@ def test_checkpoint_rm_is_404_and_is_not_adopted_back_from_the_store(
     objs = _objects(plane)
     manifest = SimpleNamespace(id=objs.checkpoint, created="2026-01-01T00:00:00.000Z",
                                sandbox=objs.sandbox, name=None,
-                               base=SimpleNamespace(digest="b" * 64), changed_bytes=1)
+                               base=SimpleNamespace(digest="b" * 64), changed_bytes=1,
+                               extra={"ram_new_bytes": "7", "ram_shared_bytes": "5"})
     fetched: list[str] = []
 
     def fetch(_store: object, ref: str) -> object:
@@ -290,7 +291,10 @@ def test_checkpoint_rm_is_404_and_is_not_adopted_back_from_the_store(
         assert fetched, "the store was asked, so the tombstone is what refused it"
         # an id never known here is still adopted from the store, by its asker
         manifest.id = "c" * 64
-        assert alice.get(f"/v1/checkpoints/{'c' * 64}").status_code == 200
+        adopted = alice.get(f"/v1/checkpoints/{'c' * 64}")
+        assert adopted.status_code == 200
+        # with what its manifest says of its RAM chunks
+        assert (adopted.json()["ram_new_bytes"], adopted.json()["ram_shared_bytes"]) == (7, 5)
         assert "c" * 64 in {c["id"] for c in alice.get("/v1/checkpoints").json()}
 
 

@@ -540,3 +540,18 @@ def test_a_worker_restarting_without_a_sandbox_logs_it_lost(cluster: Cluster) ->
     events = cluster.api.get("/v1/events", params={"sandbox": sb["id"]}).json()
     assert [e["kind"] for e in events] == ["created", "lost"]
     assert "restarted" in events[-1]["detail"]
+
+
+def test_a_checkpoint_says_how_much_of_its_ram_it_shares(cluster: Cluster) -> None:
+    """What the worker reported (from the manifest) over HTTP, kept by the database,
+    and in the SDK's checkpoint object."""
+    from forkyard.sdk import Checkpoint
+
+    sb = cluster.create()
+    made = cluster.api.post(f"/v1/sandboxes/{sb['id']}/checkpoint", json={}).json()
+    assert (made["ram_new_bytes"], made["ram_shared_bytes"]) == (3072, 1024)
+    got = cluster.api.get(f"/v1/checkpoints/{made['id']}").json()
+    assert (got["ram_new_bytes"], got["ram_shared_bytes"]) == (3072, 1024)
+    cp = Checkpoint.get(made["id"], url=cluster.url, token=API)
+    assert (cp.ram_new_bytes, cp.ram_shared_bytes) == (3072, 1024)
+    assert cp.info.to_json()["ram_shared_bytes"] == 1024

@@ -54,6 +54,21 @@ class Checkpoint:
         """Disk layers + VM state: what this checkpoint adds on top of its base."""
         return self.manifest.changed_bytes
 
+    @property
+    def ram_new_bytes(self) -> int | None:
+        """Bytes of RAM chunks this checkpoint stored first (None: not a v3 capture)."""
+        return _extra_int(self.manifest, "ram_new_bytes")
+
+    @property
+    def ram_shared_bytes(self) -> int | None:
+        """Bytes of its RAM chunks an earlier checkpoint (any sandbox's) had stored."""
+        return _extra_int(self.manifest, "ram_shared_bytes")
+
+
+def _extra_int(m: Manifest, key: str) -> int | None:
+    raw = m.extra.get(key)
+    return int(raw) if raw is not None and raw.isdigit() else None
+
 
 @dataclass(frozen=True, slots=True)
 class CheckpointFiles:

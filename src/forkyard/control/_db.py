@@ -173,6 +173,9 @@ class CheckpointRow(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     base: Mapped[str] = mapped_column(String(64))
     changed_bytes: Mapped[int] = mapped_column(BigInteger)
+    # RAM chunks stored first by this checkpoint / already stored (NULL: not known)
+    ram_new_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    ram_shared_bytes: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict,
                                                    server_default=text("'{}'"))

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from forkyard._digest import DIGEST_RE, normalize_prefix, resolve_prefix
-from forkyard.checkpoint import Manifest
+from forkyard.checkpoint import Checkpoint, Manifest
 from forkyard.control._db import (
     ArchiveRow,
     CheckpointRow,
@@ -113,6 +113,7 @@ def checkpoint_out(row: CheckpointRow) -> CheckpointOut:
         created=iso(row.created) or "", state=CheckpointState(row.state), base=row.base,
         changed_bytes=row.changed_bytes,
         stored_bytes=row.archive.stored_bytes if row.archive is not None else None,
+        ram_new_bytes=row.ram_new_bytes, ram_shared_bytes=row.ram_shared_bytes,
         error=row.error, labels=dict(row.labels or {}),
     )
 
@@ -178,10 +179,12 @@ def adopt_published(s: Session, m: Manifest, store_url: str, *, stored_bytes: in
     if tombstoned(s, m.id):
         return None
     created = parse_time(m.created)
+    known = Checkpoint.of(m)
     row = CheckpointRow(
         id=m.id, sandbox=m.sandbox, worker=None, name=m.name, created=created,
         state=CheckpointState.PUBLISHED, base=m.base.digest,
         changed_bytes=m.changed_bytes, error=None, tenant=tenant,
+        ram_new_bytes=known.ram_new_bytes, ram_shared_bytes=known.ram_shared_bytes,
     )
     row.archive = ArchiveRow(checkpoint_id=m.id, store_url=store_url,
                              stored_bytes=stored_bytes, published_at=utcnow())
@@ -203,6 +206,8 @@ def store_checkpoint(s: Session, cp: WorkerCheckpoint, worker: str,
         row = CheckpointRow(id=cp.id, sandbox=cp.sandbox, worker=worker, name=cp.name,
                             created=parse_time(cp.created), state=cp.state, base=cp.base,
                             changed_bytes=cp.changed_bytes, error=cp.error,
+                            ram_new_bytes=cp.ram_new_bytes,
+                            ram_shared_bytes=cp.ram_shared_bytes,
                             labels=dict(sb.labels or {}) if sb is not None else {},
                             tenant=sb.tenant if sb is not None else None)
         tomb = s.get(TombstoneRow, cp.id)

@@ -83,6 +83,16 @@ class Checkpoint:
     def changed_bytes(self) -> int | None:
         return self._info.changed_bytes
 
+    @property
+    def ram_new_bytes(self) -> int | None:
+        """Bytes of RAM chunks this checkpoint stored first (None: unknown or v1/v2)."""
+        return self._info.ram_new_bytes
+
+    @property
+    def ram_shared_bytes(self) -> int | None:
+        """Bytes of its RAM chunks earlier checkpoints (any sandbox's) had stored."""
+        return self._info.ram_shared_bytes
+
     def __repr__(self) -> str:
         return f"<Checkpoint {self.id[:12]} {self.state}>"
 

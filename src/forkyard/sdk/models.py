@@ -174,6 +174,8 @@ class CheckpointInfo:
     stored_bytes: int | None
     error: str | None
     labels: Mapping[str, str] = field(default_factory=dict)
+    ram_new_bytes: int | None = None  # RAM chunks it stored first
+    ram_shared_bytes: int | None = None  # RAM chunks earlier checkpoints had stored
 
     @classmethod
     def from_json(cls, data: object) -> CheckpointInfo:
@@ -191,6 +193,8 @@ class CheckpointInfo:
             stored_bytes=_opt(d, "stored_bytes", int, w),
             error=_opt(d, "error", str, w),
             labels=_labels(d, w),
+            ram_new_bytes=_opt(d, "ram_new_bytes", int, w),
+            ram_shared_bytes=_opt(d, "ram_shared_bytes", int, w),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -199,6 +203,7 @@ class CheckpointInfo:
             "name": self.name, "created": self.created, "base": self.base,
             "changed_bytes": self.changed_bytes, "stored_bytes": self.stored_bytes,
             "error": self.error, "labels": dict(self.labels),
+            "ram_new_bytes": self.ram_new_bytes, "ram_shared_bytes": self.ram_shared_bytes,
         }
 
 

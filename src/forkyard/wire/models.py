@@ -196,6 +196,9 @@ class CheckpointOut(_Reply):
     stored_bytes: int | None
     error: str | None
     labels: dict[str, str] = Field(default_factory=dict)
+    # of its RAM chunks: bytes it stored first / bytes earlier checkpoints had stored
+    ram_new_bytes: int | None = None
+    ram_shared_bytes: int | None = None
 
 
 class EventKind(enum.StrEnum):

@@ -68,6 +68,8 @@ class WorkerCheckpoint(_Reply):
     state: CheckpointState
     stored_bytes: int | None = None
     error: str | None = None
+    ram_new_bytes: int | None = Field(default=None, ge=0)
+    ram_shared_bytes: int | None = Field(default=None, ge=0)
 
 
 class WorkerPublishStatus(_Reply):

@@ -63,6 +63,7 @@ class Publisher:
             id=cp.id, sandbox=m.sandbox, name=m.name, created=m.created, base=m.base.digest,
             changed_bytes=cp.changed_bytes, state=state,
             stored_bytes=job.stored_bytes if job else None, error=job.error if job else None,
+            ram_new_bytes=cp.ram_new_bytes, ram_shared_bytes=cp.ram_shared_bytes,
         )
 
     def publish_now(self, cp: Checkpoint) -> None:
