@@ -444,3 +444,38 @@ def test_a_host_without_userfaultfd_checkpoints_paused(
             fork.destroy()
     finally:
         sb.destroy()
+
+
+def test_a_live_stream_the_splitter_refuses_fails_that_checkpoint_only(
+        scene: Scene, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream the splitter does not understand (a QEMU that writes something else):
+    that checkpoint fails typed, the sandbox runs on, its next checkpoints are paused
+    and fork right, with the files of before and after."""
+    import forkyard.vm.ram_capture as ram_capture
+    from forkyard.errors import CheckpointError
+    from forkyard.vm.migstream import StreamFormatError, saved_ignore_shared
+
+    def refuse(src, out, image, **kw):  # type: ignore[no-untyped-def]
+        src.peek(1)
+        raise StreamFormatError("section type 9 before the end of RAM (simulated)")
+
+    sb = scene.w.create("minimal", cold=True)
+    try:
+        sb.files.write("/root/before", "before")
+        with monkeypatch.context() as m:
+            m.setattr(ram_capture, "split_stream", refuse)
+            with pytest.raises(CheckpointError, match="section type 9"):
+                sb.checkpoint()
+        assert sb.state.value == "running" and not sb.live_checkpoints
+        sb.files.write("/root/after", "after")
+        cp = sb.checkpoint()
+        state = scene.w.blobs.path_if_present(cp.manifest.state.digest)
+        assert state is not None and saved_ignore_shared(state)  # taken paused
+        fork = scene.w.fork(cp)
+        try:
+            assert fork.files.read_text("/root/before") == "before"
+            assert fork.files.read_text("/root/after") == "after"
+        finally:
+            fork.destroy()
+    finally:
+        sb.destroy()

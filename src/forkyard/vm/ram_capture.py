@@ -105,14 +105,22 @@ def _split(vm: QemuVM, state_file: Path, image: RamFile,
     failure: list[BaseException] = []
 
     def run() -> None:
-        try:
-            with open(read_fd, "rb", buffering=1 << 20) as src, \
-                    open(state_file, "wb") as out, \
-                    mmap.mmap(image.fd, image.size, mmap.MAP_SHARED,
-                              mmap.PROT_READ | mmap.PROT_WRITE) as mm:
-                split_stream(src, out, mm)
-        except BaseException as exc:
-            failure.append(exc)
+        with open(read_fd, "rb", buffering=1 << 20) as src:
+            try:
+                with open(state_file, "wb") as out, \
+                        mmap.mmap(image.fd, image.size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+                    split_stream(src, out, mm)
+            except BaseException as exc:
+                failure.append(exc)
+                # read QEMU's stream to its end all the same: a background snapshot
+                # whose writer got EPIPE left QEMU 7.2 hung (QMP unanswered; likely
+                # its main loop blocked on a write-protect fault, not proven), and a
+                # paused save would wait out its timeout; QEMU writes at most RAM +
+                # device state
+                with contextlib.suppress(OSError, ValueError):
+                    while src.read(1 << 20):
+                        pass
 
     reader = threading.Thread(target=run, name=f"split-{vm.name}", daemon=True)
     reader.start()

@@ -67,8 +67,10 @@ class SandboxCheckpoints(SandboxNetwork):
     def checkpoint(self, *, name: str | None = None, keep_page_cache: bool = False) -> Checkpoint:
         """Capture memory, devices and disk at one instant; the sandbox keeps running.
 
-        The VM is paused only for the capture itself (disk layer freeze and
-        state save); hashing and cataloguing happen after it resumes.
+        The VM is paused only while its disk layer is frozen and its device
+        state saved; its RAM of that instant is copied while it runs (paused,
+        where QEMU cannot snapshot in the background), and hashing and
+        cataloguing happen after that.
 
         First the guest syncs and drops its clean page cache: those pages are
         copies of disk blocks the checkpoint stores anyway, and without them
@@ -174,25 +176,18 @@ class SandboxCheckpoints(SandboxNetwork):
                       ) -> tuple[RamFile | None, float | None]:
         """RAM of one instant copied while the guest runs, paused only for the device
         state (``vm/ram_capture.py``); returns the image and the pause.  A host that
-        cannot, or a stream the splitter does not understand before the stop, falls
-        back to the paused capture (no image, no pause then)."""
-        frozen: list[bool] = []
-
-        def at_stop() -> None:
-            freeze()
-            frozen.append(True)
-
+        cannot falls back to the paused capture (no image, no pause then).  A stream
+        the splitter does not understand fails this checkpoint (QEMU writes none
+        before ``freeze`` ran: the layer froze already); the next ones are paused."""
         try:
-            return save_live_with_image(vm, state_file, at_stop)
+            return save_live_with_image(vm, state_file, freeze)
         except LiveSaveUnavailable as exc:
             log.warning("sandbox %s: checkpoints pause the guest: %s", self.id, exc)
             self.live_checkpoints = False
+            return None, None
         except StreamFormatError as exc:
-            self.live_checkpoints = False  # the next checkpoint pauses (and falls back)
-            if frozen:
-                raise CheckpointError(f"sandbox {self.id}: saving its state: {exc}") from exc
-            log.warning("sandbox %s: live checkpoint not possible, pausing: %s", self.id, exc)
-        return None, None
+            self.live_checkpoints = False  # a paused capture stores the whole stream then
+            raise CheckpointError(f"sandbox {self.id}: saving its state: {exc}") from exc
 
     def _chain_frozen(self, vm: QemuVM, frozen: Path) -> None:
         """A layer the VM no longer writes: file it by digest and name it in the next
