@@ -307,6 +307,15 @@ def _sweep_passes(w: Worker, cp: Checkpoint) -> list[int]:
     return [passes[i] for i in range(_SWEEP_PAGES)]
 
 
+def _saved_live(w: Worker, cp: Checkpoint) -> bool:
+    """Whether ``cp``'s device state was saved live (its stream records no x-ignore-shared)."""
+    from forkyard.vm.migstream import saved_ignore_shared
+
+    state = w.blobs.path_if_present(cp.manifest.state.digest)
+    assert state is not None
+    return not saved_ignore_shared(state)
+
+
 def _one_instant(passes: list[int]) -> bool:
     top = max(passes)
     k = next((i for i, n in enumerate(passes) if n != top), len(passes))
@@ -325,7 +334,6 @@ def test_a_live_checkpoint_holds_one_instant_of_a_guest_writing_all_along(
     capture, of a booted sandbox and of a fork (whose RAM maps an image
     copy-on-write), must hold one instant of it.  The precopy migration this
     replaced failed here on its first capture (``vm/_migration.py`` says why)."""
-    from forkyard.vm.migstream import saved_ignore_shared
 
     src = scene.w.create("minimal", cold=True)
     assert src.live_checkpoints
@@ -347,8 +355,7 @@ def test_a_live_checkpoint_holds_one_instant_of_a_guest_writing_all_along(
         assert src.exec("echo on").stdout == "on\n"  # the source runs on
         tops = []
         for cp in cps:
-            state = scene.w.blobs.path_if_present(cp.manifest.state.digest)
-            assert state is not None and not saved_ignore_shared(state)  # saved live
+            assert _saved_live(scene.w, cp)
             passes = _sweep_passes(scene.w, cp)
             assert _one_instant(passes), (cp.short_id, sorted(set(passes))[:8])
             tops.append(max(passes))
@@ -417,7 +424,6 @@ def test_a_host_without_userfaultfd_checkpoints_paused(
         scene: Scene, monkeypatch: pytest.MonkeyPatch) -> None:
     """QEMU refusing the background snapshot (``vm.unprivileged_userfaultfd = 0``):
     the checkpoint is taken paused instead, and so are the sandbox's later ones."""
-    from forkyard.vm.migstream import saved_ignore_shared
     from forkyard.vm.ram_capture import LiveSaveUnavailable
 
     sb = scene.w.create("minimal", cold=True)
@@ -435,8 +441,7 @@ def test_a_host_without_userfaultfd_checkpoints_paused(
         cps = [sb.checkpoint(), sb.checkpoint()]
         assert len(asked) == 1 and not sb.live_checkpoints  # asked once, then not again
         for cp in cps:
-            state = scene.w.blobs.path_if_present(cp.manifest.state.digest)
-            assert state is not None and saved_ignore_shared(state)  # the paused save
+            assert not _saved_live(scene.w, cp)  # the paused save
         fork = scene.w.fork(cps[-1])
         try:
             assert fork.files.read_text("/root/note") == "paused"
@@ -453,7 +458,7 @@ def test_a_live_stream_the_splitter_refuses_fails_that_checkpoint_only(
     and fork right, with the files of before and after."""
     import forkyard.vm.ram_capture as ram_capture
     from forkyard.errors import CheckpointError
-    from forkyard.vm.migstream import StreamFormatError, saved_ignore_shared
+    from forkyard.vm.migstream import StreamFormatError
 
     def refuse(src, out, image, **kw):  # type: ignore[no-untyped-def]
         src.peek(1)
@@ -469,8 +474,7 @@ def test_a_live_stream_the_splitter_refuses_fails_that_checkpoint_only(
         assert sb.state.value == "running" and not sb.live_checkpoints
         sb.files.write("/root/after", "after")
         cp = sb.checkpoint()
-        state = scene.w.blobs.path_if_present(cp.manifest.state.digest)
-        assert state is not None and saved_ignore_shared(state)  # taken paused
+        assert not _saved_live(scene.w, cp)  # taken paused
         fork = scene.w.fork(cp)
         try:
             assert fork.files.read_text("/root/before") == "before"
